@@ -1,0 +1,65 @@
+# MarchProxy developer commands. `make help` lists them.
+SHELL := /bin/bash
+export UV_PYTHON_DOWNLOADS := never
+UV ?= uv
+PY := $(UV) run --frozen --python python3
+SERVICES := nlb alb dblb ailb rtmp api
+PROTO_SRC := proto/marchproxy/v1/types.proto proto/marchproxy/v1/module.proto proto/marchproxy/v1/nlb.proto
+PROTO_OUT := libs/marchproxy_common/src
+PYTEST_ARGS ?=
+
+.PHONY: help bootstrap install install-pip proto proto-check fmt lint typecheck test test-unit services-up \
+	test-integration run clean $(addprefix run-,$(SERVICES))
+
+help: ## list targets
+	@grep -E '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
+
+bootstrap: ## install uv with pip when it is missing
+	@command -v $(UV) >/dev/null 2>&1 || python3 -m pip install --quiet uv
+
+install: bootstrap ## create .venv with every workspace member (editable) and the dev tools
+	$(UV) sync --all-packages --frozen --python python3
+
+install-pip: ## fallback without uv: pip install every member editable into the current env
+	python3 -m pip install -e libs/marchproxy_common $(addprefix -e services/,$(SERVICES))
+
+proto: install ## regenerate libs/marchproxy_common/src/marchproxy/v1 from proto/
+	$(PY) python -m grpc_tools.protoc -I proto --python_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) \
+		--mypy_out=$(PROTO_OUT) --mypy_grpc_out=$(PROTO_OUT) $(PROTO_SRC)
+
+proto-check: proto ## fail when the committed generated code is stale
+	git diff --exit-code -- $(PROTO_OUT)/marchproxy
+	@test -z "$$(git status --porcelain -- $(PROTO_OUT)/marchproxy)" || \
+		{ echo "untracked generated files:"; git status --porcelain -- $(PROTO_OUT)/marchproxy; exit 1; }
+
+fmt: install ## format
+	$(PY) ruff format libs services tests benchmarks scripts
+	$(PY) ruff check --fix libs services tests benchmarks scripts
+
+lint: install ## ruff lint + format check, mypy
+	$(PY) ruff check libs services tests benchmarks scripts
+	$(PY) ruff format --check libs services tests benchmarks scripts
+	$(PY) mypy libs/marchproxy_common/src/marchproxy_common
+
+typecheck: lint
+
+services-up: ## start local Postgres/Redis/MariaDB if they are installed but down
+	@bash scripts/ensure-services.sh
+
+test: install services-up ## run the whole test suite (real Postgres/Redis/MariaDB on 127.0.0.1)
+	$(PY) pytest -n 2 $(PYTEST_ARGS)
+
+test-unit: install
+	$(PY) pytest -m "not integration and not e2e" $(PYTEST_ARGS)
+
+test-integration: install
+	$(PY) pytest -m "integration or e2e" $(PYTEST_ARGS)
+
+run: install ## start the whole stack locally: NLB, modules, API, demo backends
+	$(PY) python scripts/devstack.py
+
+$(addprefix run-,$(SERVICES)): run-%: install ## run one service in the foreground
+	$(PY) marchproxy-$*
+
+clean:
+	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache .hypothesis .run

@@ -1,0 +1,1 @@
+"""The module runtime every MarchProxy module shares: hooks, servicer, registration, lifecycle."""

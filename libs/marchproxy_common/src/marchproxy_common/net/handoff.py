@@ -1,0 +1,181 @@
+"""Hand an accepted client connection to a co-located module (the NLB leaves the data path).
+
+Instead of relaying, the NLB sends the client's socket descriptor, the bytes it already read
+(sniffed) and the client address over a Unix socket (SCM_RIGHTS); the module adopts the socket
+with ``loop.connect_accepted_socket`` and talks to the client directly.
+
+API (stable):
+
+- NLB side: ``ConnectionHandoff(path)``; ``await send(sock, first_bytes=..., client=(ip, port))``
+  (opens the channel on first use; one message at a time; raises ``FdPassError``/``OSError`` if
+  the module is gone, so the caller can fall back to relaying). ``sock`` is anything with
+  ``fileno()``, e.g. ``transport.get_extra_info("socket")``. Before sending, pause reading on the
+  transport and pass every byte read so far as ``first_bytes``; after ``send`` returns, drop the
+  NLB's copy with ``transport.abort()`` (the connection stays open: the module holds the other
+  descriptor). ``await close()``.
+- Module side: ``HandoffReceiver(path, protocol_factory, *, on_adopted=None)``;
+  ``await start()`` / ``await close()``. Each adopted connection gets a fresh protocol; the
+  client address is recorded so ``net.proxied.client_address(transport)`` returns it, and
+  ``first_bytes`` are fed to the protocol before anything read from the socket.
+  ``adopted`` counts connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import socket
+from collections.abc import Callable
+from typing import Final
+
+from marchproxy_common.net.fdpass import FdPassError, SupportsFileno, recv_sockets, send_sockets
+from marchproxy_common.net.proxied import _feed, remember_proxy_header
+from marchproxy_common.tasks import cancel_and_wait, spawn
+from marchproxy_common.wire.proxy_protocol import Command, Family, ProxyHeader, Transport
+
+__all__ = ["MAX_FIRST_BYTES", "ConnectionHandoff", "HandoffReceiver"]
+
+MAX_FIRST_BYTES: Final = 32 * 1024  # sniffed bytes carried with a hand-over (JSON, base64)
+
+
+class ConnectionHandoff:
+    """NLB side: one persistent channel to one module instance."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._conn: socket.socket | None = None
+        self._lock = asyncio.Lock()
+        self.sent = 0
+
+    async def _connect(self) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.setblocking(False)
+        try:
+            await loop.sock_connect(conn, self.path)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def send(
+        self, sock: SupportsFileno, *, first_bytes: bytes, client: tuple[str, int]
+    ) -> None:
+        if len(first_bytes) > MAX_FIRST_BYTES:
+            raise FdPassError(f"more than {MAX_FIRST_BYTES} first bytes")
+        meta = {
+            "client": [client[0], client[1]],
+            "first": base64.b64encode(first_bytes).decode("ascii"),
+        }
+        async with self._lock:
+            if self._conn is None:
+                self._conn = await self._connect()
+            try:
+                await send_sockets(self._conn, [sock], meta)
+            except BaseException:
+                self._conn.close()
+                self._conn = None
+                raise
+            self.sent += 1
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+class HandoffReceiver:
+    """Module side: adopts client sockets sent to ``path``."""
+
+    def __init__(
+        self,
+        path: str,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        *,
+        on_adopted: Callable[[asyncio.BaseTransport], None] | None = None,
+    ) -> None:
+        self.path = path
+        self._factory = protocol_factory
+        self._on_adopted = on_adopted
+        self._listener: socket.socket | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.adopted = 0
+        self.errors = 0
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        # a raw socket, not start_unix_server: a stream transport could read a message first
+        # and a plain recv() would silently drop the descriptors it carries
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.path)
+        os.chmod(self.path, 0o600)
+        listener.listen(64)
+        listener.setblocking(False)
+        self._listener = listener
+        self._tasks.add(spawn(self._accept_loop(listener), name=f"handoff-accept {self.path}"))
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            task = spawn(self._channel(conn), name=f"handoff-channel {self.path}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _channel(self, conn: socket.socket) -> None:
+        try:
+            while True:
+                try:
+                    meta, socks = await recv_sockets(conn)
+                except FdPassError:
+                    return  # channel closed (or broken): the NLB reconnects
+                for sock in socks:
+                    await self._adopt(sock, meta)
+        finally:
+            conn.close()
+
+    async def _adopt(self, sock: socket.socket, meta: dict[str, object]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            client = meta.get("client")
+            first_raw = meta.get("first", "")
+            if not (isinstance(client, list) and len(client) == 2 and isinstance(first_raw, str)):
+                raise FdPassError("bad hand-over metadata")
+            first = base64.b64decode(first_raw, validate=True)
+            sock.setblocking(False)
+            transport, protocol = await loop.connect_accepted_socket(self._factory, sock)
+        except (OSError, ValueError, FdPassError):
+            self.errors += 1
+            sock.close()
+            return
+        local = transport.get_extra_info("sockname")
+        remember_proxy_header(
+            transport,
+            ProxyHeader(
+                2,
+                Command.PROXY,
+                Family.INET6 if ":" in str(client[0]) else Family.INET,
+                Transport.STREAM,
+                (str(client[0]), int(str(client[1]))),
+                (str(local[0]), int(local[1])) if isinstance(local, tuple) else None,
+            ),
+        )
+        self.adopted += 1
+        if self._on_adopted is not None:
+            self._on_adopted(transport)
+        if first and not transport.is_closing():
+            _feed(protocol, first)
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        self._tasks.clear()
+        await cancel_and_wait(*tasks)
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)

@@ -1,0 +1,1 @@
+"""Sans-IO wire parsers: no asyncio, sockets, grpc or structlog here."""

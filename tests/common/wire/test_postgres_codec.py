@@ -1,0 +1,334 @@
+"""Sans-IO Postgres codec: framing at every split, round trips, caps, and only our error type."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from marchproxy_common.wire.postgres import (
+    BackendDecoder,
+    CancelRequest,
+    DecoderState,
+    FrontendDecoder,
+    GSSENCRequest,
+    Message,
+    RemoteProtocolError,
+    SSLRequest,
+    StartupMessage,
+)
+from marchproxy_common.wire.postgres import encoder as enc
+from marchproxy_common.wire.postgres.auth import (
+    ScramClient,
+    ScramServer,
+    ScramVerifier,
+    md5_hash,
+    md5_response,
+)
+from marchproxy_common.wire.postgres.decoder import (
+    FRONTEND_MESSAGE_TYPES,
+    parse_bind,
+    parse_describe_or_close,
+    parse_fields,
+    parse_parameter_status,
+    parse_parse,
+    parse_startup_parameters,
+)
+from marchproxy_common.wire.postgres.messages import MAX_STARTUP_PACKET
+
+SETTINGS = settings(max_examples=200, deadline=None)
+
+names = st.text(
+    alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),
+    min_size=1,
+    max_size=20,
+)
+values = st.text(
+    alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),
+    max_size=30,
+)
+frontend_types = st.sampled_from(sorted(FRONTEND_MESSAGE_TYPES - {ord("X")}))
+frontend_messages = st.builds(
+    lambda t, body: Message(t, body, len(body)), frontend_types, st.binary(max_size=200)
+)
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    chunks, prev = [], 0
+    for p in points:
+        chunks.append(data[prev:p])
+        prev = p
+    chunks.append(data[prev:])
+    return chunks
+
+
+def _feed_all(decoder: FrontendDecoder, chunks: list[bytes]) -> list[object]:
+    events: list[object] = []
+    for c in chunks:
+        events.extend(decoder.feed(c))
+    return events
+
+
+@st.composite
+def client_streams(draw: st.DrawFn) -> tuple[bytes, list[object]]:
+    """A valid client byte stream and the events it must produce."""
+    out = b""
+    events: list[object] = []
+    if draw(st.booleans()):
+        out += enc.ssl_request()
+        events.append(SSLRequest())
+    params = draw(st.dictionaries(names, values, max_size=4))
+    params["user"] = draw(names)
+    out += enc.startup_message(params)
+    events.append(StartupMessage(196608, params))
+    for m in draw(st.lists(frontend_messages, max_size=8)):
+        out += m.raw
+        events.append(m)
+    return out, events
+
+
+@SETTINGS
+@given(client_streams(), st.lists(st.integers(min_value=0), max_size=8))
+def test_frontend_stream_same_events_at_any_split(
+    stream: tuple[bytes, list[object]], cuts: list[int]
+) -> None:
+    data, expected = stream
+    assert _feed_all(FrontendDecoder(), [data]) == expected
+    assert _feed_all(FrontendDecoder(), _split(data, cuts)) == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(client_streams())
+def test_frontend_stream_byte_by_byte(stream: tuple[bytes, list[object]]) -> None:
+    data, expected = stream
+    decoder = FrontendDecoder()
+    assert _feed_all(decoder, [data[i : i + 1] for i in range(len(data))]) == expected
+    decoder.feed_eof()
+
+
+@SETTINGS
+@given(client_streams(), st.integers(min_value=1))
+def test_truncated_stream_is_detected_at_eof(stream: tuple[bytes, list[object]], cut: int) -> None:
+    data, _ = stream
+    cut = cut % len(data)
+    decoder = FrontendDecoder()
+    try:
+        decoder.feed(data[:cut])
+    except RemoteProtocolError:
+        return
+    try:
+        decoder.feed_eof()
+    except RemoteProtocolError:
+        return
+    # a cut exactly between two packets is a clean end
+    rest = FrontendDecoder()
+    rest.feed(data[:cut])
+
+
+@SETTINGS
+@given(st.binary(max_size=300), st.lists(st.integers(min_value=0), max_size=6))
+def test_random_bytes_only_raise_remote_protocol_error(data: bytes, cuts: list[int]) -> None:
+    for decoder_input in (data, enc.startup_message({"user": "u"}) + data):
+        decoder = FrontendDecoder()
+        sqlstate = "08P01"
+        try:
+            _feed_all(decoder, _split(decoder_input, cuts))
+            decoder.feed_eof()
+        except RemoteProtocolError as exc:
+            sqlstate = exc.sqlstate
+        assert sqlstate in ("08P01", "0A000")
+
+
+@SETTINGS
+@given(st.binary(max_size=300), st.lists(st.integers(min_value=0), max_size=6))
+def test_backend_random_bytes_only_raise_remote_protocol_error(
+    data: bytes, cuts: list[int]
+) -> None:
+    decoder = BackendDecoder(max_message_len=1000)
+    try:
+        for c in _split(data, cuts):
+            decoder.feed(c)
+        decoder.feed_eof()
+    except RemoteProtocolError:
+        pass
+
+
+backend_messages = st.sampled_from(
+    [
+        enc.authentication_ok(),
+        enc.authentication_md5(b"abcd"),
+        enc.authentication_sasl(["SCRAM-SHA-256"]),
+        enc.parameter_status("client_encoding", "UTF8"),
+        enc.backend_key_data(1234, -5678),
+        enc.ready_for_query(b"T"),
+        enc.error_response("42601", "syntax error"),
+        enc.notice_response("hello"),
+        enc.row_description([("a", 25), ("b", 20)]),
+        enc.data_row(["x", None, b"\x00\xff"]),
+        enc.command_complete("SELECT 1"),
+        enc.parse_complete(),
+        enc.empty_query_response(),
+    ]
+)
+
+
+@SETTINGS
+@given(st.lists(backend_messages, max_size=10), st.lists(st.integers(min_value=0), max_size=8))
+def test_backend_framing_at_any_split(msgs: list[bytes], cuts: list[int]) -> None:
+    data = b"".join(msgs)
+    decoder = BackendDecoder()
+    got: list[Message] = []
+    for c in _split(data, cuts):
+        got.extend(decoder.feed(c, full=True))
+    assert [m.raw for m in got] == msgs
+    decoder.feed_eof()
+
+
+def test_skip_bodies_keeps_length() -> None:
+    decoder = BackendDecoder(skip_bodies=frozenset({ord("D")}))
+    row = enc.data_row(["abc"])
+    (m,) = decoder.feed(row)
+    assert m.body == b""
+    assert m.length == len(row) - 5
+    (m,) = decoder.feed(row, full=True)
+    assert m.raw == row
+
+
+def test_startup_packets() -> None:
+    d = FrontendDecoder()
+    assert d.feed(enc.ssl_request()) == [SSLRequest()]
+    assert d.feed(struct.pack("!II", 8, 80877104)) == [GSSENCRequest()]
+    assert d.state is DecoderState.STARTUP
+    assert d.feed(enc.cancel_request(7, -9)) == [CancelRequest(7, -9)]
+    assert d.state is DecoderState.CLOSED
+    with pytest.raises(RemoteProtocolError):
+        d.feed(b"x")
+
+
+@pytest.mark.parametrize(
+    "packet",
+    [
+        struct.pack("!I", MAX_STARTUP_PACKET + 1),  # over Postgres' MAX_STARTUP_PACKET_LENGTH
+        struct.pack("!I", 4),  # shorter than length + code
+        struct.pack("!II", 8, 131072),  # protocol 2.0
+        struct.pack("!II", 12, 80877103) + b"abcd",  # SSLRequest with a payload
+        enc.startup_message({"database": "x"}),  # no user
+    ],
+)
+def test_bad_startup_packets(packet: bytes) -> None:
+    with pytest.raises(RemoteProtocolError):
+        FrontendDecoder().feed(packet)
+
+
+def test_message_caps() -> None:
+    d = FrontendDecoder(max_message_len=100)
+    d.feed(enc.startup_message({"user": "u"}))
+    d.feed(enc.query("x" * 50))
+    with pytest.raises(RemoteProtocolError, match="exceeds"):
+        d.feed(b"Q" + struct.pack("!I", 10_000))  # rejected before the body arrives
+    with pytest.raises(RemoteProtocolError, match="invalid message type"):
+        FrontendDecoder().feed(enc.startup_message({"user": "u"}) + b"Z\x00\x00\x00\x04")
+
+
+def test_terminate_then_data_is_an_error() -> None:
+    d = FrontendDecoder()
+    with pytest.raises(RemoteProtocolError):
+        d.feed(enc.startup_message({"user": "u"}) + enc.terminate() + enc.sync())
+
+
+@SETTINGS
+@given(st.dictionaries(names, values, max_size=6))
+def test_startup_parameters_round_trip(params: dict[str, str]) -> None:
+    packet = enc.startup_message(params)
+    assert parse_startup_parameters(packet[8:]) == params
+
+
+@SETTINGS
+@given(st.binary(max_size=20).filter(lambda b: b"\x00" not in b), st.binary(max_size=50))
+def test_parse_bind_describe_round_trip(name: bytes, tail: bytes) -> None:
+    query = tail.replace(b"\x00", b"")
+    parse = enc.parse(name, query, struct.pack("!hii", 2, 23, 25))
+    got_name, got_query, rest = parse_parse(parse[5:])
+    assert (got_name, got_query) == (name, query)
+    assert enc.parse(got_name, got_query, rest) == parse
+    bind_body = b"portal\x00" + name + b"\x00" + b"\x00\x00\x00\x00\x00\x00"
+    portal, stmt, offset = parse_bind(bind_body)
+    assert (portal, stmt, bind_body[offset:]) == (b"portal", name, b"\x00" * 6)
+    assert parse_describe_or_close(b"S" + name + b"\x00") == (ord("S"), name)
+
+
+def test_error_fields_and_parameter_status() -> None:
+    err = enc.error_response("08P01", "bad", extra={"D": "detail"})
+    fields = parse_fields(err[5:])
+    assert fields["C"] == "08P01" and fields["M"] == "bad" and fields["D"] == "detail"
+    assert parse_parameter_status(enc.parameter_status("a", "b")[5:]) == ("a", "b")
+
+
+def test_md5_known_value() -> None:
+    # md5(md5("secret" + "alice").hex + salt) computed independently with hashlib
+    import hashlib
+
+    inner = hashlib.md5(b"secretalice").hexdigest()
+    expected = "md5" + hashlib.md5(inner.encode() + b"salt").hexdigest()
+    assert md5_response("alice", "secret", b"salt") == expected
+    assert md5_response("alice", md5_hash("alice", "secret"), b"salt") == expected
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.text(min_size=1, max_size=20), st.text(min_size=1, max_size=20))
+def test_scram_handshake(password: str, wrong: str) -> None:
+    verifier = ScramVerifier.from_password(password, iterations=64)
+    assert ScramVerifier.parse(str(verifier)) == verifier
+    client, server = ScramClient(password), ScramServer(verifier)
+    server_first = server.server_first(client.client_first())
+    final = server.verify_final(client.client_final(server_first))
+    client.verify_server_final(final)
+    if wrong != password:
+        bad, server2 = ScramClient(wrong), ScramServer(verifier)
+        first = server2.server_first(bad.client_first())
+        with pytest.raises(RemoteProtocolError) as info:
+            server2.verify_final(bad.client_final(first))
+        assert info.value.sqlstate == "28P01"
+
+
+@SETTINGS
+@given(st.binary(max_size=120), st.binary(max_size=120))
+def test_scram_garbage_only_raises_our_error(first: bytes, final: bytes) -> None:
+    server = ScramServer(ScramVerifier.from_password("pw", iterations=16))
+    try:
+        server.server_first(first)
+        server.verify_final(final)
+    except RemoteProtocolError:
+        pass
+    client = ScramClient("pw")
+    client.client_first()
+    try:
+        client.client_final(first)
+        client.verify_server_final(final)
+    except RemoteProtocolError:
+        pass
+
+
+@SETTINGS
+@given(
+    st.lists(backend_messages, min_size=1, max_size=10),
+    st.lists(st.integers(min_value=0), max_size=8),
+    st.booleans(),
+)
+def test_feed_framed_returns_exactly_the_complete_messages(
+    msgs: list[bytes], cuts: list[int], full: bool
+) -> None:
+    """Raw bytes handed back never include a partial message, whatever the read sizes."""
+    data = b"".join(msgs)
+    decoder = BackendDecoder(skip_bodies=frozenset({ord("D")}))
+    forwarded = b""
+    count = 0
+    for chunk in _split(data, cuts):
+        got, raw = decoder.feed_framed(chunk, full=full)
+        assert raw == b"".join(msgs[count : count + len(got)])
+        count += len(got)
+        forwarded += raw
+    assert forwarded == data
