@@ -1,0 +1,201 @@
+"""Wiring only: settings → registry, metrics, core → data plane, gRPC, admin HTTP, state → run."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+
+from marchproxy.v1 import nlb_pb2_grpc
+from marchproxy_common.admin_http import AdminServer
+from marchproxy_common.grpc_server import GrpcServer, TlsFiles
+from marchproxy_common.net.fdpass import ListenerHandoffServer
+from marchproxy_common.tasks import cancel_and_wait, spawn
+from marchproxy_nlb.config import NlbSettings
+from marchproxy_nlb.core import NlbCore
+from marchproxy_nlb.grpc.servicer import NlbServicer
+from marchproxy_nlb.hotrestart import take_over
+from marchproxy_nlb.metrics import NlbMetrics
+from marchproxy_nlb.registry.table import InstanceRegistry
+from marchproxy_nlb.traffic.autoscaler import Autoscaler, Executor
+from marchproxy_nlb.traffic.executors import DockerExecutor, KubernetesExecutor, ProcessExecutor
+from marchproxy_nlb.traffic.plane import DataPlane
+
+_log = structlog.get_logger("marchproxy.nlb")
+
+SERVICE_NAME = "marchproxy.v1.NLBService"
+
+
+class NlbApp:
+    """One NLB process: owns every server and background task, and their shutdown order."""
+
+    def __init__(self, settings: NlbSettings, *, with_dataplane: bool = True) -> None:
+        self.settings = settings
+        self.metrics = NlbMetrics()
+        self.registry = InstanceRegistry(
+            settings.heartbeat_timeout, max_instances=settings.nlb_max_instances
+        )
+        self.core = NlbCore(settings, self.registry, self.metrics)
+        self.grpc = GrpcServer(
+            api_key=settings.effective_cluster_api_key,
+            max_message_bytes=settings.nlb_max_message_bytes,
+            reuse_port=bool(settings.nlb_handoff_path),
+        )
+        self.grpc.add(
+            nlb_pb2_grpc.add_NLBServiceServicer_to_server, NlbServicer(self.core), SERVICE_NAME
+        )
+        self.admin = AdminServer(
+            registries=[self.metrics.registry], status=self.core.status, ready=self._ready
+        )
+        self.dataplane: DataPlane | None = None
+        if with_dataplane:
+            self.dataplane = DataPlane(settings, self.registry, self.metrics)
+            self.core.dataplane = self.dataplane
+        self.handoff: ListenerHandoffServer | None = None
+        self.autoscaler: Autoscaler | None = None
+        self.state: Any = None
+        self._expiry_task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._started = False
+
+    def _ready(self) -> tuple[bool, str]:
+        if not self._started:
+            return False, "starting"
+        if self._stopping.is_set():
+            return False, "shutting down"
+        return True, "ready"
+
+    async def start(self) -> None:
+        s = self.settings
+        if self.dataplane is not None:
+            self.dataplane.inherited = await take_over(s, self.registry)
+            await self.dataplane.start()
+        tls = TlsFiles(s.grpc_tls_cert, s.grpc_tls_key, s.grpc_tls_ca) if s.grpc_tls_cert else None
+        await self.grpc.start(s.nlb_grpc_host, s.nlb_grpc_port, tls)
+        await self.admin.start(
+            s.nlb_admin_host, s.nlb_admin_port, reuse_port=bool(s.nlb_handoff_path)
+        )
+        self._expiry_task = spawn(self._expire_loop(), name="nlb registry expiry")
+        if self.dataplane is not None:
+            self.dataplane.autoscaler = self.autoscaler = self._build_autoscaler()
+        await self._start_state()
+        if self.autoscaler is not None:
+            self.autoscaler.start()
+        if s.nlb_handoff_path and self.dataplane is not None:
+            self.handoff = ListenerHandoffServer(
+                s.nlb_handoff_path, self.dataplane.listening_sockets, self._handed_over
+            )
+            await self.handoff.start()
+        self._started = True
+        _log.info(
+            "nlb_started",
+            grpc_port=self.grpc.port,
+            admin_port=self.admin.port,
+            heartbeat_timeout=self.registry.heartbeat_timeout,
+        )
+
+    async def _start_state(self) -> None:
+        s = self.settings
+        if not (s.config_file or s.redis_url or s.api_url):
+            return
+        from marchproxy_common.state import StateClient
+
+        self.state = StateClient(
+            "nlb",
+            self._apply_snapshot,
+            redis_url=s.redis_url,
+            api_url=s.api_url,
+            cluster_api_key=s.effective_cluster_api_key,
+            config_file=s.config_file,
+            instance_id="nlb",
+        )
+        self.core.state_status = self.state.status
+        await self.state.start()
+
+    async def _apply_snapshot(self, snapshot: Mapping[str, Any]) -> list[str]:
+        errors = await self.dataplane.apply_config(snapshot) if self.dataplane else []
+        if not errors:
+            version = int(snapshot.get("version", 0))
+            self.core.applied_config_version = version
+            self.metrics.config_version.set(version)
+        return errors
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.nlb_expiry_interval)
+            for inst in self.registry.expire():
+                _log.warning(
+                    "instance_expired",
+                    instance_id=inst.instance_id,
+                    module_id=inst.module_id,
+                    draining=inst.draining,
+                )
+
+    def _build_autoscaler(self) -> Autoscaler | None:
+        s = self.settings
+        executor: Executor
+        if s.nlb_scaler == "process":
+            env = {
+                "NLB_ADDR": f"127.0.0.1:{self.grpc.port}",
+                "CLUSTER_API_KEY": s.effective_cluster_api_key,
+            }
+            executor = ProcessExecutor(s.nlb_scaler_commands, env)
+        elif s.nlb_scaler == "docker":
+            executor = DockerExecutor(
+                s.nlb_docker_url, s.nlb_docker_images, network=s.nlb_docker_network
+            )
+        elif s.nlb_scaler == "kubernetes":
+            executor = KubernetesExecutor(
+                s.nlb_k8s_api, s.nlb_k8s_namespace, deployments=s.nlb_k8s_deployments
+            )
+        else:
+            return None
+        return Autoscaler(self.registry, self.metrics, executor, interval=s.nlb_autoscale_interval)
+
+    def _handed_over(self) -> None:
+        """A new NLB accepts on our listening sockets now: release the path, drain, exit."""
+        _log.info("listeners_handed_over")
+        spawn(self._release_handoff(), name="nlb handoff release")
+        self.request_stop()
+
+    async def _release_handoff(self) -> None:
+        if self.handoff is not None:
+            await self.handoff.close()
+            self.handoff = None
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def wait(self) -> None:
+        await self._stopping.wait()
+
+    async def stop(self) -> None:
+        """Shutdown order: health NOT_SERVING → stop accepting → drain → gRPC → admin → tasks."""
+        self._stopping.set()
+        await self._release_handoff()
+        await self.grpc.enter_graceful_shutdown()
+        deadline = asyncio.get_running_loop().time() + self.settings.drain_timeout
+        if self.dataplane is not None:
+            await self.dataplane.stop_accepting()
+            await self.dataplane.drain(deadline)
+        if self.state is not None:
+            await self.state.stop()
+        if self.autoscaler is not None:
+            await self.autoscaler.stop()
+        await self.grpc.stop(grace=1.0)
+        await self.admin.stop()
+        await cancel_and_wait(self._expiry_task)
+        _log.info("nlb_stopped")
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self.start()
+        try:
+            await self.wait()
+        finally:
+            await self.stop()

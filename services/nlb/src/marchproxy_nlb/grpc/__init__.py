@@ -1,0 +1,1 @@
+"""NLBService over gRPC: request validation and translation to registry/data-plane calls."""

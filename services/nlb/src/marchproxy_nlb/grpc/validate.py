@@ -1,0 +1,127 @@
+"""Validation of NLBService requests: every bad field becomes INVALID_ARGUMENT with a message."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+from marchproxy.v1 import types_pb2
+
+MAX_ID_LEN = 128
+MAX_HOST_LEN = 253
+MAX_VERSION_LEN = 64
+MAX_LABELS = 64
+MAX_LABEL_KEY_LEN = 63
+MAX_LABEL_VALUE_LEN = 256
+MAX_PROTOCOLS = 17
+MAX_WEIGHT = 10_000
+MAX_CAPACITY = 10_000_000
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+_PROTOCOL_BY_NAME = {
+    name.removeprefix("PROTOCOL_").lower(): value
+    for name, value in types_pb2.Protocol.items()
+    if value != types_pb2.PROTOCOL_UNSPECIFIED
+}
+_PROTOCOL_BY_NAME.update(
+    {"postgres": types_pb2.PROTOCOL_POSTGRESQL, "ws": types_pb2.PROTOCOL_WEBSOCKET}
+)
+
+
+class InvalidArgument(ValueError):
+    """A request field is malformed; the message names the field."""
+
+
+def check_id(field: str, value: str, *, required: bool = True) -> str:
+    if not value:
+        if required:
+            raise InvalidArgument(f"{field} is required")
+        return value
+    if len(value) > MAX_ID_LEN:
+        raise InvalidArgument(f"{field} is longer than {MAX_ID_LEN} characters")
+    if not _ID_RE.match(value):
+        raise InvalidArgument(f"{field} may contain only letters, digits and . _ : - ({value!r})")
+    return value
+
+
+def check_host(field: str, host: str) -> str:
+    if not host:
+        raise InvalidArgument(f"{field}.host is required")
+    if len(host) > MAX_HOST_LEN or any(c.isspace() for c in host):
+        raise InvalidArgument(f"{field}.host is not a valid host name or address")
+    return host
+
+
+def check_port(field: str, port: int, *, allow_zero: bool = False) -> int:
+    if not (0 if allow_zero else 1) <= port <= 65535:
+        raise InvalidArgument(f"{field}.port must be between 1 and 65535, not {port}")
+    return port
+
+
+def check_protocols(values: Iterable[int], names: str = "") -> frozenset[int]:
+    protocols = set()
+    for v in values:
+        if v not in types_pb2.Protocol.values() or v == types_pb2.PROTOCOL_UNSPECIFIED:
+            raise InvalidArgument(f"protocols contains an unknown protocol value {v}")
+        protocols.add(v)
+    for name in filter(None, (n.strip().lower() for n in names.split(","))):
+        if name not in _PROTOCOL_BY_NAME:
+            raise InvalidArgument(f"protocol {name!r} is not a known protocol")
+        protocols.add(_PROTOCOL_BY_NAME[name])
+    if not protocols:
+        raise InvalidArgument("at least one protocol is required (protocols or protocol)")
+    if len(protocols) > MAX_PROTOCOLS:
+        raise InvalidArgument("too many protocols")
+    return frozenset(protocols)
+
+
+def check_module_type(value: int, *, required: bool) -> int:
+    if value not in types_pb2.ModuleType.values():
+        raise InvalidArgument(f"module_type {value} is not a known module type")
+    if required and value == types_pb2.MODULE_TYPE_UNSPECIFIED:
+        raise InvalidArgument("module_type is required")
+    return value
+
+
+def check_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument(f"at most {MAX_LABELS} labels are allowed")
+    for k, v in labels.items():
+        if not k or len(k) > MAX_LABEL_KEY_LEN:
+            raise InvalidArgument(f"label key {k[:80]!r} must be 1-{MAX_LABEL_KEY_LEN} characters")
+        if len(v) > MAX_LABEL_VALUE_LEN:
+            raise InvalidArgument(f"label {k!r} value is longer than {MAX_LABEL_VALUE_LEN}")
+    return dict(labels)
+
+
+def check_text(field: str, value: str, limit: int) -> str:
+    if len(value) > limit:
+        raise InvalidArgument(f"{field} is longer than {limit} characters")
+    return value
+
+
+def check_range(field: str, value: int, low: int, high: int) -> int:
+    if not low <= value <= high:
+        raise InvalidArgument(f"{field} must be between {low} and {high}, not {value}")
+    return value
+
+
+def protocol_name(value: int) -> str:
+    try:
+        return types_pb2.Protocol.Name(value).removeprefix("PROTOCOL_").lower()
+    except ValueError:
+        return "unknown"
+
+
+def module_type_name(value: int) -> str:
+    try:
+        return types_pb2.ModuleType.Name(value).removeprefix("MODULE_TYPE_")
+    except ValueError:
+        return "UNKNOWN"
+
+
+def health_name(value: int) -> str:
+    try:
+        return types_pb2.HealthStatus.Name(value).removeprefix("HEALTH_STATUS_").lower()
+    except ValueError:
+        return "unknown"

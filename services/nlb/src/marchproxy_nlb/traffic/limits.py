@@ -1,0 +1,118 @@
+"""Connection rate limits: which buckets a new connection draws from (rules pure, decisions
+through ``marchproxy_common.ratelimit``).
+
+Targets: ``listener:<port>``, ``protocol:<name>`` (or a bare protocol name), ``client_ip`` (one
+bucket per client address), ``route:<name>`` and ``global``. Scope ``local`` keeps buckets in
+this process; ``cluster`` shares them through Redis (GCRA) with every NLB replica, falling back to
+local buckets while Redis is unreachable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from marchproxy_common.ratelimit import ClusterLimiter
+from marchproxy_nlb.traffic.routing import ConnInfo
+
+MAX_RULES = 1_000
+MAX_RATE = 1e9
+
+
+@dataclass(frozen=True, slots=True)
+class LimitRule:
+    target: str
+    rate: float
+    burst: float
+    scope: str = "local"
+
+    def key(self, c: ConnInfo, protocol_name: str, route: str | None) -> str | None:
+        kind, _, arg = self.target.partition(":")
+        if self.target == "global":
+            return "global"
+        if kind == "listener":
+            return self.target if arg == str(c.listener_port) else None
+        if kind == "protocol":
+            return self.target if arg == protocol_name else None
+        if self.target == "client_ip":
+            return f"client_ip:{c.client_ip}"
+        if kind == "route":
+            return self.target if route is not None and arg == route else None
+        return f"protocol:{protocol_name}" if self.target == protocol_name else None
+
+
+def parse_rules(raw: Sequence[Mapping[str, Any]]) -> tuple[list[LimitRule], list[str]]:
+    rules, errors = [], []
+    if len(raw) > MAX_RULES:
+        return [], [f"at most {MAX_RULES} rate limits"]
+    for i, r in enumerate(raw):
+        target = str(r.get("target") or "")
+        rate = r.get("requests_per_second")
+        burst = r.get("burst", r.get("burst_size")) or rate
+        scope = str(r.get("scope") or "local")
+        if not target:
+            errors.append(f"rate_limits[{i}].target is required")
+            continue
+        if not isinstance(rate, int | float) or not 0 < rate <= MAX_RATE:
+            errors.append(f"rate_limits[{i}].requests_per_second must be > 0")
+            continue
+        if not isinstance(burst, int | float) or burst < 1:
+            errors.append(f"rate_limits[{i}].burst must be >= 1")
+            continue
+        if scope not in ("local", "cluster"):
+            errors.append(f"rate_limits[{i}].scope must be local or cluster")
+            continue
+        rules.append(LimitRule(target, float(rate), float(burst), scope))
+    return rules, errors
+
+
+class ConnectionLimits:
+    def __init__(self, redis_url: str = "", prefix: str = "marchproxy:nlb:rl:") -> None:
+        self.local = ClusterLimiter(None)
+        self.cluster = ClusterLimiter(redis_url, prefix=prefix) if redis_url else self.local
+        self.rules: tuple[LimitRule, ...] = ()
+        self.totals: dict[str, list[int]] = {}  # bucket -> [allowed, denied]
+
+    async def admit(
+        self, c: ConnInfo, protocol_name: str, route: str | None
+    ) -> tuple[str | None, list[str]]:
+        """Draw one token from every bucket that applies. Returns (denied bucket or None,
+        buckets allowed)."""
+        allowed = []
+        for rule in self.rules:
+            key = rule.key(c, protocol_name, route)
+            if key is None:
+                continue
+            limiter = self.cluster if rule.scope == "cluster" else self.local
+            decision = await limiter.allow(key, rule.rate, rule.burst)
+            bucket = rule.target
+            tally = self.totals.setdefault(bucket, [0, 0])
+            if not decision.allowed:
+                tally[1] += 1
+                return bucket, allowed
+            tally[0] += 1
+            allowed.append(bucket)
+        return None, allowed
+
+    def status(self) -> dict[str, Any]:
+        buckets: dict[str, Any] = {}
+        for rule in self.rules:
+            tally = self.totals.get(rule.target, [0, 0])
+            entry: dict[str, Any] = {
+                "capacity": rule.burst,
+                "refill_rate": rule.rate,
+                "scope": rule.scope,
+                "allowed_total": tally[0],
+                "denied_total": tally[1],
+            }
+            local = self.local.local_buckets.get(rule.target)
+            if local is not None:
+                entry["tokens_available"] = round(local.tokens, 3)
+            buckets[rule.target] = entry
+        return {"buckets": buckets, "backend": self.cluster.stats()}
+
+    async def close(self) -> None:
+        await self.local.close()
+        if self.cluster is not self.local:
+            await self.cluster.close()

@@ -1,0 +1,660 @@
+"""``DataPlane``: the NLB's traffic path and the RPCs that read or steer it.
+
+accept → sniff (``listener``) → describe the connection (protocol, SNI/Host, database, port)
+→ route rule (``routing``) → rate limits (``limits``) → blue/green version (``bluegreen``) →
+instance (``balancer``) → connect with a PROXY v2 header and the sniffed bytes (retrying on
+another instance while nothing was relayed) → ``Relay`` with flow control both ways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import structlog
+
+from marchproxy.v1 import nlb_pb2, types_pb2
+from marchproxy_common.net.relay import Relay, RelayStats
+from marchproxy_common.net.udp import UdpRelay
+from marchproxy_common.wire.proxy_protocol import build_v2
+from marchproxy_common.wire.sniff import (
+    HttpDetails,
+    Match,
+    PostgresDetails,
+    TlsDetails,
+    Unknown,
+    Verdict,
+)
+from marchproxy_nlb.config import NlbSettings
+from marchproxy_nlb.grpc.convert import balance_score, instance_pb, load_info_pb
+from marchproxy_nlb.grpc.validate import protocol_name
+from marchproxy_nlb.metrics import NlbMetrics
+from marchproxy_nlb.registry.table import Instance, InstanceRegistry
+from marchproxy_nlb.traffic.balancer import STRATEGIES, Balancer
+from marchproxy_nlb.traffic.bluegreen import BlueGreen
+from marchproxy_nlb.traffic.limits import ConnectionLimits, parse_rules
+from marchproxy_nlb.traffic.listener import (
+    Connection,
+    ListenerSpec,
+    ListenerSpecError,
+    SniffingProtocol,
+    make_listener,
+    parse_listeners_env,
+)
+from marchproxy_nlb.traffic.routing import (
+    ConnInfo,
+    RouteRule,
+    RoutingTable,
+    RuleError,
+    make_rule,
+    rules_from_snapshot,
+)
+
+_log = structlog.get_logger("marchproxy.nlb.traffic")
+
+P = types_pb2
+# A sniffed protocol → the registered protocols that may take it, in order of preference.
+ACCEPTORS: dict[str, tuple[int, ...]] = {
+    "http": (P.PROTOCOL_HTTP,),
+    "tls": (P.PROTOCOL_TLS, P.PROTOCOL_HTTPS),
+    "https": (P.PROTOCOL_HTTPS, P.PROTOCOL_TLS),
+    "http2": (P.PROTOCOL_HTTP2, P.PROTOCOL_GRPC),
+    "grpc": (P.PROTOCOL_GRPC, P.PROTOCOL_HTTP2),
+    "postgresql": (P.PROTOCOL_POSTGRESQL,),
+    "mysql": (P.PROTOCOL_MYSQL,),
+    "rtmp": (P.PROTOCOL_RTMP,),
+    "redis": (P.PROTOCOL_REDIS,),
+    "websocket": (P.PROTOCOL_WEBSOCKET, P.PROTOCOL_HTTP),
+    "mongodb": (P.PROTOCOL_MONGODB,),
+    "rtsp": (P.PROTOCOL_RTSP,),
+    "tcp": (P.PROTOCOL_TCP,),
+    "udp": (P.PROTOCOL_UDP,),
+}
+# With no route rule naming a module, a protocol goes to its owning module type when one is
+# registered (HTTP to the ALB, not to the AILB that also speaks HTTP but is reached by rule).
+OWNER_TYPE: dict[str, int] = {
+    "http": P.MODULE_TYPE_ALB,
+    "tls": P.MODULE_TYPE_ALB,
+    "https": P.MODULE_TYPE_ALB,
+    "http2": P.MODULE_TYPE_ALB,
+    "websocket": P.MODULE_TYPE_ALB,
+    "postgresql": P.MODULE_TYPE_DBLB,
+    "mysql": P.MODULE_TYPE_DBLB,
+    "rtmp": P.MODULE_TYPE_RTMP,
+}
+
+
+class DataPlane:
+    def __init__(
+        self, settings: NlbSettings, registry: InstanceRegistry, metrics: NlbMetrics
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.metrics = metrics
+        strategy = settings.nlb_balance if settings.nlb_balance in STRATEGIES else "least_conn"
+        self.balancer = Balancer(strategy)  # type: ignore[arg-type]
+        self.bluegreen = BlueGreen(rollback_error_rate=settings.nlb_rollback_error_rate)
+        self.limits = ConnectionLimits(settings.redis_url, settings.nlb_ratelimit_prefix)
+        self.static_specs = parse_listeners_env(settings.nlb_listeners)
+        self.state_rules: tuple[RouteRule, ...] = ()
+        self.rpc_rules: dict[str, RouteRule] = {}
+        self.table = RoutingTable()
+        self.rule_hits: dict[str, tuple[int, float]] = {}
+        self._servers: dict[tuple[str, int, str], tuple[ListenerSpec, Any]] = {}
+        self._bound: dict[tuple[str, int, str], tuple[str, int]] = {}
+        self._relays: dict[Relay, Instance] = {}
+        self._pending: set[Connection] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.failed_connections = 0
+        self.retried_connections = 0
+        self.autoscaler: Any = None
+        self.inherited: dict[str, socket.socket] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for spec in self.static_specs:
+            await self._open(spec)
+
+    async def _open(self, spec: ListenerSpec) -> None:
+        loop = asyncio.get_running_loop()
+        host = spec.host or self.settings.nlb_data_host
+        name = f"{spec.transport}:{host}:{spec.port}"
+        if spec.transport == "udp":
+            relay = UdpRelay(
+                partial(self._pick_udp, spec), idle_timeout=self.settings.nlb_udp_idle_timeout
+            )
+            bound = await relay.start(host, spec.port)
+            self._servers[spec.key] = (spec, relay)
+        else:
+            sock = self.inherited.pop(name, None)
+            factory = partial(SniffingProtocol, self, spec, self.settings.nlb_sniff_timeout)
+            if sock is not None:
+                server = await loop.create_server(factory, sock=sock, backlog=4096)
+            else:
+                server = await loop.create_server(
+                    factory, host, spec.port, backlog=4096, reuse_address=True
+                )
+            sockname = server.sockets[0].getsockname()
+            bound = (str(sockname[0]), int(sockname[1]))
+            self._servers[spec.key] = (spec, server)
+        self._bound[spec.key] = bound
+        _log.info("listener_started", listener=spec.name, address=f"{bound[0]}:{bound[1]}",
+                  protocols=sorted(spec.protocols), default=spec.default_protocol)  # fmt: skip
+
+    async def _close(self, key: tuple[str, int, str]) -> None:
+        spec, server = self._servers.pop(key)
+        self._bound.pop(key, None)
+        server.close()
+        _log.info("listener_stopped", listener=spec.name)
+
+    def listener_addresses(self) -> list[tuple[str, int]]:
+        return list(self._bound.values())
+
+    def listening_sockets(self) -> list[tuple[str, socket.socket]]:
+        """(name, socket) of every TCP listener, for a hitless hand-over to a new process."""
+        out = []
+        for spec, server in self._servers.values():
+            if spec.transport == "tcp":
+                name = f"tcp:{spec.host or self.settings.nlb_data_host}:{spec.port}"
+                out.append((name, server.sockets[0]))
+        return out
+
+    async def stop_accepting(self) -> None:
+        for key in list(self._servers):
+            await self._close(key)
+        # The loop may have accepted sockets whose protocol is not attached yet (asyncio runs
+        # connection_made a moment later); let that happen so drain sees and serves them
+        # instead of the process exiting under them (a reset for the client).
+        for _ in range(3):
+            await asyncio.sleep(0.02)
+
+    async def drain(self, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - loop.time()))
+        for relay in list(self._relays):
+            relay.abort("drain deadline")
+        await self.limits.close()
+
+    # -- desired state -------------------------------------------------------------------------
+
+    async def apply_config(self, snapshot: Mapping[str, Any]) -> list[str]:
+        """Validate the whole nlb snapshot, then swap everything at once."""
+        errors: list[str] = []
+        specs: list[ListenerSpec] = []
+        for i, li in enumerate(snapshot.get("listeners") or []):
+            try:
+                specs.append(
+                    make_listener(
+                        str(li.get("name") or f"listener-{i}"),
+                        int(li.get("port", -1)),
+                        list(li.get("protocols") or []),
+                        str(li.get("default_protocol") or ""),
+                        str(li.get("transport") or "tcp"),
+                    )
+                )
+            except (ListenerSpecError, TypeError, ValueError) as exc:
+                errors.append(f"listeners[{i}]: {exc}")
+        try:
+            rules = rules_from_snapshot(snapshot.get("routes") or [])
+        except (RuleError, TypeError, ValueError) as exc:
+            errors.append(f"routes: {exc}")
+            rules = []
+        limit_rules, limit_errors = parse_rules(snapshot.get("rate_limits") or [])
+        errors += limit_errors
+        deployments = snapshot.get("deployments") or []
+        errors += BlueGreen.validate(deployments)
+        policies = snapshot.get("scaling_policies") or []
+        if self.autoscaler is not None:
+            errors += self.autoscaler.validate(policies)
+        if errors:
+            return errors
+        self.state_rules = tuple(rules)
+        self._rebuild_table()
+        self.limits.rules = tuple(limit_rules)
+        self.bluegreen.load(deployments)
+        self._publish_split_metrics()
+        if self.autoscaler is not None:
+            self.autoscaler.load(policies)
+        await self._reconcile_listeners(specs)
+        return []
+
+    async def _reconcile_listeners(self, dynamic: Sequence[ListenerSpec]) -> None:
+        wanted = {s.key: s for s in (*self.static_specs, *dynamic)}
+        for key in [k for k in self._servers if k not in wanted]:
+            await self._close(key)
+        for key, spec in wanted.items():
+            current = self._servers.get(key)
+            if current is not None and current[0] == spec:
+                continue
+            if current is not None:
+                await self._close(key)
+            try:
+                await self._open(spec)
+            except OSError as exc:
+                _log.error("listener_failed", listener=spec.name, error=str(exc))
+
+    def _rebuild_table(self) -> None:
+        self.table = RoutingTable.build((*self.state_rules, *self.rpc_rules.values()))
+
+    def _publish_split_metrics(self) -> None:
+        self.metrics.bluegreen_split.clear()
+        for module, split in self.bluegreen.splits.items():
+            for version, weight in split.weights.items():
+                self.metrics.bluegreen_split.labels(module, version).set(weight)
+
+    # -- the connection path -------------------------------------------------------------------
+
+    def accept(self, conn: Connection) -> None:
+        # Connections the kernel accepted for us are served even while we stop accepting (a
+        # hand-over or drain): refusing them would reset a client that did nothing wrong.
+        self.metrics.child(self.metrics.connections_total, conn.spec.name).inc()
+        self._pending.add(conn)
+        self._idle.clear()
+
+    def release(self, conn: Connection) -> None:
+        self._pending.discard(conn)
+        self._maybe_idle()
+
+    def _maybe_idle(self) -> None:
+        if not self._pending and not self._relays:
+            self._idle.set()
+
+    def describe(self, conn: Connection, verdict: Verdict | None) -> tuple[str, ConnInfo]:
+        """The protocol name and routing facts of a sniffed connection."""
+        name = ""
+        host = database = user = ""
+        alpn: tuple[str, ...] = ()
+        if isinstance(verdict, Match):
+            name = str(verdict.protocol.value)
+            d = verdict.details
+            if isinstance(d, TlsDetails):
+                host, alpn = d.sni or "", tuple(d.alpn)
+            elif isinstance(d, HttpDetails):
+                host = (d.host or "").rsplit(":", 1)[0] if d.host else ""
+            elif isinstance(d, PostgresDetails):
+                database, user = d.database or "", d.user or ""
+        if (not name or isinstance(verdict, Unknown)) and conn.spec.default_protocol:
+            name = conn.spec.default_protocol
+        protocol = ACCEPTORS.get(name, (0,))[0]
+        info = ConnInfo(
+            protocol=protocol,
+            listener_port=conn.local[1],
+            host=host.lower(),
+            database=database,
+            user=user,
+            alpn=alpn,
+            client_ip=conn.peer[0],
+        )
+        return name, info
+
+    async def forward(self, conn: Connection, verdict: Verdict | None) -> None:
+        loop = asyncio.get_running_loop()
+        self.metrics.sniff_seconds.observe(loop.time() - conn.started)
+        try:
+            await self._forward(conn, verdict)
+        finally:
+            self.release(conn)
+
+    async def _forward(self, conn: Connection, verdict: Verdict | None) -> None:
+        name, info = self.describe(conn, verdict)
+        if not name or name not in conn.spec.protocols:
+            self._refuse(conn, name or "unknown", "unknown_protocol")
+            return
+        rule = self.table.match(info)
+        if rule is not None:
+            self.rule_hits[rule.name] = (
+                self.rule_hits.get(rule.name, (0, 0.0))[0] + 1,
+                time.time(),
+            )
+        denied, allowed = await self.limits.admit(info, name, rule.name if rule else None)
+        for bucket in allowed:
+            self.metrics.ratelimit_allowed.labels(bucket).inc()
+        if denied is not None:
+            self.metrics.ratelimit_denied.labels(denied).inc()
+            self._refuse(conn, name, "rate_limited")
+            return
+        header = build_v2(conn.peer, conn.local)
+        tried: set[str] = set()
+        for _attempt in range(self.settings.nlb_connect_attempts):
+            inst, version = self._pick(name, info, rule, tried)
+            if inst is None:
+                self._refuse(conn, name, "connect_failed" if tried else "no_module")
+                return
+            tried.add(inst.instance_id)
+            relay = self._new_relay(inst, version, len(conn.sniffed))
+            started = asyncio.get_running_loop().time()
+            host, port = inst.address_for(ACCEPTORS.get(name, ()))
+            try:
+                await relay.connect_upstream(
+                    host,
+                    port,
+                    connect_timeout=self.settings.nlb_connect_timeout,
+                    first_bytes=header + bytes(conn.sniffed),
+                )
+            except (OSError, TimeoutError) as exc:
+                self.retried_connections += 1
+                self._record_version(inst, version, failed=True)
+                _log.warning(
+                    "upstream_connect_failed", instance_id=inst.instance_id, error=repr(exc)
+                )
+                continue
+            self.metrics.connect_seconds.observe(asyncio.get_running_loop().time() - started)
+            if conn.lost:
+                relay.close("client gone")
+                return
+            self._attach(conn, relay, inst, version, name)
+            return
+        self._refuse(conn, name, "connect_failed")
+
+    def _attach(
+        self, conn: Connection, relay: Relay, inst: Instance, version: str | None, name: str
+    ) -> None:
+        inst.active_connections += 1
+        inst.routed_total += 1
+        self.metrics.child(self.metrics.active_connections, inst.module_id).inc()
+        self.metrics.child(self.metrics.routed_connections, name, inst.module_id).inc()
+        self._relays[relay] = inst
+        self._record_version(inst, version, failed=False)
+        relay.attach_downstream(conn.transport, buffered=bytes(conn.extra))
+        if conn.eof:
+            relay.downstream.eof_received()
+
+    def _new_relay(self, inst: Instance, version: str | None, sniffed: int) -> Relay:
+        def closed(stats: RelayStats) -> None:
+            self._relay_closed(relay, inst, version, stats, sniffed)
+
+        relay = Relay(idle_timeout=self.settings.nlb_idle_timeout or None, on_close=closed)
+        return relay
+
+    def _relay_closed(
+        self, relay: Relay, inst: Instance, version: str | None, stats: RelayStats, sniffed: int
+    ) -> None:
+        if self._relays.pop(relay, None) is None:
+            return  # closed before it was attached (the client left while we connected)
+        inst.active_connections = max(0, inst.active_connections - 1)
+        self.metrics.child(self.metrics.active_connections, inst.module_id).dec()
+        self.metrics.child(self.metrics.bytes, "up").inc(stats.bytes_up + sniffed)
+        self.metrics.child(self.metrics.bytes, "down").inc(stats.bytes_down)
+        self._maybe_idle()
+
+    def _refuse(self, conn: Connection, name: str, error_type: str) -> None:
+        self.failed_connections += 1
+        self.metrics.routing_errors.labels(name, error_type).inc()
+        _log.info(
+            "connection_refused",
+            reason=error_type,
+            protocol=name,
+            client=f"{conn.peer[0]}:{conn.peer[1]}",
+            listener=conn.spec.name,
+        )
+        if error_type == "rate_limited":
+            conn.transport.abort()  # a reset costs a flood of clients the least
+        else:
+            conn.transport.close()
+
+    def _record_version(self, inst: Instance, version: str | None, *, failed: bool) -> None:
+        if version is None:
+            return
+        event = self.bluegreen.record(inst.module_id, version, failed=failed)
+        if event is not None:
+            _log.warning("bluegreen_auto_rollback", **event)
+            self._publish_split_metrics()
+
+    def _candidates(self, name: str, info: ConnInfo, rule: RouteRule | None) -> list[Instance]:
+        for protocol in ACCEPTORS.get(name, ()):
+            found = self.registry.candidates(protocol)
+            if rule is not None:
+                found = [i for i in found if i.module_id == rule.module]
+            found = [i for i in found if not i.capacity or i.active_connections < i.capacity]
+            if rule is None and len({i.module_id for i in found}) > 1:
+                owned = [i for i in found if i.module_type == OWNER_TYPE.get(name)]
+                found = owned or found
+            if found:
+                return found
+        return []
+
+    def _pick(
+        self, name: str, info: ConnInfo, rule: RouteRule | None, exclude: set[str]
+    ) -> tuple[Instance | None, str | None]:
+        candidates = [i for i in self._candidates(name, info, rule) if i.instance_id not in exclude]
+        if not candidates:
+            return None, None
+        version = None
+        modules = {i.module_id for i in candidates}
+        if len(modules) == 1:
+            module = next(iter(modules))
+            version = self.bluegreen.choose(module, {i.version for i in candidates})
+            if version is not None:
+                candidates = [i for i in candidates if i.version == version]
+        chosen = self.balancer.pick(candidates, info.client_ip)
+        return chosen, version  # type: ignore[return-value]
+
+    def _pick_udp(self, spec: ListenerSpec, client: tuple[str, int]) -> tuple[str, int] | None:
+        info = ConnInfo(protocol=P.PROTOCOL_UDP, listener_port=spec.port, client_ip=client[0])
+        inst, _ = self._pick(spec.default_protocol or "udp", info, self.table.match(info), set())
+        if inst is None:
+            self.metrics.routing_errors.labels("udp", "no_module").inc()
+            return None
+        inst.routed_total += 1
+        return inst.address_for((P.PROTOCOL_UDP,))
+
+    # -- status --------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        rl = self.limits.status()
+        for bucket, entry in rl["buckets"].items():
+            if "tokens_available" in entry:
+                self.metrics.ratelimit_tokens.labels(bucket).set(entry["tokens_available"])
+        return {
+            "rate_limiting": bool(self.limits.rules),
+            "autoscaling": bool(self.autoscaler is not None and self.autoscaler.enabled),
+            "bluegreen": bool(self.bluegreen.splits),
+            "connection_pooling": False,
+            "ratelimit_stats": rl,
+            "bluegreen_stats": {
+                "active_deployments": self.bluegreen.status(),
+                "rollbacks": list(self.bluegreen.events),
+            },
+            "autoscaler_stats": self.autoscaler.status()
+            if self.autoscaler is not None
+            else {"enabled": False, "last_evaluation": None, "recent_scaling_history": []},
+            "client_pool_stats": {
+                "total_connections": sum(i.routed_total for i in self.registry.all()),
+                "active_connections": len(self._relays),
+                "failed_connections": self.failed_connections,
+                "reconnect_attempts": self.retried_connections,
+            },
+            "listeners": [
+                {
+                    "name": spec.name,
+                    "address": f"{self._bound[key][0]}:{self._bound[key][1]}",
+                    "transport": spec.transport,
+                    "protocols": sorted(spec.protocols),
+                    "default_protocol": spec.default_protocol,
+                }
+                for key, (spec, _) in self._servers.items()
+            ],
+            "routing_rules": len(self.table.rules),
+            "balance_strategy": self.balancer.strategy,
+        }
+
+    # -- RPCs ----------------------------------------------------------------------------------
+
+    async def route_request(self, req: nlb_pb2.RouteRequestRequest) -> nlb_pb2.RouteRequestResponse:
+        name = protocol_name(req.protocol)
+        attrs = dict(req.attributes)
+        info = ConnInfo(
+            protocol=req.protocol,
+            listener_port=req.listener_port,
+            host=req.host.lower(),
+            database=attrs.get("database", ""),
+            user=attrs.get("user", ""),
+            client_ip=req.client_ip,
+        )
+        rule = self.table.match(info)
+        inst, _ = self._pick(name, info, rule, set())
+        if inst is None:
+            self.metrics.routing_errors.labels(name, "no_module").inc()
+            return nlb_pb2.RouteRequestResponse(success=False, message="no module instance")
+        return nlb_pb2.RouteRequestResponse(
+            success=True,
+            message=f"routed to {inst.instance_id}",
+            instance=instance_pb(inst, self.registry_now()),
+            route_id=rule.name if rule else "",
+        )
+
+    def registry_now(self) -> float:
+        return time.monotonic()
+
+    def _rule_from_pb(self, route: types_pb2.Route) -> RouteRule:
+        return make_rule(
+            name=route.name or route.route_id,
+            module=route.module_id,
+            priority=route.priority,
+            protocol=route.protocol,
+            host=route.match.get("host") or route.match.get("sni") or route.destination_pattern,
+            database=route.match.get("database", ""),
+            user=route.match.get("user", ""),
+            ports=list(route.ports),
+            source=route.source_pattern,
+            enabled=route.enabled,
+            origin="rpc",
+        )
+
+    async def validate_route(
+        self, req: nlb_pb2.ValidateRouteRequest
+    ) -> nlb_pb2.ValidateRouteResponse:
+        try:
+            rule = self._rule_from_pb(req.route)
+        except RuleError as exc:
+            return nlb_pb2.ValidateRouteResponse(valid=False, errors=[str(exc)])
+        capable = [
+            i
+            for i in self.registry.all()
+            if i.module_id == rule.module
+            and i.routable
+            and (not rule.protocol or rule.protocol in i.protocols)
+        ]
+        errors = [] if capable else [f"no routable instance of module {rule.module!r}"]
+        now = self.registry_now()
+        return nlb_pb2.ValidateRouteResponse(
+            valid=not errors,
+            errors=errors,
+            capable_instances=[instance_pb(i, now) for i in capable],
+        )
+
+    async def update_routing(
+        self, req: nlb_pb2.UpdateRoutingRequest
+    ) -> nlb_pb2.UpdateRoutingResponse:
+        errors: list[str] = []
+        rules: list[RouteRule] = []
+        for i, route in enumerate(req.routes):
+            try:
+                rules.append(self._rule_from_pb(route))
+            except RuleError as exc:
+                errors.append(f"routes[{i}]: {exc}")
+        if errors:
+            return nlb_pb2.UpdateRoutingResponse(
+                success=False, message="rejected", validation_errors=errors
+            )
+        if req.validate_only:
+            return nlb_pb2.UpdateRoutingResponse(success=True, message="valid")
+        new = {} if req.replace else dict(self.rpc_rules)
+        new.update({r.name: r for r in rules})
+        self.rpc_rules = new
+        self._rebuild_table()
+        return nlb_pb2.UpdateRoutingResponse(
+            success=True, message="applied", routes_applied=len(rules)
+        )
+
+    async def get_routing_table(
+        self, req: nlb_pb2.GetRoutingTableRequest
+    ) -> nlb_pb2.GetRoutingTableResponse:
+        entries = []
+        for rule in self.table.rules:
+            if req.module_id and rule.module != req.module_id:
+                continue
+            if req.protocol and rule.protocol and rule.protocol != req.protocol:
+                continue
+            pb = types_pb2.Route(
+                route_id=rule.name,
+                name=rule.name,
+                protocol=rule.protocol,  # type: ignore[arg-type]
+                destination_pattern=rule.host,
+                ports=sorted(rule.ports),
+                priority=rule.priority,
+                enabled=rule.enabled,
+                module_id=rule.module,
+                source_pattern=rule.source,
+            )
+            if rule.database:
+                pb.match["database"] = rule.database
+            pb.metadata["origin"] = rule.origin
+            hits, last = self.rule_hits.get(rule.name, (0, 0.0))
+            entry = nlb_pb2.RoutingEntry(
+                route=pb,
+                target_instance_ids=[
+                    i.instance_id for i in self.registry.all() if i.module_id == rule.module
+                ],
+                connections_routed=hits,
+            )
+            if last:
+                entry.last_used.FromNanoseconds(int(last * 1e9))
+            entries.append(entry)
+        return nlb_pb2.GetRoutingTableResponse(entries=entries)
+
+    def _load(self, module_id: str = "", module_type: int = 0) -> list[nlb_pb2.LoadInfo]:
+        instances = [
+            i
+            for i in self.registry.all()
+            if (not module_id or i.module_id == module_id)
+            and (not module_type or i.module_type == module_type)
+        ]
+        total = sum(i.active_connections for i in instances)
+        return [load_info_pb(i, total) for i in instances]
+
+    async def get_load_distribution(
+        self, req: nlb_pb2.GetLoadDistributionRequest
+    ) -> nlb_pb2.GetLoadDistributionResponse:
+        infos = self._load(req.module_id, req.module_type)
+        return nlb_pb2.GetLoadDistributionResponse(
+            instances=infos, balance_score=balance_score([i.active_connections for i in infos])
+        )
+
+    async def rebalance_load(
+        self, req: nlb_pb2.RebalanceLoadRequest
+    ) -> nlb_pb2.RebalanceLoadResponse:
+        # L4 connections cannot move between instances; new connections already go to the
+        # least-loaded instance. Report the distribution both ways and say so.
+        before = self._load(req.module_id)
+        return nlb_pb2.RebalanceLoadResponse(
+            success=True,
+            message="open connections stay where they are; new ones follow "
+            f"{self.balancer.strategy}",
+            before=before,
+            after=before,
+        )
+
+    async def trigger_scaling(
+        self, req: nlb_pb2.TriggerScalingRequest
+    ) -> nlb_pb2.TriggerScalingResponse:
+        current = len([i for i in self.registry.by_module(req.module_id) if not i.draining])
+        if self.autoscaler is None:
+            return nlb_pb2.TriggerScalingResponse(
+                success=False,
+                message="no scaling executor is configured (NLB_SCALER)",
+                current_instances=current,
+                target_instances=req.target_instances or current,
+            )
+        result: nlb_pb2.TriggerScalingResponse = await self.autoscaler.trigger(
+            req.module_id, req.target_instances, req.reason or "TriggerScaling RPC", req.dry_run
+        )
+        return result

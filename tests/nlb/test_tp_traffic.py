@@ -1,0 +1,497 @@
+"""The NLB data plane with real sockets: one port, many protocols, PROXY v2, retries, draining,
+blue/green splits, rate limits, byte-exact bulk transfer and the data-path RPCs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import ssl
+import struct
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import pytest
+
+from marchproxy.v1 import nlb_pb2, types_pb2
+from marchproxy_nlb.config import NlbSettings
+from marchproxy_nlb.metrics import NlbMetrics
+from marchproxy_nlb.registry.table import InstanceRegistry
+from marchproxy_nlb.traffic.plane import DataPlane
+from tests.conftest import ProxiedEchoBackend as Backend
+
+P = types_pb2
+
+
+class Stack:
+    def __init__(self, **settings: object) -> None:
+        base: dict[str, object] = {
+            "nlb_listeners": "0=http,tls,postgresql,rtmp,redis",
+            "nlb_sniff_timeout": 0.2,
+            "nlb_connect_timeout": 2.0,
+            "redis_url": "",
+        }
+        base.update(settings)
+        self.settings = NlbSettings(**base)  # type: ignore[arg-type]
+        self.registry = InstanceRegistry(heartbeat_timeout=30)
+        self.metrics = NlbMetrics()
+        self.plane = DataPlane(self.settings, self.registry, self.metrics)
+        self.backends: list[Backend] = []
+
+    @property
+    def port(self) -> int:
+        return self.plane.listener_addresses()[0][1]
+
+    async def backend(
+        self, name: str, protocols: tuple[int, ...], module: str = "", version: str = "1.0"
+    ) -> Backend:
+        b = await Backend(name).start()
+        self.backends.append(b)
+        self.registry.register(
+            module_id=module or name,
+            module_type=P.MODULE_TYPE_ALB,
+            protocols=protocols,
+            data_host="127.0.0.1",
+            data_port=b.port,
+            instance_id=name,
+            version=version,
+        )
+        return b
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+    async def close(self) -> None:
+        await self.plane.stop_accepting()
+        await self.plane.drain(asyncio.get_running_loop().time() + 2)
+        for b in self.backends:
+            await b.stop()
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[Stack]:
+    s = Stack()
+    await s.plane.start()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def exchange(port: int, payload: bytes, *, read_until: int = 1) -> tuple[bytes, tuple]:
+    """Send ``payload``, read until ``read_until`` '|' separators arrived; return (answer, our
+    local address)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    local = writer.get_extra_info("sockname")
+    try:
+        writer.write(payload)
+        await writer.drain()
+        data = b""
+        async with asyncio.timeout(10):
+            while data.count(b"|") < read_until + 1:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    break
+                data += chunk
+        return data, local
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+def client_hello(sni: str) -> bytes:
+    ctx = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=sni)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+def pg_startup(user: str, database: str) -> bytes:
+    body = struct.pack("!I", 196608) + f"user\0{user}\0database\0{database}\0\0".encode()
+    return struct.pack("!I", len(body) + 4) + body
+
+
+async def test_one_port_routes_http_tls_by_sni_postgres_and_rtmp(stack: Stack) -> None:
+    await stack.backend("web", (P.PROTOCOL_HTTP,))
+    await stack.backend("site-a", (P.PROTOCOL_TLS,))
+    await stack.backend("site-b", (P.PROTOCOL_TLS,))
+    await stack.backend("db", (P.PROTOCOL_POSTGRESQL,))
+    await stack.backend("video", (P.PROTOCOL_RTMP,))
+    errors = await stack.plane.apply_config(
+        {
+            "version": 1,
+            "routes": [
+                {"name": "a", "module": "site-a", "match_rules": {"host": "a.example"}},
+                {"name": "b", "module": "site-b", "match_rules": {"host": "*.b.example"}},
+            ],
+        }
+    )
+    assert errors == []
+    openings = {
+        "web": b"GET /x HTTP/1.1\r\nHost: web.example\r\n\r\n",
+        "site-a": client_hello("a.example"),
+        "site-b": client_hello("www.b.example"),
+        "db": pg_startup("postgres", "test"),
+        "video": b"\x03" + os.urandom(1536),
+    }
+    results = await asyncio.gather(*(exchange(stack.port, o) for o in openings.values()))
+    for (expected, opening), (answer, local) in zip(openings.items(), results, strict=True):
+        name, src, echoed = answer.split(b"|", 2)
+        assert name.decode() == expected
+        # the instance sees the real client address from the PROXY v2 header
+        assert src.decode() == f"{local[0]}:{local[1]}"
+        assert opening.startswith(echoed) or echoed.startswith(opening)
+    assert stack.metric("nlb_routed_connections_total", protocol="tls", module="site-b") == 1
+
+
+async def test_no_candidate_is_closed_and_counted(stack: Stack) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    async with asyncio.timeout(10):
+        assert await reader.read() == b""
+    writer.close()
+    assert stack.metric("nlb_routing_errors_total", protocol="http", error_type="no_module") == 1
+
+
+async def test_unknown_bytes_without_default_are_refused(stack: Stack) -> None:
+    await stack.backend("web", (P.PROTOCOL_HTTP,))
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.port)
+    writer.write(b"\x00\x01garbage that is no protocol")
+    async with asyncio.timeout(10):
+        assert await reader.read() == b""
+    writer.close()
+    assert (
+        stack.metric("nlb_routing_errors_total", protocol="unknown", error_type="unknown_protocol")
+        == 1
+    )
+
+
+async def test_dead_instance_is_skipped_before_any_byte_is_relayed(stack: Stack) -> None:
+    dead = await stack.backend("dead", (P.PROTOCOL_HTTP,), module="web")
+    await stack.backend("live", (P.PROTOCOL_HTTP,), module="web")
+    await dead.stop()  # like SIGKILL: still registered until its heartbeats time out
+    for _ in range(20):
+        answer, _ = await exchange(stack.port, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert answer.startswith(b"live|")
+    assert stack.plane.retried_connections >= 1
+
+
+async def test_draining_instance_gets_nothing_new_while_open_connections_finish(
+    stack: Stack,
+) -> None:
+    old = await stack.backend("old", (P.PROTOCOL_HTTP,), module="web")
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    async with asyncio.timeout(10):
+        first = await reader.readuntil(b"|")
+        await reader.readuntil(b"|")
+    assert first == b"old|"
+    await stack.backend("new", (P.PROTOCOL_HTTP,), module="web")
+    stack.registry.unregister("old", graceful=True)
+    for _ in range(10):
+        answer, _ = await exchange(stack.port, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert answer.startswith(b"new|")
+    writer.write(b"still here")  # the draining instance still serves its open connection
+    async with asyncio.timeout(10):
+        got = b""
+        while b"still here" not in got:
+            got += await reader.read(1024)
+    writer.close()
+    assert old.open <= 1
+
+
+async def test_ninety_ten_split_over_a_thousand_connections(stack: Stack) -> None:
+    await stack.backend("blue", (P.PROTOCOL_HTTP,), module="alb", version="1.0.0")
+    await stack.backend("green", (P.PROTOCOL_HTTP,), module="alb", version="1.1.0")
+    errors = await stack.plane.apply_config(
+        {
+            "version": 2,
+            "deployments": [
+                {"module": "alb", "version": "1.0.0", "traffic_weight": 90},
+                {"module": "alb", "version": "1.1.0", "traffic_weight": 10},
+            ],
+        }
+    )
+    assert errors == []
+    counts: Counter[str] = Counter()
+    sem = asyncio.Semaphore(32)
+
+    async def one() -> None:
+        async with sem:
+            answer, _ = await exchange(stack.port, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+            counts[answer.split(b"|")[0].decode()] += 1
+
+    await asyncio.gather(*(one() for _ in range(1000)))
+    assert sum(counts.values()) == 1000
+    assert abs(counts["green"] / 10 - 10) <= 3, counts
+    assert stack.metric("nlb_bluegreen_traffic_split", module="alb", version="1.1.0") == 10
+    status = stack.plane.status()["bluegreen_stats"]["active_deployments"][0]
+    assert status["green_version"] == "1.1.0"
+    assert status["traffic_split_percent"] == 10
+
+
+async def test_split_rolls_back_when_new_version_fails() -> None:
+    s = Stack()
+    s.plane.bluegreen.min_samples = 5
+    await s.plane.start()
+    try:
+        await s.backend("blue", (P.PROTOCOL_HTTP,), module="alb", version="1.0.0")
+        green = await s.backend("green", (P.PROTOCOL_HTTP,), module="alb", version="2.0.0")
+        await green.stop()  # every connection to the new version fails
+        await s.plane.apply_config(
+            {
+                "deployments": [
+                    {"module": "alb", "version": "1.0.0", "traffic_weight": 50},
+                    {"module": "alb", "version": "2.0.0", "traffic_weight": 50},
+                ]
+            }
+        )
+        for _ in range(30):
+            answer, _ = await exchange(s.port, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+            assert answer.startswith(b"blue|")
+        [dep] = s.plane.status()["bluegreen_stats"]["active_deployments"]
+        assert dep["status"] == "rolled_back"
+        assert dep["weights"] == {"1.0.0": 100, "2.0.0": 0}
+    finally:
+        await s.close()
+
+
+async def test_listener_rate_limit_denies_with_metrics() -> None:
+    s = Stack()
+    await s.plane.start()
+    try:
+        await s.backend("web", (P.PROTOCOL_HTTP,))
+        port = s.port
+        await s.plane.apply_config(
+            {
+                "rate_limits": [
+                    {"target": f"listener:{port}", "requests_per_second": 0.01, "burst": 3}
+                ]
+            }
+        )
+        outcomes = []
+        for _ in range(5):
+            answer, _ = await exchange(port, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+            outcomes.append(answer.startswith(b"web|"))
+        assert outcomes == [True, True, True, False, False]
+        assert s.metric("nlb_ratelimit_denied_total", bucket=f"listener:{port}") == 2
+        assert s.metric("nlb_ratelimit_allowed_total", bucket=f"listener:{port}") == 3
+        bucket = s.plane.status()["ratelimit_stats"]["buckets"][f"listener:{port}"]
+        assert bucket["denied_total"] == 2
+    finally:
+        await s.close()
+
+
+@pytest.mark.integration
+async def test_cluster_rate_limit_is_shared_by_two_nlbs_through_redis() -> None:
+    # a unique key prefix keeps parallel runs apart in the machine's shared Redis
+    shared = {
+        "redis_url": "redis://127.0.0.1:6379/0",
+        "nlb_ratelimit_prefix": f"mp-test:{uuid.uuid4().hex}:",
+    }
+    a, b = Stack(**shared), Stack(**shared)
+    for s in (a, b):
+        await s.plane.start()
+    try:
+        for s in (a, b):
+            await s.backend("web", (P.PROTOCOL_HTTP,))
+            await s.plane.apply_config(
+                {
+                    "rate_limits": [
+                        {"target": "global", "requests_per_second": 0.01, "burst": 4,
+                         "scope": "cluster"}
+                    ]
+                }
+            )  # fmt: skip
+        passed = 0
+        for s in (a, b, a, b, a, b):
+            answer, _ = await exchange(s.port, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+            passed += answer.startswith(b"web|")
+        assert passed == 4
+        denied = a.metric("nlb_ratelimit_denied_total", bucket="global") + b.metric(
+            "nlb_ratelimit_denied_total", bucket="global"
+        )
+        assert denied == 2
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_bulk_transfer_is_byte_exact_both_ways(stack: Stack) -> None:
+    await stack.backend("bulk", (P.PROTOCOL_HTTP,))
+    size = 100 * 1024 * 1024
+    block = os.urandom(1 << 20)
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.port)
+    opening = b"POST /upload HTTP/1.1\r\nHost: h\r\n\r\n"
+    sent_hash, got_hash = hashlib.sha256(), hashlib.sha256()
+
+    async def send() -> None:
+        writer.write(opening)
+        sent_hash.update(opening)
+        remaining = size
+        while remaining:
+            chunk = block[: min(len(block), remaining)]
+            writer.write(chunk)
+            sent_hash.update(chunk)
+            remaining -= len(chunk)
+            await writer.drain()
+        writer.write_eof()
+
+    prefix = b""
+
+    async def receive() -> int:
+        nonlocal prefix
+        prefix = await reader.readuntil(b"|")
+        prefix += await reader.readuntil(b"|")
+        assert prefix.startswith(b"bulk|")
+        total = 0
+        while chunk := await reader.read(1 << 18):
+            got_hash.update(chunk)
+            total += len(chunk)
+        return total
+
+    async with asyncio.timeout(120):
+        _, received = await asyncio.gather(send(), receive())
+    writer.close()
+    assert received == size + len(opening)
+    assert got_hash.hexdigest() == sent_hash.hexdigest()
+    async with asyncio.timeout(10):
+        while stack.plane.status()["client_pool_stats"]["active_connections"]:
+            await asyncio.sleep(0.02)
+    assert stack.metric("nlb_bytes_total", direction="up") == size + len(opening)
+    assert stack.metric("nlb_bytes_total", direction="down") == size + len(opening) + len(prefix)
+
+
+async def test_data_path_rpcs_answer_from_routing_state(stack: Stack) -> None:
+    await stack.backend("pg-main", (P.PROTOCOL_POSTGRESQL,), module="dblb")
+    await stack.backend("pg-reports", (P.PROTOCOL_POSTGRESQL,), module="dblb-reports")
+    update = await stack.plane.update_routing(
+        nlb_pb2.UpdateRoutingRequest(
+            routes=[
+                types_pb2.Route(
+                    name="reports",
+                    module_id="dblb-reports",
+                    priority=10,
+                    enabled=True,
+                    match={"database": "rep"},
+                )
+            ]
+        )
+    )
+    assert update.success
+    routed = await stack.plane.route_request(
+        nlb_pb2.RouteRequestRequest(
+            protocol=P.PROTOCOL_POSTGRESQL, client_ip="127.0.0.1", attributes={"database": "rep"}
+        )
+    )
+    assert routed.success
+    assert routed.instance.instance_id == "pg-reports"
+    assert routed.route_id == "reports"
+    answer, _ = await exchange(stack.port, pg_startup("u", "rep"))
+    assert answer.startswith(b"pg-reports|")
+    table = await stack.plane.get_routing_table(nlb_pb2.GetRoutingTableRequest())
+    [entry] = table.entries
+    assert entry.connections_routed == 1
+    assert list(entry.target_instance_ids) == ["pg-reports"]
+    invalid = await stack.plane.validate_route(
+        nlb_pb2.ValidateRouteRequest(route=types_pb2.Route(name="x", module_id="nope"))
+    )
+    assert not invalid.valid
+    bad = await stack.plane.update_routing(
+        nlb_pb2.UpdateRoutingRequest(routes=[types_pb2.Route(name="", module_id="dblb")])
+    )
+    assert not bad.success
+    dist = await stack.plane.get_load_distribution(nlb_pb2.GetLoadDistributionRequest())
+    assert {i.instance_id for i in dist.instances} == {"pg-main", "pg-reports"}
+
+
+async def test_invalid_snapshot_is_rejected_whole(stack: Stack) -> None:
+    await stack.plane.apply_config(
+        {"rate_limits": [{"target": "global", "requests_per_second": 5, "burst": 5}]}
+    )
+    errors = await stack.plane.apply_config(
+        {
+            "listeners": [{"name": "bad", "port": 70000, "protocols": ["http"]}],
+            "rate_limits": [{"target": "", "requests_per_second": -1}],
+            "deployments": [{"module": "alb", "version": "1", "traffic_weight": 500}],
+        }
+    )
+    assert len(errors) == 3
+    assert [r.target for r in stack.plane.limits.rules] == ["global"]
+
+
+async def test_udp_listener_relays_datagrams_per_client() -> None:
+    s = Stack(nlb_listeners="0/udp=udp")
+    await s.plane.start()
+    loop = asyncio.get_running_loop()
+
+    class Echo(asyncio.DatagramProtocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.t = transport
+
+        def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+            self.t.sendto(b"echo:" + data, addr)  # type: ignore[attr-defined]
+
+    backend, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+
+    class Client(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+            got.put_nowait(data)
+
+    client = None
+    try:
+        s.registry.register(
+            module_id="dns",
+            module_type=P.MODULE_TYPE_L3_NETWORK,
+            protocols=(P.PROTOCOL_UDP,),
+            data_host="127.0.0.1",
+            data_port=backend.get_extra_info("sockname")[1],
+            instance_id="dns-1",
+        )
+        port = s.plane.listener_addresses()[0][1]
+        client, _ = await loop.create_datagram_endpoint(Client, remote_addr=("127.0.0.1", port))
+        for i in range(3):
+            client.sendto(f"q{i}".encode())
+        async with asyncio.timeout(10):
+            answers = {await got.get() for _ in range(3)}
+        assert answers == {b"echo:q0", b"echo:q1", b"echo:q2"}
+        assert s.registry.get("dns-1").routed_total == 1  # type: ignore[union-attr]
+    finally:
+        if client is not None:
+            client.close()
+        backend.close()
+        await s.close()
+
+
+async def test_server_first_protocol_goes_to_its_own_address_of_the_instance() -> None:
+    """MySQL (the server speaks first) is routed by the listener's default protocol, to the
+    MySQL listener a DBLB registered next to its PostgreSQL data port."""
+    s = Stack(nlb_listeners="0=postgresql,mysql", nlb_sniff_timeout=0.05)
+    await s.plane.start()
+    try:
+        pg = await Backend("pg").start()
+        mysql = await Backend("mysql").start()
+        s.backends += [pg, mysql]
+        s.registry.register(
+            module_id="dblb",
+            module_type=P.MODULE_TYPE_DBLB,
+            protocols=(P.PROTOCOL_POSTGRESQL, P.PROTOCOL_MYSQL),
+            data_host="127.0.0.1",
+            data_port=pg.port,
+            instance_id="dblb-1",
+            addresses={P.PROTOCOL_MYSQL: ("127.0.0.1", mysql.port)},
+        )
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+        async with asyncio.timeout(10):  # we send nothing, like a MySQL client
+            assert await reader.readuntil(b"|") == b"mysql|"
+        writer.close()
+        answer, _ = await exchange(s.port, pg_startup("postgres", "test"))
+        assert answer.startswith(b"pg|")
+    finally:
+        await s.close()
