@@ -1,0 +1,135 @@
+"""/, /healthz, /readyz, /metrics, system health, OpenAPI and Swagger UI."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import func, select, text
+
+from marchproxy_api.db.models import Module
+from marchproxy_api.endpoints import Ctx, Endpoint
+from marchproxy_api.errors import ApiError
+from marchproxy_api.handlers.common import read_session
+from marchproxy_api.keys import metrics_key, publisher_key
+from marchproxy_api.openapi import SWAGGER_HTML
+from marchproxy_api.repos import state as state_repo
+
+API_VERSION = "0.1.0"
+openapi_key = web.AppKey("openapi", dict)
+
+
+async def root(ctx: Ctx) -> dict[str, Any]:
+    return {
+        "name": "MarchProxy API",
+        "version": API_VERSION,
+        "docs": "/api/docs",
+        "openapi": "/api/openapi.json",
+        "health": "/healthz",
+    }
+
+
+async def healthz(ctx: Ctx) -> dict[str, Any]:
+    return {"status": "ok"}
+
+
+async def _db_ok(ctx: Ctx) -> tuple[bool, int]:
+    try:
+        async with read_session(ctx) as session:
+            await session.execute(text("SELECT 1"))
+            return True, await state_repo.current_version(session)
+    except Exception:
+        return False, 0
+
+
+async def readyz(ctx: Ctx) -> dict[str, Any]:
+    ok, version = await _db_ok(ctx)
+    if not ok:
+        raise ApiError(503, "not_ready", "database unavailable")
+    return {"status": "ready", "config_version": version}
+
+
+async def metrics(ctx: Ctx) -> web.StreamResponse:
+    body = generate_latest(ctx.app[metrics_key].registry)
+    resp = web.Response(body=body)
+    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return resp
+
+
+async def system_health(ctx: Ctx) -> dict[str, Any]:
+    publisher = ctx.app[publisher_key]
+    db_ok, version = await _db_ok(ctx)
+    modules: dict[str, int] = {}
+    if db_ok:
+        async with read_session(ctx) as session:
+            rows = await session.execute(
+                select(Module.status, func.count()).group_by(Module.status)
+            )
+            modules = {status: int(n) for status, n in rows.tuples()}
+    redis_ok = await publisher.ping()
+    status = (
+        "healthy" if db_ok and (redis_ok or publisher.redis_state == "disabled") else "degraded"
+    )
+    return {
+        "status": status,
+        "version": API_VERSION,
+        "database": "up" if db_ok else "down",
+        "redis": "up" if redis_ok else publisher.redis_state,
+        "config_version": version,
+        "publish_pending": publisher.pending,
+        "modules_by_status": modules,
+    }
+
+
+async def openapi_json(ctx: Ctx) -> dict[str, Any]:
+    return ctx.app[openapi_key]
+
+
+async def docs(ctx: Ctx) -> web.StreamResponse:
+    return web.Response(text=SWAGGER_HTML, content_type="text/html")
+
+
+ENDPOINTS = [
+    Endpoint("GET", "/", root, "API information", "system", auth="public"),
+    Endpoint("GET", "/healthz", healthz, "Liveness", "system", auth="public", etag=False),
+    Endpoint(
+        "GET",
+        "/readyz",
+        readyz,
+        "Readiness (database reachable)",
+        "system",
+        auth="public",
+        etag=False,
+    ),
+    Endpoint(
+        "GET",
+        "/metrics",
+        metrics,
+        "Prometheus metrics",
+        "system",
+        auth="public",
+        raw_response="text/plain",
+        etag=False,
+    ),
+    Endpoint(
+        "GET",
+        "/api/v1/system/health",
+        system_health,
+        "System health (seed 004)",
+        "system",
+        auth="public",
+        etag=False,
+    ),
+    Endpoint("GET", "/api/openapi.json", openapi_json, "This document", "system", auth="public"),
+    Endpoint(
+        "GET",
+        "/api/docs",
+        docs,
+        "Swagger UI",
+        "system",
+        auth="public",
+        raw_response="text/html",
+        etag=False,
+    ),
+]

@@ -1,0 +1,26 @@
+"""Typed application keys (aiohttp ``web.AppKey``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from marchproxy_api.config import ApiSettings
+from marchproxy_api.grpc_clients import ModuleClientManager
+from marchproxy_api.metrics import ApiMetrics
+from marchproxy_api.publisher import StatePublisher
+from marchproxy_api.security import LoginLimiter
+
+if TYPE_CHECKING:
+    from marchproxy_api.txn import CompiledCache
+
+settings_key = web.AppKey("settings", ApiSettings)
+engine_key = web.AppKey("engine", AsyncEngine)
+sessionmaker_key: web.AppKey[async_sessionmaker[AsyncSession]] = web.AppKey("sessionmaker")
+publisher_key = web.AppKey("publisher", StatePublisher)
+grpc_clients_key = web.AppKey("grpc_clients", ModuleClientManager)
+metrics_key = web.AppKey("metrics", ApiMetrics)
+login_limiter_key = web.AppKey("login_limiter", LoginLimiter)
+compiled_cache_key: web.AppKey[CompiledCache] = web.AppKey("compiled_cache")

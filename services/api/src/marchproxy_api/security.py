@@ -1,0 +1,132 @@
+"""Passwords (argon2), JWT access/refresh tokens (pyjwt), roles and the login rate limit."""
+
+from __future__ import annotations
+
+import hmac
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import jwt
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+JWT_ALGORITHM = "HS256"
+JWT_LEEWAY_SECONDS = 5
+_hasher = PasswordHasher()
+#: verified against when the user does not exist, so timing does not reveal usernames
+_DUMMY_HASH = _hasher.hash("marchproxy-no-such-user")
+
+
+class Role(IntEnum):
+    """Ordered: a higher role may do everything a lower one may."""
+
+    viewer = 1
+    operator = 2
+    admin = 3
+
+
+class AuthError(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    name: str
+    role: Role
+    user_id: int | None = None
+    is_cluster: bool = False
+
+
+CLUSTER_PRINCIPAL = Principal(name="cluster", role=Role.viewer, is_cluster=True)
+
+
+def hash_password(password: str) -> str:
+    return _hasher.hash(password)
+
+
+def verify_password(password_hash: str | None, password: str) -> bool:
+    try:
+        return _hasher.verify(password_hash or _DUMMY_HASH, password) and password_hash is not None
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def keys_equal(given: str, expected: str) -> bool:
+    return bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def issue_token(
+    secret: str, *, user_id: int, username: str, role: str, kind: str, ttl_seconds: float
+) -> str:
+    now = int(time.time())
+    claims = {
+        "sub": str(user_id),
+        "name": username,
+        "role": role,
+        "typ": kind,
+        "iat": now,
+        "exp": now + int(ttl_seconds),
+        "jti": uuid.uuid4().hex,
+    }
+    return jwt.encode(claims, secret, algorithm=JWT_ALGORITHM)
+
+
+def decode_token(secret: str, token: str, kind: str) -> dict[str, Any]:
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            secret,
+            algorithms=[JWT_ALGORITHM],
+            leeway=JWT_LEEWAY_SECONDS,
+            options={"require": ["exp", "sub", "typ", "role"]},
+        )
+    except jwt.ExpiredSignatureError:
+        raise AuthError("token expired") from None
+    except jwt.InvalidTokenError:
+        raise AuthError("invalid token") from None
+    if claims.get("typ") != kind:
+        raise AuthError(f"not a {kind} token")
+    if claims.get("role") not in Role.__members__:
+        raise AuthError("invalid token role")
+    return claims
+
+
+@dataclass
+class LoginLimiter:
+    """Fixed-window count of failed logins per key (username + client address)."""
+
+    max_failures: int
+    window: float
+    clock: Callable[[], float] = time.monotonic
+    max_keys: int = 100_000
+    _fails: dict[str, tuple[float, int]] = field(default_factory=dict)
+
+    def retry_after(self, key: str) -> float:
+        """Seconds until ``key`` may try again, 0 when allowed now."""
+        entry = self._fails.get(key)
+        if entry is None:
+            return 0.0
+        start, count = entry
+        left = start + self.window - self.clock()
+        if left <= 0:
+            del self._fails[key]
+            return 0.0
+        return left if count >= self.max_failures else 0.0
+
+    def failed(self, key: str) -> None:
+        now = self.clock()
+        start, count = self._fails.get(key, (now, 0))
+        if now - start >= self.window:
+            start, count = now, 0
+        if len(self._fails) >= self.max_keys and key not in self._fails:
+            self._fails.clear()
+        self._fails[key] = (start, count + 1)
+
+    def succeeded(self, key: str) -> None:
+        self._fails.pop(key, None)
