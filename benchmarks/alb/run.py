@@ -1,0 +1,224 @@
+"""wrk keep-alive req/s and p99 through the ALB vs nginx proxy_pass (1 worker) and HAProxy
+mode http (1 thread), all in front of the same nginx static-file backend.
+
+    uv run --frozen python benchmarks/alb/run.py [--duration 4] [--rounds 3] [--connections 50]
+        [--loop asyncio|uvloop]
+
+Never run in CI. Prints one line per proxy and the ratios ALB/nginx and ALB/HAProxy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {port} did not open")
+
+
+NGINX_COMMON = """
+worker_processes 1;
+daemon off;
+error_log {d}/error-{name}.log warn;
+pid {d}/nginx-{name}.pid;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body-{name};
+  proxy_temp_path {d}/proxy-{name};
+  fastcgi_temp_path {d}/fcgi-{name};
+  uwsgi_temp_path {d}/uwsgi-{name};
+  scgi_temp_path {d}/scgi-{name};
+  keepalive_requests 1000000;
+  {body}
+}}
+"""
+
+BACKEND = """server {{ listen 127.0.0.1:{port}; root {d}/www; location / {{ }} }}"""
+
+NGINX_PROXY = """
+  upstream be {{ server 127.0.0.1:{backend}; keepalive 64; }}
+  server {{ listen 127.0.0.1:{port};
+    location / {{ proxy_pass http://be; proxy_http_version 1.1;
+                 proxy_set_header Connection ""; }} }}
+"""
+
+HAPROXY = """
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+frontend fe
+  bind 127.0.0.1:{port}
+  default_backend be
+backend be
+  http-reuse always
+  server s1 127.0.0.1:{backend}
+"""
+
+
+def start(argv: list[str], env: dict[str, str] | None = None, log: Path | None = None):
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
+    return subprocess.Popen(
+        argv,
+        env={**os.environ, **(env or {})},
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def wrk(url: str, duration: int, connections: int) -> tuple[float, float, str]:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url],
+        capture_output=True,
+        text=True,
+        timeout=duration + 30,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    m = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    assert m, out
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+    return rps, float(m.group(1)) * scale, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--connections", type=int, default=50)
+    ap.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop"])
+    args = ap.parse_args()
+    for tool in ("nginx", "haproxy", "wrk"):
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+            sys.exit(f"{tool} not found")
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    d = Path(tempfile.mkdtemp(prefix="alb-bench-"))
+    (d / "www").mkdir()
+    (d / "www" / "index.html").write_text("hello from the backend\n" * 4)
+    backend, p_nginx, p_haproxy, p_alb = free_port(), free_port(), free_port(), free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        conf = d / "backend.conf"
+        conf.write_text(NGINX_COMMON.format(d=d, name="be", body=BACKEND.format(port=backend, d=d)))
+        procs.append(start([nginx, "-c", str(conf), "-p", str(d)], log=d / "nginx-be.out.log"))
+        conf = d / "proxy.conf"
+        conf.write_text(
+            NGINX_COMMON.format(
+                d=d, name="px", body=NGINX_PROXY.format(port=p_nginx, backend=backend)
+            )
+        )
+        procs.append(start([nginx, "-c", str(conf), "-p", str(d)], log=d / "nginx-px.out.log"))
+        conf = d / "haproxy.cfg"
+        conf.write_text(HAPROXY.format(port=p_haproxy, backend=backend))
+        procs.append(start([haproxy, "-db", "-f", str(conf)], log=d / "haproxy.log"))
+        cfg = d / "alb.yaml"
+        cfg.write_text(
+            yaml.safe_dump(
+                {
+                    "version": 1,
+                    "routes": [
+                        {
+                            "name": "bench",
+                            "match_rules": {},
+                            "backend_config": {"target": f"http://127.0.0.1:{backend}"},
+                        }
+                    ],
+                }
+            )
+        )
+        procs.append(
+            start(
+                [sys.executable, "-m", "marchproxy_alb", "--config", str(cfg)],
+                {
+                    "DATA_PORT": str(p_alb),
+                    "REGISTER_WITH_NLB": "false",
+                    "ALB_ACCESS_LOG": "false",
+                    "LOG_LEVEL": "WARNING",
+                    "MARCHPROXY_LOOP": args.loop,
+                },
+                d / "alb.log",
+            )
+        )
+        for p in (backend, p_nginx, p_haproxy, p_alb):
+            try:
+                wait_port(p)
+            except RuntimeError:
+                print("port", p, "backend/nginx/haproxy/alb:", backend, p_nginx, p_haproxy, p_alb)
+                for f in d.glob("*.log"):
+                    print(f, f.read_text()[-2000:], file=sys.stderr)
+                raise
+        targets = {"nginx": p_nginx, "haproxy": p_haproxy, "alb": p_alb}
+        for port in (backend, *targets.values()):
+            wrk(f"http://127.0.0.1:{port}/index.html", 1, args.connections)  # warm-up
+        rps, p99, _ = wrk(f"http://127.0.0.1:{backend}/index.html", args.duration, args.connections)
+        print(f"{'backend':8s} {rps:10.0f} req/s   p99 {p99:8.2f} ms (direct, for reference)")
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in targets}
+        # interleaved rounds, medians: this machine is shared, so single runs are noisy
+        for _ in range(args.rounds):
+            for name, port in targets.items():
+                url = f"http://127.0.0.1:{port}/index.html"
+                runs[name].append(wrk(url, args.duration, args.connections)[:2])
+        results = {}
+        for name, rs in runs.items():
+            rps = statistics.median(r[0] for r in rs)
+            p99 = statistics.median(r[1] for r in rs)
+            results[name] = (rps, p99)
+            each = ", ".join(f"{r[0]:.0f}" for r in rs)
+            print(f"{name:8s} {rps:10.0f} req/s   p99 {p99:8.2f} ms   (runs: {each})", flush=True)
+        alb_rps, alb_p99 = results["alb"]
+        for peer in ("nginx", "haproxy"):
+            rps, p99 = results[peer]
+            print(
+                f"alb/{peer}: req/s x{alb_rps / rps:.2f}   p99 x{alb_p99 / p99:.2f}"
+                f"   (goal vs nginx: >= 0.5x req/s, <= 2x p99)"
+            )
+        print(f"load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

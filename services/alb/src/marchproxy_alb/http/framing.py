@@ -1,0 +1,392 @@
+"""HTTP/1.1 message framing for the proxy: pure functions, no I/O (RFC 9110 / RFC 9112).
+
+httptools (llhttp) parses; this module decides what we *send*: the request head towards the
+upstream (hop-by-hop headers removed, forwarding headers added), the response head towards the
+client, chunk encoding, and the small JSON error responses.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+Headers = list[tuple[bytes, bytes]]
+
+#: RFC 9110 §7.6.1 plus the de-facto ones (Keep-Alive, Proxy-Connection)
+HOP_BY_HOP: frozenset[bytes] = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+#: RFC 9110 §9.2.2
+IDEMPOTENT_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+VIA_TOKEN = b"1.1 marchproxy-alb"
+
+#: request headers the proxy sets itself (Expect is answered by the ALB, RFC 9110 §10.1.1)
+_REPLACED = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id", b"expect"})
+
+REASONS: dict[int, bytes] = {
+    100: b"Continue",
+    400: b"Bad Request",
+    404: b"Not Found",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+
+class FramingError(Exception):
+    """A message we cannot forward; ``status`` is what to answer the client."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: str
+    target: bytes
+    version: str  # "1.0" | "1.1"
+    headers: Headers
+    keep_alive: bool
+    upgrade: bool
+    chunked: bool
+    content_length: int | None
+
+    def header(self, name: bytes) -> bytes | None:
+        for k, v in self.headers:
+            if k.lower() == name:
+                return v
+        return None
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    status: int
+    reason: bytes
+    version: str
+    headers: Headers
+    keep_alive: bool
+    chunked: bool
+    content_length: int | None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardInfo:
+    client_ip: str
+    proto: str  # "http" | "https"
+    request_id: bytes
+
+
+def connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> set[bytes]:
+    """Header names listed in Connection (RFC 9110 §7.6.1), lower-cased."""
+    out: set[bytes] = set()
+    for k, v in headers:
+        if k.lower() == b"connection":
+            out.update(t.strip().lower() for t in v.split(b",") if t.strip())
+    return out
+
+
+def strip_hop_by_hop(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
+    drop = HOP_BY_HOP | connection_tokens(headers)
+    return [(k, v) for k, v in headers if k.lower() not in drop]
+
+
+def framing_of(headers: Sequence[tuple[bytes, bytes]]) -> tuple[bool, int | None]:
+    """(chunked, content_length) as declared; raises FramingError on conflicts (RFC 9112 §6.3)."""
+    chunked = False
+    length: int | None = None
+    for k, v in headers:
+        lk = k.lower()
+        if lk == b"transfer-encoding":
+            codings = [c.strip().lower() for c in v.split(b",") if c.strip()]
+            if codings and codings[-1] == b"chunked":
+                chunked = True
+            elif codings:
+                raise FramingError(501, "unsupported transfer-encoding")
+        elif lk == b"content-length":
+            vs = v.strip()
+            if not vs.isdigit() or len(vs) > 18:
+                raise FramingError(400, "invalid content-length")
+            n = int(vs)
+            if length is not None and length != n:
+                raise FramingError(400, "conflicting content-length")
+            length = n
+    if chunked and length is not None:
+        # request smuggling vector (RFC 9112 §6.1): refuse instead of guessing
+        raise FramingError(400, "both transfer-encoding and content-length")
+    return chunked, length
+
+
+#: request headers handled specially while copying (dropped, merged or replaced)
+_REQ_SPECIAL = HOP_BY_HOP | _REPLACED | {b"x-forwarded-for", b"forwarded", b"via", b"host"}
+#: Connection tokens that name headers we drop anyway
+_STD_CONNECTION_TOKENS = frozenset({b"keep-alive", b"close", b"upgrade", b"te", b""})
+
+
+def _extra_connection_tokens(value: bytes, into: set[bytes] | None) -> set[bytes] | None:
+    for t in value.split(b","):
+        t = t.strip().lower()
+        if t not in _STD_CONNECTION_TOKENS:
+            if into is None:
+                into = set()
+            into.add(t)
+    return into
+
+
+def _forwarding_lines(
+    fwd: ForwardInfo,
+    host: bytes,
+    xff: bytes | None,
+    fwd_prior: bytes | None,
+    via_prior: bytes | None,
+) -> list[bytes]:
+    """X-Forwarded-*, Forwarded (RFC 7239), Via and X-Request-ID, appended to prior values."""
+    lines: list[bytes] = []
+    client = fwd.client_ip.encode()
+    proto = fwd.proto.encode()
+    lines.append(b"X-Forwarded-For: " + (client if xff is None else xff + b", " + client))
+    lines.append(b"X-Forwarded-Proto: " + proto)
+    if host:
+        lines.append(b"X-Forwarded-Host: " + host)
+    node = b'"[' + client + b']"' if b":" in client else client
+    elem = b"for=" + node + b";proto=" + proto
+    if host:
+        if _is_token(host):
+            elem += b";host=" + host
+        else:
+            elem += b';host="' + host.replace(b'"', b"") + b'"'
+    lines.append(b"Forwarded: " + (elem if fwd_prior is None else fwd_prior + b", " + elem))
+    lines.append(b"Via: " + (VIA_TOKEN if via_prior is None else via_prior + b", " + VIA_TOKEN))
+    lines.append(b"X-Request-ID: " + fwd.request_id)
+    return lines
+
+
+def build_request_head(
+    req: RequestHead,
+    fwd: ForwardInfo,
+    *,
+    host_override: bytes | None = None,
+) -> bytes:
+    """The request head to send upstream (always HTTP/1.1, keep-alive unless upgrading).
+
+    One pass over the headers (this runs for every request): hop-by-hop headers and those
+    named in Connection are dropped, forwarding headers merged, the rest copied in order."""
+    lines: list[bytes] = [req.method.encode() + b" " + req.target + b" HTTP/1.1"]
+    names: list[bytes] = [b""]
+    if host_override is not None:
+        lines.append(b"Host: " + host_override)
+        names.append(b"host")
+    host = b""
+    xff: bytes | None = None
+    fwd_prior: bytes | None = None
+    via_prior: bytes | None = None
+    upgrade = b""
+    extra: set[bytes] | None = None
+    for k, v in req.headers:
+        lk = k.lower()
+        if lk not in _REQ_SPECIAL:
+            lines.append(k + b": " + v)
+            names.append(lk)
+        elif lk == b"host":
+            host = v
+            if host_override is None:
+                lines.append(k + b": " + v)
+                names.append(lk)
+        elif lk == b"x-forwarded-for":
+            xff = v if xff is None else xff + b", " + v
+        elif lk == b"forwarded":
+            fwd_prior = v if fwd_prior is None else fwd_prior + b", " + v
+        elif lk == b"via":
+            via_prior = v if via_prior is None else via_prior + b", " + v
+        elif lk == b"connection":
+            extra = _extra_connection_tokens(v, extra)
+        elif lk == b"upgrade" and not upgrade:
+            upgrade = v
+    if extra:
+        lines = [ln for ln, n in zip(lines, names, strict=True) if n not in extra]
+    lines.extend(_forwarding_lines(fwd, host, xff, fwd_prior, via_prior))
+    if req.upgrade:
+        lines.append(b"Connection: Upgrade")
+        lines.append(b"Upgrade: " + upgrade)
+    if req.chunked:
+        lines.append(b"Transfer-Encoding: chunked")
+    # Content-Length is end-to-end and was copied with the other headers
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines)
+
+
+def _is_token(value: bytes) -> bool:
+    return all(c in _TOKEN_CHARS for c in value)
+
+
+_TOKEN_CHARS = frozenset(
+    b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:"
+)
+
+
+def response_has_body(status: int, method: str) -> bool:
+    """RFC 9112 §6.3 rules 1-2."""
+    return not (method == "HEAD" or status in (204, 304) or 100 <= status < 200)
+
+
+def build_response_head(
+    resp: ResponseHead,
+    *,
+    method: str,
+    client_version: str,
+    keep_alive: bool,
+    request_id: bytes,
+    extra: Sequence[tuple[bytes, bytes]] = (),
+) -> tuple[bytes, str]:
+    """The response head for the client and its body framing: "length", "chunked", "close",
+    "none" or "tunnel". The caller closes the client connection for "close"."""
+    if resp.status == 101:
+        headers = [(k, v) for k, v in resp.headers if k.lower() not in (b"connection", b"upgrade")]
+        up = next((v for k, v in resp.headers if k.lower() == b"upgrade"), b"")
+        headers += [(b"Connection", b"Upgrade"), (b"Upgrade", up)]
+        headers.append((b"Via", VIA_TOKEN))
+        return _serialize(b"HTTP/1.1 101 " + (resp.reason or b"Switching Protocols"), headers), (
+            "tunnel"
+        )
+    lines: list[bytes] = [
+        b"HTTP/1.1 %d %s" % (resp.status, resp.reason or REASONS.get(resp.status, b"Unknown"))
+    ]
+    names: list[bytes] = [b""]
+    via_prior: bytes | None = None
+    extra_tokens: set[bytes] | None = None
+    for k, v in resp.headers:
+        lk = k.lower()
+        if lk not in _RESP_SPECIAL:
+            lines.append(k + b": " + v)
+            names.append(lk)
+        elif lk == b"via":
+            via_prior = v if via_prior is None else via_prior + b", " + v
+        elif lk == b"connection":
+            extra_tokens = _extra_connection_tokens(v, extra_tokens)
+    if extra_tokens:
+        lines = [ln for ln, n in zip(lines, names, strict=True) if n not in extra_tokens]
+    lines.append(b"Via: " + (via_prior + b", " + VIA_TOKEN if via_prior else VIA_TOKEN))
+    lines.append(b"X-Request-ID: " + request_id)
+    for k, v in extra:
+        lines.append(k + b": " + v)
+    if not response_has_body(resp.status, method):
+        framing = "none"
+    elif resp.content_length is not None and not resp.chunked:
+        framing = "length"
+    elif client_version == "1.1":
+        framing = "chunked"
+        lines.append(b"Transfer-Encoding: chunked")
+    else:
+        framing = "close"
+        keep_alive = False
+    if not keep_alive:
+        lines.append(b"Connection: close")
+    elif client_version == "1.0":
+        lines.append(b"Connection: keep-alive")
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines), framing
+
+
+#: response headers handled specially while copying
+_RESP_SPECIAL = HOP_BY_HOP | {b"via", b"x-request-id"}
+
+
+def _serialize(start_line: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    parts = [start_line]
+    for k, v in headers:
+        parts.append(k + b": " + v)
+    parts.append(b"\r\n")
+    return b"\r\n".join(parts)
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """One chunk (RFC 9112 §7.1); empty data is not a chunk (that would end the body)."""
+    if not data:
+        return b""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    keep_alive: bool = False,
+    extra: Sequence[tuple[bytes, bytes]] = (),
+    request_id: bytes | None = None,
+) -> bytes:
+    """A small JSON error in the project's error shape (seed 002)."""
+    body = json.dumps({"error": code, "message": message, "details": {}}).encode()
+    headers: Headers = [
+        (b"Content-Type", b"application/json"),
+        (b"Content-Length", str(len(body)).encode()),
+        (b"Via", VIA_TOKEN),
+    ]
+    if request_id:
+        headers.append((b"X-Request-ID", request_id))
+    headers.extend(extra)
+    if not keep_alive:
+        headers.append((b"Connection", b"close"))
+    line = b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b"Error"))
+    return _serialize(line, headers) + body
+
+
+def absolute_form(target: bytes) -> tuple[bytes, bytes] | None:
+    """(authority, origin-form target) for an absolute-form request target (RFC 9112 §3.2.2),
+    else None."""
+    low = target[:8].lower()
+    if not (low.startswith(b"http://") or low.startswith(b"https://")):
+        return None
+    rest = target.split(b"://", 1)[1]
+    end = len(rest)
+    for sep in (b"/", b"?"):
+        i = rest.find(sep)
+        if 0 <= i < end:
+            end = i
+    authority, tail = rest[:end], rest[end:]
+    if b"@" in authority:
+        authority = authority.rsplit(b"@", 1)[1]  # userinfo is deprecated and never forwarded
+    if not tail.startswith(b"/"):
+        tail = b"/" + tail
+    return authority, tail
+
+
+def split_target(target: bytes) -> tuple[str, str]:
+    """(path, query) from a request target in origin or absolute form."""
+    t = target.decode("latin-1")
+    if t.startswith(("http://", "https://")):
+        rest = t.split("://", 1)[1]
+        slash = rest.find("/")
+        t = rest[slash:] if slash >= 0 else "/"
+    path, _, query = t.partition("?")
+    return path or "/", query

@@ -1,0 +1,402 @@
+"""The client side of the proxy: one asyncio Protocol per upstream TCP connection, parsed with
+httptools' response parser, and a keep-alive pool of idle connections per target."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import Callable
+from typing import cast
+
+import httptools
+import structlog
+
+from marchproxy_alb.http.flow import BodyChannel, WriteFlow
+from marchproxy_alb.http.framing import FramingError, ResponseHead, framing_of
+from marchproxy_alb.routing import Target
+
+log = structlog.get_logger("marchproxy.alb.upstream")
+
+MAX_RESPONSE_HEADER_BYTES = 64 * 1024
+MAX_RESPONSE_HEADERS = 200
+DEFAULT_MAX_IDLE_PER_TARGET = 64
+DEFAULT_POOL_IDLE_TIMEOUT = 60.0
+UPSTREAM_WRITE_HIGH_WATER = 256 * 1024
+
+
+class UpstreamError(Exception):
+    """The upstream failed an exchange. ``before_response`` says no response byte was seen."""
+
+    def __init__(self, message: str, *, before_response: bool) -> None:
+        super().__init__(message)
+        self.before_response = before_response
+
+
+class _HeadResponseDone(Exception):
+    """Raised inside the parser to stop after the head of a HEAD response (no body follows)."""
+
+
+class UpstreamConnection(asyncio.Protocol):
+    def __init__(
+        self,
+        target: Target,
+        on_closed: Callable[[UpstreamConnection], None],
+        server_name: str | None = None,
+    ) -> None:
+        self.target = target
+        self.server_name = server_name
+        self._on_closed = on_closed
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self.flow = WriteFlow()
+        self.closed = False
+        self.requests = 0
+        # lazy idle timer: release() only moves the deadline; the handle re-checks when it fires
+        self.idle_handle: asyncio.TimerHandle | None = None
+        self.idle_deadline = 0.0
+        # per exchange
+        self._method = "GET"
+        self.head_future: asyncio.Future[ResponseHead] | None = None
+        self.body: BodyChannel | None = None
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._header_bytes = 0
+        self._reason = b""
+        self._skip_informational = False
+        self.response_complete = False
+        self.response_bytes = 0
+        self.keep_alive = False
+        self.upgrade_rest: bytes | None = None
+        self.tunnel_sink: Callable[[bytes], None] | None = None
+        self.on_lost: Callable[[], None] | None = None
+        self.on_eof: Callable[[], None] | None = None
+        self.on_write_paused: Callable[[bool], None] | None = None
+
+    # ------------------------------------------------------------------ asyncio
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop transports are not subclasses
+        self.transport = transport
+        transport.set_write_buffer_limits(high=UPSTREAM_WRITE_HIGH_WATER)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.flow.close()
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+            self.idle_handle = None
+        hf = self.head_future
+        if hf is not None and not hf.done():
+            hf.set_exception(
+                UpstreamError(
+                    "upstream closed before a response",
+                    before_response=self.response_bytes == 0,
+                )
+            )
+        body = self.body
+        if body is not None and not self.response_complete:
+            if self._close_delimited:
+                self.response_complete = True
+                body.feed_eof()
+            else:
+                body.fail(UpstreamError("upstream closed mid-response", before_response=False))
+        if self.on_lost is not None:
+            self.on_lost()
+        self._on_closed(self)
+
+    def eof_received(self) -> bool | None:
+        if self.tunnel_sink is not None and self.on_eof is not None:
+            self.on_eof()  # half-close passes through the tunnel
+            return True
+        return None
+
+    def pause_writing(self) -> None:
+        self.flow.pause()
+        if self.on_write_paused is not None:
+            self.on_write_paused(True)
+
+    def resume_writing(self) -> None:
+        self.flow.resume()
+        if self.on_write_paused is not None:
+            self.on_write_paused(False)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel_sink is not None:
+            self.tunnel_sink(data)
+            return
+        if self.head_future is None or self.response_complete:
+            # bytes nobody asked for: the connection cannot be trusted any more
+            self.close()
+            return
+        self.response_bytes += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self.upgrade_rest = data[int(exc.args[0]) :]
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _HeadResponseDone):
+                self._parser = httptools.HttpResponseParser(self)
+                self._finish()
+            else:
+                self._fail(f"bad upstream response: {exc.__context__ or exc}")
+        except httptools.HttpParserError as exc:
+            self._fail(f"bad upstream response: {exc}")
+
+    # ------------------------------------------------------------------ exchange
+
+    def begin(self, method: str, pause: Callable[[], None], resume: Callable[[], None]) -> None:
+        """Arm for the response to a request we are about to write."""
+        self.idle_deadline = 0.0
+        loop = asyncio.get_running_loop()
+        self._method = method
+        self.head_future = loop.create_future()
+        self.body = BodyChannel(pause, resume)
+        self.response_complete = False
+        self.response_bytes = 0
+        self.keep_alive = False
+        self.upgrade_rest = None
+        self.requests += 1
+
+    def arm_idle(self, idle_timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        self.idle_deadline = loop.time() + idle_timeout
+        if self.idle_handle is None:
+            self.idle_handle = loop.call_at(self.idle_deadline, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self.idle_handle = None
+        if self.closed or self.idle_deadline == 0.0:
+            return  # in use again (begin() cleared the deadline)
+        loop = asyncio.get_running_loop()
+        if loop.time() < self.idle_deadline:
+            self.idle_handle = loop.call_at(self.idle_deadline, self._idle_check)
+        else:
+            self.close()
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+    @property
+    def reusable(self) -> bool:
+        return (
+            not self.closed
+            and self.response_complete
+            and self.keep_alive
+            and self.upgrade_rest is None
+            and self.transport is not None
+            and not self.transport.is_closing()
+        )
+
+    @property
+    def _close_delimited(self) -> bool:
+        hf = self.head_future
+        if hf is None or not hf.done() or hf.cancelled() or hf.exception() is not None:
+            return False
+        head = hf.result()
+        return head.content_length is None and not head.chunked
+
+    def _fail(self, message: str) -> None:
+        err = UpstreamError(message, before_response=False)
+        hf = self.head_future
+        if hf is not None and not hf.done():
+            hf.set_exception(err)
+        elif self.body is not None and not self.response_complete:
+            self.body.fail(err)
+        self.keep_alive = False
+        self.abort()
+
+    def _finish(self) -> None:
+        self.response_complete = True
+        if self.body is not None:
+            self.body.feed_eof()
+
+    # ------------------------------------------------------------------ httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._header_bytes = 0
+        self._reason = b""
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        self._headers.append((name, value))
+        if (
+            self._header_bytes > MAX_RESPONSE_HEADER_BYTES
+            or len(self._headers) > MAX_RESPONSE_HEADERS
+        ):
+            raise FramingError(502, "upstream response head too large")
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self._skip_informational = True  # RFC 9110 §15.2: drop interim responses
+            return
+        chunked, length = framing_of(self._headers)
+        head = ResponseHead(
+            status=status,
+            reason=self._reason,
+            version=self._parser.get_http_version(),
+            headers=self._headers,
+            keep_alive=self._parser.should_keep_alive(),
+            chunked=chunked,
+            content_length=length,
+        )
+        self.keep_alive = head.keep_alive
+        hf = self.head_future
+        if hf is not None and not hf.done():
+            hf.set_result(head)
+        if self._method == "HEAD":
+            raise _HeadResponseDone
+
+    def on_body(self, body: bytes) -> None:
+        if self.body is not None:
+            self.body.feed(body)
+
+    def on_message_complete(self) -> None:
+        if self._skip_informational:
+            self._skip_informational = False
+            return
+        self.keep_alive = self._parser.should_keep_alive()
+        self._finish()
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per target, bounded in count and idle time."""
+
+    def __init__(
+        self,
+        *,
+        max_idle_per_target: int = DEFAULT_MAX_IDLE_PER_TARGET,
+        idle_timeout: float = DEFAULT_POOL_IDLE_TIMEOUT,
+        tls_verify: bool = True,
+        on_open: Callable[[Target], None] | None = None,
+        on_close: Callable[[Target], None] | None = None,
+    ) -> None:
+        self.max_idle_per_target = max_idle_per_target
+        self.idle_timeout = idle_timeout
+        # keyed by (target, TLS server name): a connection verified for one name is not reused
+        # for another
+        self._idle: dict[tuple[Target, str | None], deque[UpstreamConnection]] = {}
+        self._all: set[UpstreamConnection] = set()
+        self._on_open = on_open
+        self._on_close = on_close
+        self._ssl: ssl.SSLContext | None = None
+        self._tls_verify = tls_verify
+        self._tls_settings: tuple[bool, str | None] = (tls_verify, None)
+        self.opened = 0
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._all)
+
+    @property
+    def idle_connections(self) -> int:
+        return sum(len(d) for d in self._idle.values())
+
+    def configure_tls(self, *, verify: bool = True, ca_file: str | None = None) -> None:
+        """TLS towards https:// targets: verify against the system store or ``ca_file``."""
+        ctx = ssl.create_default_context(cafile=ca_file or None)
+        ctx.set_alpn_protocols(["http/1.1"])
+        if not verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        changed = self._ssl is not None and (verify, ca_file) != self._tls_settings
+        self._tls_verify = verify
+        self._tls_settings = (verify, ca_file)
+        self._ssl = ctx
+        if changed:  # pooled TLS connections were verified under the old settings
+            for (target, _), dq in self._idle.items():
+                if target.scheme == "https":
+                    for conn in list(dq):
+                        conn.close()
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self.configure_tls(verify=self._tls_verify)
+        assert self._ssl is not None
+        return self._ssl
+
+    async def acquire(
+        self, target: Target, connect_timeout: float, server_name: str | None = None
+    ) -> tuple[UpstreamConnection, bool]:
+        """An idle connection to ``target`` (reused=True) or a new one."""
+        key = (target, server_name if target.scheme == "https" else None)
+        dq = self._idle.get(key)
+        while dq:
+            conn = dq.pop()
+            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
+                return conn, True
+        loop = asyncio.get_running_loop()
+        ctx = self._ssl_context() if target.scheme == "https" else None
+        async with asyncio.timeout(connect_timeout):
+            _, conn = await loop.create_connection(
+                lambda: UpstreamConnection(target, self._closed, key[1]),
+                target.host,
+                target.port,
+                ssl=ctx,
+                server_hostname=(server_name or target.host) if ctx is not None else None,
+            )
+        self._all.add(conn)
+        self.opened += 1
+        if self._on_open is not None:
+            self._on_open(target)
+        return conn, False
+
+    def release(self, conn: UpstreamConnection, *, abort: bool = False) -> None:
+        """Return a connection after an exchange: pooled when reusable, else closed."""
+        reusable = conn.reusable and not abort
+        conn.head_future = None
+        conn.body = None
+        conn.on_lost = None
+        conn.on_eof = None
+        conn.on_write_paused = None
+        if not reusable:
+            if abort:
+                conn.abort()
+            else:
+                conn.close()
+            return
+        dq = self._idle.setdefault((conn.target, conn.server_name), deque())
+        if len(dq) >= self.max_idle_per_target:
+            conn.close()
+            return
+        conn.resume_reading()  # a pause left over from the body channel must not stick
+        conn.arm_idle(self.idle_timeout)
+        dq.append(conn)
+
+    def _closed(self, conn: UpstreamConnection) -> None:
+        if conn in self._all:
+            self._all.discard(conn)
+            if self._on_close is not None:
+                self._on_close(conn.target)
+        dq = self._idle.get((conn.target, conn.server_name))
+        if dq is not None:
+            try:
+                dq.remove(conn)
+            except ValueError:
+                pass
+
+    def close_all(self) -> None:
+        for conn in list(self._all):
+            conn.close()
+        self._idle.clear()

@@ -1,0 +1,214 @@
+"""TLS termination with SNI (two certificates, openssl-made) and PROXY v2 from an NLB."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import ssl
+
+import httpx
+import pytest
+
+from marchproxy_common.wire.proxy_protocol import build_v2
+from tests.alb.alb_support import make_cert, route
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, str]]:
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl CLI is required for the TLS tests")
+    d = tmp_path_factory.mktemp("alb-certs")
+    return {n: make_cert(d, n) for n in ("a.example.com", "b.example.org")}
+
+
+async def tls_get(port: int, sni: str, cafile: str, path: str) -> tuple[str, bytes]:
+    ctx = ssl.create_default_context(cafile=cafile)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=sni)
+    try:
+        peer = writer.get_extra_info("peercert")
+        cn = dict(x[0] for x in peer["subject"])["commonName"]
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n".encode())
+        async with asyncio.timeout(10):
+            data = await reader.read()
+            while chunk := await reader.read(65536):
+                data += chunk
+        return cn, data
+    finally:
+        writer.close()
+
+
+async def test_tls_sni_two_certificates(alb_factory, backends, certs) -> None:
+    alb = await alb_factory(alb_tls_port=0)
+    b = await backends()
+    (ca, ka), (cb, kb) = certs["a.example.com"], certs["b.example.org"]
+    await alb.configure(
+        [route("all", b.url)],
+        {
+            "tls": {
+                "certificates": [
+                    {"server_names": ["a.example.com"], "cert_file": ca, "key_file": ka},
+                    {"server_names": ["*.example.org"], "cert_file": cb, "key_file": kb},
+                ]
+            }
+        },
+    )
+    port = alb.hooks.tls_address.port
+    cn, data = await tls_get(port, "a.example.com", ca, "/echo/a")
+    assert cn == "a.example.com"
+    assert data.startswith(b"HTTP/1.1 200")
+    body = json.loads(data.split(b"\r\n\r\n", 1)[1])
+    assert body["headers"]["X-Forwarded-Proto"] == "https"
+    cn, data = await tls_get(port, "b.example.org", cb, "/echo/b")
+    assert cn == "b.example.org"
+    assert data.startswith(b"HTTP/1.1 200")
+    # curl, with SNI from --resolve
+    proc = await asyncio.create_subprocess_exec(
+        "curl",
+        "-sS",
+        "--cacert",
+        cb,
+        "--resolve",
+        f"b.example.org:{port}:127.0.0.1",
+        f"https://b.example.org:{port}/echo/curl",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(20):
+            out, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert json.loads(out)["path"] == "/echo/curl"
+    assert alb.hooks.status()["tls_server_names"] == ["a.example.com", "*.example.org"]
+
+
+async def test_bad_certificate_config_rejected(alb_factory) -> None:
+    alb = await alb_factory()
+    errors = await alb.hooks.apply_config(
+        {
+            "modules": [
+                {
+                    "name": "alb",
+                    "config": {
+                        "tls": {
+                            "certificates": [
+                                {
+                                    "server_names": ["x"],
+                                    "cert_file": "/nonexistent.pem",
+                                    "key_file": "/nope",
+                                }
+                            ]
+                        }
+                    },
+                }
+            ],
+            "routes": [],
+        }
+    )
+    assert errors and "certificate" in errors[0]
+
+
+async def test_proxy_v2_header_gives_real_client_address(alb, backends) -> None:
+    b = await backends()
+    await alb.configure([route("all", b.url)])
+    reader, writer = await asyncio.open_connection("127.0.0.1", alb.port)
+    try:
+        writer.write(
+            build_v2(("203.0.113.7", 40000), ("127.0.0.1", alb.port))
+            + b"GET /echo/pp HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+        async with asyncio.timeout(10):
+            data = b""
+            while chunk := await reader.read(65536):
+                data += chunk
+    finally:
+        writer.close()
+    assert data.startswith(b"HTTP/1.1 200")
+    body = json.loads(data.split(b"\r\n\r\n", 1)[1])
+    assert body["headers"]["X-Forwarded-For"] == "203.0.113.7"
+    # and a plain client on the same port still works (mode "optional")
+    async with httpx.AsyncClient() as c:
+        r = await c.get(alb.url + "/echo/plain")
+    assert r.json()["headers"]["X-Forwarded-For"] == "127.0.0.1"
+
+
+async def test_proxy_v2_then_tls_on_the_tls_listener(alb_factory, backends, certs) -> None:
+    """The NLB forwards TLS untouched with a PROXY v2 header in front of the ClientHello."""
+    alb = await alb_factory(alb_tls_port=0)
+    b = await backends()
+    ca, ka = certs["a.example.com"]
+    await alb.configure(
+        [route("all", b.url)],
+        {
+            "tls": {
+                "certificates": [
+                    {"server_names": ["a.example.com"], "cert_file": ca, "key_file": ka}
+                ]
+            }
+        },
+    )
+    port = alb.hooks.tls_address.port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(build_v2(("198.51.100.9", 5555), ("127.0.0.1", port)))
+        await writer.drain()
+        ctx = ssl.create_default_context(cafile=ca)
+        async with asyncio.timeout(10):
+            await writer.start_tls(ctx, server_hostname="a.example.com")
+            writer.write(
+                b"GET /echo/tls-pp HTTP/1.1\r\nHost: a.example.com\r\nConnection: close\r\n\r\n"
+            )
+            data = b""
+            while chunk := await reader.read(65536):
+                data += chunk
+    finally:
+        writer.close()
+    assert data.startswith(b"HTTP/1.1 200")
+    h = json.loads(data.split(b"\r\n\r\n", 1)[1])["headers"]
+    assert h["X-Forwarded-For"] == "198.51.100.9"
+    assert h["X-Forwarded-Proto"] == "https"
+
+
+async def test_https_upstream_verified_with_ca_file_and_server_name(alb, certs) -> None:
+    from aiohttp import web
+
+    cert, key = certs["b.example.org"]
+    app = web.Application()
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text=f"tls upstream {request.secure}")
+
+    app.router.add_get("/{tail:.*}", hello)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(cert, key)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=sctx)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        await alb.configure(
+            [
+                route(
+                    "tls-up",
+                    f"https://127.0.0.1:{port}",
+                    backend={"tls_server_name": "b.example.org", "retries": 0},
+                )
+            ],
+            {"upstream": {"ca_file": cert}},
+        )
+        async with httpx.AsyncClient() as c:
+            r = await c.get(alb.url + "/x")
+        assert r.status_code == 200 and r.text == "tls upstream True"
+        # without the right name the certificate does not verify: 502, not a silent downgrade
+        await alb.configure(
+            [route("tls-up", f"https://127.0.0.1:{port}", backend={"retries": 0})],
+            {"upstream": {"ca_file": cert}},
+        )
+        async with httpx.AsyncClient() as c:
+            r = await c.get(alb.url + "/x")
+        assert r.status_code == 502
+    finally:
+        await runner.cleanup()
