@@ -1,0 +1,173 @@
+"""pgbench -S through the DBLB and through PgBouncer (both transaction mode), side by side.
+
+Usage: uv run --frozen python benchmarks/dblb/bench_pgbench.py [--duration 15] [--pool-size 16]
+Runs `pgbench -S -c 16 -j 2 -T <duration>` and the same with `-C` (a new connection per
+transaction) against each pooler, then prints TPS and the DBLB/PgBouncer ratio. Needs the local
+Postgres on 127.0.0.1:5432 (trust) and /usr/sbin/pgbouncer. Never run in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PG = ["-h", "127.0.0.1", "-p", "5432", "-U", "postgres"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"port {port} did not open")
+
+
+def psql(sql: str, db: str = "test") -> None:
+    subprocess.run(["psql", *PG, db, "-qc", sql], check=True, capture_output=True)
+
+
+def pgbench(port: int, db: str, duration: int, clients: int, reconnect: bool) -> float:
+    argv = ["pgbench", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-S", "-n"]
+    argv += ["-c", str(clients), "-j", "2", "-T", str(duration)]
+    if reconnect:
+        argv.append("-C")
+    out = subprocess.run([*argv, db], capture_output=True, text=True, timeout=duration + 60)
+    if out.returncode != 0:
+        raise RuntimeError(out.stdout + out.stderr)
+    m = re.search(r"tps = ([0-9.]+)", out.stdout)
+    if not m:
+        raise RuntimeError(out.stdout)
+    return float(m.group(1))
+
+
+def start_dblb(tmp: Path, db: str, pool_size: int) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    cfg = tmp / "dblb.yaml"
+    cfg.write_text(
+        "modules:\n"
+        "  - name: dblb\n"
+        "    config:\n"
+        "      pool_mode: transaction\n"
+        f"      default_pool_size: {pool_size}\n"
+        "      max_client_conn: 1000\n"
+        "      databases:\n"
+        f"        {db}: {{host: 127.0.0.1, port: 5432}}\n"
+    )
+    env = {
+        **os.environ,
+        "DATA_PORT": str(port),
+        "REGISTER_WITH_NLB": "false",
+        "PROXY_PROTOCOL": "off",
+        "LOG_LEVEL": "WARNING",
+        "CONFIG_FILE": str(cfg),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "marchproxy_dblb"], env=env, stdout=subprocess.DEVNULL
+    )
+    wait_port(port, proc)
+    return proc, port
+
+
+def start_pgbouncer(tmp: Path, db: str, pool_size: int) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    (tmp / "users.txt").write_text('"postgres" ""\n')
+    ini = tmp / "pgbouncer.ini"
+    ini.write_text(
+        "[databases]\n"
+        f"{db} = host=127.0.0.1 port=5432 dbname={db}\n"
+        "[pgbouncer]\n"
+        f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+        f"auth_type = trust\nauth_file = {tmp / 'users.txt'}\n"
+        f"pool_mode = transaction\ndefault_pool_size = {pool_size}\nmax_client_conn = 1000\n"
+        f"logfile = {tmp / 'pgbouncer.log'}\npidfile = {tmp / 'pgbouncer.pid'}\n"
+        "log_connections = 0\nlog_disconnections = 0\n"
+    )
+    shutil.chown(tmp, "nobody") if os.geteuid() == 0 else None
+    for f in tmp.iterdir():
+        if os.geteuid() == 0:
+            shutil.chown(f, "nobody")
+    argv = ["/usr/sbin/pgbouncer", str(ini)]
+    if os.geteuid() == 0:  # pgbouncer refuses to run as root
+        argv = ["/usr/sbin/pgbouncer", "-u", "nobody", str(ini)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port, proc)
+    return proc, port
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=int, default=15)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--pool-size", type=int, default=16)
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="alternate DBLB/PgBouncer runs; report medians"
+    )
+    args = ap.parse_args()
+    db = f"mp_dblb_bench_{secrets.token_hex(4)}"
+    psql(f"create database {db}")
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        subprocess.run(["pgbench", *PG, "-i", "-s", "1", "-q", db], check=True, capture_output=True)
+        with tempfile.TemporaryDirectory(prefix="mp-dblb-bench-") as t:
+            tmp = Path(t)
+            os.chmod(tmp, 0o777)
+            dblb, dblb_port = start_dblb(tmp, db, args.pool_size)
+            procs.append(dblb)
+            bouncer, bouncer_port = start_pgbouncer(tmp, db, args.pool_size)
+            procs.append(bouncer)
+            print(
+                f"pgbench -S -c {args.clients} -j 2 -T {args.duration}, transaction mode, "
+                f"pool size {args.pool_size}"
+            )
+            print(f"{'run':<28}{'DBLB tps':>12}{'PgBouncer tps':>16}{'ratio':>8}")
+            loop = os.environ.get("MARCHPROXY_LOOP", "asyncio")
+            print(f"DBLB event loop: {loop}; {args.rounds} round(s), medians")
+            for reconnect in (False, True):
+                label = "-S -C (connect per xact)" if reconnect else "-S (persistent)"
+                ours_runs, theirs_runs = [], []
+                for r in range(args.rounds):  # alternate who goes first: the box is shared
+                    pair = [(dblb_port, ours_runs), (bouncer_port, theirs_runs)]
+                    for port, runs in pair if r % 2 == 0 else reversed(pair):
+                        runs.append(pgbench(port, db, args.duration, args.clients, reconnect))
+                ours, theirs = statistics.median(ours_runs), statistics.median(theirs_runs)
+                print(f"{label:<28}{ours:>12.0f}{theirs:>16.0f}{ours / theirs:>8.2f}")
+    finally:
+        for proc in procs:
+            stop(proc)
+        psql(f"drop database if exists {db} with (force)")
+
+
+if __name__ == "__main__":
+    main()

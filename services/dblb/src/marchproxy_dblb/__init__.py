@@ -1,0 +1,1 @@
+"""MarchProxy dblb service."""

@@ -1,0 +1,1 @@
+"""Client-facing protocol handlers (one asyncio Protocol per client connection)."""

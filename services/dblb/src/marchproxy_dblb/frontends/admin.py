@@ -1,0 +1,262 @@
+"""PgBouncer-style admin console: psql -d pgbouncer (or marchproxy), simple queries only."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import structlog
+
+from marchproxy_common.tasks import spawn
+from marchproxy_common.wire.postgres import Message, RemoteProtocolError
+from marchproxy_common.wire.postgres import encoder as enc
+from marchproxy_common.wire.postgres.decoder import parse_query
+from marchproxy_common.wire.postgres.encoder import INT8_OID, TEXT_OID
+from marchproxy_common.wire.postgres.messages import F_QUERY, F_SYNC, F_TERMINATE
+
+if TYPE_CHECKING:
+    from marchproxy_dblb.frontends.postgres import PostgresClient
+
+_log = structlog.get_logger("marchproxy.dblb.admin")
+#: How long PAUSE waits for active servers to be released before it reports failure.
+PAUSE_TIMEOUT = 30.0
+
+Row = Sequence[str | int | float | None]
+
+
+def _table(columns: Sequence[tuple[str, int]], rows: Sequence[Row], tag: str) -> bytes:
+    out = [enc.row_description(columns)]
+    for row in rows:
+        out.append(enc.data_row([None if v is None else str(v) for v in row]))
+    out.append(enc.command_complete(f"{tag} {len(rows)}" if tag == "SELECT" else tag))
+    return b"".join(out)
+
+
+class AdminConsole:
+    def __init__(self, client: PostgresClient) -> None:
+        self.client = client
+        self.manager = client.manager
+
+    def on_message(self, m: Message) -> None:
+        if m.type == F_TERMINATE:
+            if self.client.transport is not None:
+                self.client.transport.close()
+            return
+        if m.type == F_SYNC:
+            self.client.write(enc.ready_for_query())
+            return
+        if m.type != F_QUERY:
+            self.client.write(
+                enc.error_response("08P01", "admin console supports the simple query protocol only")
+                + enc.ready_for_query()
+            )
+            return
+        sql = parse_query(m.body).strip().rstrip(";").strip()
+        words = sql.upper().split()
+        if words[:1] == ["PAUSE"]:
+            spawn(self._pause(), name=f"dblb admin pause {self.client.id}")
+            return
+        try:
+            body = self._run(words)
+        except RemoteProtocolError as exc:
+            body = enc.error_response(exc.sqlstate, exc.message)
+        self.client.write(body + enc.ready_for_query())
+
+    async def _pause(self) -> None:
+        ok = await self.manager.pause(PAUSE_TIMEOUT)
+        if ok:
+            body = enc.command_complete("PAUSE")
+        else:
+            body = enc.error_response("57014", "PAUSE timed out waiting for active servers")
+        self.client.write(body + enc.ready_for_query())
+
+    def _run(self, words: list[str]) -> bytes:
+        if not words:
+            return enc.empty_query_response()
+        cmd = words[0]
+        if cmd == "RESUME":
+            self.manager.resume()
+            return enc.command_complete("RESUME")
+        if cmd == "RELOAD":
+            if self.manager.on_reload is not None:
+                self.manager.on_reload()
+            return enc.command_complete("RELOAD")
+        if cmd == "SHOW" and len(words) == 2:
+            what = words[1]
+            show = {
+                "POOLS": self._pools,
+                "STATS": self._stats,
+                "CLIENTS": self._clients,
+                "SERVERS": self._servers,
+                "DATABASES": self._databases,
+                "VERSION": self._version,
+                "HELP": self._help,
+            }.get(what)
+            if show is not None:
+                return show()
+        raise RemoteProtocolError(f"unsupported admin command: {' '.join(words)}", sqlstate="42601")
+
+    def _pools(self) -> bytes:
+        cols = [
+            ("database", TEXT_OID),
+            ("user", TEXT_OID),
+            ("cl_active", INT8_OID),
+            ("cl_waiting", INT8_OID),
+            ("sv_active", INT8_OID),
+            ("sv_idle", INT8_OID),
+            ("sv_used", INT8_OID),
+            ("sv_login", INT8_OID),
+            ("maxwait", INT8_OID),
+            ("pool_mode", TEXT_OID),
+            ("pool_size", INT8_OID),
+            ("role", TEXT_OID),
+        ]
+        now = time.monotonic()
+        rows: list[Row] = []
+        for p in self.manager.all_pools():
+            c = p.counts()
+            maxwait = int(now - p.waiters[0].since) if p.waiters else 0
+            rows.append(
+                [
+                    p.database,
+                    p.user,
+                    c["cl_active"],
+                    c["cl_waiting"],
+                    c["sv_active"],
+                    c["sv_idle"],
+                    c["sv_used"],
+                    c["sv_login"],
+                    maxwait,
+                    p.mode,
+                    p.size,
+                    p.role,
+                ]
+            )
+        return _table(cols, rows, "SHOW")
+
+    def _stats(self) -> bytes:
+        names = [
+            "total_xact_count",
+            "total_query_count",
+            "total_received",
+            "total_sent",
+            "total_xact_time",
+            "total_query_time",
+            "total_wait_time",
+            "total_wait_count",
+        ]
+        cols = [("database", TEXT_OID), ("user", TEXT_OID)] + [(n, INT8_OID) for n in names]
+        rows: list[Row] = []
+        for p in self.manager.pools.values():
+            s = p.stats
+            rows.append(
+                [
+                    p.database,
+                    p.user,
+                    s.xact_count,
+                    s.query_count,
+                    s.bytes_received,
+                    s.bytes_sent,
+                    int(s.xact_time * 1e6),
+                    int(s.query_time * 1e6),
+                    int(s.wait_time * 1e6),
+                    s.wait_count,
+                ]
+            )
+        return _table(cols, rows, "SHOW")
+
+    def _clients(self) -> bytes:
+        cols = [
+            ("type", TEXT_OID),
+            ("user", TEXT_OID),
+            ("database", TEXT_OID),
+            ("state", TEXT_OID),
+            ("addr", TEXT_OID),
+            ("port", INT8_OID),
+            ("connect_time", TEXT_OID),
+            ("pid", INT8_OID),
+            ("server_id", INT8_OID),
+        ]
+        rows: list[Row] = []
+        for c in list(self.manager.clients.values()):
+            state = "active" if c.server is not None else ("waiting" if c.waiting else "idle")
+            rows.append(
+                [
+                    "C",
+                    c.user,
+                    c.database,
+                    state,
+                    c.addr[0],
+                    c.addr[1],
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(c.connected_at)),
+                    c.backend_key[0],
+                    c.server.id if c.server is not None else None,
+                ]
+            )
+        return _table(cols, rows, "SHOW")
+
+    def _servers(self) -> bytes:
+        cols = [
+            ("type", TEXT_OID),
+            ("id", INT8_OID),
+            ("user", TEXT_OID),
+            ("database", TEXT_OID),
+            ("state", TEXT_OID),
+            ("addr", TEXT_OID),
+            ("port", INT8_OID),
+            ("age_seconds", INT8_OID),
+            ("backend_pid", INT8_OID),
+            ("prepared_statements", INT8_OID),
+            ("client_pid", INT8_OID),
+        ]
+        now = time.monotonic()
+        rows: list[Row] = []
+        for p in self.manager.all_pools():
+            for s in list(p.servers):
+                rows.append(
+                    [
+                        "S",
+                        s.id,
+                        p.server_user,
+                        p.dbname,
+                        s.state,
+                        p.host,
+                        p.port,
+                        int(now - s.created_at),
+                        s.backend_pid,
+                        len(s.prepared),
+                        s.client.backend_key[0] if s.client is not None else None,
+                    ]
+                )
+        return _table(cols, rows, "SHOW")
+
+    def _databases(self) -> bytes:
+        cols = [
+            ("name", TEXT_OID),
+            ("host", TEXT_OID),
+            ("port", INT8_OID),
+            ("database", TEXT_OID),
+            ("pool_mode", TEXT_OID),
+            ("pool_size", INT8_OID),
+        ]
+        cfg = self.manager.config
+        rows: list[Row] = [
+            [
+                alias,
+                db.host,
+                db.port,
+                db.dbname or alias,
+                db.pool_mode or cfg.pool_mode,
+                db.pool_size or cfg.default_pool_size,
+            ]
+            for alias, db in cfg.databases.items()
+        ]
+        return _table(cols, rows, "SHOW")
+
+    def _version(self) -> bytes:
+        return _table([("version", TEXT_OID)], [["MarchProxy DBLB 0.1.0"]], "SHOW")
+
+    def _help(self) -> bytes:
+        text = "SHOW POOLS|STATS|CLIENTS|SERVERS|DATABASES|VERSION; PAUSE; RESUME; RELOAD"
+        return enc.notice_response(text) + enc.command_complete("SHOW")

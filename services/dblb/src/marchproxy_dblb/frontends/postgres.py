@@ -1,0 +1,680 @@
+"""One asyncio Protocol per Postgres client: startup, auth, then pooled server links.
+
+The client's raw bytes go to the server unchanged, except in transaction mode where named
+prepared statements are renamed to pool-wide names and re-prepared on servers that lack them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import re
+import secrets
+import ssl
+import time
+from typing import TYPE_CHECKING, cast
+
+import structlog
+
+from marchproxy_common.tasks import spawn
+from marchproxy_common.wire.postgres import (
+    MAX_AUTH_MESSAGE,
+    CancelRequest,
+    FrontendDecoder,
+    GSSENCRequest,
+    Message,
+    RemoteProtocolError,
+    SSLRequest,
+    StartupMessage,
+)
+from marchproxy_common.wire.postgres import encoder as enc
+from marchproxy_common.wire.postgres.auth import (
+    ScramServer,
+    ScramVerifier,
+    md5_hash,
+    md5_response,
+)
+from marchproxy_common.wire.postgres.decoder import (
+    parse_bind,
+    parse_describe_or_close,
+    parse_parse,
+    parse_password,
+    parse_sasl_initial_response,
+    read_cstring_bytes,
+)
+from marchproxy_common.wire.postgres.messages import (
+    F_BIND,
+    F_CLOSE,
+    F_DESCRIBE,
+    F_EXECUTE,
+    F_FUNCTION_CALL,
+    F_PARSE,
+    F_PASSWORD,
+    F_QUERY,
+    F_SYNC,
+    F_TERMINATE,
+)
+from marchproxy_dblb.config import ADMIN_DATABASES
+from marchproxy_dblb.frontends.admin import AdminConsole
+from marchproxy_dblb.pool import (
+    TRACKED_PARAMETERS,
+    Expect,
+    Pool,
+    PoolManager,
+    ServerConnection,
+    send_cancel,
+)
+
+if TYPE_CHECKING:
+    from marchproxy_dblb.module import DblbHooks
+
+_log = structlog.get_logger("marchproxy.dblb.client")
+_client_ids = itertools.count(1)
+_S = ord("S")
+#: Close target for a client's Close of a renamed statement: it never exists on a server
+#: ("It is not an error to issue Close against a nonexistent statement", protocol docs 55.7).
+_NEVER_PREPARED = b"mp_closed"
+_DEALLOCATE = re.compile(rb"^\s*DEALLOCATE\s+(PREPARE\s+)?(\"?[A-Za-z0-9_$]+\"?)\s*;?\s*$", re.I)
+#: Seconds a client has to finish the TLS handshake after its SSLRequest.
+TLS_HANDSHAKE_TIMEOUT = 10.0
+#: Distinct ParameterStatus blocks remembered per pool (keyed by the client's tracked params).
+WELCOME_CACHE_SIZE = 64
+
+
+class PostgresClient(asyncio.Protocol):
+    def __init__(self, hooks: DblbHooks) -> None:
+        self.hooks = hooks
+        self.manager: PoolManager = hooks.manager
+        self.id = next(_client_ids)
+        self.transport: asyncio.Transport | None = None
+        self.decoder = FrontendDecoder(max_message_len=MAX_AUTH_MESSAGE)
+        self.state = "startup"  # startup | auth | welcome | ready | admin | closed
+        self.closed = False
+        self.user = ""
+        self.database = ""
+        self.params: dict[str, str] = {}
+        self.tracked_params: dict[str, str] = {}
+        self.pool: Pool | None = None
+        self.server: ServerConnection | None = None
+        self.pending: list[Message] = []
+        self.pending_raw: list[bytes] = []
+        self.waiting = False
+        self.welcomed = False
+        self.backend_key = (0, 0)
+        self.statements: dict[bytes, tuple[bytes, bytes, bytes]] = {}
+        self.connected_at = time.time()
+        self.addr: tuple[str, int] = ("", 0)
+        self._auth_step = ""
+        self._salt = b""
+        self._scram: ScramServer | None = None
+        self._admin: AdminConsole | None = None
+        self._registered = False
+        self._auth_ok_pending = False
+        self._waiting_in: Pool | None = None
+        self._replica_turn = 0
+        self.tls = False
+        self._tls_buffer: list[bytes] | None = None
+
+    # ---- asyncio callbacks -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses: duck-typed
+        self.transport = cast(asyncio.Transport, transport)
+        self.addr = self.hooks.client_address(transport)
+        self.hooks.total_connections += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.state = "closed"
+        self.transport = None
+        if self._registered:
+            self.manager.clients.pop(self.backend_key[0], None)
+            self.manager.client_count -= 1
+            if self.pool is not None:
+                self.pool.clients -= 1
+        pool = self.pool
+        if pool is not None and self.waiting:
+            (self._waiting_in or pool).cancel_wait(self)
+        server = self.server
+        if server is not None and pool is not None:
+            self.server = None
+            server.pool.release_after_client(server, reset=pool.mode == "session")
+
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        if self.server is not None and self.server.transport is not None:
+            self.server.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.server is not None and self.server.transport is not None:
+            self.server.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def fail(self, sqlstate: str, message: str, *, severity: str = "FATAL") -> None:
+        """Send an ErrorResponse and close this client (only this one)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(enc.error_response(sqlstate, message, severity=severity))
+            self.transport.close()
+        self.closed = True
+
+    def data_received(self, data: bytes) -> None:
+        if self._tls_buffer is not None:
+            # the TLS layer may deliver the first decrypted bytes before start_tls() has
+            # handed us the new transport; hold them so every reply goes out encrypted
+            self._tls_buffer.append(data)
+            return
+        try:
+            if self.state == "ready":
+                msgs, raw = self.decoder.feed_messages(data)
+                if not msgs:
+                    return
+                if self.server is not None:
+                    self._forward(msgs, raw)
+                else:
+                    self._queue(msgs, raw)
+                return
+            for ev in self.decoder.feed(data):
+                self._on_event(ev)
+                if self.closed:
+                    return
+        except RemoteProtocolError as exc:
+            _log.info("client_protocol_error", client=self.id, error=exc.message)
+            self.hooks.protocol_errors += 1
+            self.fail(exc.sqlstate, exc.message)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    # ---- startup and authentication -----------------------------------------------------------
+
+    def _on_event(self, ev: object) -> None:
+        if isinstance(ev, SSLRequest) and self.hooks.client_tls is not None and not self.tls:
+            self.write(b"S")
+            self._upgrade_tls(self.hooks.client_tls)
+        elif isinstance(ev, SSLRequest | GSSENCRequest):
+            self.write(b"N")  # no TLS / GSS encryption here; clients may continue in clear
+        elif isinstance(ev, CancelRequest):
+            self._cancel(ev)
+        elif isinstance(ev, StartupMessage):
+            self._startup(ev)
+        elif isinstance(ev, Message):
+            if self.state == "auth" and ev.type == F_PASSWORD:
+                self._password(ev)
+            elif self.state in ("ready", "welcome"):
+                if self.server is None:
+                    self._queue([ev], ev.raw)
+                else:
+                    self._forward([ev], ev.raw)
+            elif self.state == "admin":
+                assert self._admin is not None
+                self._admin.on_message(ev)
+            else:
+                raise RemoteProtocolError("unexpected message during authentication")
+
+    def _cancel(self, ev: CancelRequest) -> None:
+        target = self.manager.clients.get(ev.process_id)
+        if self.transport is not None:
+            self.transport.close()
+        if target is None or not hmac.compare_digest(
+            target.backend_key[1].to_bytes(4, "big", signed=True),
+            ev.secret_key.to_bytes(4, "big", signed=True),
+        ):
+            return
+        server = target.server
+        if server is not None and server.backend_pid:
+            self.hooks.cancels_forwarded += 1
+            spawn(
+                send_cancel(
+                    server.pool.host, server.pool.port, server.backend_pid, server.backend_key
+                ),
+                name=f"dblb cancel for client {target.id}",
+            )
+
+    def _upgrade_tls(self, ctx: ssl.SSLContext) -> None:
+        """Switch this connection to TLS (server side) right after answering 'S'."""
+        transport = self.transport
+        assert transport is not None
+        self.tls = True
+        self._tls_buffer = []
+        self.pause_reading()
+
+        async def upgrade() -> None:
+            loop = asyncio.get_running_loop()
+            try:
+                async with asyncio.timeout(TLS_HANDSHAKE_TIMEOUT):
+                    new = await loop.start_tls(transport, self, ctx, server_side=True)
+            except (OSError, TimeoutError, ssl.SSLError, ConnectionError) as exc:
+                _log.info("client_tls_failed", client=self.id, error=str(exc))
+                transport.close()
+                return
+            self.transport = cast(asyncio.Transport, new)
+            # decrypted bytes that arrived before start_tls() returned
+            buffered, self._tls_buffer = self._tls_buffer, None
+            for data in buffered or []:
+                self.data_received(data)
+
+        spawn(upgrade(), name=f"dblb tls {self.id}")
+
+    def _startup(self, ev: StartupMessage) -> None:
+        params = ev.parameters
+        if self.manager.config.client_tls_mode == "require" and not self.tls:
+            self.fail("28000", "TLS is required (client_tls_mode = require)")
+            return
+        self.params = params
+        self.user = params["user"]
+        self.database = params.get("database") or self.user
+        minor = ev.protocol & 0xFFFF
+        options = [k for k in params if k.startswith("_pq_.")]
+        if minor > 0 or options:
+            self.write(enc.negotiate_protocol_version(0, options))
+        cfg = self.manager.config
+        if self.manager.client_count >= cfg.max_client_conn:
+            self.fail("53300", "no more connections allowed (max_client_conn)")
+            return
+        self.backend_key = self.manager.new_backend_key()
+        self.manager.clients[self.backend_key[0]] = self
+        self.manager.client_count += 1
+        self._registered = True
+        if self.database not in ADMIN_DATABASES:
+            self.pool = self.manager.pool_for(self.database, self.user, params)
+            if self.pool is None:
+                self.fail("3D000", f'no such database: "{self.database}"')
+                return
+            self.pool.clients += 1
+        elif cfg.admin_users and self.user not in cfg.admin_users:
+            self.fail("28000", f'user "{self.user}" is not allowed on the admin console')
+            return
+        self.tracked_params = {k: v for k, v in params.items() if k in TRACKED_PARAMETERS}
+        self._begin_auth()
+
+    def _secret(self) -> str | None:
+        u = self.manager.config.users.get(self.user)
+        return u.password if u is not None and u.password else None
+
+    def _begin_auth(self) -> None:
+        auth = self.manager.config.auth_type
+        self.state = "auth"
+        if auth == "trust":
+            self._auth_ok()
+        elif auth == "passthrough" and self.pool is not None:
+            # the client's cleartext password is checked by logging in to the server with it
+            self._auth_step = "passthrough"
+            self.write(enc.authentication_cleartext())
+        elif self._secret() is None:
+            self.fail("28P01", f'password authentication failed for user "{self.user}"')
+        elif auth == "cleartext":
+            self._auth_step = "cleartext"
+            self.write(enc.authentication_cleartext())
+        elif auth == "md5":
+            self._auth_step = "md5"
+            self._salt = secrets.token_bytes(4)
+            self.write(enc.authentication_md5(self._salt))
+        else:
+            self._auth_step = "sasl-initial"
+            self.write(enc.authentication_sasl(["SCRAM-SHA-256"]))
+
+    def _password(self, m: Message) -> None:
+        secret = self._secret() or ""
+        step = self._auth_step
+        ok = False
+        if step == "cleartext" or (step == "passthrough" and self.pool is None):
+            ok = _check_cleartext(self.user, secret, parse_password(m.body))
+        elif step == "passthrough":
+            assert self.pool is not None
+            self._auth_step = "verifying"
+            spawn(
+                self._passthrough(self.pool, parse_password(m.body)),
+                name=f"dblb passthrough auth {self.id}",
+            )
+            return
+        elif step == "md5":
+            ok = not secret.startswith("SCRAM-SHA-256$") and hmac.compare_digest(
+                md5_response(self.user, secret, self._salt), parse_password(m.body)
+            )
+        elif step == "sasl-initial":
+            mech, data = parse_sasl_initial_response(m.body)
+            if mech != "SCRAM-SHA-256":
+                raise RemoteProtocolError("unsupported SASL mechanism", sqlstate="28000")
+            self._scram = ScramServer(self.hooks.scram_verifier(self.user, secret))
+            self.write(enc.authentication_sasl_continue(self._scram.server_first(data)))
+            self._auth_step = "sasl-final"
+            return
+        elif step == "sasl-final" and self._scram is not None:
+            try:
+                final = self._scram.verify_final(m.body)
+            except RemoteProtocolError as exc:
+                if exc.sqlstate != "28P01":
+                    raise
+            else:
+                self.write(enc.authentication_sasl_final(final))
+                ok = True
+        if not ok:
+            self.hooks.auth_failures += 1
+            self.fail("28P01", f'password authentication failed for user "{self.user}"')
+            return
+        self._auth_ok()
+
+    async def _passthrough(self, pool: Pool, password: str) -> None:
+        ok = await pool.check_password(password)
+        if self.closed:
+            return
+        if not ok:
+            self.hooks.auth_failures += 1
+            self.fail("28P01", f'password authentication failed for user "{self.user}"')
+            return
+        self._auth_ok()
+
+    def _auth_ok(self) -> None:
+        # AuthenticationOk goes out with the ParameterStatus block: one write, one packet
+        self._auth_ok_pending = True
+        self.decoder.max_message_len = self.manager.config.max_packet_size
+        if self.pool is None:
+            self.state = "admin"
+            self._admin = AdminConsole(self)
+            self._welcome({"server_version": "16.0 (marchproxy-dblb)", "client_encoding": "UTF8"})
+            return
+        if self.pool.server_params is not None:
+            self._welcome(self.pool.server_params)
+            self.state = "ready"
+            return
+        self.write(enc.authentication_ok())
+        self._auth_ok_pending = False
+        self.state = "welcome"
+        self.waiting = True
+        self.pool.request(self)
+
+    def _welcome(self, server_params: dict[str, str]) -> None:
+        key = tuple(self.tracked_params.items())
+        cache = self.pool.welcome_cache if self.pool is not None else {}
+        block = cache.get(key)
+        if block is None:
+            params = dict(server_params)
+            params.update(self.tracked_params)
+            block = b"".join(enc.parameter_status(k, v) for k, v in params.items())
+            if len(cache) >= WELCOME_CACHE_SIZE:
+                cache.clear()
+            cache[key] = block
+        head = enc.authentication_ok() if self._auth_ok_pending else b""
+        self._auth_ok_pending = False
+        self.write(
+            head + block + enc.backend_key_data(*self.backend_key) + enc.ready_for_query(b"I")
+        )
+        self.welcomed = True
+
+    # ---- pooled operation ----------------------------------------------------------------------
+
+    def _queue(self, msgs: list[Message], raw: bytes) -> None:
+        if not msgs:
+            return
+        if msgs[-1].type == F_TERMINATE:  # the decoder guarantees Terminate comes last
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if not self.pending:
+            single_query = len(msgs) == 1 and msgs[0].type == F_QUERY
+            if single_query and self._deallocate_locally(msgs[0]):
+                return
+            if msgs[-1].type == F_SYNC and self._prepare_locally(msgs):
+                return
+        self.pending.extend(msgs)
+        self.pending_raw.append(raw)
+        if not self.waiting and self.pool is not None:
+            self.waiting = True
+            self._request_server()
+
+    def _request_server(self) -> None:
+        """Ask for a server: a replica's when the transaction is routed there, else primary."""
+        assert self.pool is not None
+        target = self.pool
+        if self.pool.mode == "transaction" and self.pending and _wants_replica(self.pending[0]):
+            self._replica_turn += 1
+            target = self.manager.replica_pool(self.pool, self._replica_turn) or self.pool
+        self._waiting_in = target
+        target.request(self)
+
+    def _prepare_locally(self, msgs: list[Message]) -> bool:
+        """``Parse(named)... Sync`` outside a transaction (libpq's PQprepare) for statements a
+        server of this pool has already parsed: answer without taking a server. Besides saving
+        a round trip this avoids a deadlock with clients that prepare synchronously while their
+        own thread's other connections hold every server (pgbench -M prepared, PgBouncer too).
+        """
+        pool = self.pool
+        if pool is None or pool.mode != "transaction" or len(msgs) < 2:
+            return False
+        parsed = []
+        for m in msgs[:-1]:
+            if m.type != F_PARSE:
+                return False
+            name, query, rest = parse_parse(m.body)
+            sname = self.hooks.statement_name(query, rest)
+            if not name or sname not in pool.known_statements:
+                return False
+            parsed.append((name, (sname, query, rest)))
+        self.statements.update(parsed)
+        pool.stats.query_count += 1
+        self.write(enc.parse_complete() * len(parsed) + enc.ready_for_query(b"I"))
+        return True
+
+    def _deallocate_locally(self, m: Message) -> bool:
+        """``DEALLOCATE name`` outside a transaction (psycopg < libpq 17 evicting its cache) names
+        a statement the servers know under another name: forget it here and answer ourselves.
+        """
+        if self.pool is None or self.pool.mode != "transaction":
+            return False
+        match = _DEALLOCATE.match(m.body.rstrip(b"\x00"))
+        if match is None:
+            return False
+        name = match.group(2).strip(b'"')
+        if name.upper() == b"ALL":
+            self.statements.clear()
+        elif self.statements.pop(name, None) is None:
+            return False  # not ours: let the server answer (and error if need be)
+        self.write(
+            enc.command_complete("DEALLOCATE" if name.upper() != b"ALL" else "DEALLOCATE ALL")
+            + enc.ready_for_query(b"I")
+        )
+        return True
+
+    def on_server(self, server: ServerConnection) -> None:
+        """The pool linked ``server`` to us."""
+        self.waiting = False
+        self.server = server
+        if not self.welcomed:
+            self._welcome(server.params)
+            self.state = "ready"
+        if self.pending:
+            msgs, self.pending = self.pending, []
+            raw = b"".join(self.pending_raw)
+            self.pending_raw = []
+            self._forward(msgs, raw)
+        elif not server.in_flight():
+            self.on_server_idle(server)
+
+    def on_server_idle(self, server: ServerConnection) -> None:
+        """ReadyForQuery 'I' with nothing in flight: end of a transaction."""
+        owner = server.pool
+        if self.pool is not None and self.pool.mode == "transaction" and self.server is server:
+            self.server = None
+            owner.release(server)
+            if self.pending and not self.waiting:
+                self.waiting = True
+                self._request_server()
+
+    def on_parameter_status(self, name: str, value: str) -> None:
+        if name in TRACKED_PARAMETERS:
+            self.tracked_params[name] = value
+
+    def server_lost(self, server: ServerConnection) -> None:
+        if self.server is server:
+            self.server = None
+            self.fail("08006", "server connection closed unexpectedly")
+
+    def _forward(self, msgs: list[Message], raw: bytes | None) -> None:  # noqa: C901 - hot path
+        server = self.server
+        assert server is not None and self.pool is not None
+        transaction_mode = self.pool.mode == "transaction"
+        # ``out`` is only built once something is rewritten or injected; until then the raw
+        # bytes we received are forwarded as they are.
+        out: list[bytes] | None = None if raw is not None else []
+        expect = server.expect
+        stats = self.pool.stats
+        for i, m in enumerate(msgs):
+            t = m.type
+            if t in (F_QUERY, F_SYNC, F_FUNCTION_CALL):
+                if server.outstanding == 0:
+                    server.query_started = time.monotonic()
+                server.outstanding += 1
+                stats.query_count += 1
+                if t == F_SYNC:
+                    server.unsynced = False
+                if transaction_mode:
+                    expect.append((Expect.SYNC, None))
+                server.last_kind = Expect.SYNC
+            elif t == F_PARSE:
+                server.unsynced = True
+                if transaction_mode:
+                    name, query, rest = parse_parse(m.body)
+                    if name:
+                        if out is None:
+                            out = [x.raw for x in msgs[:i]]
+                        parse_msg = self._prepare(server, name, query, rest)
+                        server.last_kind = Expect.REAL
+                        if parse_msg:
+                            out.append(parse_msg)
+                        continue
+                    expect.append((Expect.REAL, None))
+                server.last_kind = Expect.REAL
+            elif t in (F_BIND, F_DESCRIBE, F_CLOSE, F_EXECUTE):
+                server.unsynced = True
+                server.last_kind = -1
+                if transaction_mode and t != F_EXECUTE and self._refers_to_named(m):
+                    if out is None:
+                        out = [x.raw for x in msgs[:i]]
+                    rewritten = self._rewrite_statement_ref(server, m, out)
+                    out.append(m.raw if rewritten is None else rewritten)
+                    continue
+            elif t == F_TERMINATE:
+                if out is None:
+                    out = [x.raw for x in msgs[:i]]
+                if out:
+                    server.write(b"".join(out))
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            if out is not None:
+                out.append(m.raw)
+        if out is None:
+            assert raw is not None
+            stats.bytes_sent += len(raw)
+            server.write(raw)
+        else:
+            data_out = b"".join(out)
+            stats.bytes_sent += len(data_out)
+            server.write(data_out)
+
+    @staticmethod
+    def _refers_to_named(m: Message) -> bool:
+        """Bind/Describe/Close of a *named statement* (cheap check before parsing)."""
+        body = m.body
+        if m.type == F_BIND:
+            # portal name, then statement name: named when the byte after the first NUL isn't NUL
+            first = body.find(b"\x00")
+            return 0 <= first < len(body) - 1 and body[first + 1] != 0
+        return len(body) > 2 and body[0] == _S
+
+    def _prepare(self, server: ServerConnection, name: bytes, query: bytes, rest: bytes) -> bytes:
+        """A client's named Parse in transaction mode: rename it to a pool-wide name."""
+        sname = self.hooks.statement_name(query, rest)
+        if sname in server.prepared or sname in server.pending_prepared:
+            if server.last_kind in (Expect.REAL, Expect.SYNC):
+                self.statements[name] = (sname, query, rest)
+                if not server.expect and not server.outstanding and not server.swallow_z:
+                    self.write(enc.parse_complete())
+                else:
+                    server.expect.append((Expect.FAKE, sname))
+                    server.special += 1
+                return b""
+            # our ParseComplete could not be placed in order: use a name of its own
+            sname = self.hooks.unique_statement_name()
+        self.statements[name] = (sname, query, rest)
+        server.expect.append((Expect.REAL, sname))
+        server.pending_prepared.add(sname)
+        return enc.parse(sname, query, rest)
+
+    def _rewrite_statement_ref(
+        self, server: ServerConnection, m: Message, out: list[bytes]
+    ) -> bytes | None:
+        t = m.type
+        if t == F_BIND:
+            portal, stmt, offset = parse_bind(m.body)
+            if not stmt:
+                return None
+            sname = self._ensure_prepared(server, stmt, out)
+            if sname is None:
+                return None
+            return enc.message(b"B", portal + b"\x00" + sname + b"\x00" + m.body[offset:])
+        kind, name = parse_describe_or_close(m.body)
+        if kind != _S or not name:
+            return None
+        if t == F_CLOSE:
+            self.statements.pop(name, None)
+            return enc.message(b"C", b"S" + _NEVER_PREPARED + b"\x00")
+        sname = self._ensure_prepared(server, name, out)
+        if sname is None:
+            return None
+        return enc.message(b"D", b"S" + sname + b"\x00")
+
+    def _ensure_prepared(
+        self, server: ServerConnection, stmt: bytes, out: list[bytes]
+    ) -> bytes | None:
+        entry = self.statements.get(stmt)
+        if entry is None:
+            return None  # unknown to us: let the server answer "does not exist"
+        sname, query, rest = entry
+        if sname not in server.prepared and sname not in server.pending_prepared:
+            out.append(enc.parse(sname, query, rest))
+            server.expect.append((Expect.INJECTED, sname))
+            server.special += 1
+            server.pending_prepared.add(sname)
+        return sname
+
+
+_READ_ONLY_START = re.compile(
+    rb"^\s*(BEGIN|START\s+TRANSACTION)(\s+ISOLATION\s+LEVEL\s+[A-Z ]+?)?\s+READ\s+ONLY\b", re.I
+)
+_REPLICA_COMMENT = b"/* marchproxy:replica */"
+
+
+def _wants_replica(first: Message) -> bool:
+    """Opt-in read/write split: the first message of a transaction decides."""
+    if first.type == F_QUERY:
+        text = first.body
+    elif first.type == F_PARSE:
+        _, pos = read_cstring_bytes(first.body)
+        text = first.body[pos:]
+    else:
+        return False
+    return _REPLICA_COMMENT in text[:200] or _READ_ONLY_START.match(text) is not None
+
+
+def _check_cleartext(user: str, secret: str, given: str) -> bool:
+    if secret.startswith("SCRAM-SHA-256$"):
+        v = ScramVerifier.parse(secret)
+        if v is None:
+            return False
+        got = ScramVerifier.from_password(given, salt=v.salt, iterations=v.iterations)
+        return hmac.compare_digest(got.stored_key, v.stored_key)
+    if len(secret) == 35 and secret.startswith("md5"):
+        return hmac.compare_digest(md5_hash(user, given), secret)
+    return hmac.compare_digest(secret.encode("utf-8"), given.encode("utf-8"))

@@ -1,0 +1,898 @@
+"""Server connections and per (database, user) pools.
+
+A :class:`ServerConnection` is an asyncio Protocol to a real Postgres server. It logs in as a
+client (trust, cleartext, md5, SCRAM-SHA-256), then is handed to client connections by its
+:class:`Pool`. While linked it relays the server's bytes to the client unchanged and watches
+ReadyForQuery to know when a transaction (transaction mode) is over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import itertools
+import secrets
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+import structlog
+
+from marchproxy_common.tasks import spawn
+from marchproxy_common.wire.postgres import BackendDecoder, RemoteProtocolError
+from marchproxy_common.wire.postgres import encoder as enc
+from marchproxy_common.wire.postgres.auth import ScramClient, md5_response
+from marchproxy_common.wire.postgres.decoder import (
+    parse_authentication,
+    parse_backend_key_data,
+    parse_fields,
+    parse_parameter_status,
+    parse_sasl_mechanisms,
+)
+from marchproxy_common.wire.postgres.messages import (
+    AUTH_CLEARTEXT,
+    AUTH_MD5,
+    AUTH_OK,
+    AUTH_SASL,
+    AUTH_SASL_CONTINUE,
+    AUTH_SASL_FINAL,
+    B_AUTHENTICATION,
+    B_BACKEND_KEY_DATA,
+    B_COMMAND_COMPLETE,
+    B_COPY_DATA,
+    B_DATA_ROW,
+    B_ERROR,
+    B_PARAMETER_STATUS,
+    B_PARSE_COMPLETE,
+    B_READY_FOR_QUERY,
+    Message,
+)
+
+from .config import DblbConfig, PoolMode
+
+if TYPE_CHECKING:
+    from .frontends.postgres import PostgresClient
+
+_log = structlog.get_logger("marchproxy.dblb.pool")
+
+#: Server parameters we keep in step with each client (PgBouncer's tracked set).
+TRACKED_PARAMETERS = (
+    "client_encoding",
+    "DateStyle",
+    "TimeZone",
+    "IntervalStyle",
+    "standard_conforming_strings",
+    "application_name",
+)
+#: Close a server that holds more prepared statements than this when it is released.
+MAX_SERVER_PREPARED = 5_000
+#: Passthrough-auth passwords remembered per pool (as SHA-256 digests) before starting over.
+MAX_VERIFIED_PASSWORDS = 64
+#: Statement names remembered per pool as "parses fine here" before starting over.
+MAX_KNOWN_STATEMENTS = 100_000
+#: Seconds to connect to a server and deliver a CancelRequest.
+CANCEL_TIMEOUT = 5.0
+_Z = B_READY_FOR_QUERY
+_IDLE = ord("I")
+
+
+class Expect:
+    """Items in the per-link queue of responses we must align: Parse and Sync boundaries."""
+
+    REAL = 0  # a client's Parse: forward its ParseComplete
+    INJECTED = 1  # our re-Parse: swallow its ParseComplete
+    FAKE = 2  # a client's Parse we did not send: synthesize ParseComplete in its place
+    SYNC = 3  # Sync/Query/FunctionCall: ends with ReadyForQuery
+
+
+@dataclass(slots=True)
+class PoolStats:
+    xact_count: int = 0
+    query_count: int = 0
+    xact_time: float = 0.0
+    query_time: float = 0.0
+    wait_count: int = 0
+    wait_time: float = 0.0
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    wait_timeouts: int = 0
+    server_login_errors: int = 0
+
+
+_server_ids = itertools.count(1)
+
+
+class ServerConnection(asyncio.Protocol):
+    def __init__(self, pool: Pool, password: str | None = None) -> None:
+        self.pool = pool
+        self.password = password if password is not None else pool.server_password
+        self.id = next(_server_ids)
+        self.state = "login"  # login | idle | active | reset | closed
+        self.transport: asyncio.Transport | None = None
+        self.client: PostgresClient | None = None
+        self.params: dict[str, str] = {}
+        self.backend_pid = 0
+        self.backend_key = 0
+        self.prepared: set[bytes] = set()
+        self.pending_prepared: set[bytes] = set()
+        self.created_at = time.monotonic()
+        self.last_used = self.created_at
+        self.status = _IDLE
+        self.outstanding = 0  # ReadyForQuery messages still due
+        self.unsynced = False  # extended-protocol messages sent since the last Sync
+        self.expect: collections.deque[tuple[int, bytes | None]] = collections.deque()
+        self.special = 0  # INJECTED/FAKE items in ``expect`` + injected queries in flight
+        self.swallow_z = 0
+        self.last_kind = Expect.SYNC
+        self.query_started = 0.0
+        self.linked_at = 0.0
+        self._decoder = BackendDecoder(
+            max_message_len=pool.config.max_packet_size,
+            skip_bodies=frozenset({B_DATA_ROW, B_COPY_DATA}),
+        )
+        self._scram: ScramClient | None = None
+        self._ssl_answer: asyncio.Future[bytes] | None = None
+        self.tls = False
+        self._login_done: asyncio.Future[None] | None = None
+        self.remote = f"{pool.host}:{pool.port}"
+
+    # ---- asyncio callbacks ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses: duck-typed
+        self.transport = cast(asyncio.Transport, transport)
+
+    def _send_startup(self) -> None:
+        assert self.transport is not None
+        params = {"user": self.pool.server_user, "database": self.pool.dbname}
+        params.update(self.pool.startup_params)
+        self.transport.write(enc.startup_message(params))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was = self.state
+        self.state = "closed"
+        self.transport = None
+        if self._ssl_answer is not None and not self._ssl_answer.done():
+            self._ssl_answer.set_exception(ConnectionError("server closed the connection"))
+        if self._login_done is not None and not self._login_done.done():
+            self._login_done.set_exception(ConnectionError("server closed the connection"))
+        self.pool.on_server_closed(self, was)
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            if self.state == "ssl":
+                if self._ssl_answer is not None and not self._ssl_answer.done():
+                    if data[:1] not in (b"S", b"N") or len(data) != 1:
+                        raise RemoteProtocolError("bad answer to SSLRequest")
+                    self._ssl_answer.set_result(data[:1])
+                return
+            if self.state == "login":
+                self._login_received(data)
+            elif self.state == "active":
+                self._relay(data)
+            elif self.state == "reset":
+                self._reset_received(data)
+            else:
+                # idle servers must be silent except for async notices; drop them
+                msgs = self._decoder.feed(data)
+                for m in msgs:
+                    if m.type == B_ERROR:
+                        _log.info("idle_server_error", fields=parse_fields(m.body))
+                        self.close()
+        except RemoteProtocolError as exc:
+            _log.warning("server_protocol_error", server=self.remote, error=exc.message)
+            self.close()
+
+    # ---- login as a client ----------------------------------------------------------------
+
+    def _login_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        for m in self._decoder.feed(data):
+            if m.type == B_AUTHENTICATION:
+                self._authenticate(m)
+            elif m.type == B_PARAMETER_STATUS:
+                name, value = parse_parameter_status(m.body)
+                self.params[name] = value
+            elif m.type == B_BACKEND_KEY_DATA:
+                self.backend_pid, self.backend_key = parse_backend_key_data(m.body)
+            elif m.type == B_ERROR:
+                fields = parse_fields(m.body)
+                self._fail_login(fields.get("C", "08006"), fields.get("M", "login failed"))
+                return
+            elif m.type == _Z:
+                self.state = "idle"
+                if self._login_done is not None and not self._login_done.done():
+                    self._login_done.set_result(None)
+
+    def _authenticate(self, m: Message) -> None:
+        assert self.transport is not None
+        code, data = parse_authentication(m.body)
+        password = self.password
+        if code == AUTH_OK:
+            return
+        if password is None and code in (AUTH_CLEARTEXT, AUTH_MD5, AUTH_SASL):
+            self._fail_login("28P01", "server asked for a password and none is configured")
+            return
+        assert password is not None or code in (AUTH_SASL_CONTINUE, AUTH_SASL_FINAL)
+        if code == AUTH_CLEARTEXT:
+            self.transport.write(enc.password_message(password or ""))
+        elif code == AUTH_MD5:
+            resp = md5_response(self.pool.server_user, password or "", data[:4])
+            self.transport.write(enc.password_message(resp))
+        elif code == AUTH_SASL:
+            if "SCRAM-SHA-256" not in parse_sasl_mechanisms(data):
+                self._fail_login("28000", "server offers no supported SASL mechanism")
+                return
+            self._scram = ScramClient(password or "")
+            self.transport.write(
+                enc.sasl_initial_response("SCRAM-SHA-256", self._scram.client_first())
+            )
+        elif code == AUTH_SASL_CONTINUE and self._scram is not None:
+            self.transport.write(enc.sasl_response(self._scram.client_final(data)))
+        elif code == AUTH_SASL_FINAL and self._scram is not None:
+            self._scram.verify_server_final(data)
+        else:
+            self._fail_login("28000", f"unsupported authentication request {code}")
+
+    def _fail_login(self, code: str, message: str) -> None:
+        _log.warning("server_login_failed", server=self.remote, code=code, message=message)
+        self.pool.stats.server_login_errors += 1
+        self.pool.last_login_error = (code, message)
+        if self._login_done is not None and not self._login_done.done():
+            self._login_done.set_exception(ConnectionError(f"{code}: {message}"))
+        self.close()
+
+    async def login(self, connect_timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._login_done = loop.create_future()
+        async with asyncio.timeout(connect_timeout):
+            await loop.create_connection(lambda: self, self.pool.host, self.pool.port)
+            if self.pool.manager.server_tls is not None:
+                await self._negotiate_tls(self.pool.manager.server_tls)
+            self._send_startup()
+            await self._login_done
+
+    async def _negotiate_tls(self, ctx: ssl.SSLContext) -> None:
+        """SSLRequest; on 'S' upgrade to TLS, on 'N' continue in clear unless TLS is required."""
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        self._ssl_answer = loop.create_future()
+        self.state = "ssl"
+        self.transport.write(enc.ssl_request())
+        answer = await self._ssl_answer
+        self.state = "login"
+        if answer == b"S":
+            new = await loop.start_tls(self.transport, self, ctx, server_hostname=self.pool.host)
+            self.transport = cast(asyncio.Transport, new)
+            self.tls = True
+        elif self.pool.config.server_tls_mode == "require":
+            raise ConnectionError("server does not support TLS (server_tls_mode = require)")
+
+    # ---- linked to a client -----------------------------------------------------------------
+
+    def link(self, client: PostgresClient) -> None:
+        self.client = client
+        self.state = "active"
+        self.outstanding = 0
+        self.unsynced = False
+        self.last_kind = Expect.SYNC
+        self.linked_at = time.monotonic()
+        sets = []
+        for name, value in client.tracked_params.items():
+            if self.params.get(name) != value:
+                sets.append(f"SET {name} = {_quote(value)}")
+                self.params[name] = value
+        if sets and self.transport is not None:
+            self.transport.write(enc.query("; ".join(sets)))
+            self.swallow_z += 1
+            self.special += 1
+
+    def in_flight(self) -> bool:
+        return self.outstanding > 0 or self.unsynced or self.swallow_z > 0
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def _relay(self, data: bytes) -> None:
+        client = self.client
+        assert client is not None
+        self.pool.stats.bytes_received += len(data)
+        if self.special:
+            out = self._relay_slow(self._decoder.feed_framed(data, full=True)[0])
+        else:
+            msgs, out = self._decoder.feed_framed(data)
+            expect = self.expect
+            for m in msgs:
+                t = m.type
+                if t == _Z:
+                    self._ready(m)
+                    if expect:
+                        self._pop_through_sync()
+                elif t == B_PARSE_COMPLETE and expect:
+                    self._parse_complete()
+                elif t == B_PARAMETER_STATUS:
+                    name, value = parse_parameter_status(m.body)
+                    self.params[name] = value
+                    client.on_parameter_status(name, value)
+                elif t == B_COMMAND_COMPLETE and m.body[:1] == b"D":
+                    self._forget_statements(m.body)
+        if out:
+            client.write(out)
+        if self.client is client and self.status == _IDLE and not self.in_flight():
+            client.on_server_idle(self)
+
+    def _forget_statements(self, tag: bytes) -> None:
+        """SQL DISCARD ALL / DEALLOCATE ran on this server: our record of it is stale."""
+        if tag.startswith((b"DISCARD", b"DEALLOCATE")):
+            self.prepared.clear()
+
+    def _ready(self, m: Message) -> None:
+        self.status = m.body[0] if m.body else _IDLE
+        if self.outstanding:
+            self.outstanding -= 1
+            if self.outstanding == 0:
+                now = time.monotonic()
+                self.pool.stats.query_time += now - self.query_started
+
+    def _parse_complete(self) -> int:
+        """Pop the Parse item a ParseComplete answers; return its kind."""
+        expect = self.expect
+        while expect and expect[0][0] == Expect.SYNC:
+            # cannot happen in a well-behaved stream; keep going rather than misalign
+            expect.popleft()
+        if not expect:
+            return Expect.REAL
+        kind, name = expect.popleft()
+        if kind == Expect.INJECTED:
+            self.special -= 1
+        if name is not None:
+            self.pending_prepared.discard(name)
+            self.prepared.add(name)
+            known = self.pool.known_statements
+            if len(known) >= MAX_KNOWN_STATEMENTS:
+                known.clear()
+            known.add(name)
+        return kind
+
+    def _relay_slow(self, msgs: list[Message]) -> bytes:
+        client = self.client
+        assert client is not None
+        out: list[bytes] = []
+        for m in msgs:
+            t = m.type
+            if self.swallow_z:
+                if t == _Z:
+                    self.swallow_z -= 1
+                    self.special -= 1
+                    if not self.swallow_z:
+                        self._emit_fakes(out)
+                elif t == B_ERROR:
+                    _log.warning("injected_query_failed", fields=parse_fields(m.body))
+                elif t == B_PARAMETER_STATUS:
+                    name, value = parse_parameter_status(m.body)
+                    self.params[name] = value
+                continue
+            if t == B_PARSE_COMPLETE:
+                kind = self._parse_complete()
+                if kind != Expect.INJECTED:
+                    out.append(m.raw)
+                self._emit_fakes(out)
+            elif t == _Z:
+                self._ready(m)
+                self._pop_through_sync()
+                out.append(m.raw)
+                self._emit_fakes(out)
+            else:
+                if t == B_PARAMETER_STATUS:
+                    name_s, value = parse_parameter_status(m.body)
+                    self.params[name_s] = value
+                    client.on_parameter_status(name_s, value)
+                elif t == B_COMMAND_COMPLETE and m.body[:1] == b"D":
+                    self._forget_statements(m.body)
+                out.append(m.raw)
+        return b"".join(out)
+
+    def _pop_through_sync(self) -> None:
+        """ReadyForQuery ends a Sync segment; Parses it did not answer were skipped (error)."""
+        expect = self.expect
+        while expect:
+            kind, name = expect.popleft()
+            if kind in (Expect.INJECTED, Expect.FAKE):
+                self.special -= 1
+            if name is not None and name not in self.prepared:
+                self.pending_prepared.discard(name)
+            if kind == Expect.SYNC:
+                break
+
+    def _emit_fakes(self, out: list[bytes]) -> None:
+        expect = self.expect
+        while expect and expect[0][0] == Expect.FAKE:
+            expect.popleft()
+            self.special -= 1
+            out.append(enc.parse_complete())
+
+    def unlink(self) -> None:
+        self.client = None
+        self.expect.clear()
+        self.special = self.swallow_z
+        self.last_used = time.monotonic()
+        self.pool.stats.xact_count += 1
+        self.pool.stats.xact_time += self.last_used - self.linked_at
+
+    # ---- reset (session mode) ---------------------------------------------------------------
+
+    def start_reset(self, query: str) -> None:
+        self.state = "reset"
+        self.write(enc.query(query))
+
+    def _reset_received(self, data: bytes) -> None:
+        for m in self._decoder.feed(data):
+            if m.type == B_ERROR:
+                _log.warning("server_reset_failed", fields=parse_fields(m.body))
+            elif m.type == B_PARAMETER_STATUS:
+                name, value = parse_parameter_status(m.body)
+                self.params[name] = value
+            elif m.type == _Z:
+                self.prepared.clear()
+                self.pending_prepared.clear()
+                if m.body[:1] == b"I":
+                    self.pool.release(self)
+                else:
+                    self.close()
+                return
+
+    def close(self) -> None:
+        if self.transport is not None:
+            if self.state != "login":
+                self.transport.write(enc.terminate())
+            self.transport.close()
+
+    def cancel_in_flight(self) -> None:
+        """Ask the server to cancel what it runs (a client vanished mid-query)."""
+        if self.outstanding and self.backend_pid:
+            spawn(
+                send_cancel(self.pool.host, self.pool.port, self.backend_pid, self.backend_key),
+                name=f"dblb cancel server {self.id}",
+            )
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+async def send_cancel(host: str, port: int, pid: int, key: int) -> None:
+    try:
+        async with asyncio.timeout(CANCEL_TIMEOUT):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                writer.write(enc.cancel_request(pid, key))
+                await writer.drain()
+                await reader.read(1)  # the server closes when done
+            finally:
+                writer.close()
+    except (OSError, TimeoutError) as exc:
+        _log.info("cancel_forward_failed", error=str(exc))
+
+
+@dataclass(slots=True)
+class _Waiter:
+    client: PostgresClient
+    since: float
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(eq=False)
+class Pool:
+    manager: PoolManager
+    database: str  # client-facing alias
+    user: str  # client user
+    dbname: str
+    host: str
+    port: int
+    server_user: str
+    server_password: str | None
+    mode: PoolMode
+    size: int
+    min_size: int
+    config: DblbConfig
+    startup_params: dict[str, str] = field(default_factory=dict)
+    idle: collections.deque[ServerConnection] = field(default_factory=collections.deque)
+    servers: set[ServerConnection] = field(default_factory=set)
+    waiters: collections.deque[_Waiter] = field(default_factory=collections.deque)
+    connecting: int = 0
+    stats: PoolStats = field(default_factory=PoolStats)
+    server_params: dict[str, str] | None = None
+    last_login_error: tuple[str, str] | None = None
+    clients: int = 0
+    verified_passwords: set[bytes] = field(default_factory=set)
+    #: server statement names some server of this pool parsed successfully
+    known_statements: set[bytes] = field(default_factory=set)
+    retired: bool = False  # replaced by a config change: servers close when released
+    role: str = "primary"
+    welcome_cache: dict[tuple[tuple[str, str], ...], bytes] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.database}/{self.user}"
+
+    def counts(self) -> dict[str, int]:
+        active = sum(1 for s in self.servers if s.state == "active")
+        return {
+            "cl_active": self.clients - len(self.waiters),
+            "cl_waiting": len(self.waiters),
+            "sv_active": active,
+            "sv_idle": len(self.idle),
+            "sv_used": sum(1 for s in self.servers if s.state == "reset"),
+            "sv_login": self.connecting,
+        }
+
+    # ---- acquire / release ------------------------------------------------------------------
+
+    def request(self, client: PostgresClient) -> None:
+        """Give ``client`` a server now or queue it; it gets ``on_server`` or an error."""
+        if not self.manager.paused:
+            while self.idle:
+                # LIFO like PgBouncer (server_round_robin = 0): the most recently used server
+                # is warm, and idle ones age out through server_idle_timeout
+                server = self.idle.pop()
+                if server.state == "idle":
+                    self._link(server, client)
+                    return
+        waiter = _Waiter(client, time.monotonic())
+        loop = asyncio.get_running_loop()
+        waiter.timer = loop.call_later(self.config.query_wait_timeout, self._wait_timeout, waiter)
+        self.waiters.append(waiter)
+        self.stats.wait_count += 1
+        self._grow()
+
+    def cancel_wait(self, client: PostgresClient) -> None:
+        for w in list(self.waiters):
+            if w.client is client:
+                self.waiters.remove(w)
+                if w.timer is not None:
+                    w.timer.cancel()
+
+    def _wait_timeout(self, waiter: _Waiter) -> None:
+        if waiter in self.waiters:
+            self.waiters.remove(waiter)
+            self.stats.wait_timeouts += 1
+            waiter.client.fail(
+                "08P01",
+                f"query_wait_timeout: no server connection for pool {self.name} "
+                f"within {self.config.query_wait_timeout:g}s",
+            )
+
+    def _grow(self) -> None:
+        if self.manager.paused or self.manager.closed:
+            return
+        missing = min(len(self.waiters), self.size - len(self.servers) - self.connecting)
+        want_min = self.min_size - len(self.servers) - self.connecting
+        for _ in range(max(missing, want_min, 0)):
+            self.connecting += 1
+            spawn(self._open_server(), name=f"dblb connect {self.name}")
+
+    async def _open_server(self) -> None:
+        server = ServerConnection(self)
+        try:
+            await server.login(self.config.server_connect_timeout)
+        except (OSError, TimeoutError, ConnectionError, RemoteProtocolError) as exc:
+            self.connecting -= 1
+            server.close()
+            if self.last_login_error is None or not isinstance(exc, ConnectionError):
+                self.last_login_error = ("08006", f"server connection failed: {exc}")
+            self.stats.server_login_errors += 1
+            if not self.servers and self.connecting == 0:
+                code, msg = self.last_login_error
+                for w in list(self.waiters):
+                    self.waiters.remove(w)
+                    if w.timer is not None:
+                        w.timer.cancel()
+                    w.client.fail(code, msg)
+            return
+        self.connecting -= 1
+        if self.manager.closed or server.state != "idle":
+            server.close()
+            return
+        self.last_login_error = None
+        self.servers.add(server)
+        if self.server_params is None:
+            self.server_params = dict(server.params)
+        self.release(server)
+
+    async def check_password(self, password: str) -> bool:
+        """Passthrough auth: the password is good if the server accepts it (cached by hash)."""
+        digest = hashlib.sha256(password.encode("utf-8")).digest()
+        if digest in self.verified_passwords:
+            return True
+        server = ServerConnection(self, password)
+        try:
+            await server.login(self.config.server_connect_timeout)
+        except (OSError, TimeoutError, ConnectionError, RemoteProtocolError):
+            server.close()
+            return False
+        if len(self.verified_passwords) >= MAX_VERIFIED_PASSWORDS:
+            self.verified_passwords.clear()
+        self.verified_passwords.add(digest)
+        self.server_password = password
+        if self.manager.closed or len(self.servers) + self.connecting >= self.size:
+            server.close()
+        else:
+            self.servers.add(server)
+            if self.server_params is None:
+                self.server_params = dict(server.params)
+            self.release(server)
+        return True
+
+    def _link(self, server: ServerConnection, client: PostgresClient) -> None:
+        server.link(client)
+        client.on_server(server)
+
+    def release(self, server: ServerConnection) -> None:
+        """The server is idle and clean: give it to the next waiter or park it."""
+        if server.client is not None:
+            server.unlink()
+        now = time.monotonic()
+        if (
+            server.state == "closed"
+            or self.manager.closed
+            or self.retired
+            or now - server.created_at > self.config.server_lifetime
+            or len(server.prepared) > MAX_SERVER_PREPARED
+            or server not in self.servers
+        ):
+            server.close()
+            return
+        server.state = "idle"
+        if not self.manager.paused:
+            while self.waiters:
+                w = self.waiters.popleft()
+                if w.timer is not None:
+                    w.timer.cancel()
+                if w.client.closed:
+                    continue
+                wait = now - w.since
+                self.stats.wait_time += wait
+                self._link(server, w.client)
+                return
+        self.idle.append(server)
+        self.manager.check_paused()
+
+    def release_after_client(self, server: ServerConnection, *, reset: bool) -> None:
+        """The linked client left. Reuse the server only if it is idle outside a transaction."""
+        server.unlink()
+        if server.status != _IDLE or server.in_flight():
+            server.cancel_in_flight()
+            server.close()
+            return
+        if reset and self.config.server_reset_query:
+            server.start_reset(self.config.server_reset_query)
+        else:
+            self.release(server)
+
+    def on_server_closed(self, server: ServerConnection, was: str) -> None:
+        self.servers.discard(server)
+        try:
+            self.idle.remove(server)
+        except ValueError:
+            pass
+        client = server.client
+        if client is not None and was == "active":
+            server.client = None
+            client.server_lost(server)
+        if self.waiters:
+            self._grow()
+        self.manager.check_paused()
+
+    def maintain(self, now: float) -> None:
+        keep = self.min_size
+        for server in list(self.idle):
+            expired = now - server.created_at > self.config.server_lifetime
+            too_idle = now - server.last_used > self.config.server_idle_timeout
+            if expired or (too_idle and len(self.servers) > keep):
+                self.idle.remove(server)
+                self.servers.discard(server)
+                server.close()
+        if not self.manager.paused:
+            self._grow()
+
+    def close_all(self) -> None:
+        for w in list(self.waiters):
+            if w.timer is not None:
+                w.timer.cancel()
+        self.waiters.clear()
+        for server in list(self.servers):
+            server.close()
+
+
+class PoolManager:
+    """Every pool, the client registry (for cancel requests), PAUSE/RESUME and janitor."""
+
+    def __init__(self, config: DblbConfig) -> None:
+        self.config = config
+        self.pools: dict[tuple[str, str], Pool] = {}
+        self.replica_pools: dict[tuple[str, str, int], Pool] = {}
+        self.clients: dict[int, PostgresClient] = {}
+        self.client_count = 0
+        self.paused = False
+        self.closed = False
+        self._pause_waiters: list[asyncio.Future[None]] = []
+        self._janitor: asyncio.Task[None] | None = None
+        self.server_tls = server_tls_context(config)
+        self._pid_counter = itertools.count(secrets.randbelow(1 << 20) + 1000)
+        self.on_reload: Callable[[], Any] | None = None
+
+    def start(self) -> None:
+        self._janitor = spawn(self._janitor_loop(), name="dblb pool janitor")
+
+    async def _janitor_loop(self) -> None:
+        while not self.closed:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for pool in self.all_pools():
+                pool.maintain(now)
+
+    def apply(self, config: DblbConfig) -> None:
+        """New config: new pools use it; pools whose target changed are rebuilt lazily."""
+        self.config = config
+        self.server_tls = server_tls_context(config)
+        for rkey, rpool in list(self.replica_pools.items()):
+            del self.replica_pools[rkey]
+            rpool.retired = True
+            for server in list(rpool.idle):
+                server.close()
+        for key, pool in list(self.pools.items()):
+            resolved = config.database(pool.database)
+            if resolved is None or _target(resolved[0], resolved[1]) != (
+                pool.host,
+                pool.port,
+                pool.dbname,
+            ):
+                del self.pools[key]
+                pool.retired = True
+                for server in list(pool.idle):
+                    server.close()
+            else:
+                db = resolved[0]
+                pool.config = config
+                pool.size = db.pool_size or config.default_pool_size
+                pool.min_size = (
+                    db.min_pool_size if db.min_pool_size is not None else config.min_pool_size
+                )
+                pool.mode = config.pool_mode_for(db, pool.user)
+
+    def replica_pool(self, primary: Pool, counter: int) -> Pool | None:
+        """A pool to one of the primary's replicas (round robin), or None without replicas."""
+        resolved = self.config.database(primary.database)
+        if resolved is None or not resolved[0].replicas:
+            return None
+        replicas = resolved[0].replicas
+        index = counter % len(replicas)
+        key = (primary.database, primary.user, index)
+        pool = self.replica_pools.get(key)
+        target = replicas[index]
+        if pool is None or (pool.host, pool.port) != (target.host, target.port):
+            pool = Pool(
+                manager=self,
+                database=primary.database,
+                user=primary.user,
+                dbname=target.dbname or primary.dbname,
+                host=target.host,
+                port=target.port,
+                server_user=primary.server_user,
+                server_password=primary.server_password,
+                mode="transaction",
+                size=primary.size,
+                min_size=0,
+                config=self.config,
+                startup_params=dict(primary.startup_params),
+                role=f"replica{index}",
+            )
+            self.replica_pools[key] = pool
+        return pool
+
+    def all_pools(self) -> list[Pool]:
+        return [*self.pools.values(), *self.replica_pools.values()]
+
+    def pool_for(self, database: str, user: str, client_params: dict[str, str]) -> Pool | None:
+        key = (database, user)
+        pool = self.pools.get(key)
+        if pool is not None:
+            return pool
+        resolved = self.config.database(database)
+        if resolved is None:
+            return None
+        db, dbname = resolved
+        server_user = db.user or user
+        password = db.password
+        if password is None:
+            u = self.config.users.get(server_user)
+            if u is not None and u.password and not u.password.startswith("SCRAM-SHA-256$"):
+                password = u.password
+        pool = Pool(
+            manager=self,
+            database=database,
+            user=user,
+            dbname=dbname,
+            host=db.host,
+            port=db.port,
+            server_user=server_user,
+            server_password=password,
+            mode=self.config.pool_mode_for(db, user),
+            size=db.pool_size or self.config.default_pool_size,
+            min_size=db.min_pool_size
+            if db.min_pool_size is not None
+            else self.config.min_pool_size,
+            config=self.config,
+            startup_params={k: v for k, v in client_params.items() if k in TRACKED_PARAMETERS},
+        )
+        self.pools[key] = pool
+        return pool
+
+    def new_backend_key(self) -> tuple[int, int]:
+        pid = next(self._pid_counter) & 0x7FFFFFFF
+        return pid, secrets.randbits(31)
+
+    def check_paused(self) -> None:
+        if self.paused and not self.active_servers():
+            for f in self._pause_waiters:
+                if not f.done():
+                    f.set_result(None)
+            self._pause_waiters.clear()
+
+    def active_servers(self) -> int:
+        return sum(1 for p in self.all_pools() for s in p.servers if s.state != "idle")
+
+    async def pause(self, wait_s: float) -> bool:
+        self.paused = True
+        if not self.active_servers():
+            return True
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pause_waiters.append(fut)
+        try:
+            async with asyncio.timeout(wait_s):
+                await fut
+            return True
+        except TimeoutError:
+            return False
+
+    def resume(self) -> None:
+        self.paused = False
+        for pool in self.all_pools():
+            while pool.idle and pool.waiters:
+                pool.release(pool.idle.popleft())
+            pool._grow()
+
+    def close(self) -> None:
+        self.closed = True
+        if self._janitor is not None:
+            self._janitor.cancel()
+        for pool in self.all_pools():
+            pool.close_all()
+
+
+def server_tls_context(config: DblbConfig) -> ssl.SSLContext | None:
+    """libpq-like: ``prefer``/``require`` encrypt; the server is verified only with a CA file."""
+    if config.server_tls_mode == "disable":
+        return None
+    if config.server_tls_ca:
+        return ssl.create_default_context(cafile=config.server_tls_ca)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _target(db: Any, dbname: str) -> tuple[str, int, str]:
+    return (db.host, db.port, dbname)

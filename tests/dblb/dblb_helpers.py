@@ -1,0 +1,71 @@
+"""Shared fixtures for DBLB tests: an in-process DBLB on port 0 in front of the real Postgres."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from marchproxy_dblb.config import DblbSettings
+from marchproxy_dblb.module import DblbHooks
+
+PG_HOST = "127.0.0.1"
+PG_PORT = 5432
+DIRECT_DSN = f"host={PG_HOST} port={PG_PORT} user=postgres dbname=test"
+
+
+def settings(**kw: Any) -> DblbSettings:
+    base: dict[str, Any] = {
+        "data_port": 0,
+        "register_with_nlb": False,
+        "proxy_protocol": "off",
+        "mysql_port": -1,
+    }
+    base.update(kw)
+    return DblbSettings(**base)
+
+
+def pg_config(**kw: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "pool_mode": "transaction",
+        "default_pool_size": 5,
+        "databases": {"*": {"host": PG_HOST, "port": PG_PORT}},
+    }
+    cfg.update(kw)
+    return cfg
+
+
+@contextlib.asynccontextmanager
+async def running_dblb(config: dict[str, Any], **settings_kw: Any) -> AsyncIterator[DblbHooks]:
+    hooks = DblbHooks(settings(**settings_kw))
+    addr = await hooks.start_data_plane()
+    hooks.port = addr.port  # type: ignore[attr-defined]
+    try:
+        errors = await hooks.apply_config({"modules": [{"name": "dblb", "config": config}]})
+        assert errors == []
+        yield hooks
+    finally:
+        await hooks.close()
+
+
+def dsn(port: int, dbname: str = "test", user: str = "postgres", **extra: str) -> str:
+    parts = [f"host=127.0.0.1 port={port} user={user} dbname={dbname}"]
+    parts += [f"{k}={v}" for k, v in extra.items()]
+    return " ".join(parts)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(4)}"
+
+
+@pytest.fixture
+async def direct() -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    conn = await psycopg.AsyncConnection.connect(DIRECT_DSN, autocommit=True)
+    try:
+        yield conn
+    finally:
+        await conn.close()
