@@ -1,0 +1,1 @@
+"""MarchProxy ailb service."""

@@ -1,0 +1,56 @@
+"""Response cache for identical non-stream requests (Redis with TTL, or an in-process LRU).
+
+The cache key is sha256 over the endpoint and the canonical JSON of the body (sorted keys), so
+two requests that differ only in key order or whitespace share an entry. Clients opt out with
+``x-marchproxy-cache: no-cache``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import OrderedDict
+from typing import Any
+
+from marchproxy_ailb.schema import CacheSettings
+
+
+def cache_key(endpoint: str, body: dict[str, Any]) -> str:
+    canon = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{endpoint}\n{canon}".encode()).hexdigest()
+
+
+class ResponseCache:
+    def __init__(self, settings: CacheSettings, redis: Any | None, prefix: str) -> None:
+        self.settings = settings
+        self._redis = redis
+        self._prefix = prefix
+        self._local: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.enabled
+
+    async def get(self, key: str) -> bytes | None:
+        if self._redis is not None:
+            value = await self._redis.get(f"{self._prefix}cache:{key}")
+            return bytes(value) if value is not None else None
+        hit = self._local.get(key)
+        if hit is None:
+            return None
+        if hit[0] < time.monotonic():
+            del self._local[key]
+            return None
+        self._local.move_to_end(key)
+        return hit[1]
+
+    async def put(self, key: str, value: bytes) -> None:
+        ttl = self.settings.ttl_seconds
+        if self._redis is not None:
+            await self._redis.set(f"{self._prefix}cache:{key}", value, ex=ttl)
+            return
+        self._local[key] = (time.monotonic() + ttl, value)
+        self._local.move_to_end(key)
+        while len(self._local) > self.settings.max_entries:
+            self._local.popitem(last=False)

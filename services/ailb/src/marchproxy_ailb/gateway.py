@@ -1,0 +1,652 @@
+"""The AILB request path: auth -> limits -> cache -> routing plan -> provider -> usage.
+
+I/O glue only; the rules live in routing.py, keys.py, limits.py, usage.py and the providers.
+Served by aiohttp's low-level server (no router, no middlewares) to keep the added time small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from marchproxy_ailb.cache import ResponseCache, cache_key
+from marchproxy_ailb.errors import GatewayError, UpstreamError, upstream_to_gateway
+from marchproxy_ailb.keys import NANO, KeyInfo, KeyStore
+from marchproxy_ailb.limits import Admission, Limiter, rate_headers, refusal
+from marchproxy_ailb.providers import PROVIDERS, Provider
+from marchproxy_ailb.routing import DeploymentState, Router
+from marchproxy_ailb.schema import AilbConfig
+from marchproxy_ailb.tokens import count_prompt, count_text
+from marchproxy_ailb.upstream_http import UpstreamPool
+from marchproxy_ailb.usage import Metrics, UsageRecord, UsageStore, cost_nusd
+from marchproxy_ailb.validation import validate_body
+
+_log = structlog.get_logger("marchproxy.ailb")
+T = TypeVar("T")
+
+#: longest backoff between retries of one deployment
+MAX_BACKOFF_S = 2.0
+CACHE_HEADER = "x-marchproxy-cache"
+RECENT_LATENCY_SAMPLES = 1024
+OVERHEAD_HEADER = "x-marchproxy-overhead-ms"
+#: which deployment answered (its id), for debugging routing and fallbacks
+DEPLOYMENT_HEADER = "x-marchproxy-deployment"
+JSON_CT = "application/json"
+ENDPOINTS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+    # the same surface without the /v1 prefix, as OpenAI's own SDKs accept for base_url
+    "/chat/completions": "chat",
+    "/completions": "completions",
+    "/embeddings": "embeddings",
+}
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+@dataclass(slots=True)
+class Routed:
+    """Everything one config version needs; swapped whole by :meth:`Gateway.apply`."""
+
+    config: AilbConfig
+    router: Router
+    keys: KeyStore
+    cache: ResponseCache
+    providers: dict[str, Provider]
+
+
+class Gateway:
+    def __init__(
+        self,
+        *,
+        redis: Any | None,
+        prefix: str,
+        usage: UsageStore,
+        metrics: Metrics,
+        max_body: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.usage = usage
+        self.metrics = metrics
+        self.limiter = Limiter(redis, prefix)
+        self.max_body = max_body
+        self.clock = clock
+        self._pools: dict[str, UpstreamPool] = {}
+        self.routed = self._build(AilbConfig())
+        self.requests_total = 0
+        self.errors_total = 0
+        self.active = 0
+        #: durations (s) of the latest answered requests, for the load report's percentiles
+        self.recent_latency: deque[float] = deque(maxlen=RECENT_LATENCY_SAMPLES)
+
+    # -- configuration -------------------------------------------------------------------------
+
+    def _pool(self, base_url: str) -> UpstreamPool:
+        pool = self._pools.get(base_url)
+        if pool is None:
+            pool = self._pools[base_url] = UpstreamPool(base_url)
+        return pool
+
+    def _build(self, config: AilbConfig) -> Routed:
+        router = Router(config, clock=self.clock)
+        providers: dict[str, Provider] = {}
+        for group in router.groups.values():
+            for st in group.members:
+                dep = st.deployment
+                cls = PROVIDERS[dep.provider]
+                providers[st.key] = cls(
+                    dep.base_url, dep.resolved_api_key, self._pool(dep.base_url)
+                )
+        return Routed(
+            config,
+            router,
+            KeyStore(config.keys, required=config.keys_required),
+            ResponseCache(config.cache, self.redis, self.prefix),
+            providers,
+        )
+
+    def apply(self, config: AilbConfig) -> None:
+        routed = self._build(config)
+        routed.router.carry_over(self.routed.router)
+        self.routed = routed
+
+    async def close(self) -> None:
+        for pool in self._pools.values():
+            await pool.close()
+        self._pools.clear()
+
+    # -- HTTP entry ----------------------------------------------------------------------------
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        self.requests_total += 1
+        self.active += 1
+        self.metrics.in_flight.inc()
+        ctx = _Ctx(t0)
+        try:
+            path = request.path
+            kind = ENDPOINTS.get(path)
+            if kind is not None:
+                if request.method != "POST":
+                    raise GatewayError(405, f"Use POST for {path}", code="method_not_allowed")
+                return await self._serve(request, kind, ctx)
+            if path in ("/v1/models", "/models") or path.startswith(("/v1/models/", "/models/")):
+                return self._models(request, path, ctx)
+            if path in ("/v1/key/info", "/key/info"):
+                return await self._key_info(request, ctx)
+            if path == "/health":
+                return web.Response(text="OK")
+            raise GatewayError(
+                404, f"Unknown request URL: {request.method} {path}.", code="unknown_url"
+            )
+        except GatewayError as err:
+            self.errors_total += 1
+            self.metrics.requests.labels(ctx.group, ctx.provider, str(err.status)).inc()
+            resp = web.Response(status=err.status, body=err.body(), content_type=JSON_CT)
+            resp.headers.update(err.headers)
+            resp.headers.update(ctx.extra_headers)
+            resp.headers[OVERHEAD_HEADER] = ctx.overhead(time.perf_counter())
+            return resp
+        except Exception:
+            # a bug must still answer in OpenAI's shape, never with a stack trace
+            _log.exception("ailb_request_failed", path=request.path)
+            internal = GatewayError(
+                500,
+                "The server had an error while processing your request.",
+                type="server_error",
+                code="internal_error",
+            )
+            self.errors_total += 1
+            self.metrics.requests.labels(ctx.group, ctx.provider, "500").inc()
+            resp = web.Response(status=500, body=internal.body(), content_type=JSON_CT)
+            resp.headers[OVERHEAD_HEADER] = ctx.overhead(time.perf_counter())
+            return resp
+        finally:
+            self.active -= 1
+            self.metrics.in_flight.dec()
+
+    async def _key_info(self, request: web.BaseRequest, ctx: _Ctx) -> web.Response:
+        """The presenting key's own limits, budget and persisted usage totals."""
+        key = self.routed.keys.authenticate(
+            request.headers.get("Authorization"), request.headers.get("x-api-key")
+        )
+        totals = await self.usage.totals(key.key_id)
+        budget = None if key.budget_nusd is None else key.budget_nusd / NANO
+        info = {
+            "key": key.key_id,
+            "team": key.team,
+            "user": key.user,
+            "models": list(key.models),
+            "rpm": key.rpm,
+            "tpm": key.tpm,
+            "budget_usd": budget,
+            "spend_usd": totals["cost_nusd"] / NANO,
+            "usage": totals,
+        }
+        return self._json(info, ctx, {})
+
+    async def _soft(self, what: str, op: Awaitable[T], default: T) -> T:
+        """Redis trouble must not take the gateway down: serve, count and log (fail open)."""
+        try:
+            return await op
+        except Exception as exc:  # redis/OS errors; CancelledError is not an Exception
+            self.metrics.backend_errors.labels(what).inc()
+            _log.warning("ailb_backend_error", what=what, error=str(exc))
+            return default
+
+    def _models(self, request: web.BaseRequest, path: str, ctx: _Ctx) -> web.Response:
+        routed = self.routed
+        key = routed.keys.authenticate(
+            request.headers.get("Authorization"), request.headers.get("x-api-key")
+        )
+        models = [m for m in routed.router.public_models() if key.allows(m)]
+        entries = [
+            {"id": m, "object": "model", "created": 0, "owned_by": "marchproxy"} for m in models
+        ]
+        if path.startswith(("/v1/models/", "/models/")):
+            wanted = path.split("/models/", 1)[1]
+            for e in entries:
+                if e["id"] == wanted:
+                    return self._json(e, ctx, {})
+            raise GatewayError(
+                404, f"The model '{wanted}' does not exist", param="model", code="model_not_found"
+            )
+        return self._json({"object": "list", "data": entries}, ctx, {})
+
+    def _json(self, obj: Any, ctx: _Ctx, headers: dict[str, str]) -> web.Response:
+        return self._bytes(_dumps(obj), ctx, headers)
+
+    def _bytes(self, body: bytes, ctx: _Ctx, headers: dict[str, str]) -> web.Response:
+        resp = web.Response(body=body, content_type=JSON_CT)
+        resp.headers.update(headers)
+        resp.headers[OVERHEAD_HEADER] = ctx.overhead(time.perf_counter())
+        return resp
+
+    async def _read_json(self, request: web.BaseRequest) -> dict[str, Any]:
+        if request.content_length is not None and request.content_length > self.max_body:
+            raise GatewayError(413, "Request body too large", code="request_too_large")
+        chunks: list[bytes] = []
+        size = 0
+        async for data in request.content.iter_any():
+            size += len(data)
+            if size > self.max_body:
+                raise GatewayError(413, "Request body too large", code="request_too_large")
+            chunks.append(data)
+        try:
+            body = json.loads(b"".join(chunks))
+        except ValueError:
+            raise GatewayError(
+                400, "We could not parse the JSON body of your request.", code="invalid_json"
+            ) from None
+        if not isinstance(body, dict):
+            raise GatewayError(400, "The request body must be a JSON object.", code="invalid_json")
+        return body
+
+    # -- the request path ----------------------------------------------------------------------
+
+    async def _serve(self, request: web.BaseRequest, kind: str, ctx: _Ctx) -> web.StreamResponse:
+        routed = self.routed
+        key = routed.keys.authenticate(
+            request.headers.get("Authorization"), request.headers.get("x-api-key")
+        )
+        body = await self._read_json(request)
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise GatewayError(
+                400, "you must provide a model parameter", param="model", code="missing_model"
+            )
+        ctx.model = model
+        group = routed.router.resolve(model)
+        if group is None:
+            raise GatewayError(
+                404,
+                f"The model `{model}` does not exist or you do not have access to it.",
+                param="model",
+                code="model_not_found",
+            )
+        # metrics are labelled by the configured group, never by client-chosen names
+        ctx.group = group
+        if not key.allows(model):
+            raise GatewayError(
+                403,
+                f"Key {key.key_id} may not use model `{model}`.",
+                param="model",
+                code="model_not_allowed",
+            )
+        validate_body(kind, body)
+        stream = bool(body.get("stream")) and kind != "embeddings"
+        estimated = count_prompt(body)
+        admission = await self._soft("limits", self.limiter.admit(key, estimated), None)
+        if admission is not None:
+            if not admission.allowed:
+                raise refusal(key, admission)
+            ctx.extra_headers.update(rate_headers(key, admission))
+
+        ckey = None
+        if (
+            not stream
+            and routed.cache.enabled
+            and request.headers.get(CACHE_HEADER, "").lower() != "no-cache"
+        ):
+            ckey = cache_key(kind, body)
+            cached = await self._soft("cache", routed.cache.get(ckey), None)
+            if cached is not None:
+                self.metrics.cache.labels("hit").inc()
+                self.metrics.requests.labels(ctx.group, "cache", "200").inc()
+                hit = UsageRecord(
+                    key.key_id, key.team, model, "", "cache", 0, 0, 0, 0, False, cache_hit=True
+                )
+                await self._soft("usage", self.usage.record(hit), None)
+                return self._bytes(cached, ctx, {**ctx.extra_headers, CACHE_HEADER: "hit"})
+            self.metrics.cache.labels("miss").inc()
+
+        plan = routed.router.plan(group)
+        if not plan:
+            raise GatewayError(
+                503,
+                f"No healthy deployment for model `{model}` (all cooling down or at their limits).",
+                type="service_unavailable",
+                code="no_healthy_deployment",
+                headers={"Retry-After": "1"},
+            )
+        if stream:
+            return await self._stream(request, kind, body, key, plan, estimated, ctx)
+        result, st = await self._call(kind, body, key, plan, estimated, ctx)
+        raw = getattr(result, "raw", b"")
+        out = raw if raw else _dumps(result)
+        if ckey is not None:
+            await self._soft("cache", routed.cache.put(ckey, out), None)
+        headers = dict(ctx.extra_headers)
+        headers[DEPLOYMENT_HEADER] = st.key
+        if ckey is not None:
+            headers[CACHE_HEADER] = "miss"
+        self.metrics.requests.labels(ctx.group, st.deployment.provider, "200").inc()
+        elapsed = time.perf_counter() - ctx.t0
+        self.metrics.latency.labels(ctx.group, st.deployment.provider).observe(elapsed)
+        self.recent_latency.append(elapsed)
+        return self._bytes(out, ctx, headers)
+
+    async def _budget_allows(self, key: KeyInfo, st: DeploymentState, estimated: int) -> bool:
+        if key.budget_nusd is None:
+            return True
+        spent = await self._soft("budget", self.usage.spend_nusd(key.key_id), 0)
+        need = cost_nusd(st.deployment.price, estimated, 0, 0)
+        return spent < key.budget_nusd and spent + need <= key.budget_nusd
+
+    async def _attempts(
+        self,
+        kind: str,
+        body: dict[str, Any],
+        key: KeyInfo,
+        plan: list[DeploymentState],
+        estimated: int,
+        ctx: _Ctx,
+        stream: bool,
+    ) -> tuple[Any, DeploymentState, float]:
+        """Walk the plan: retries per deployment, then fallbacks. Returns (result, deployment,
+        upstream seconds). Budgets are re-checked before every hop."""
+        routed = self.routed
+        last: UpstreamError | None = None
+        budget_refused = False
+        for hop, st in enumerate(plan):
+            if not await self._budget_allows(key, st, estimated):
+                budget_refused = True
+                continue
+            if (
+                hop > 0
+                and last is not None
+                and not await self._soft("limits", self.limiter.tokens_fit(key, estimated), True)
+            ):
+                # replicas may have used the key's tokens while earlier hops failed
+                raise refusal(key, Admission(False, 0, key.tpm or 0, 1.0, "tokens"))
+            dep = st.deployment
+            provider = routed.providers[st.key]
+            upstream_model = routed.router.upstream_model(st, ctx.model)
+            ctx.provider = dep.provider
+            for attempt in range(dep.max_retries + 1):
+                routed.router.started(st)
+                t_up = time.perf_counter()
+                try:
+                    result = await self._invoke(
+                        provider, kind, body, upstream_model, dep.timeout, stream
+                    )
+                except UpstreamError as err:
+                    ctx.upstream_s += time.perf_counter() - t_up
+                    reason = "timeout" if err.status == 504 else str(err.status)
+                    self.metrics.upstream_errors.labels(dep.provider, st.key, reason).inc()
+                    if not err.retryable:
+                        routed.router.finished_other(st)
+                        raise upstream_to_gateway(err) from None
+                    last = err
+                    if attempt < dep.max_retries:
+                        routed.router.finished_other(st)
+                        delay = routed.router.settings.retry_backoff_seconds * (2**attempt)
+                        await asyncio.sleep(min(MAX_BACKOFF_S, delay))
+                        continue
+                    routed.router.failed(st)
+                    break
+                except BaseException:
+                    routed.router.finished_other(st)
+                    raise
+                up = time.perf_counter() - t_up
+                ctx.upstream_s += up
+                if hop > 0:
+                    self.metrics.fallbacks.labels(ctx.group).inc()
+                return result, st, up
+        if budget_refused:
+            # a hop the budget could not pay for was skipped: say so rather than relay an
+            # earlier hop's failure (the fallback existed, the key could not afford it)
+            detail = f" (after upstream error {last.status})" if last is not None else ""
+            raise GatewayError(
+                429,
+                f"Budget exceeded for key {key.key_id}{detail}.",
+                type="insufficient_quota",
+                code="budget_exceeded",
+            )
+        if last is None:
+            raise GatewayError(
+                503,
+                "No deployment could take the request.",
+                type="service_unavailable",
+                code="no_healthy_deployment",
+            )
+        raise upstream_to_gateway(last)
+
+    async def _invoke(
+        self,
+        provider: Provider,
+        kind: str,
+        body: dict[str, Any],
+        model: str,
+        timeout_s: float,
+        stream: bool,
+    ) -> Any:
+        if stream:
+            opener = provider.chat_stream if kind == "chat" else provider.completions_stream
+            chunks = await opener(body, model, timeout_s)
+            # wait for the first chunk here (the stall watchdog bounds the wait), so a stall or
+            # an error before it can still fall back: nothing has reached the client yet
+            try:
+                first = await anext(chunks)
+            except StopAsyncIteration:
+                first = []
+            except UpstreamError as err:
+                await chunks.aclose()
+                raise UpstreamError(
+                    err.status, err.message, retryable=True, body=err.body
+                ) from None
+            except BaseException:
+                await chunks.aclose()
+                raise
+            return first, chunks
+        if kind == "chat":
+            return await provider.chat(body, model, timeout_s)
+        if kind == "completions":
+            return await provider.completions(body, model, timeout_s)
+        return await provider.embeddings(body, model, timeout_s)
+
+    async def _call(
+        self,
+        kind: str,
+        body: dict[str, Any],
+        key: KeyInfo,
+        plan: list[DeploymentState],
+        estimated: int,
+        ctx: _Ctx,
+    ) -> tuple[dict[str, Any], DeploymentState]:
+        result, st, up = await self._attempts(kind, body, key, plan, estimated, ctx, False)
+        numbers = _usage_numbers(result.get("usage"))
+        is_estimate = numbers is None
+        if numbers is None:
+            choices = result.get("choices")
+            text = "".join(_choice_text(c) for c in choices) if isinstance(choices, list) else ""
+            prompt, completion, cached = estimated, count_text(text), 0
+        else:
+            prompt, completion, cached = numbers
+        await self._account(key, st, prompt, completion, cached, is_estimate, ctx)
+        self.routed.router.succeeded(st, up, prompt + completion)
+        return result, st
+
+    async def _account(
+        self,
+        key: KeyInfo,
+        st: DeploymentState,
+        prompt: int,
+        completion: int,
+        cached: int,
+        estimated: bool,
+        ctx: _Ctx,
+    ) -> None:
+        dep = st.deployment
+        cost = cost_nusd(dep.price, prompt, completion, cached)
+        rec = UsageRecord(
+            key.key_id,
+            key.team,
+            ctx.model,
+            st.key,
+            dep.provider,
+            prompt,
+            completion,
+            cached,
+            cost,
+            estimated,
+        )
+        await self._soft("usage", self.usage.record(rec), None)
+        await self._soft("limits", self.limiter.add_tokens(key, prompt + completion), None)
+        m = self.metrics
+        m.tokens.labels(ctx.group, dep.provider, "prompt").inc(prompt)
+        m.tokens.labels(ctx.group, dep.provider, "completion").inc(completion)
+        if cached:
+            m.tokens.labels(ctx.group, dep.provider, "cached").inc(cached)
+        if cost:
+            m.cost.labels(ctx.group).inc(cost / 1e9)
+
+    async def _stream(
+        self,
+        request: web.BaseRequest,
+        kind: str,
+        body: dict[str, Any],
+        key: KeyInfo,
+        plan: list[DeploymentState],
+        estimated: int,
+        ctx: _Ctx,
+    ) -> web.StreamResponse:
+        (first, chunks), st, _ = await self._attempts(kind, body, key, plan, estimated, ctx, True)
+        want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        provider = st.deployment.provider
+        resp = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                **ctx.extra_headers,
+                DEPLOYMENT_HEADER: st.key,
+                OVERHEAD_HEADER: ctx.overhead(time.perf_counter()),
+            }
+        )
+        usage: Any = None
+        completion_chars = 0
+        ok = False
+        t_first: float | None = None
+        try:
+            await resp.prepare(request)
+            batch: list[dict[str, Any]] | None = first
+            while batch is not None:
+                out = bytearray()
+                for chunk in batch:
+                    if chunk.get("usage") and not chunk.get("choices"):
+                        usage = chunk["usage"]
+                        if not want_usage:
+                            continue  # we asked for it, the client did not
+                    else:
+                        choices = chunk.get("choices")
+                        if isinstance(choices, list):
+                            completion_chars += sum(len(_delta_text(c)) for c in choices)
+                        if chunk.get("usage"):
+                            usage = chunk["usage"]
+                    raw = getattr(chunk, "raw", b"")
+                    out += b"data: " + (raw or _dumps(chunk)) + b"\n\n"
+                if out:
+                    await resp.write(bytes(out))
+                    if t_first is None:
+                        t_first = time.perf_counter()
+                        self.metrics.ttft.labels(ctx.group, provider).observe(t_first - ctx.t0)
+                try:
+                    batch = await anext(chunks)
+                except StopAsyncIteration:
+                    batch = None
+            await resp.write(b"data: [DONE]\n\n")
+            ok = True
+        except UpstreamError as err:
+            # headers are out: tell the client in-band, as OpenAI does, and stop
+            self.metrics.upstream_errors.labels(provider, st.key, "stream").inc()
+            with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
+                await resp.write(b"data: " + upstream_to_gateway(err).body() + b"\n\n")
+        except (ConnectionError, aiohttp.ClientConnectionResetError):
+            pass  # the client went away; closing the upstream below cancels it
+        finally:
+            await chunks.aclose()
+            numbers = _usage_numbers(usage)
+            if numbers is not None:
+                (prompt, completion, cached), est = numbers, False
+            else:
+                prompt, completion, cached, est = estimated, (completion_chars + 3) // 4, 0, True
+            await asyncio.shield(self._account(key, st, prompt, completion, cached, est, ctx))
+            status = "200" if ok else "499"
+            self.metrics.requests.labels(ctx.group, provider, status).inc()
+            elapsed = time.perf_counter() - ctx.t0
+            self.metrics.latency.labels(ctx.group, provider).observe(elapsed)
+            self.recent_latency.append(elapsed)
+            if ok:
+                self.routed.router.succeeded(st, time.perf_counter() - ctx.t0, prompt + completion)
+            else:
+                self.routed.router.finished_other(st)
+        with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
+            await resp.write_eof()
+        return resp
+
+
+@dataclass(slots=True)
+class _Ctx:
+    t0: float
+    model: str = ""
+    group: str = ""
+    provider: str = ""
+    upstream_s: float = 0.0
+    extra_headers: dict[str, str] = field(default_factory=dict)
+
+    def overhead(self, now: float) -> str:
+        return f"{max(0.0, (now - self.t0 - self.upstream_s) * 1000):.3f}"
+
+
+def _usage_numbers(usage: Any) -> tuple[int, int, int] | None:
+    """(prompt, completion, cached) from an OpenAI usage object, or None when absent/garbled."""
+    if not isinstance(usage, dict) or usage.get("prompt_tokens") is None:
+        return None
+    try:
+        prompt = int(usage["prompt_tokens"])
+        completion = int(usage.get("completion_tokens") or 0)
+        details = usage.get("prompt_tokens_details")
+        cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+    except (TypeError, ValueError):
+        return None
+    return max(0, prompt), max(0, completion), max(0, cached)
+
+
+def _text_of(part: Any) -> str:
+    if not isinstance(part, dict):
+        return ""
+    text = part.get("content") if "content" in part else part.get("text")
+    out = text if isinstance(text, str) else ""
+    calls = part.get("tool_calls")
+    for call in calls if isinstance(calls, list) else ():
+        fn = call.get("function") if isinstance(call, dict) else None
+        args = fn.get("arguments") if isinstance(fn, dict) else None
+        out += args if isinstance(args, str) else ""
+    return out
+
+
+def _choice_text(choice: Any) -> str:
+    if isinstance(choice, dict) and "text" in choice:
+        return _text_of(choice)
+    return _text_of(choice.get("message")) if isinstance(choice, dict) else ""
+
+
+def _delta_text(choice: Any) -> str:
+    if isinstance(choice, dict) and "text" in choice:
+        return _text_of(choice)
+    return _text_of(choice.get("delta")) if isinstance(choice, dict) else ""

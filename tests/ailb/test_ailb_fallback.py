@@ -1,0 +1,250 @@
+"""Fallback on upstream 500/429/timeout, retries, cooldown and stream cancellation, through the
+real openai client and real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.ailb.conftest import AilbFactory, base_url
+from tests.ailb.fakes import FakeAnthropic, FakeOllama, FakeOpenAI, FakeUpstream
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def chain_config(primary: FakeOpenAI, backup: FakeAnthropic, **router: Any) -> dict[str, Any]:
+    return {
+        "model_list": [
+            {
+                "model_name": "main",
+                "provider": "openai",
+                "base_url": primary.url + "/v1",
+                "model": "gpt-4o-mini",
+                "timeout": 0.5,
+            },
+            {
+                "model_name": "backup",
+                "provider": "anthropic",
+                "base_url": backup.url,
+                "api_key": "k",
+                "model": "claude-x",
+            },
+        ],
+        "router_settings": {
+            "fallbacks": {"main": ["backup"]},
+            "retry_backoff_seconds": 0.01,
+            **router,
+        },
+    }
+
+
+@pytest.mark.parametrize("status", [500, 429, 503])
+async def test_fallback_on_status(
+    ailb: AilbFactory, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic, status: int
+) -> None:
+    hooks = await ailb.start(chain_config(fake_openai, fake_anthropic))
+    fake_openai.fail(status, retry_after="1" if status == 429 else None)
+    async with openai.AsyncOpenAI(base_url=base_url(hooks), api_key="x", max_retries=0) as c:
+        r = await c.chat.completions.create(model="main", messages=MSG)
+    assert r.choices[0].message.content == "Hello from anthropic: hi"
+    assert len(fake_openai.requests) == 1
+    assert len(fake_anthropic.requests) == 1
+    async with httpx.AsyncClient() as http:
+        again = await http.post(
+            base_url(hooks) + "/chat/completions", json={"model": "main", "messages": MSG}
+        )
+    assert again.headers["x-marchproxy-deployment"] == "main#0"
+
+
+async def test_fallback_on_timeout(
+    ailb: AilbFactory, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic
+) -> None:
+    hooks = await ailb.start(chain_config(fake_openai, fake_anthropic))
+    fake_openai.delay(5.0)
+    async with openai.AsyncOpenAI(base_url=base_url(hooks), api_key="x", max_retries=0) as c:
+        async with asyncio.timeout(20):
+            r = await c.chat.completions.create(model="main", messages=MSG)
+    assert r.choices[0].message.content == "Hello from anthropic: hi"
+
+
+async def test_stream_falls_back_before_first_byte(
+    ailb: AilbFactory, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic
+) -> None:
+    hooks = await ailb.start(chain_config(fake_openai, fake_anthropic))
+    fake_openai.fail(500)
+    async with openai.AsyncOpenAI(base_url=base_url(hooks), api_key="x", max_retries=0) as c:
+        stream = await c.chat.completions.create(model="main", messages=MSG, stream=True)
+        text = "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])
+    assert text == "Hello from anthropic: hi"
+
+
+async def test_cooldown_skips_failing_deployment(
+    ailb: AilbFactory, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic
+) -> None:
+    hooks = await ailb.start(
+        chain_config(fake_openai, fake_anthropic, allowed_fails=1, cooldown_seconds=60)
+    )
+    fake_openai.fail(500)
+    async with openai.AsyncOpenAI(base_url=base_url(hooks), api_key="x", max_retries=0) as c:
+        for _ in range(3):
+            r = await c.chat.completions.create(model="main", messages=MSG)
+            assert r.choices[0].message.content == "Hello from anthropic: hi"
+    assert len(fake_openai.requests) == 1  # cooled down after the first failure
+    assert len(fake_anthropic.requests) == 3
+    status = hooks.status()["groups"]["main"][0]
+    assert status["cooling_down"] is True
+
+
+async def test_retries_same_deployment_then_succeeds(
+    ailb: AilbFactory, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic
+) -> None:
+    cfg = chain_config(fake_openai, fake_anthropic)
+    cfg["model_list"][0]["max_retries"] = 2
+    hooks = await ailb.start(cfg)
+    fake_openai.fail(500, times=2)
+    async with openai.AsyncOpenAI(base_url=base_url(hooks), api_key="x", max_retries=0) as c:
+        r = await c.chat.completions.create(model="main", messages=MSG)
+    assert r.choices[0].message.content == "Hello from openai: hi"
+    assert len(fake_openai.requests) == 3
+    assert fake_anthropic.requests == []
+
+
+async def test_all_failing_returns_last_error(
+    ailb: AilbFactory, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic
+) -> None:
+    hooks = await ailb.start(chain_config(fake_openai, fake_anthropic))
+    fake_openai.fail(500)
+    fake_anthropic.fail(429, retry_after="7")
+    async with httpx.AsyncClient() as http:
+        r = await http.post(
+            base_url(hooks) + "/chat/completions", json={"model": "main", "messages": MSG}
+        )
+    assert r.status_code == 429
+    assert r.headers["Retry-After"] == "7"
+    assert r.json()["error"]["type"] == "rate_limit_error"
+    assert r.json()["error"]["message"] == "scripted 429"
+
+
+async def test_round_robin_spreads_over_group(
+    ailb: AilbFactory, fake_openai: FakeOpenAI, fake_openai2: FakeOpenAI
+) -> None:
+    hooks = await ailb.start(
+        {
+            "model_list": [
+                {"model_name": "m", "base_url": fake_openai.url + "/v1"},
+                {"model_name": "m", "base_url": fake_openai2.url + "/v1"},
+            ]
+        }
+    )
+    async with openai.AsyncOpenAI(base_url=base_url(hooks), api_key="x", max_retries=0) as c:
+        for _ in range(6):
+            await c.chat.completions.create(model="m", messages=MSG)
+    assert len(fake_openai.requests) == 3
+    assert len(fake_openai2.requests) == 3
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic", "ollama"])
+async def test_client_disconnect_cancels_upstream(
+    ailb: AilbFactory,
+    fake_openai: FakeOpenAI,
+    fake_anthropic: FakeAnthropic,
+    fake_ollama: FakeOllama,
+    provider: str,
+) -> None:
+    fake: FakeUpstream = {
+        "openai": fake_openai,
+        "anthropic": fake_anthropic,
+        "ollama": fake_ollama,
+    }[provider]
+    fake.chunk_delay = 0.05
+    fake.extra_words = 400  # ~20 s of stream if nobody cancels it
+    url = fake.url + "/v1" if provider == "openai" else fake.url
+    hooks = await ailb.start(
+        {
+            "model_list": [
+                {
+                    "model_name": "slow",
+                    "provider": provider,
+                    "base_url": url,
+                    "api_key": "k",
+                    "model": "x",
+                }
+            ]
+        }
+    )
+    async with asyncio.timeout(15):
+        async with (
+            httpx.AsyncClient() as http,
+            http.stream(
+                "POST",
+                base_url(hooks) + "/chat/completions",
+                json={"model": "slow", "messages": MSG, "stream": True},
+            ) as r,
+        ):
+            assert r.status_code == 200
+            seen = 0
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    seen += 1
+                if seen >= 3:
+                    break
+        # the client is gone: the AILB must close its upstream request
+        await fake.disconnected.wait()
+    assert fake.streams_completed == 0
+    # the gateway stays healthy for the next request
+    fake.chunk_delay = 0
+    fake.extra_words = 0
+    async with openai.AsyncOpenAI(base_url=base_url(hooks), api_key="x", max_retries=0) as c:
+        r2 = await c.chat.completions.create(model="slow", messages=MSG)
+    assert r2.choices[0].message.content
+
+
+async def test_stream_stall_ends_stream_and_closes_upstream(
+    ailb: AilbFactory, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.chunk_delay = 5.0  # the role chunk comes at once, then nothing for 5 s
+    hooks = await ailb.start(
+        {"model_list": [{"model_name": "m", "base_url": fake_openai.url + "/v1", "timeout": 0.3}]}
+    )
+    async with asyncio.timeout(15), httpx.AsyncClient() as http:
+        r = await http.post(
+            base_url(hooks) + "/chat/completions",
+            json={"model": "m", "messages": MSG, "stream": True},
+        )
+        assert r.status_code == 200
+        events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert '"role":"assistant"' in events[0].replace(" ", "")
+        assert "stalled" in events[-1]  # an in-band OpenAI-shaped error ends the stream
+        await fake_openai.disconnected.wait()
+
+
+async def test_fallback_when_upstream_refuses_connections(
+    ailb: AilbFactory, fake_anthropic: FakeAnthropic
+) -> None:
+    from tests.conftest import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    hooks = await ailb.start(
+        {
+            "model_list": [
+                {"model_name": "main", "base_url": dead},
+                {
+                    "model_name": "backup",
+                    "provider": "anthropic",
+                    "base_url": fake_anthropic.url,
+                    "api_key": "k",
+                },
+            ],
+            "router_settings": {"fallbacks": {"main": ["backup"]}},
+        }
+    )
+    async with openai.AsyncOpenAI(base_url=base_url(hooks), api_key="x", max_retries=0) as c:
+        r = await c.chat.completions.create(model="main", messages=MSG)
+        assert r.choices[0].message.content == "Hello from anthropic: hi"
+        stream = await c.chat.completions.create(model="main", messages=MSG, stream=True)
+        text = "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])
+    assert text == "Hello from anthropic: hi"

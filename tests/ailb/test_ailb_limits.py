@@ -1,0 +1,436 @@
+"""Virtual keys, RPM/TPM limits across two AILB instances sharing Redis, budgets re-checked on
+fallback, usage totals that survive a restart, and the response cache."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import redis.asyncio as aioredis
+
+from marchproxy_ailb.module import AilbHooks
+from tests.ailb.conftest import AilbFactory, base_url
+from tests.ailb.fakes import FakeAnthropic, FakeOpenAI, Step
+
+MSG = [{"role": "user", "content": "hi"}]
+KEY = "sk-team-a-secret"
+KEY_HASH = hashlib.sha256(KEY.encode()).hexdigest()
+
+
+@pytest.fixture
+async def redis_prefix() -> AsyncIterator[tuple[Any, str]]:
+    client = aioredis.from_url("redis://127.0.0.1:6379/0")
+    prefix = f"test:ailb:{uuid.uuid4().hex}:"
+    try:
+        yield client, prefix
+    finally:
+        with contextlib.suppress(Exception):
+            keys = [k async for k in client.scan_iter(match=prefix + "*", count=500)]
+            if keys:
+                await client.delete(*keys)
+        await client.aclose()
+
+
+async def _avoid_window_edge(client: Any) -> None:
+    """Fixed minute windows: start a limit test well inside one so it cannot straddle two."""
+    secs, _ = await client.time()
+    into = secs % 60
+    if into > 45:
+        await asyncio.sleep(61 - into)
+
+
+def keyed(fake: FakeOpenAI, **key: Any) -> dict[str, Any]:
+    return {
+        "model_list": [
+            {"model_name": "gpt-fake", "base_url": fake.url + "/v1", "model": "gpt-4o-mini"}
+        ],
+        "keys": [{"key_hash": KEY_HASH, "name": "team-a-key", "team": "a", **key}],
+    }
+
+
+async def _post(
+    http: httpx.AsyncClient, hooks: AilbHooks, key: str = KEY, **extra: Any
+) -> httpx.Response:
+    body = {"model": "gpt-fake", "messages": MSG, **extra}
+    return await http.post(
+        base_url(hooks) + "/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+    )
+
+
+async def test_keys_are_required_and_scoped(ailb: AilbFactory, fake_openai: FakeOpenAI) -> None:
+    cfg = keyed(fake_openai, models=["gpt-*"])
+    cfg["model_list"].append({"model_name": "other", "base_url": fake_openai.url + "/v1"})
+    hooks = await ailb.start(cfg)
+    async with openai.AsyncOpenAI(base_url=base_url(hooks), api_key="wrong", max_retries=0) as c:
+        with pytest.raises(openai.AuthenticationError) as exc:
+            await c.chat.completions.create(model="gpt-fake", messages=MSG)
+        assert exc.value.code == "invalid_api_key"
+    async with openai.AsyncOpenAI(base_url=base_url(hooks), api_key=KEY, max_retries=0) as c:
+        r = await c.chat.completions.create(model="gpt-fake", messages=MSG)
+        assert r.choices[0].message.content
+        with pytest.raises(openai.PermissionDeniedError):
+            await c.chat.completions.create(model="other", messages=MSG)
+        assert [m.id for m in (await c.models.list()).data] == ["gpt-fake"]
+    async with httpx.AsyncClient() as http:
+        r = await http.post(
+            base_url(hooks) + "/chat/completions", json={"model": "gpt-fake", "messages": MSG}
+        )
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "missing_api_key"
+
+
+@pytest.mark.integration
+async def test_rpm_shared_by_two_instances(
+    ailb: AilbFactory, fake_openai: FakeOpenAI, redis_prefix: tuple[Any, str]
+) -> None:
+    client, prefix = redis_prefix
+    await _avoid_window_edge(client)
+    cfg = keyed(fake_openai, rpm=3)
+    a = await ailb.start(cfg, redis=client, ailb_redis_prefix=prefix)
+    b = await ailb.start(cfg, redis=client, ailb_redis_prefix=prefix)
+    async with httpx.AsyncClient() as http:
+        statuses = [(await _post(http, inst)).status_code for inst in (a, b, a)]
+        assert statuses == [200, 200, 200]
+        refused = await _post(http, b)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    h = refused.headers
+    assert h["x-ratelimit-limit-requests"] == "3"
+    assert h["x-ratelimit-remaining-requests"] == "0"
+    assert h["x-ratelimit-reset-requests"].endswith("s")
+    assert 1 <= int(h["Retry-After"]) <= 60
+    assert len(fake_openai.requests) == 3
+    async with openai.AsyncOpenAI(base_url=base_url(a), api_key=KEY, max_retries=0) as c:
+        with pytest.raises(openai.RateLimitError):
+            await c.chat.completions.create(model="gpt-fake", messages=MSG)
+
+
+@pytest.mark.integration
+async def test_tpm_shared_by_two_instances(
+    ailb: AilbFactory, fake_openai: FakeOpenAI, redis_prefix: tuple[Any, str]
+) -> None:
+    client, prefix = redis_prefix
+    await _avoid_window_edge(client)
+    cfg = keyed(fake_openai, tpm=25)  # each call uses 10 prompt + 4 completion tokens
+    a = await ailb.start(cfg, redis=client, ailb_redis_prefix=prefix)
+    b = await ailb.start(cfg, redis=client, ailb_redis_prefix=prefix)
+    async with httpx.AsyncClient() as http:
+        first = await _post(http, a)
+        assert first.status_code == 200
+        assert first.headers["x-ratelimit-limit-tokens"] == "25"
+        assert (await _post(http, b)).status_code == 200
+        refused = await _post(http, a)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["type"] == "tokens"
+    assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
+
+
+def budget_config(primary: FakeOpenAI, paid: FakeAnthropic, budget: float) -> dict[str, Any]:
+    return {
+        "model_list": [
+            {"model_name": "free", "base_url": primary.url + "/v1", "model": "local"},
+            # one USD per token: one fallback hop costs more than the budget allows
+            {
+                "model_name": "paid",
+                "provider": "anthropic",
+                "base_url": paid.url,
+                "api_key": "k",
+                "model": "claude-x",
+                "price": {"input": 1_000_000, "output": 1_000_000},
+            },
+        ],
+        "router_settings": {"fallbacks": {"free": ["paid"]}},
+        "keys": [{"key_hash": KEY_HASH, "name": "budgeted", "budget": budget}],
+    }
+
+
+@pytest.mark.integration
+async def test_budget_rechecked_on_fallback_hop(
+    ailb: AilbFactory,
+    fake_openai: FakeOpenAI,
+    fake_anthropic: FakeAnthropic,
+    redis_prefix: tuple[Any, str],
+) -> None:
+    client, prefix = redis_prefix
+    hooks = await ailb.start(
+        budget_config(fake_openai, fake_anthropic, budget=5.0),
+        redis=client,
+        ailb_redis_prefix=prefix,
+    )
+    async with httpx.AsyncClient() as http:
+        ok = await http.post(
+            base_url(hooks) + "/chat/completions",
+            headers={"Authorization": f"Bearer {KEY}"},
+            json={"model": "free", "messages": MSG},
+        )
+        assert ok.status_code == 200  # the free deployment costs nothing
+        fake_openai.fail(500)
+        r = await http.post(
+            base_url(hooks) + "/chat/completions",
+            headers={"Authorization": f"Bearer {KEY}"},
+            json={"model": "free", "messages": MSG},
+        )
+    assert r.status_code == 429
+    assert r.json()["error"]["code"] == "budget_exceeded"
+    assert fake_anthropic.requests == []  # the paid hop was never called
+
+
+@pytest.mark.integration
+async def test_spend_counts_and_blocks(
+    ailb: AilbFactory,
+    fake_openai: FakeOpenAI,
+    fake_anthropic: FakeAnthropic,
+    redis_prefix: tuple[Any, str],
+) -> None:
+    client, prefix = redis_prefix
+    hooks = await ailb.start(
+        budget_config(fake_openai, fake_anthropic, budget=20.0),
+        redis=client,
+        ailb_redis_prefix=prefix,
+    )
+    async with httpx.AsyncClient() as http:
+        r = await http.post(
+            base_url(hooks) + "/chat/completions",
+            headers={"Authorization": f"Bearer {KEY}"},
+            json={"model": "paid", "messages": MSG},
+        )
+        assert r.status_code == 200
+        totals = await hooks.usage.totals("budgeted")
+        assert totals["cost_nusd"] == 14 * 1_000_000_000  # 10 prompt + 4 completion tokens
+        r = await http.post(
+            base_url(hooks) + "/chat/completions",
+            headers={"Authorization": f"Bearer {KEY}"},
+            json={"model": "paid", "messages": MSG},
+        )
+        assert r.status_code == 429  # 14 spent + ~7 estimated > 20
+        r = await http.post(
+            base_url(hooks) + "/chat/completions",
+            headers={"Authorization": f"Bearer {KEY}"},
+            json={"model": "free", "messages": MSG},
+        )
+        assert r.status_code == 200  # the free route still fits
+
+
+async def _spend_some(hooks: AilbHooks) -> None:
+    async with openai.AsyncOpenAI(base_url=base_url(hooks), api_key=KEY, max_retries=0) as c:
+        await c.chat.completions.create(model="gpt-fake", messages=MSG)
+        stream = await c.chat.completions.create(model="gpt-fake", messages=MSG, stream=True)
+        async for _ in stream:
+            pass
+
+
+def priced(fake: FakeOpenAI) -> dict[str, Any]:
+    fake.cached_tokens = 4
+    cfg = keyed(fake)
+    cfg["model_list"][0]["price"] = {"input": 2.0, "cached_input": 1.0, "output": 4.0}
+    return cfg
+
+
+# per call: (10 - 4 cached) * 2 + 4 * 1 + 4 * 4 = 32 USD per million tokens -> 32_000 nano-USD
+COST_PER_CALL = 32_000
+
+
+@pytest.mark.integration
+async def test_usage_totals_survive_restart_redis(
+    ailb: AilbFactory, fake_openai: FakeOpenAI, redis_prefix: tuple[Any, str]
+) -> None:
+    client, prefix = redis_prefix
+    first = await ailb.start(priced(fake_openai), redis=client, ailb_redis_prefix=prefix)
+    await _spend_some(first)
+    await ailb.stop(first)
+    second = await ailb.start(priced(fake_openai), redis=client, ailb_redis_prefix=prefix)
+    totals = await second.usage.totals("team-a-key")
+    assert totals == {
+        "requests": 2,
+        "prompt_tokens": 20,
+        "completion_tokens": 8,
+        "cached_tokens": 8,
+        "cost_nusd": 2 * COST_PER_CALL,
+    }
+    await _spend_some(second)
+    assert (await second.usage.totals("team-a-key"))["cost_nusd"] == 4 * COST_PER_CALL
+
+
+async def test_usage_totals_survive_restart_log(
+    ailb: AilbFactory, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    log = str(tmp_path / "usage.jsonl")
+    first = await ailb.start(priced(fake_openai), ailb_usage_log=log)
+    await _spend_some(first)
+    await ailb.stop(first)
+    second = await ailb.start(priced(fake_openai), ailb_usage_log=log)
+    totals = await second.usage.totals("team-a-key")
+    assert totals == {
+        "requests": 2,
+        "prompt_tokens": 20,
+        "completion_tokens": 8,
+        "cached_tokens": 8,
+        "cost_nusd": 2 * COST_PER_CALL,
+    }
+    await _spend_some(second)
+    await ailb.stop(second)
+    third = await ailb.start(priced(fake_openai), ailb_usage_log=log)
+    assert (await third.usage.totals("team-a-key"))["requests"] == 4
+    async with httpx.AsyncClient() as http:
+        info = (
+            await http.get(
+                base_url(third) + "/key/info", headers={"Authorization": f"Bearer {KEY}"}
+            )
+        ).json()
+    assert info["key"] == "team-a-key"
+    assert info["team"] == "a"
+    assert info["usage"]["cost_nusd"] == 4 * COST_PER_CALL
+    assert info["spend_usd"] == pytest.approx(4 * COST_PER_CALL / 1e9)
+
+
+async def _cache_roundtrip(hooks: AilbHooks, fake: FakeOpenAI) -> None:
+    async with httpx.AsyncClient() as http:
+        first = await _post(http, hooks, temperature=0)
+        again = await _post(http, hooks, temperature=0)
+        assert first.headers["x-marchproxy-cache"] == "miss"
+        assert again.headers["x-marchproxy-cache"] == "hit"
+        assert again.json() == first.json()
+        assert len(fake.requests) == 1
+        r = await http.post(
+            base_url(hooks) + "/chat/completions",
+            json={"model": "gpt-fake", "messages": MSG, "temperature": 0},
+            headers={"Authorization": f"Bearer {KEY}", "x-marchproxy-cache": "no-cache"},
+        )
+        assert r.status_code == 200
+        assert len(fake.requests) == 2
+        await _post(http, hooks, temperature=1)  # a different body is a different entry
+        assert len(fake.requests) == 3
+
+
+async def test_cache_in_process(ailb: AilbFactory, fake_openai: FakeOpenAI) -> None:
+    cfg = keyed(fake_openai)
+    cfg["cache"] = {"enabled": True, "ttl_seconds": 60}
+    await _cache_roundtrip(await ailb.start(cfg), fake_openai)
+
+
+@pytest.mark.integration
+async def test_cache_in_redis_shared(
+    ailb: AilbFactory, fake_openai: FakeOpenAI, redis_prefix: tuple[Any, str]
+) -> None:
+    client, prefix = redis_prefix
+    cfg = keyed(fake_openai)
+    cfg["cache"] = {"enabled": True, "ttl_seconds": 60}
+    a = await ailb.start(cfg, redis=client, ailb_redis_prefix=prefix)
+    await _cache_roundtrip(a, fake_openai)
+    b = await ailb.start(cfg, redis=client, ailb_redis_prefix=prefix)
+    async with httpx.AsyncClient() as http:
+        r = await _post(http, b, temperature=0)
+    assert r.headers["x-marchproxy-cache"] == "hit"  # filled by the other replica
+    assert len(fake_openai.requests) == 3
+
+
+async def test_tpm_rechecked_on_fallback_hop(
+    ailb: AilbFactory, fake_openai: FakeOpenAI, fake_openai2: FakeOpenAI
+) -> None:
+    """While the first hop hangs and fails, another request spends the key's tokens: the
+    fallback hop must not run over the TPM limit."""
+    hooks = await ailb.start(
+        {
+            "model_list": [
+                {"model_name": "main", "base_url": fake_openai.url + "/v1"},
+                {"model_name": "backup", "base_url": fake_openai2.url + "/v1"},
+            ],
+            "router_settings": {"fallbacks": {"main": ["backup"]}},
+            "keys": [{"key_hash": KEY_HASH, "name": "k", "tpm": 20}],
+        }
+    )
+    fake_openai.script.append(Step(status=500, delay=1.0))
+    async with httpx.AsyncClient() as http:
+        url = base_url(hooks) + "/chat/completions"
+        auth = {"Authorization": f"Bearer {KEY}"}
+        slow = asyncio.ensure_future(
+            http.post(url, headers=auth, json={"model": "main", "messages": MSG})
+        )
+        async with asyncio.timeout(10):
+            while not fake_openai.requests:  # the first hop is out and hanging
+                await asyncio.sleep(0.01)
+        fast = await http.post(url, headers=auth, json={"model": "backup", "messages": MSG})
+        assert fast.status_code == 200  # 14 tokens used
+        refused = await slow
+    assert refused.status_code == 429
+    assert refused.json()["error"]["type"] == "tokens"
+    assert len(fake_openai2.requests) == 1  # the fallback hop never went out
+
+
+@pytest.mark.integration
+async def test_rpm_across_two_processes(
+    tmp_path: Path, procs: Any, fake_openai: FakeOpenAI, redis_prefix: tuple[Any, str]
+) -> None:
+    """Two real AILB processes (python -m marchproxy_ailb) share one key's RPM via Redis."""
+    import yaml
+
+    from tests.conftest import free_port, wait_port
+
+    client, prefix = redis_prefix
+    cfg = tmp_path / "ailb.yaml"
+    cfg.write_text(
+        yaml.safe_dump({"modules": [{"name": "ailb", "config": keyed(fake_openai, rpm=2)}]})
+    )
+    ports = [free_port(), free_port()]
+    for i, port in enumerate(ports):
+        procs.python(
+            f"ailb{i}",
+            "marchproxy_ailb",
+            {
+                "CONFIG_FILE": str(cfg),
+                "DATA_PORT": str(port),
+                "GRPC_PORT": "0",
+                "ADMIN_PORT": "0",
+                "REGISTER_WITH_NLB": "false",
+                "API_URL": "",
+                "REDIS_URL": "redis://127.0.0.1:6379/0",
+                "AILB_REDIS_PREFIX": prefix,
+            },
+        )
+    for port in ports:
+        await asyncio.to_thread(wait_port, port)
+    await _avoid_window_edge(client)
+    async with httpx.AsyncClient(timeout=20) as http:
+        codes = []
+        for port in (ports[0], ports[1], ports[0]):
+            r = await http.post(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                json={"model": "gpt-fake", "messages": MSG},
+                headers={"Authorization": f"Bearer {KEY}"},
+            )
+            codes.append(r.status_code)
+    assert codes == [200, 200, 429]
+    assert len(fake_openai.requests) == 2
+
+
+async def test_redis_down_fails_open(ailb: AilbFactory, fake_openai: FakeOpenAI) -> None:
+    """Limits, budget, usage and cache live in Redis; when it is gone, traffic still flows."""
+    from tests.conftest import free_port
+
+    dead = aioredis.from_url(
+        f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5, socket_timeout=0.5
+    )
+    try:
+        cfg = keyed(fake_openai, rpm=100, budget=10.0)
+        cfg["cache"] = {"enabled": True}
+        hooks = await ailb.start(cfg, redis=dead, ailb_redis_prefix="test:ailb:dead:")
+        async with httpx.AsyncClient() as http:
+            r = await _post(http, hooks)
+            assert r.status_code == 200
+            s = await _post(http, hooks, stream=True)
+            assert s.status_code == 200
+            assert "data: [DONE]" in s.text
+        scrape = hooks.metrics_registry.get_sample_value(
+            "ailb_backend_errors_total", {"what": "limits"}
+        )
+        assert scrape is not None and scrape >= 1
+    finally:
+        await dead.aclose()

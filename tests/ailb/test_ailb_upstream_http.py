@@ -1,0 +1,109 @@
+"""The upstream HTTP client's response handling: any split of a response (Content-Length or
+chunked) gives the same status, headers and body; garbage only fails the request."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from marchproxy_ailb.errors import UpstreamError
+from marchproxy_ailb.upstream_http import UpstreamPool, _Conn
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+        self.paused = False
+
+    def write(self, data: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+def splits(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    out, prev = [], 0
+    for p in points:
+        out.append(data[prev:p])
+        prev = p
+    out.append(data[prev:])
+    return out
+
+
+def response(body: bytes, chunked: bool, pieces: int) -> bytes:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nX-Test: 1\r\n"
+    if not chunked:
+        return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    out = head + b"Transfer-Encoding: chunked\r\n\r\n"
+    step = max(1, len(body) // max(1, pieces))
+    for i in range(0, len(body), step):
+        part = body[i : i + step]
+        out += b"%x\r\n" % len(part) + part + b"\r\n"
+    return out + b"0\r\n\r\n"
+
+
+async def _feed(data_pieces: list[bytes]) -> tuple[int, dict[str, str], bytes, bool]:
+    pool = UpstreamPool("http://127.0.0.1:1/v1")
+    conn = _Conn(pool)
+    conn.connection_made(FakeTransport())
+
+    async def reader() -> bytes:
+        await conn.head
+        out = b""
+        while (chunk := await conn.next_chunk()) is not None:
+            out += chunk
+        return out
+
+    task = asyncio.ensure_future(reader())
+    for piece in data_pieces:
+        conn.data_received(piece)
+        await asyncio.sleep(0)
+    body = await asyncio.wait_for(task, 5)
+    return conn.status, conn.headers, body, conn.keep_alive
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.binary(max_size=2000),
+    st.booleans(),
+    st.integers(1, 7),
+    st.lists(st.integers(min_value=0), max_size=15),
+)
+def test_any_split_same_response(body: bytes, chunked: bool, pieces: int, cuts: list[int]) -> None:
+    raw = response(body, chunked, pieces)
+    status, headers, got, keep_alive = asyncio.run(_feed(splits(raw, cuts)))
+    assert (status, got, keep_alive) == (200, body, True)
+    assert headers["x-test"] == "1"
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=300))
+def test_garbage_only_fails_the_request(data: bytes) -> None:
+    async def run() -> None:
+        pool = UpstreamPool("http://127.0.0.1:1")
+        conn = _Conn(pool)
+        transport = FakeTransport()
+        conn.connection_made(transport)
+        conn.data_received(b"XTTP/9 nonsense\r\n" + data)
+        if conn.error is not None:
+            assert isinstance(conn.error, UpstreamError)
+            assert transport.closed
+        conn.connection_lost(None)
+        assert conn.closed
+
+    asyncio.run(run())
