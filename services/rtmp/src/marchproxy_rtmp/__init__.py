@@ -1,0 +1,1 @@
+"""MarchProxy rtmp service."""

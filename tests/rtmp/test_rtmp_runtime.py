@@ -1,0 +1,140 @@
+"""The RTMP module on the shared runtime (static config file, admin /status and /metrics), PROXY
+protocol v2 from the NLB, and the nginx-style on_publish HTTP callback."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+import yaml
+from aiohttp import web
+
+from marchproxy.v1 import module_pb2, module_pb2_grpc
+from marchproxy_common.module.runtime import run_module
+from marchproxy_common.wire.proxy_protocol import build_v2
+from marchproxy_rtmp.client import RtmpClientError, RtmpClientProtocol, open_client
+from marchproxy_rtmp.config import RtmpSettings
+from marchproxy_rtmp.module import RtmpHooks
+from marchproxy_rtmp.synthetic import SyntheticPublisher
+from marchproxy_rtmp.testing import play_client, run_server, snapshot, wait_for
+
+KEY = "rtmp-runtime-test-key"
+
+
+async def test_rtmp_through_module_runtime(tmp_path: Path) -> None:
+    cfg = tmp_path / "rtmp.yaml"
+    cfg.write_text(yaml.safe_dump(snapshot([{"name": "live", "publish_keys": ["k1"]}])))
+    settings = RtmpSettings(
+        data_port=0,
+        grpc_port=0,
+        admin_port=0,
+        register_with_nlb=False,
+        config_file=str(cfg),
+        cluster_api_key=KEY,
+    )
+    hooks = RtmpHooks(settings)
+    async with (
+        asyncio.timeout(60),
+        run_module(settings, hooks) as rt,
+        aiohttp.ClientSession() as http,
+    ):
+        port = rt.data_address.port
+        proto = await open_client("127.0.0.1", port, "live")
+        pub = SyntheticPublisher(proto, await proto.publish("k1"))
+        pub.send_headers()
+        player, rec = await play_client(port, "live", "k1")
+        await pub.run(40, realtime=False)
+        await wait_for(lambda: rec.video >= 10)
+        admin = f"http://127.0.0.1:{rt.admin_address.port}"
+        async with http.get(admin + "/status") as r:
+            status = await r.json()
+        stream = status["rtmp"]["applications"]["live"]["streams"][0]
+        assert stream["name"] == "k1" and stream["players"] == 1
+        assert stream["publisher"]["address"].startswith("127.0.0.1:")
+        async with http.get(admin + "/metrics") as r:
+            text = await r.text()
+        assert "marchproxy_rtmp_players 1.0" in text
+        assert "marchproxy_rtmp_publishes_total 1.0" in text
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{rt.grpc_address.port}") as ch:
+            stub = module_pb2_grpc.ModuleServiceStub(ch)
+            resp = await stub.GetMetrics(
+                module_pb2.GetMetricsRequest(), metadata=(("x-cluster-api-key", KEY),), timeout=10
+            )
+        values = {m.name: m.value for m in resp.metrics.metrics}
+        assert values.get("players") == 1.0 and values.get("streams") == 1.0, resp
+        player.close()
+        proto.close()
+
+
+class _ProxiedClient(RtmpClientProtocol):
+    header = build_v2(("203.0.113.7", 5555), ("127.0.0.1", 1935))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(self.header)
+        super().connection_made(transport)
+
+
+async def test_proxy_protocol_v2_gives_real_client_address() -> None:
+    async with (
+        asyncio.timeout(30),
+        run_server([{"name": "live", "publish_open": True}]) as (
+            hooks,
+            port,
+        ),
+    ):
+        loop = asyncio.get_running_loop()
+        _, proto = await loop.create_connection(_ProxiedClient, "127.0.0.1", port)
+        await proto.connect("live", f"rtmp://127.0.0.1:{port}/live")
+        await proto.publish("cam")
+        app = hooks.status()["rtmp"]["applications"]["live"]
+        assert app["streams"][0]["publisher"]["address"] == "203.0.113.7:5555"
+        proto.close()
+
+
+async def test_proxy_header_from_untrusted_peer_is_not_believed() -> None:
+    apps = [{"name": "live", "publish_open": True}]
+    trusted = {"rtmp_proxy_trusted_sources": "10.0.0.0/8"}
+    async with asyncio.timeout(30), run_server(apps, settings=trusted) as (hooks, port):
+        loop = asyncio.get_running_loop()
+        _, proto = await loop.create_connection(_ProxiedClient, "127.0.0.1", port)
+        with pytest.raises(RtmpClientError):
+            await proto.connect("live", f"rtmp://127.0.0.1:{port}/live")
+        await asyncio.wait_for(proto.closed, 10)
+        assert hooks.server.counters.protocol_errors == 1  # header bytes were not RTMP
+        assert not hooks.server.registry.streams
+
+
+async def test_on_publish_callback() -> None:
+    seen: list[dict[str, Any]] = []
+
+    async def on_publish(request: web.Request) -> web.Response:
+        form = dict(await request.post())
+        seen.append(form)
+        return web.Response(status=200 if form.get("token") == "ok" else 403)
+
+    app = web.Application()
+    app.router.add_post("/on_publish", on_publish)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    cb_port = runner.addresses[0][1]
+    try:
+        apps = [{"name": "live", "on_publish": f"http://127.0.0.1:{cb_port}/on_publish"}]
+        async with asyncio.timeout(30), run_server(apps) as (_, port):
+            good = await open_client("127.0.0.1", port, "live")
+            await good.publish("cam?token=ok")
+            bad = await open_client("127.0.0.1", port, "live")
+            with pytest.raises(RtmpClientError, match="Unauthorized"):
+                await bad.publish("cam2?token=no")
+            good.close()
+            bad.close()
+        assert seen[0]["call"] == "publish" and seen[0]["name"] == "cam"
+        assert seen[0]["app"] == "live" and seen[0]["addr"] == "127.0.0.1"
+    finally:
+        await runner.cleanup()

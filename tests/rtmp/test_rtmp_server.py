@@ -1,0 +1,315 @@
+"""RTMP server behaviour with our own asyncio client and a synthetic publisher (real sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from marchproxy_common.wire.rtmp.chunks import ChunkWriter
+from marchproxy_common.wire.rtmp.handshake import HANDSHAKE_SIZE, ClientHandshake
+from marchproxy_common.wire.rtmp.messages import (
+    encode_command,
+    is_video_keyframe,
+    is_video_sequence_header,
+)
+from marchproxy_rtmp.client import RtmpClientError, RtmpClientProtocol, open_client
+from marchproxy_rtmp.config import RtmpConfig, config_from_snapshot
+from marchproxy_rtmp.synthetic import SyntheticPublisher, video_frame
+from marchproxy_rtmp.testing import play_client, run_server, snapshot, wait_for
+
+APPS = [
+    {"name": "live", "publish_keys": ["secret"]},
+    {"name": "open", "publish_open": True, "gop_cache": False},
+]
+
+
+async def publisher(port: int, app: str, name: str, **kw: object) -> SyntheticPublisher:
+    proto = await open_client("127.0.0.1", port, app)
+    sid = await proto.publish(name)
+    pub = SyntheticPublisher(proto, sid, **kw)  # type: ignore[arg-type]
+    pub.send_headers()
+    return pub
+
+
+async def test_publish_and_play_fan_out_shares_encoded_bytes() -> None:
+    async with asyncio.timeout(30), run_server(APPS) as (hooks, port):
+        pub = await publisher(port, "live", "secret")
+        players = [await play_client(port, "live", "secret") for _ in range(3)]
+        await pub.run(60, realtime=False)
+        await wait_for(lambda: all(rec.video >= 60 for _, rec in players))
+        for proto, rec in players:
+            assert rec.audio >= 60
+            proto.close()
+        stream = hooks.server.registry.get("live", "secret")
+        assert stream is not None and stream.publisher is not None
+        frame = stream.gop[-1]
+        # one encoding per (chunk size, message stream id), shared by all three players
+        assert len(frame._encoded) == 1
+        status = hooks.status()["rtmp"]["applications"]["live"]["streams"][0]
+        assert status["publishing"] and status["video_frames"] == 60
+        pub.proto.close()
+
+
+async def test_wrong_stream_key_is_refused() -> None:
+    async with asyncio.timeout(30), run_server(APPS) as (hooks, port):
+        proto = await open_client("127.0.0.1", port, "live")
+        with pytest.raises(RtmpClientError, match="Unauthorized"):
+            await proto.publish("wrong")
+        await asyncio.wait_for(proto.closed, 10)
+        # key as a query parameter also works
+        proto = await open_client("127.0.0.1", port, "live")
+        await proto.publish("show?key=secret")
+        proto.close()
+        assert hooks.server.counters.publish_rejected == 1
+        # unknown application: connect is refused
+        with pytest.raises(RtmpClientError):
+            await open_client("127.0.0.1", port, "nope")
+
+
+async def test_amf3_connect_from_flash_style_client() -> None:
+    async with asyncio.timeout(30), run_server(APPS) as (_, port):
+        loop = asyncio.get_running_loop()
+        _, proto = await loop.create_connection(RtmpClientProtocol, "127.0.0.1", port)
+        await proto.ready
+        obj = {"app": "open", "tcUrl": f"rtmp://127.0.0.1:{port}/open", "objectEncoding": 3.0}
+        result = await proto.command("connect", obj, amf3=True)
+        info = result.args[0]
+        assert isinstance(info, dict)
+        assert info["code"] == "NetConnection.Connect.Success"
+        assert info["objectEncoding"] == 3.0
+        sid = await proto.create_stream()
+        assert sid == 1
+        proto.close()
+
+
+async def test_max_players_per_stream() -> None:
+    apps = [{"name": "tv", "publish_open": True, "max_players": 1}]
+    async with asyncio.timeout(30), run_server(apps) as (_, port):
+        first, _ = await play_client(port, "tv", "ch1")
+        with pytest.raises(RtmpClientError, match=r"Play\.Failed"):
+            await play_client(port, "tv", "ch1")
+        other, _ = await play_client(port, "tv", "ch2")  # the cap is per stream
+        first.close()
+        other.close()
+
+
+async def test_second_publisher_is_refused() -> None:
+    async with asyncio.timeout(30), run_server(APPS) as (_, port):
+        first = await publisher(port, "open", "cam")
+        proto = await open_client("127.0.0.1", port, "open")
+        with pytest.raises(RtmpClientError, match="BadName"):
+            await proto.publish("cam")
+        proto.close()
+        first.proto.close()
+
+
+@pytest.mark.parametrize("app", ["live", "open"])  # with and without GOP cache
+async def test_late_joiner_starts_on_keyframe(app: str) -> None:
+    name = "secret" if app == "live" else "late"
+    async with asyncio.timeout(30), run_server(APPS) as (hooks, port):
+        pub = await publisher(port, app, name, gop=30)
+        await pub.run(45, realtime=False)  # mid-GOP
+        proto, rec = await play_client(port, app, name)
+        if app == "open":
+            await pub.run(20, realtime=False)  # no GOP cache: wait for frame 60, a keyframe
+        # with the GOP cache the keyframe (frame 30) and what followed arrive at once
+        await wait_for(lambda: rec.video >= 2, 10)  # sequence header + first frame
+        videos = [m for m in rec.messages if m[0] == 9]
+        assert is_video_sequence_header(videos[0][2])
+        assert is_video_keyframe(videos[1][2])
+        if app == "live":
+            assert videos[1][1] == 1000  # frame 30 at 30 fps
+        else:
+            assert videos[1][1] == 2000  # frame 60
+        proto.close()
+        pub.proto.close()
+        del hooks
+
+
+def raw_stalled_player(port: int, app: str, name: str) -> socket.socket:
+    """Blocking socket: handshake, connect, createStream, play; the caller never reads it."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client = ClientHandshake()
+    sock.sendall(client.initial())
+    got = b""
+    while len(got) < 1 + 2 * HANDSHAKE_SIZE:
+        chunk = sock.recv(1 + 2 * HANDSHAKE_SIZE - len(got))
+        assert chunk
+        got += chunk
+    w = ChunkWriter()
+    tc = f"rtmp://127.0.0.1:{port}/{app}"
+    sock.sendall(
+        client.feed(got)
+        + w.write(3, 20, 0, 0, encode_command("connect", 1, {"app": app, "tcUrl": tc}))
+        + w.write(3, 20, 0, 0, encode_command("createStream", 2, None))
+        + w.write(8, 20, 1, 0, encode_command("play", 0, None, name))  # first stream id is 1
+    )
+    return sock
+
+
+async def test_stalled_player_memory_is_bounded_and_it_is_dropped() -> None:
+    cap = 64 * 1024
+    async with (
+        asyncio.timeout(60),
+        run_server(APPS, player_buffer_bytes=cap, slow_player_timeout=1.0) as (hooks, port),
+    ):
+        pub = await publisher(port, "open", "big", video_size=20_000, gop=10)
+        # a raw socket that does handshake + connect + play, then never reads again
+        stalled = await asyncio.to_thread(raw_stalled_player, port, "open", "big")
+        await wait_for(lambda: len(hooks.server.registry.get("open", "big").players) == 1)  # type: ignore[union-attr]
+        healthy, rec = await play_client(port, "open", "big")
+        stream = hooks.server.registry.get("open", "big")
+        assert stream is not None
+        peak = 0
+        counters = hooks.server.counters.delivery
+        for _ in range(400):  # until the stalled player is dropped (bounded: ~20 s)
+            await pub.run(10, realtime=False)
+            await asyncio.sleep(0.05)
+            for p in stream.players:
+                peak = max(peak, p.transport.get_write_buffer_size())
+            if counters.players_dropped:
+                break
+        # bounded: never more than the cap plus one batch queued for any player
+        assert peak <= cap + 10 * 25_000  # the cap plus at most one batch of 10 frames
+        assert hooks.server.counters.delivery.frames_skipped > 0
+        assert counters.players_dropped == 1
+        assert len(stream.players) == 1  # only the healthy player is left
+        await wait_for(lambda: rec.video >= 300, 20)
+        healthy.close()
+        stalled.close()
+        pub.proto.close()
+
+
+async def test_publisher_disconnect_ends_stream_for_players() -> None:
+    async with asyncio.timeout(30), run_server(APPS) as (hooks, port):
+        pub = await publisher(port, "open", "bye")
+        await pub.run(5, realtime=False)
+        proto, _ = await play_client(port, "open", "bye")
+        pub.proto.close()
+        await asyncio.wait_for(proto.closed, 10)
+        assert any(s.get("code") == "NetStream.Play.UnpublishNotify" for s in proto.statuses)
+        await wait_for(lambda: not hooks.server.registry.streams)
+
+
+async def test_idle_publisher_is_dropped() -> None:
+    async with asyncio.timeout(30), run_server(APPS, publisher_idle_timeout=0.5) as (hooks, port):
+        pub = await publisher(port, "open", "quiet")
+        await pub.run(5, realtime=False)
+        proto, _ = await play_client(port, "open", "quiet")
+        await asyncio.wait_for(pub.proto.closed, 10)  # no media for 0.5 s: dropped
+        await asyncio.wait_for(proto.closed, 10)  # and the stream ended for its player
+        assert hooks.server.counters.idle_publishers_dropped == 1
+
+
+async def test_aggregate_messages_from_publisher_are_split() -> None:
+    async with asyncio.timeout(30), run_server(APPS) as (_, port):
+        pub = await publisher(port, "open", "agg")
+        proto, rec = await play_client(port, "open", "agg")
+        tags = b""
+        for i, (type_id, data) in enumerate([(9, video_frame(0, 30, 100)), (8, b"\xaf\x01x")]):
+            tags += bytes([type_id]) + len(data).to_bytes(3, "big") + (i * 20).to_bytes(3, "big")
+            tags += b"\x00"  # timestamp extension byte
+            tags += b"\x00\x00\x00" + data + (11 + len(data)).to_bytes(4, "big")
+        pub.proto.send(7, 22, pub.stream_id, tags, timestamp=1000)
+        await wait_for(lambda: rec.audio >= 1 and rec.video >= 2)
+        media = [(t, ts) for t, ts, _ in rec.messages if t in (8, 9)]
+        assert (9, 1000) in media and (8, 1020) in media
+        proto.close()
+        pub.proto.close()
+
+
+async def test_drain_ends_streams_politely() -> None:
+    async with asyncio.timeout(30), run_server(APPS) as (hooks, port):
+        pub = await publisher(port, "open", "news")
+        await pub.run(5, realtime=False)
+        proto, _ = await play_client(port, "open", "news")
+        await hooks.stop_accepting()
+        await hooks.drain(asyncio.get_running_loop().time() + 0.2)
+        await asyncio.wait_for(proto.closed, 10)
+        await asyncio.wait_for(pub.proto.closed, 10)
+        assert any(s.get("code") == "NetStream.Play.UnpublishNotify" for s in proto.statuses)
+
+
+async def test_player_waits_for_publisher() -> None:
+    async with asyncio.timeout(30), run_server(APPS) as (_, port):
+        proto, rec = await play_client(port, "open", "later")
+        pub = await publisher(port, "open", "later")
+        await pub.run(31, realtime=False)
+        await wait_for(lambda: rec.video >= 2, 10)
+        assert is_video_keyframe([m for m in rec.messages if m[0] == 9][1][2])
+        proto.close()
+        pub.proto.close()
+
+
+async def test_push_relay_to_second_instance() -> None:
+    async with (
+        asyncio.timeout(40),
+        run_server([{"name": "live", "publish_keys": ["k"]}]) as (edge, edge_port),
+        run_server(
+            [{"name": "src", "publish_open": True, "push": [f"rtmp://127.0.0.1:{edge_port}/live"]}]
+        ) as (origin, origin_port),
+    ):
+        proto, rec = await play_client(edge_port, "live", "k")
+        pub = await publisher(origin_port, "src", "k")
+        await wait_for(
+            lambda: (
+                edge.server.registry.get("live", "k") is not None
+                and edge.server.registry.get("live", "k").publisher is not None
+            )
+        )  # type: ignore[union-attr]
+        await pub.run(60, realtime=False)
+        await wait_for(lambda: rec.video >= 30)
+        assert origin.server.counters.relay_push_started == 1
+        pub.proto.close()
+        await asyncio.wait_for(proto.closed, 10)  # origin unpublish ends the edge stream too
+        proto.close()
+
+
+async def test_pull_on_demand_from_origin() -> None:
+    async with (
+        asyncio.timeout(40),
+        run_server([{"name": "live", "publish_open": True}]) as (_, origin_port),
+        run_server([{"name": "edge", "pull": f"rtmp://127.0.0.1:{origin_port}/live"}]) as (
+            edge,
+            edge_port,
+        ),
+    ):
+        pub = await publisher(origin_port, "live", "cam")
+        await pub.run(40, realtime=False)
+        proto, rec = await play_client(edge_port, "edge", "cam")
+        await wait_for(lambda: rec.video >= 5)  # the origin's GOP cache, relayed
+        await pub.run(40, realtime=False)
+        await wait_for(lambda: rec.video >= 50)
+        videos = [m for m in rec.messages if m[0] == 9]
+        assert is_video_sequence_header(videos[0][2])
+        assert is_video_keyframe(videos[1][2])
+        assert edge.server.counters.relay_pull_started == 1
+        proto.close()
+        await wait_for(lambda: not edge.server.pulls)
+        pub.proto.close()
+
+
+async def test_protocol_error_closes_connection() -> None:
+    async with asyncio.timeout(20), run_server(APPS) as (hooks, port):
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"\x03" + bytes(1536))
+        await r.readexactly(1 + 2 * 1536)
+        w.write(bytes(1536) + b"\xc7garbage")  # C2 then a fmt 3 chunk with no header
+        assert await r.read() == b""
+        w.close()
+        assert hooks.server.counters.protocol_errors == 1
+
+
+async def test_config_validation() -> None:
+    cfg, errors = config_from_snapshot(snapshot([{"name": "live", "push": ["http://x/y"]}]), "rtmp")
+    assert cfg is None and errors and "push" in errors[0]
+    cfg, errors = config_from_snapshot(snapshot([{"name": "a"}, {"name": "a"}]), "rtmp")
+    assert cfg is None and errors
+    cfg, errors = config_from_snapshot({"modules": [{"name": "other", "config": {"x": 1}}]}, "rtmp")
+    assert cfg == RtmpConfig() and not errors
+    async with run_server(APPS) as (hooks, _):
+        assert await hooks.apply_config(snapshot([{"name": "bad name!"}]))
+        assert hooks.server.config.app("live") is not None  # previous config stays in force
