@@ -1,0 +1,105 @@
+"""Each Dockerfile's build stage, run here without Docker: the same `uv sync` command on the
+same files the Dockerfile copies (after .dockerignore), then every module of the service
+imported from that venv (with the shared library's modules it uses). This catches an image that
+cannot start although the development venv works: a service importing a package it does not
+depend on (for example another service's), or package data a non-editable wheel leaves out."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.deploy.conftest import ROOT, find_tool
+
+pytestmark = pytest.mark.integration
+
+SERVICES = sorted(p.parent.name for p in (ROOT / "services").glob("*/pyproject.toml"))
+SYNC_TIMEOUT = 180.0
+# never part of an image (.dockerignore)
+IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", ".venv", "*.egg-info", ".pytest_cache")
+
+IMPORT_EVERYTHING = """
+import importlib, pkgutil, sys
+names = sys.argv[1:]
+for top in names:
+    pkg = importlib.import_module(top)
+    for info in pkgutil.walk_packages(pkg.__path__, top + "."):
+        if ".migrations" in info.name:  # alembic env.py only runs under alembic
+            continue
+        importlib.import_module(info.name)
+for dev_only in ("pytest", "hypothesis", "ruff"):
+    try:
+        importlib.import_module(dev_only)
+    except ImportError:
+        continue
+    raise SystemExit(f"dev dependency {dev_only} is in the image venv")
+print("ok")
+"""
+
+
+def _build_stage(service: str) -> tuple[dict[str, str], list[str]]:
+    """The build stage's ENV and its `uv sync` argv, read from the Dockerfile."""
+    text = (ROOT / "services" / service / "Dockerfile").read_text(encoding="utf-8")
+    build = text.split("\nFROM ")[1]
+    env: dict[str, str] = {}
+    for block in re.findall(r"^ENV (.*?)(?<!\\)$", build, re.M | re.S):
+        env |= dict(re.findall(r"([A-Z_][A-Z0-9_]*)=(\S+)", block))
+    (sync,) = re.findall(r"^RUN (uv sync .*)$", build, re.M)
+    return env, shlex.split(sync)
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_image_build_stage_yields_a_complete_service_venv(service: str, tmp_path: Path) -> None:
+    uv = find_tool("uv", "python3 -m pip install uv (make bootstrap)")
+    src, venv = tmp_path / "src", tmp_path / "venv"
+    src.mkdir()
+    for name in ("pyproject.toml", "uv.lock"):
+        shutil.copy2(ROOT / name, src / name)
+    shutil.copytree(ROOT / "libs", src / "libs", ignore=IGNORED)
+    shutil.copytree(ROOT / "services" / service, src / "services" / service, ignore=IGNORED)
+
+    stage_env, argv = _build_stage(service)
+    assert stage_env["UV_PROJECT_ENVIRONMENT"] == "/opt/venv"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("UV_", "VIRTUAL_ENV"))}
+    env |= stage_env | {
+        "UV_PROJECT_ENVIRONMENT": str(venv),
+        "UV_PYTHON": getattr(sys, "_base_executable", sys.executable),
+        "UV_COMPILE_BYTECODE": "0",  # same result, less time; bytecode is not what we test
+        "UV_LINK_MODE": "hardlink",  # uv copies when the cache is on another filesystem
+        "UV_OFFLINE": "1",  # everything uv.lock pins is in the cache after `make install`
+    }
+    proc = subprocess.run(
+        [uv, *argv[1:]],
+        cwd=src,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=SYNC_TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode == 0, f"{shlex.join(argv)} failed:\n{proc.stderr[-4000:]}"
+    assert (venv / "bin" / f"marchproxy-{service}").exists()
+    # non-editable: the code lives in the venv, not in the build context
+    shutil.rmtree(src)
+    check = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            IMPORT_EVERYTHING,
+            f"marchproxy_{service}",
+        ],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert check.returncode == 0 and check.stdout.strip() == "ok", check.stderr[-4000:]
