@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -31,14 +32,48 @@ ROOT = Path(__file__).resolve().parent.parent
 RESERVED_PORTS = frozenset({5432, 6379, 3306, 5672, 1883, 4222})
 
 
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _port_cursor() -> Iterator[int]:
+    """Ports below the kernel's ephemeral range, one disjoint block per xdist worker.
+
+    A port taken with bind(0) and released lies in the ephemeral range, where any outgoing
+    connect() of any test may take it before the service under test binds it: the race that
+    made a service fail with EADDRINUSE. Below that range the kernel never hands ports out, so
+    only our own picks compete, and the per-worker blocks keep those apart.
+    """
+    floor = _ephemeral_floor()
+    low = 10_000 if floor > 12_000 else 1_024
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    size = (floor - low) // workers
+    block = range(low + worker * size, low + (worker + 1) * size)
+    start = os.getpid() % len(block)  # two runs side by side start apart
+    for i in itertools.count():
+        yield block[(start + i) % len(block)]
+
+
+_PORTS = _port_cursor()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port the kernel just handed out (bind to port 0), never one of the machine's services."""
-    while True:
+    """A port nothing listens on and no other test will be handed, never one of the machine's
+    services. The caller binds it soon after; see ``_port_cursor`` for why this is race-free."""
+    for port in _PORTS:
+        if port in RESERVED_PORTS:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            port = int(s.getsockname()[1])
-        if port not in RESERVED_PORTS:
-            return port
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("unreachable")
 
 
 def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 20.0) -> None:

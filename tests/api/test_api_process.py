@@ -7,19 +7,14 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import sys
 
 import aiohttp
 import pytest
 
+from tests.conftest import free_port
+
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_process_migrate_serve_and_generated_admin(tmp_path) -> None:
@@ -45,7 +40,7 @@ async def test_process_migrate_serve_and_generated_admin(tmp_path) -> None:
         _, err = await mig.communicate()
     assert mig.returncode == 0, err.decode()
 
-    port = _free_port()
+    port = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import socket
 import uuid
 
 import pytest
@@ -13,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from marchproxy_common.ratelimit import ClusterLimiter, Decision, RedisGCRA, TokenBucket
+from tests.conftest import free_port
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -144,18 +144,10 @@ async def test_cluster_limiters_share_redis_budget() -> None:
         await two.close()
 
 
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 async def test_cluster_limiter_falls_back_to_local_and_retries_after_backoff() -> None:
     clock = FakeClock()
     limiter = ClusterLimiter(
-        f"redis://127.0.0.1:{_closed_port()}/0", prefix=_prefix(), backoff=5.0, clock=clock
+        f"redis://127.0.0.1:{free_port()}/0", prefix=_prefix(), backoff=5.0, clock=clock
     )
     try:
         first = await limiter.allow("k", rate=1, burst=2)

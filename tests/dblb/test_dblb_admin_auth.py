@@ -16,6 +16,7 @@ from marchproxy_common.wire.postgres import encoder as enc
 from marchproxy_common.wire.postgres.auth import ScramVerifier, md5_hash
 from marchproxy_common.wire.proxy_protocol import build_v2
 from marchproxy_dblb.module import DblbHooks
+from tests.conftest import free_port
 from tests.dblb.dblb_helpers import DIRECT_DSN, dsn, pg_config, running_dblb, settings
 
 pytestmark = pytest.mark.integration
@@ -303,12 +304,9 @@ async def test_server_tls_to_a_tls_server_and_require_refusal(tmp_path: Path) ->
 
 async def test_main_with_static_yaml_config(tmp_path: Path) -> None:
     """`python -m marchproxy_dblb --config file.yaml`, no API and no NLB, serves psql."""
-    import socket
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cfg = tmp_path / "dblb.yaml"
     cfg.write_text(
         "modules:\n"

@@ -12,13 +12,13 @@ from marchproxy_rtmp.testing import (
     count_frames,
     ffmpeg_publish_argv,
     ffmpeg_record_argv,
-    free_port,
     have,
     nginx_rtmp,
     process,
     run_server,
     wait_for,
 )
+from tests.conftest import free_port
 
 pytestmark = [
     pytest.mark.integration,

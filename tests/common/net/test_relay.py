@@ -22,6 +22,7 @@ from marchproxy_common.net.relay import (
 )
 from marchproxy_common.tasks import spawn
 from marchproxy_common.wire.proxy_protocol import build_v2
+from tests.conftest import free_port
 
 BLOCKS = [random.Random(i).randbytes((1 << 20) + i * 977) for i in range(4)]
 MAX_READ = 256 * 1024  # asyncio's largest single read
@@ -306,13 +307,9 @@ def test_upstream_lost_closes_downstream() -> None:
 
 async def test_open_upstream_failures() -> None:
     loop = asyncio.get_running_loop()
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    free_port = s.getsockname()[1]
-    s.close()
     with pytest.raises(ConnectionRefusedError):
         await open_upstream(
-            loop, "127.0.0.1", free_port, connect_timeout=5, protocol_factory=asyncio.Protocol
+            loop, "127.0.0.1", free_port(), connect_timeout=5, protocol_factory=asyncio.Protocol
         )
     # a listener whose accept queue is full drops SYNs: the connect hangs until our timeout
     full = socket.socket()
