@@ -17,6 +17,7 @@ from marchproxy_ailb.gateway import Gateway
 from marchproxy_ailb.schema import AilbConfig
 from marchproxy_ailb.usage import Metrics, UsageStore
 from marchproxy_common.module.hooks import BaseModuleHooks, BoundAddress, LoadReport
+from marchproxy_common.net.listener import stop_serving
 from marchproxy_common.net.proxied import wrap_proxy_protocol
 
 _log = structlog.get_logger("marchproxy.ailb")
@@ -201,7 +202,7 @@ class AilbHooks(BaseModuleHooks):
 
     async def stop_accepting(self) -> None:
         if self._listener is not None:
-            self._listener.close()
+            await stop_serving(self._listener)
 
     async def drain(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()

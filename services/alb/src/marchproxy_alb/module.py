@@ -21,6 +21,7 @@ from marchproxy_alb.proxy import DataPlane
 from marchproxy_alb.routing import compile_table
 from marchproxy_alb.tls import SniSelector, TlsConfigError
 from marchproxy_common.module.hooks import BaseModuleHooks, BoundAddress, LoadReport
+from marchproxy_common.net.listener import stop_serving
 from marchproxy_common.net.proxied import wrap_proxy_protocol
 
 log = structlog.get_logger("marchproxy.alb.module")
@@ -164,7 +165,7 @@ class AlbHooks(BaseModuleHooks):
 
     async def stop_accepting(self) -> None:
         for s in self._servers:
-            s.close()
+            await stop_serving(s)
         self.plane.accepting = False
 
     async def drain(self, deadline: float) -> None:

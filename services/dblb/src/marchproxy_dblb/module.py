@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from marchproxy.v1 import types_pb2
 from marchproxy_common.module.hooks import BaseModuleHooks, BoundAddress, LoadReport
+from marchproxy_common.net.listener import stop_serving
 from marchproxy_common.net.proxied import client_address, wrap_proxy_protocol
 from marchproxy_common.wire.postgres.auth import ScramVerifier
 
@@ -150,7 +151,7 @@ class DblbHooks(BaseModuleHooks):
 
     async def stop_accepting(self) -> None:
         if self._server is not None:
-            self._server.close()
+            await stop_serving(self._server)
         if self._mysql is not None:
             await self._mysql.stop_accepting()
 

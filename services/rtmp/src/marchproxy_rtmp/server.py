@@ -13,6 +13,7 @@ import structlog
 from aiohttp import web
 
 from marchproxy_common.module.hooks import BoundAddress
+from marchproxy_common.net.listener import stop_serving
 from marchproxy_common.net.proxied import wrap_proxy_protocol
 from marchproxy_common.tasks import cancel_and_wait, spawn
 from marchproxy_rtmp.config import ApplicationConfig, RtmpConfig, RtmpSettings
@@ -120,7 +121,7 @@ class RtmpServer:
 
     async def stop_accepting(self) -> None:
         if self._server is not None:
-            self._server.close()
+            await stop_serving(self._server)
 
     async def drain(self, deadline: float) -> None:
         """Let streams run until ``deadline``, then end them the polite way (players get

@@ -15,6 +15,7 @@ from marchproxy.v1 import types_pb2
 from marchproxy_common.config import ModuleSettings
 from marchproxy_common.module.hooks import BaseModuleHooks, BoundAddress, LoadReport
 from marchproxy_common.module.runtime import run_module_main
+from marchproxy_common.net.listener import stop_serving
 from marchproxy_common.net.proxied import wrap_proxy_protocol
 
 
@@ -84,7 +85,7 @@ class EchoHooks(BaseModuleHooks):
 
     async def stop_accepting(self) -> None:
         if self._server is not None:
-            self._server.close()
+            await stop_serving(self._server)
 
     async def drain(self, deadline: float) -> None:
         timeout = max(0.0, deadline - asyncio.get_running_loop().time())

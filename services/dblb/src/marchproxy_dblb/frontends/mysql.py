@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 import structlog
 
 from marchproxy_common.module.hooks import BoundAddress
+from marchproxy_common.net.listener import stop_serving
 from marchproxy_common.net.proxied import wrap_proxy_protocol
 from marchproxy_common.tasks import spawn
 from marchproxy_common.wire.mysql import (
@@ -509,7 +510,7 @@ class MysqlFrontend:
 
     async def stop_accepting(self) -> None:
         if self._server is not None:
-            self._server.close()
+            await stop_serving(self._server)
 
     async def close(self) -> None:
         self.closed = True

@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 
 from marchproxy.v1 import nlb_pb2, types_pb2
+from marchproxy_common.net.listener import stop_serving
 from marchproxy_common.net.relay import Relay, RelayStats
 from marchproxy_common.net.udp import UdpRelay
 from marchproxy_common.wire.proxy_protocol import build_v2
@@ -151,7 +152,10 @@ class DataPlane:
     async def _close(self, key: tuple[str, int, str]) -> None:
         spec, server = self._servers.pop(key)
         self._bound.pop(key, None)
-        server.close()
+        if spec.transport == "tcp":
+            await stop_serving(server)
+        else:
+            server.close()
         _log.info("listener_stopped", listener=spec.name)
 
     def listener_addresses(self) -> list[tuple[str, int]]:
@@ -167,13 +171,10 @@ class DataPlane:
         return out
 
     async def stop_accepting(self) -> None:
+        # stop_serving lets every socket accepted so far reach connection_made, so drain sees
+        # and serves it instead of the process exiting under it (a reset for the client)
         for key in list(self._servers):
             await self._close(key)
-        # The loop may have accepted sockets whose protocol is not attached yet (asyncio runs
-        # connection_made a moment later); let that happen so drain sees and serves them
-        # instead of the process exiting under them (a reset for the client).
-        for _ in range(3):
-            await asyncio.sleep(0.02)
 
     async def drain(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()
