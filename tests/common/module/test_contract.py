@@ -49,7 +49,7 @@ class Nlb:
     stub: nlb_pb2_grpc.NLBServiceStub
 
 
-def start_nlb(procs: ProcessGroup, grpc_port: int, admin_port: int) -> ServiceProcess:
+def start_nlb(procs: ProcessGroup, grpc_port: int, admin_port: int, **extra: str) -> ServiceProcess:
     env = {
         "CLUSTER_API_KEY": KEY,
         "NLB_GRPC_PORT": str(grpc_port),
@@ -57,6 +57,7 @@ def start_nlb(procs: ProcessGroup, grpc_port: int, admin_port: int) -> ServicePr
         "HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT),
         "NLB_EXPIRY_INTERVAL": "0.1",
         "DRAIN_TIMEOUT": "2",
+        **extra,
     }
     proc = procs.python("nlb", "marchproxy_nlb", env)
     wait_port(grpc_port)
@@ -329,6 +330,44 @@ async def test_every_module_rpc_answers(nlb: Nlb, procs: ProcessGroup, module_na
         assert shut.success
     proc = procs.procs[-1]
     assert await asyncio.to_thread(proc.wait, 20) == 0
+
+
+async def test_heartbeats_follow_a_short_nlb_timeout(procs: ProcessGroup) -> None:
+    """An NLB with HEARTBEAT_TIMEOUT=1 keeps a module started with a 5 s interval: the module
+    paces its heartbeats from the timeout the NLB announced at registration."""
+    grpc_port, admin_port = free_port(), free_port()
+    start_nlb(procs, grpc_port, admin_port, HEARTBEAT_TIMEOUT="1")
+    start_module(procs, "echo", grpc_port, HEARTBEAT_INTERVAL="5")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+        stub = nlb_pb2_grpc.NLBServiceStub(ch)
+        [first] = await wait_for(registered(stub, "echo"), 30, "registration", procs)
+        await asyncio.sleep(3.0)  # three NLB timeouts
+        [later] = await instances(stub, "echo")
+    assert later.instance_id == first.instance_id, "the instance expired and re-registered"
+    assert later.last_heartbeat.ToNanoseconds() > first.last_heartbeat.ToNanoseconds()
+
+
+async def test_drain_instruction_drains_and_exits(nlb: Nlb, procs: ProcessGroup) -> None:
+    """An operator drains an instance on the NLB (UpdateHealth DRAINING): the heartbeat answer
+    carries INSTRUCTION_DRAIN and the module finishes the way SIGTERM does, exiting 0."""
+    mod = start_module(procs, "echo", nlb.grpc_port)
+    [inst] = await wait_for(registered(nlb.stub, "echo"), 30, "registration", procs)
+    await nlb.stub.UpdateHealth(
+        nlb_pb2.HealthUpdateRequest(
+            module_id=inst.instance_id,
+            status=types_pb2.HEALTH_STATUS_DRAINING,
+            reason="contract test",
+        ),
+        metadata=META,
+        timeout=5,
+    )
+    assert await asyncio.to_thread(mod.wait, 20) == 0
+    assert "nlb drain instruction" in mod.output()
+
+    async def gone() -> bool:
+        return not await instances(nlb.stub, "echo")
+
+    await wait_for(gone, 10, "unregistration after the drain", procs)
 
 
 def test_module_table_covers_packaged_modules() -> None:

@@ -14,6 +14,13 @@ from marchproxy.v1 import nlb_pb2, nlb_pb2_grpc
 from marchproxy_common.grpc_server import API_KEY_HEADER
 
 DEFAULT_RPC_TIMEOUT = 5.0
+# gRPC's default reconnect backoff grows to 120 s: after a long NLB outage (or a hitless
+# restart that closes our connection) a module would wait that long to re-register.
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+)
 
 
 class NlbClient:
@@ -40,9 +47,9 @@ class NlbClient:
             if self._root is not None:
                 key, cert = self._client_cert or (None, None)
                 creds = grpc.ssl_channel_credentials(self._root, key, cert)
-                self._channel = grpc.aio.secure_channel(self.addr, creds)
+                self._channel = grpc.aio.secure_channel(self.addr, creds, CHANNEL_OPTIONS)
             else:
-                self._channel = grpc.aio.insecure_channel(self.addr)
+                self._channel = grpc.aio.insecure_channel(self.addr, CHANNEL_OPTIONS)
             self._stub = nlb_pb2_grpc.NLBServiceStub(self._channel)
         return self._stub
 

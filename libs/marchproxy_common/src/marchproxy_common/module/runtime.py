@@ -1,8 +1,10 @@
 """``ModuleRuntime``: the one lifecycle every module shares (DESIGN.md section 2).
 
 start → load desired state → bind data port + gRPC + admin HTTP → RegisterModule → Heartbeat
-every HEARTBEAT_INTERVAL (re-register when the NLB says it does not know us, e.g. after an NLB
-restart; keep serving while the NLB is unreachable) → on SIGTERM: UnregisterModule(graceful)
+every HEARTBEAT_INTERVAL, or more often when the NLB's heartbeat timeout asks for it
+(re-register when the NLB says it does not know us, e.g. after an NLB restart; keep serving
+while the NLB is unreachable) → on SIGTERM, or a DRAIN/SHUTDOWN instruction in a heartbeat
+answer: UnregisterModule(graceful)
 so the NLB sends nothing new → health NOT_SERVING → stop accepting → drain in-flight work up to
 DRAIN_TIMEOUT → stop gRPC → UnregisterModule(remove) → exit 0.
 """
@@ -43,6 +45,19 @@ _log = structlog.get_logger("marchproxy.module")
 
 SERVICE_NAME = "marchproxy.v1.ModuleService"
 S = TypeVar("S", bound=ModuleSettings)
+
+REGISTRATION_ERROR_BACKOFF_MAX = 30.0  # seconds between retries after an unexpected error
+HEARTBEATS_PER_TIMEOUT = 3  # beats the NLB should see within one of its HEARTBEAT_TIMEOUTs
+
+
+def heartbeat_pace(own_interval: float, nlb_timeout_seconds: int) -> float:
+    """Our heartbeat interval, tightened so the NLB hears from us several times within its
+    timeout: an NLB configured with HEARTBEAT_TIMEOUT=1 must not expire a module that was
+    started with the default 5 s interval."""
+    if nlb_timeout_seconds <= 0:
+        return own_interval
+    return min(own_interval, nlb_timeout_seconds / HEARTBEATS_PER_TIMEOUT)
+
 
 _COMPONENT_BY_TYPE: dict[int, str] = {
     types_pb2.MODULE_TYPE_ALB: "alb",
@@ -101,6 +116,7 @@ class ModuleRuntime:
         self.weights: dict[str, int] = {}
         self._version_history: list[str] = []
         self.draining = False
+        self.heartbeat_interval = settings.heartbeat_interval
         self.registered = False
         self.heartbeat_failures = 0
         self.last_heartbeat_ok: float | None = None
@@ -289,7 +305,15 @@ class ModuleRuntime:
         self.registered = True
         self.metrics.registered.set(1)
         self.instance_id = resp.registration_id or self.instance_id
-        _log.info("registered_with_nlb", nlb=self.nlb.addr, instance_id=self.instance_id)
+        self.heartbeat_interval = heartbeat_pace(
+            self.settings.heartbeat_interval, resp.heartbeat_timeout_seconds
+        )
+        _log.info(
+            "registered_with_nlb",
+            nlb=self.nlb.addr,
+            instance_id=self.instance_id,
+            heartbeat_interval=self.heartbeat_interval,
+        )
 
     def _log_register_retry(self, state: Any) -> None:
         exc = state.outcome.exception() if state.outcome else None
@@ -302,15 +326,24 @@ class ModuleRuntime:
         )
 
     async def _registration_loop(self) -> None:
+        failures = 0
         while not self._stop_requested.is_set():
-            await self._register()
-            await self._heartbeat_until_lost()
+            try:
+                await self._register()
+                await self._heartbeat_until_lost()
+                failures = 0
+            except Exception:
+                # a hook (load(), stats) or our own bug must not end registration for good:
+                # the module would keep serving but the NLB would never route to it again
+                failures += 1
+                _log.exception("registration_loop_error", failures=failures)
+                await asyncio.sleep(min(REGISTRATION_ERROR_BACKOFF_MAX, 0.5 * 2**failures))
 
     async def _heartbeat_until_lost(self) -> None:
         """Heartbeat until the NLB says it no longer knows this instance."""
         assert self.nlb is not None
         while not self._stop_requested.is_set():
-            await asyncio.sleep(self.settings.heartbeat_interval)
+            await asyncio.sleep(self.heartbeat_interval)
             try:
                 resp = await self.nlb.heartbeat(self._heartbeat_request())
             except grpc.aio.AioRpcError as exc:
@@ -327,8 +360,21 @@ class ModuleRuntime:
                 self.metrics.registered.set(0)
                 _log.info("nlb_asked_to_reregister")
                 return
+            self._follow_instruction(resp.instruction)
+            if self._stop_requested.is_set():
+                return
             if resp.config_version > self.config_version and self.state is not None:
                 self.state.hint(resp.config_version)
+
+    def _follow_instruction(self, instruction: int) -> None:
+        """DRAIN (an operator or the autoscaler drained us: the NLB already sends us nothing
+        new) and SHUTDOWN both end this instance the way SIGTERM does: finish in-flight work
+        up to DRAIN_TIMEOUT, unregister, exit 0. Staying up would re-register us once the NLB
+        drops the drained instance, undoing the drain."""
+        if instruction == nlb_pb2.INSTRUCTION_DRAIN:
+            self.request_stop("nlb drain instruction")
+        elif instruction == nlb_pb2.INSTRUCTION_SHUTDOWN:
+            self.request_stop("nlb shutdown instruction")
 
     def _heartbeat_request(self) -> nlb_pb2.HeartbeatRequest:
         load = self.hooks.load()
@@ -580,6 +626,7 @@ class ModuleRuntime:
                 "registered": self.registered,
                 "heartbeat_failures": self.heartbeat_failures,
                 "last_heartbeat_ok": self.last_heartbeat_ok,
+                "heartbeat_interval": self.heartbeat_interval,
             },
             "config": config,
             "load": asdict(self.hooks.load()),
