@@ -7,6 +7,7 @@ a stack trace.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
@@ -79,7 +80,10 @@ class AdminServer:
         return resp
 
     async def _status_handler(self, request: web.Request) -> web.Response:
-        return web.json_response(self._status(), dumps=lambda o: json.dumps(o, default=str))
+        return web.json_response(
+            _finite(self._status()),
+            dumps=lambda o: json.dumps(o, default=str, allow_nan=False),
+        )
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
@@ -93,3 +97,14 @@ class AdminServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities are not JSON (RFC 8259 section 6): report them as null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

@@ -65,6 +65,29 @@ def rpc(
     return wrapper
 
 
+def rpc_stream(
+    method: Callable[[Any, Req, Ctx], AsyncIterator[Resp]],
+) -> Callable[[Any, Req, Ctx], AsyncIterator[Resp]]:
+    """``rpc`` for server-streaming methods (async generators)."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Req, context: Ctx) -> AsyncIterator[Resp]:
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except InvalidArgument as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except NotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception:
+            _log.exception("module_rpc_failed", method=method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}")
+
+    return wrapper
+
+
 def _weights_pb(weights: dict[str, int]) -> list[types_pb2.VersionWeight]:
     return [types_pb2.VersionWeight(version=k, weight=v) for k, v in sorted(weights.items())]
 
@@ -363,6 +386,7 @@ class BaseModuleServicer(module_pb2_grpc.ModuleServiceServicer):
     ) -> module_pb2.GetStatsResponse:
         return module_pb2.GetStatsResponse(stats=self.rt.stats_pb())
 
+    @rpc_stream
     async def StreamMetrics(
         self, request: module_pb2.StreamMetricsRequest, context: Ctx
     ) -> AsyncIterator[types_pb2.ModuleMetrics]:
