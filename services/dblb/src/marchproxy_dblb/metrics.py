@@ -65,6 +65,9 @@ class DblbCollector(Collector):
                 "Clients that gave up waiting (query_wait_timeout)",
                 labels=labels,
             ),
+            "logins": CounterMetricFamily(
+                "marchproxy_dblb_server_logins", "Successful server logins", labels=labels
+            ),
             "login_errors": CounterMetricFamily(
                 "marchproxy_dblb_server_login_errors", "Failed server logins", labels=labels
             ),
@@ -92,6 +95,7 @@ class DblbCollector(Collector):
             counters["wait"].add_metric(lv, s.wait_count)
             counters["wait_time"].add_metric(lv, s.wait_time)
             counters["wait_timeouts"].add_metric(lv, s.wait_timeouts)
+            counters["logins"].add_metric(lv, s.server_logins)
             counters["login_errors"].add_metric(lv, s.server_login_errors)
             counters["rx"].add_metric(lv, s.bytes_received)
             counters["tx"].add_metric(lv, s.bytes_sent)

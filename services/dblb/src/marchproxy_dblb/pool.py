@@ -100,6 +100,7 @@ class PoolStats:
     bytes_sent: int = 0
     wait_timeouts: int = 0
     server_login_errors: int = 0
+    server_logins: int = 0
 
 
 _server_ids = itertools.count(1)
@@ -212,6 +213,8 @@ class ServerConnection(asyncio.Protocol):
                 return
             elif m.type == _Z:
                 self.state = "idle"
+                self.pool.stats.server_logins += 1
+                self.pool.manager.server_logins += 1
                 if self._login_done is not None and not self._login_done.done():
                     self._login_done.set_result(None)
 
@@ -519,7 +522,9 @@ class Pool:
     verified_passwords: set[bytes] = field(default_factory=set)
     #: server statement names some server of this pool parsed successfully
     known_statements: set[bytes] = field(default_factory=set)
-    retired: bool = False  # replaced by a config change: servers close when released
+    #: replaced by a config change: serves the clients it has until they leave or move on,
+    #: and closes servers nobody waits for
+    retired: bool = False
     role: str = "primary"
     welcome_cache: dict[tuple[tuple[str, str], ...], bytes] = field(default_factory=dict)
 
@@ -647,7 +652,6 @@ class Pool:
         if (
             server.state == "closed"
             or self.manager.closed
-            or self.retired
             or now - server.created_at > self.config.server_lifetime
             or len(server.prepared) > MAX_SERVER_PREPARED
             or server not in self.servers
@@ -666,6 +670,12 @@ class Pool:
                 self.stats.wait_time += wait
                 self._link(server, w.client)
                 return
+        if self.retired and self.clients <= 0:
+            # a retired pool parks servers only for clients it still serves
+            self.servers.discard(server)
+            server.close()
+            self.manager.check_paused()
+            return
         self.idle.append(server)
         self.manager.check_paused()
 
@@ -682,6 +692,7 @@ class Pool:
             self.release(server)
 
     def on_server_closed(self, server: ServerConnection, was: str) -> None:
+        member = server in self.servers
         self.servers.discard(server)
         try:
             self.idle.remove(server)
@@ -691,9 +702,39 @@ class Pool:
         if client is not None and was == "active":
             server.client = None
             client.server_lost(server)
-        if self.waiters:
+        if member and self.waiters:
+            # a server that never logged in is _open_server's to report: growing here
+            # again would retry a failing login in a tight loop
             self._grow()
         self.manager.check_paused()
+
+    def retire(self) -> list[PostgresClient]:
+        """A config change replaced this pool: close its idle servers, hand back its waiters.
+
+        Linked clients keep their servers; servers released by them go to the clients still
+        waiting here (none, once they have moved on) or are closed.
+        """
+        self.retired = True
+        self.min_size = 0
+        self.close_idle()
+        moved = []
+        while self.waiters:
+            w = self.waiters.popleft()
+            if w.timer is not None:
+                w.timer.cancel()
+            if not w.client.closed:
+                moved.append(w.client)
+        return moved
+
+    def close_idle(self) -> None:
+        for server in list(self.idle):
+            self.servers.discard(server)
+            server.close()
+        self.idle.clear()
+
+    @property
+    def drained(self) -> bool:
+        return not (self.clients > 0 or self.servers or self.waiters or self.connecting)
 
     def maintain(self, now: float) -> None:
         keep = self.min_size
@@ -723,6 +764,9 @@ class PoolManager:
         self.config = config
         self.pools: dict[tuple[str, str], Pool] = {}
         self.replica_pools: dict[tuple[str, str, int], Pool] = {}
+        #: pools replaced by a config change that still have clients or servers
+        self.retired: set[Pool] = set()
+        self.server_logins = 0
         self.clients: dict[int, PostgresClient] = {}
         self.client_count = 0
         self.paused = False
@@ -740,18 +784,28 @@ class PoolManager:
         while not self.closed:
             await asyncio.sleep(1.0)
             now = time.monotonic()
-            for pool in self.all_pools():
+            for pool in self.every_pool():
                 pool.maintain(now)
+            self.retired = {p for p in self.retired if not p.drained}
 
     def apply(self, config: DblbConfig) -> None:
-        """New config: new pools use it; pools whose target changed are rebuilt lazily."""
+        """New config: pools whose target changed retire; their clients move on (below)."""
         self.config = config
         self.server_tls = server_tls_context(config)
+        moved: list[PostgresClient] = []
         for rkey, rpool in list(self.replica_pools.items()):
+            resolved = config.database(rpool.database)
+            replicas = resolved[0].replicas if resolved is not None else []
+            index = rkey[2]
+            if index < len(replicas) and _replica_target(replicas[index], resolved) == (
+                rpool.host,
+                rpool.port,
+                rpool.dbname,
+            ):
+                rpool.config = config
+                continue
             del self.replica_pools[rkey]
-            rpool.retired = True
-            for server in list(rpool.idle):
-                server.close()
+            moved += self._retire(rpool)
         for key, pool in list(self.pools.items()):
             resolved = config.database(pool.database)
             if resolved is None or _target(resolved[0], resolved[1]) != (
@@ -760,9 +814,7 @@ class PoolManager:
                 pool.dbname,
             ):
                 del self.pools[key]
-                pool.retired = True
-                for server in list(pool.idle):
-                    server.close()
+                moved += self._retire(pool)
             else:
                 db = resolved[0]
                 pool.config = config
@@ -771,6 +823,28 @@ class PoolManager:
                     db.min_pool_size if db.min_pool_size is not None else config.min_pool_size
                 )
                 pool.mode = config.pool_mode_for(db, pool.user)
+        # clients that waited for a server of a retired pool ask again, now for the new target
+        for client in moved:
+            client.request_again()
+
+    def _retire(self, pool: Pool) -> list[PostgresClient]:
+        moved = pool.retire()
+        if not pool.drained:
+            self.retired.add(pool)
+        return moved
+
+    def successor(self, pool: Pool, client_params: dict[str, str]) -> Pool | None:
+        """The pool that replaced retired ``pool`` for the same client, if any."""
+        new = self.pool_for(pool.database, pool.user, client_params)
+        if new is None or new is pool:
+            return None
+        if (
+            new.server_password is None
+            and pool.server_password is not None
+            and new.server_user == pool.server_user
+        ):
+            new.server_password = pool.server_password  # passthrough: learnt at login
+        return new
 
     def replica_pool(self, primary: Pool, counter: int) -> Pool | None:
         """A pool to one of the primary's replicas (round robin), or None without replicas."""
@@ -782,7 +856,10 @@ class PoolManager:
         key = (primary.database, primary.user, index)
         pool = self.replica_pools.get(key)
         target = replicas[index]
-        if pool is None or (pool.host, pool.port) != (target.host, target.port):
+        if pool is not None and (pool.host, pool.port) != (target.host, target.port):
+            self._retire(pool)  # not expected: apply() retires changed replicas
+            pool = None
+        if pool is None:
             pool = Pool(
                 manager=self,
                 database=primary.database,
@@ -803,7 +880,11 @@ class PoolManager:
         return pool
 
     def all_pools(self) -> list[Pool]:
+        """The pools in force (SHOW POOLS, metrics); retired ones are in ``retired``."""
         return [*self.pools.values(), *self.replica_pools.values()]
+
+    def every_pool(self) -> list[Pool]:
+        return [*self.all_pools(), *self.retired]
 
     def pool_for(self, database: str, user: str, client_params: dict[str, str]) -> Pool | None:
         key = (database, user)
@@ -852,7 +933,7 @@ class PoolManager:
             self._pause_waiters.clear()
 
     def active_servers(self) -> int:
-        return sum(1 for p in self.all_pools() for s in p.servers if s.state != "idle")
+        return sum(1 for p in self.every_pool() for s in p.servers if s.state != "idle")
 
     async def pause(self, wait_s: float) -> bool:
         self.paused = True
@@ -869,7 +950,7 @@ class PoolManager:
 
     def resume(self) -> None:
         self.paused = False
-        for pool in self.all_pools():
+        for pool in self.every_pool():
             while pool.idle and pool.waiters:
                 pool.release(pool.idle.popleft())
             pool._grow()
@@ -878,7 +959,7 @@ class PoolManager:
         self.closed = True
         if self._janitor is not None:
             self._janitor.cancel()
-        for pool in self.all_pools():
+        for pool in self.every_pool():
             pool.close_all()
 
 
@@ -896,3 +977,7 @@ def server_tls_context(config: DblbConfig) -> ssl.SSLContext | None:
 
 def _target(db: Any, dbname: str) -> tuple[str, int, str]:
     return (db.host, db.port, dbname)
+
+
+def _replica_target(replica: Any, resolved: Any) -> tuple[str, int, str]:
+    return (replica.host, replica.port, replica.dbname or resolved[1])

@@ -436,12 +436,34 @@ class PostgresClient(asyncio.Protocol):
     def _request_server(self) -> None:
         """Ask for a server: a replica's when the transaction is routed there, else primary."""
         assert self.pool is not None
+        if self.pool.retired:
+            self._leave_retired_pool(self.pool)
         target = self.pool
         if self.pool.mode == "transaction" and self.pending and _wants_replica(self.pending[0]):
             self._replica_turn += 1
             target = self.manager.replica_pool(self.pool, self._replica_turn) or self.pool
         self._waiting_in = target
         target.request(self)
+
+    def _leave_retired_pool(self, old: Pool) -> None:
+        """Between transactions (we hold no server) a client of a pool that a config change
+        replaced moves to the pool now in force. With none (its database was removed) it
+        stays: the retired pool serves it until it leaves."""
+        new = self.manager.successor(old, self.params)
+        if new is None:
+            return
+        old.clients -= 1
+        new.clients += 1
+        self.pool = new
+        if old.clients <= 0:
+            old.close_idle()
+
+    def request_again(self) -> None:
+        """The pool we waited in retired (config change): wait again where we belong now."""
+        if self.closed or self.server is not None or self.pool is None:
+            return
+        self.waiting = True
+        self._request_server()
 
     def _prepare_locally(self, msgs: list[Message]) -> bool:
         """``Parse(named)... Sync`` outside a transaction (libpq's PQprepare) for statements a
