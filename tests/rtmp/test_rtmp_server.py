@@ -292,6 +292,46 @@ async def test_pull_on_demand_from_origin() -> None:
         pub.proto.close()
 
 
+async def test_publisher_taking_over_a_pull_keeps_its_players() -> None:
+    async with (
+        asyncio.timeout(40),
+        run_server([{"name": "live", "publish_open": True}]) as (origin, origin_port),
+        run_server(
+            [
+                {
+                    "name": "edge",
+                    "publish_open": True,
+                    "pull": f"rtmp://127.0.0.1:{origin_port}/live",
+                }
+            ]
+        ) as (edge, edge_port),
+    ):
+        remote = await publisher(origin_port, "live", "cam", video_size=1000)
+        await remote.run(40, realtime=False)
+        proto, rec = await play_client(edge_port, "edge", "cam")
+        await wait_for(lambda: rec.video >= 5)  # pulled from the origin
+        local = await publisher(edge_port, "edge", "cam", video_size=2000)
+        await wait_for(lambda: not edge.server.pulls)  # the pull yielded to the real publisher
+        await local.run(40, realtime=False)
+        own = len(video_frame(1, 30, 2000))
+        # the same player session now gets the local publisher's stream, from its keyframe
+        await wait_for(lambda: rec.lengths.count(own) >= 38, 10)
+        assert not proto.closed.done()
+        assert any(s.get("code") == "NetStream.Play.PublishNotify" for s in proto.statuses)
+        videos = [(m, n) for m, n in zip(rec.messages, rec.lengths, strict=True) if m[0] == 9]
+        first_local = next(
+            i for i, (_, n) in enumerate(videos) if n == len(video_frame(0, 30, 2000))
+        )
+        assert is_video_sequence_header(videos[first_local - 1][0][2])
+        assert is_video_keyframe(videos[first_local][0][2])
+        stream = edge.server.registry.get("edge", "cam")
+        assert stream is not None and len(stream.players) == 1
+        await wait_for(lambda: not origin.server.registry.get("live", "cam").players)  # type: ignore[union-attr]
+        proto.close()
+        local.proto.close()
+        remote.proto.close()
+
+
 async def test_protocol_error_closes_connection() -> None:
     async with asyncio.timeout(20), run_server(APPS) as (hooks, port):
         r, w = await asyncio.open_connection("127.0.0.1", port)

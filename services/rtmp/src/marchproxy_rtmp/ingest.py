@@ -381,6 +381,12 @@ class RtmpConnection(asyncio.Protocol):
         if not self.players and not self.publishing:
             self.close_after_flush()
 
+    def stream_restarted(self, player: Player) -> None:
+        sid = player.stream_id
+        begin = UserControlEvent(UserControl.STREAM_BEGIN, sid)
+        self._send(CSID_CONTROL, MSG_USER_CONTROL, 0, encode_user_control(begin))
+        self._status(sid, "status", "NetStream.Play.PublishNotify", "stream is now published")
+
     def player_dropped(self, player: Player, reason: str) -> None:
         _log.info("rtmp_player_dropped", peer=self.peer, reason=reason)
         self.players.pop(player.stream_id, None)

@@ -114,6 +114,9 @@ class PushRelay:
     def stream_ended(self, player: Player) -> None:
         self._stopped.set()
 
+    def stream_restarted(self, player: Player) -> None:
+        pass  # push relays are stopped when the stream changes hands
+
     def player_dropped(self, player: Player, reason: str) -> None:
         _log.warning("rtmp_push_too_slow", url=self.url, reason=reason)
         if self._proto is not None:
@@ -141,8 +144,12 @@ class PullRelay:
 
     def _on_media(self, ev: MessageReceived) -> None:
         stream = self._stream
-        if stream is None:
-            return
+        if (
+            stream is None
+            or stream.publisher is None
+            or stream.publisher.client_id != self.client_id
+        ):
+            return  # not published yet, or a real publisher took the stream over
         if ev.type_id in (MSG_AUDIO, MSG_VIDEO):
             stream.on_media(ev.type_id, ev.timestamp, ev.payload, self.server.clock())
         elif ev.type_id == MSG_AGGREGATE:

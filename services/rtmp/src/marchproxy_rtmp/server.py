@@ -252,17 +252,25 @@ class RtmpServer:
             gop_cache=cfg.gop_cache if cfg else True,
             flush_interval=self.config.flush_interval_ms / 1000,
         )
+        takeover = False
         if stream.publisher is not None:
-            # an on-demand pull yields to a real publisher
+            # an on-demand pull yields to a real publisher; its players stay and get the new one
             pull = self.pulls.get((app, name))
             if pull is None or stream.publisher.client_id != pull.client_id:
                 return None
             pull.stop()
-            stream.stop()
+            for relay in self.pushes.pop((app, name), []):
+                relay.stop()
+            for ended in stream.stop(keep_players=True):
+                ended.owner.stream_ended(ended)
+            takeover = True
         if cfg is not None:
             stream.gop_cache_enabled = cfg.gop_cache
         stream.flush_interval = self.config.flush_interval_ms / 1000
         stream.start(pub, self.clock())
+        if takeover:
+            for player in list(stream.players):
+                player.owner.stream_restarted(player)
         if cfg is not None and cfg.hls:
             stream.hls = HlsMuxer(
                 name, fragment=cfg.hls_fragment, playlist_length=cfg.hls_playlist_length

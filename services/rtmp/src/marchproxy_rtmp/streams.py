@@ -90,6 +90,9 @@ class PlayerOwner(Protocol):
 
     def stream_ended(self, player: Player) -> None: ...
 
+    def stream_restarted(self, player: Player) -> None:
+        """A new publisher took the stream over; the player stays subscribed."""
+
     def player_dropped(self, player: Player, reason: str) -> None: ...
 
 
@@ -353,8 +356,11 @@ class Stream:
         for p in dropped:
             self.remove_player(p)
 
-    def stop(self) -> list[Player]:
-        """The publisher left: forget the media state; return the players to notify."""
+    def stop(self, *, keep_players: bool = False) -> list[Player]:
+        """The publisher left: forget the media state; return the players to notify.
+
+        ``keep_players``: another publisher takes over at once (a real one replacing a pull), so
+        the players stay subscribed and wait for its first keyframe; only relays are returned."""
         self.flush()
         if self.hls is not None:
             self.hls.finish()
@@ -363,9 +369,14 @@ class Stream:
         self.metadata = self.video_header = self.audio_header = None
         self.gop = []
         self.gop_bytes = 0
-        ended = list(self.players) + list(self.relays)
-        self.players.clear()
+        ended = list(self.relays)
         self.relays.clear()
+        if keep_players:
+            for p in self.players:
+                p.waiting_keyframe = True
+        else:
+            ended += self.players
+            self.players.clear()
         for p in ended:
             p.stream = None
         return ended

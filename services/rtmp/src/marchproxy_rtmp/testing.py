@@ -140,12 +140,15 @@ class Recorder:
 
     def __init__(self) -> None:
         self.messages: list[tuple[int, int, bytes]] = []
+        #: payload length of each message in ``messages``
+        self.lengths: list[int] = []
         self.video = 0
         self.audio = 0
         self.first_video = asyncio.Event()
 
     def __call__(self, ev: Any) -> None:
         self.messages.append((ev.type_id, ev.timestamp, bytes(ev.payload[:2])))
+        self.lengths.append(len(ev.payload))
         if ev.type_id == 9:
             self.video += 1
             self.first_video.set()
