@@ -173,19 +173,27 @@ class NlbServicer(nlb_pb2_grpc.NLBServiceServicer):
         v.check_id("instance_id", request.instance_id)
         v.check_text("rejected_reason", request.rejected_reason, 1024)
         stats = request.stats
+        # Everything stored here is served again by /status, the metrics RPCs and the
+        # autoscaler: an unknown health value, a negative count or a NaN must not get in.
         inst = self.registry.heartbeat(
             request.instance_id,
-            health=request.health,
-            reported_connections=request.active_connections,
-            requests_total=request.requests_total,
-            cpu_percent=request.cpu_percent,
-            memory_bytes=request.memory_bytes,
-            requests_per_second=request.requests_per_second,
-            errors_total=request.errors_total,
-            bytes_in=stats.bytes_in,
-            bytes_out=stats.bytes_out,
-            applied_config_version=request.applied_config_version,
-            rejected_config_version=request.rejected_config_version,
+            health=v.check_health("health", request.health, allow_unspecified=True),
+            reported_connections=v.check_count("active_connections", request.active_connections),
+            requests_total=v.check_count("requests_total", request.requests_total),
+            cpu_percent=v.check_number("cpu_percent", request.cpu_percent, 0, v.MAX_CPU_PERCENT),
+            memory_bytes=v.check_count("memory_bytes", request.memory_bytes),
+            requests_per_second=v.check_number(
+                "requests_per_second", request.requests_per_second, 0, v.MAX_RATE
+            ),
+            errors_total=v.check_count("errors_total", request.errors_total),
+            bytes_in=v.check_count("stats.bytes_in", stats.bytes_in),
+            bytes_out=v.check_count("stats.bytes_out", stats.bytes_out),
+            applied_config_version=v.check_count(
+                "applied_config_version", request.applied_config_version
+            ),
+            rejected_config_version=v.check_count(
+                "rejected_config_version", request.rejected_config_version
+            ),
             rejected_reason=request.rejected_reason,
         )
         resp = nlb_pb2.HeartbeatResponse(config_version=self.core.applied_config_version)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 
@@ -16,6 +17,9 @@ MAX_LABEL_VALUE_LEN = 256
 MAX_PROTOCOLS = 17
 MAX_WEIGHT = 10_000
 MAX_CAPACITY = 10_000_000
+MAX_COUNT = 2**62  # counters a module reports (requests, bytes, connections)
+MAX_CPU_PERCENT = 100.0 * 4096  # percent of one core, summed over up to 4096 cores
+MAX_RATE = 1e12  # requests per second a module may report
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
 _PROTOCOL_BY_NAME = {
@@ -103,6 +107,28 @@ def check_text(field: str, value: str, limit: int) -> str:
 def check_range(field: str, value: int, low: int, high: int) -> int:
     if not low <= value <= high:
         raise InvalidArgument(f"{field} must be between {low} and {high}, not {value}")
+    return value
+
+
+def check_count(field: str, value: int) -> int:
+    """A reported counter or gauge: a whole number, never negative."""
+    if not 0 <= value <= MAX_COUNT:
+        raise InvalidArgument(f"{field} must be between 0 and {MAX_COUNT}, not {value}")
+    return value
+
+
+def check_number(field: str, value: float, low: float, high: float) -> float:
+    """A reported measurement: finite (NaN and infinities are refused) and within bounds."""
+    if not math.isfinite(value) or not low <= value <= high:
+        raise InvalidArgument(f"{field} must be a finite number between {low:g} and {high:g}")
+    return value
+
+
+def check_health(field: str, value: int, *, allow_unspecified: bool) -> int:
+    if value not in types_pb2.HealthStatus.values():
+        raise InvalidArgument(f"{field} {value} is not a known health status")
+    if value == types_pb2.HEALTH_STATUS_UNSPECIFIED and not allow_unspecified:
+        raise InvalidArgument(f"{field} is required")
     return value
 
 

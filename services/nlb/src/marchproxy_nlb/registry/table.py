@@ -19,6 +19,7 @@ DEGRADED = types_pb2.HEALTH_STATUS_DEGRADED
 UNHEALTHY = types_pb2.HEALTH_STATUS_UNHEALTHY
 DRAINING = types_pb2.HEALTH_STATUS_DRAINING
 ROUTABLE_HEALTH = frozenset({HEALTHY, DEGRADED})
+KNOWN_HEALTH = frozenset(types_pb2.HealthStatus.values())
 
 DEFAULT_WEIGHT = 100
 DEFAULT_DRAIN_TIMEOUT = 30.0
@@ -214,7 +215,12 @@ class InstanceRegistry:
         rejected_config_version: int = 0,
         rejected_reason: str = "",
     ) -> Instance | None:
-        """Record a heartbeat; ``None`` when the instance is unknown (it must re-register)."""
+        """Record a heartbeat; ``None`` when the instance is unknown (it must re-register).
+
+        The caller validates the values (the servicer answers INVALID_ARGUMENT); an unknown
+        health value here is a bug and raises ``ValueError`` before anything is stored."""
+        if health not in KNOWN_HEALTH:
+            raise ValueError(f"unknown health status {health}")
         inst = self._instances.get(instance_id)
         if inst is None:
             return None
@@ -241,6 +247,8 @@ class InstanceRegistry:
 
     def set_health(self, key: str, health: int, reason: str = "") -> list[Instance]:
         """Seed 002 UpdateHealth: ``key`` is an instance id or a module id."""
+        if health not in KNOWN_HEALTH:
+            raise ValueError(f"unknown health status {health}")
         changed = self.find(key)
         for inst in changed:
             inst.health_reason = reason

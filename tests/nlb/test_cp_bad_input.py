@@ -1,0 +1,213 @@
+"""Bad input to a real NLB process over real gRPC: every malformed field is INVALID_ARGUMENT with
+a message naming it (never INTERNAL, never stored), and /status stays strict JSON whatever was
+sent. Table-driven cases pin the known holes; Hypothesis throws everything else at the server."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from marchproxy.v1 import nlb_pb2, nlb_pb2_grpc, types_pb2
+from tests.conftest import ServiceProcess, free_port, wait_port
+
+pytestmark = pytest.mark.integration
+
+KEY = "bad-input-key"
+META = (("x-cluster-api-key", KEY),)
+INT64 = st.integers(-(2**63), 2**63 - 1)
+INT32 = st.integers(-(2**31), 2**31 - 1)
+HEALTH_NAMES = {n.removeprefix("HEALTH_STATUS_").lower() for n, _ in types_pb2.HealthStatus.items()}
+FUZZ = settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+@dataclass
+class Nlb:
+    proc: ServiceProcess
+    stub: nlb_pb2_grpc.NLBServiceStub
+    admin: str
+
+    def call(self, method: str, request: Any) -> tuple[grpc.StatusCode, str, Any]:
+        try:
+            resp = getattr(self.stub, method)(request, metadata=META, timeout=10)
+        except grpc.RpcError as exc:
+            return exc.code(), exc.details() or "", None
+        return grpc.StatusCode.OK, "", resp
+
+    def status(self) -> dict[str, Any]:
+        """GET /status, parsed strictly: NaN or Infinity in the body fail the test."""
+        with urllib.request.urlopen(f"{self.admin}/status", timeout=10) as r:
+            text = r.read().decode()
+
+        def refuse(name: str) -> None:
+            raise AssertionError(f"/status is not valid JSON: it contains {name}")
+
+        body: dict[str, Any] = json.loads(text, parse_constant=refuse)
+        return body
+
+    def register(self, instance_id: str, module_id: str = "alb") -> None:
+        code, details, _ = self.call(
+            "RegisterModule",
+            nlb_pb2.RegisterModuleRequest(
+                module_id=module_id,
+                instance_id=instance_id,
+                module_type=types_pb2.MODULE_TYPE_ALB,
+                protocols=[types_pb2.PROTOCOL_HTTP],
+                data_address=types_pb2.Address(host="127.0.0.1", port=8080),
+            ),
+        )
+        assert code == grpc.StatusCode.OK, details
+
+
+@pytest.fixture(scope="module")
+def nlb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nlb]:
+    grpc_port, admin_port = free_port(), free_port()
+    log_dir: Path = tmp_path_factory.mktemp("nlb-bad-input")
+    proc = ServiceProcess(
+        "nlb",
+        [sys.executable, "-m", "marchproxy_nlb"],
+        {
+            "CLUSTER_API_KEY": KEY,
+            "NLB_GRPC_PORT": str(grpc_port),
+            "NLB_ADMIN_PORT": str(admin_port),
+            "HEARTBEAT_TIMEOUT": "3600",
+        },
+        log_dir,
+    )
+    try:
+        wait_port(grpc_port)
+        wait_port(admin_port)
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+            yield Nlb(proc, nlb_pb2_grpc.NLBServiceStub(ch), f"http://127.0.0.1:{admin_port}")
+        assert proc.proc.poll() is None, proc.output()[-4000:]
+    finally:
+        proc.stop()
+
+
+def module_view(nlb: Nlb, instance_id: str) -> dict[str, Any]:
+    return next(m for m in nlb.status()["status"]["modules"] if m["instance_id"] == instance_id)
+
+
+# -- Heartbeat -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"health": 99}, "health"),
+        ({"health": -3}, "health"),
+        ({"active_connections": -1}, "active_connections"),
+        ({"requests_total": -5}, "requests_total"),
+        ({"memory_bytes": -1}, "memory_bytes"),
+        ({"errors_total": -1}, "errors_total"),
+        ({"cpu_percent": math.nan}, "cpu_percent"),
+        ({"cpu_percent": math.inf}, "cpu_percent"),
+        ({"cpu_percent": -0.5}, "cpu_percent"),
+        ({"requests_per_second": math.nan}, "requests_per_second"),
+        ({"requests_per_second": -math.inf}, "requests_per_second"),
+        ({"applied_config_version": -1}, "applied_config_version"),
+        ({"rejected_config_version": -7}, "rejected_config_version"),
+        ({"stats": types_pb2.ModuleStats(bytes_in=-1)}, "bytes_in"),
+        ({"stats": types_pb2.ModuleStats(bytes_out=-1)}, "bytes_out"),
+        ({"rejected_reason": "r" * 5000}, "rejected_reason"),
+        ({"instance_id": ""}, "instance_id"),
+    ],
+)
+def test_bad_heartbeat_is_invalid_argument_and_stores_nothing(
+    nlb: Nlb, fields: dict[str, Any], needle: str
+) -> None:
+    nlb.register("hb-table")
+    request = nlb_pb2.HeartbeatRequest(module_id="alb", instance_id="hb-table")
+    for name, value in fields.items():
+        if isinstance(value, types_pb2.ModuleStats):
+            request.stats.CopyFrom(value)
+        else:
+            setattr(request, name, value)
+    code, details, _ = nlb.call("Heartbeat", request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in details
+    view = module_view(nlb, "hb-table")
+    assert view["health"] == "healthy"
+    assert view["cpu_percent"] == 0 and view["reported_connections"] == 0
+
+
+def test_good_heartbeat_is_stored(nlb: Nlb) -> None:
+    nlb.register("hb-good")
+    code, details, resp = nlb.call(
+        "Heartbeat",
+        nlb_pb2.HeartbeatRequest(
+            module_id="alb",
+            instance_id="hb-good",
+            health=types_pb2.HEALTH_STATUS_DEGRADED,
+            active_connections=3,
+            cpu_percent=250.5,  # two and a half cores
+            requests_per_second=12.25,
+        ),
+    )
+    assert code == grpc.StatusCode.OK, details
+    assert resp.success
+    view = module_view(nlb, "hb-good")
+    assert (view["health"], view["reported_connections"]) == ("degraded", 3)
+    assert view["cpu_percent"] == 250.5
+
+
+@FUZZ
+@given(
+    health=INT32,
+    conns=INT64,
+    requests=INT64,
+    memory=INT64,
+    errors=INT64,
+    cpu=st.floats(allow_nan=True, allow_infinity=True),
+    rps=st.floats(allow_nan=True, allow_infinity=True),
+    bytes_in=INT64,
+    applied=INT64,
+)
+def test_any_heartbeat_is_answered_and_status_stays_json(
+    nlb: Nlb,
+    health: int,
+    conns: int,
+    requests: int,
+    memory: int,
+    errors: int,
+    cpu: float,
+    rps: float,
+    bytes_in: int,
+    applied: int,
+) -> None:
+    nlb.register("hb-fuzz")
+    request = nlb_pb2.HeartbeatRequest(
+        module_id="alb",
+        instance_id="hb-fuzz",
+        active_connections=conns,
+        requests_total=requests,
+        memory_bytes=memory,
+        errors_total=errors,
+        cpu_percent=cpu,
+        requests_per_second=rps,
+        applied_config_version=applied,
+        stats=types_pb2.ModuleStats(bytes_in=bytes_in),
+    )
+    request.health = health  # type: ignore[assignment]
+    code, details, _ = nlb.call("Heartbeat", request)
+    assert code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT), (code, details)
+    if code != grpc.StatusCode.OK:
+        assert details
+    view = module_view(nlb, "hb-fuzz")  # parsed strictly: no NaN, no Infinity
+    assert view["health"] in HEALTH_NAMES
+    assert view["cpu_percent"] >= 0 and view["reported_connections"] >= 0
+    assert view["memory_bytes"] >= 0 and view["requests_total"] >= 0
