@@ -211,3 +211,101 @@ def test_any_heartbeat_is_answered_and_status_stays_json(
     assert view["health"] in HEALTH_NAMES
     assert view["cpu_percent"] >= 0 and view["reported_connections"] >= 0
     assert view["memory_bytes"] >= 0 and view["requests_total"] >= 0
+
+
+# -- UpdateNLBConfig -----------------------------------------------------------------------------
+
+
+def config(nlb: Nlb, text: str) -> nlb_pb2.UpdateNLBConfigResponse:
+    code, details, resp = nlb.call(
+        "UpdateNLBConfig", nlb_pb2.UpdateNLBConfigRequest(config_json=text)
+    )
+    assert code == grpc.StatusCode.OK, details
+    return resp
+
+
+def dynamic(nlb: Nlb) -> dict[str, Any]:
+    code, details, resp = nlb.call("GetNLBConfig", nlb_pb2.GetNLBConfigRequest())
+    assert code == grpc.StatusCode.OK, details
+    body: dict[str, Any] = json.loads(resp.config_json)["dynamic"]
+    return body
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"heartbeat_timeout": true}',
+        '{"heartbeat_timeout": false}',
+        '{"heartbeat_timeout": "5"}',
+        '{"heartbeat_timeout": null}',
+        '{"heartbeat_timeout": [5]}',
+        '{"heartbeat_timeout": {"s": 5}}',
+        '{"heartbeat_timeout": 0.5}',
+        '{"heartbeat_timeout": 0}',
+        '{"heartbeat_timeout": -10}',
+        '{"heartbeat_timeout": NaN}',
+        '{"heartbeat_timeout": Infinity}',
+        '{"heartbeat_timeout": 1e400}',
+        '{"heartbeat_timeout": 3601}',
+    ],
+)
+def test_bad_heartbeat_timeout_is_rejected_and_nothing_changes(nlb: Nlb, text: str) -> None:
+    assert config(nlb, '{"heartbeat_timeout": 3600}').success
+    resp = config(nlb, text)
+    assert not resp.success
+    assert any("heartbeat_timeout" in e for e in resp.validation_errors), resp.validation_errors
+    assert dynamic(nlb)["heartbeat_timeout"] == 3600
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("not json", "not valid JSON"),
+        ("[1, 2]", "JSON object"),
+        ('"heartbeat_timeout"', "JSON object"),
+        ('{"nlb_grpc_port": 1}', "read-only"),
+        ('{"x": "' + "a" * 70_000 + '"}', "larger than"),
+    ],
+)
+def test_malformed_config_is_rejected(nlb: Nlb, text: str, needle: str) -> None:
+    resp = config(nlb, text)
+    assert not resp.success
+    assert any(needle in e for e in resp.validation_errors), resp.validation_errors
+
+
+def test_heartbeat_timeout_floor_is_one_second(nlb: Nlb) -> None:
+    try:
+        assert config(nlb, '{"heartbeat_timeout": 1}').success
+        assert dynamic(nlb)["heartbeat_timeout"] == 1
+        assert config(nlb, '{"heartbeat_timeout": 2.5}').success
+    finally:
+        assert config(nlb, '{"heartbeat_timeout": 3600}').success
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**20), 10**20)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
+
+
+@FUZZ
+@given(value=JSON_VALUES)
+def test_any_heartbeat_timeout_value_is_a_number_of_seconds_or_refused(
+    nlb: Nlb, value: Any
+) -> None:
+    try:
+        resp = config(nlb, json.dumps({"heartbeat_timeout": value}))
+        current = dynamic(nlb)["heartbeat_timeout"]
+        assert not isinstance(current, bool) and isinstance(current, int | float)
+        assert 1 <= current <= 3600
+        if resp.success:
+            assert current == value
+    finally:
+        assert config(nlb, '{"heartbeat_timeout": 3600}').success

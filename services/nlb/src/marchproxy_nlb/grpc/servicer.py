@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -29,6 +30,10 @@ MIN_STREAM_INTERVAL = 0.1
 MAX_CONFIG_JSON = 64 * 1024
 #: keys UpdateNLBConfig may change at run time
 DYNAMIC_CONFIG_KEYS = frozenset({"heartbeat_timeout"})
+#: seconds; below 1 s a module heartbeating every HEARTBEAT_INTERVAL (1 s at the least useful
+#: setting) would be expired between two heartbeats (the foundation issue: "down to 1 s")
+MIN_HEARTBEAT_TIMEOUT = 1.0
+MAX_HEARTBEAT_TIMEOUT = 3600.0
 
 
 class NotFound(LookupError):
@@ -496,7 +501,18 @@ def validate_dynamic_config(text: str) -> list[str]:
     if not isinstance(update, dict):
         return ["config_json must be a JSON object"]
     errors = [f"unknown or read-only key {k!r}" for k in update if k not in DYNAMIC_CONFIG_KEYS]
-    hb = update.get("heartbeat_timeout")
-    if hb is not None and (not isinstance(hb, int | float) or not 1 <= hb <= 3600):
-        errors.append("heartbeat_timeout must be a number of seconds between 1 and 3600")
+    if "heartbeat_timeout" in update and not _is_seconds(
+        update["heartbeat_timeout"], MIN_HEARTBEAT_TIMEOUT, MAX_HEARTBEAT_TIMEOUT
+    ):
+        errors.append(
+            f"heartbeat_timeout must be a number of seconds between {MIN_HEARTBEAT_TIMEOUT:g} "
+            f"and {MAX_HEARTBEAT_TIMEOUT:g}"
+        )
     return errors
+
+
+def _is_seconds(value: object, low: float, high: float) -> bool:
+    # JSON true is a Python bool, which is an int: {"heartbeat_timeout": true} must not mean 1 s
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return math.isfinite(value) and low <= value <= high
