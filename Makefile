@@ -1,7 +1,8 @@
 # MarchProxy developer commands. `make help` lists them.
 SHELL := /bin/bash
 export UV_PYTHON_DOWNLOADS := never
-UV ?= uv
+# uv from PATH, else the copy `make bootstrap` puts in .tools/bin (scripts/bootstrap_uv.py)
+UV ?= $(or $(shell command -v uv 2>/dev/null),$(CURDIR)/.tools/bin/uv)
 PY := $(UV) run --frozen --python python3
 SERVICES := nlb alb dblb ailb rtmp api
 PROTO_SRC := proto/marchproxy/v1/types.proto proto/marchproxy/v1/module.proto proto/marchproxy/v1/nlb.proto
@@ -14,8 +15,8 @@ PYTEST_ARGS ?=
 help: ## list targets
 	@grep -E '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
 
-bootstrap: ## install uv with pip when it is missing
-	@command -v $(UV) >/dev/null 2>&1 || python3 -m pip install --quiet uv
+bootstrap: ## fetch uv from PyPI into .tools/bin when it is missing (needs only python3)
+	@[ -x "$(UV)" ] || python3 scripts/bootstrap_uv.py
 
 install: bootstrap ## create .venv with every workspace member (editable) and the dev tools
 	$(UV) sync --all-packages --frozen --python python3
@@ -62,4 +63,4 @@ $(addprefix run-,$(SERVICES)): run-%: install ## run one service in the foregrou
 	$(PY) marchproxy-$*
 
 clean:
-	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache .hypothesis .run
+	rm -rf .venv .tools .pytest_cache .mypy_cache .ruff_cache .hypothesis .run

@@ -9,6 +9,7 @@ traffic flows. Ctrl-C stops everything.
 
     python scripts/devstack.py            # fixed ports (printed), runs until Ctrl-C
     python scripts/devstack.py --check    # free ports, check traffic through the NLB, exit
+    python scripts/devstack.py --check --port-base 20000   # ports 20000.. (the tests pick them)
 """
 
 from __future__ import annotations
@@ -68,10 +69,6 @@ def free_port() -> int:
 def port_in_use(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def postgres_up() -> bool:
-    return port_in_use(5432)
 
 
 # -- demo backends (in this process) --------------------------------------------------------------
@@ -378,8 +375,13 @@ def banner(stack: Stack, answer: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-async def main(check: bool) -> int:
-    ports = {k: free_port() for k in FIXED_PORTS} if check else dict(FIXED_PORTS)
+async def main(check: bool, port_base: int | None = None) -> int:
+    if port_base is not None:
+        ports = {k: port_base + i for i, k in enumerate(FIXED_PORTS)}
+    elif check:
+        ports = {k: free_port() for k in FIXED_PORTS}
+    else:
+        ports = dict(FIXED_PORTS)
     busy = [f"{k}={v}" for k, v in ports.items() if port_in_use(v)]
     if busy:
         raise SystemExit(f"devstack: ports already in use: {', '.join(busy)}")
@@ -462,5 +464,10 @@ async def main(check: bool) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="free ports; verify, then exit")
+    parser.add_argument(
+        "--port-base",
+        type=int,
+        help=f"use the {len(FIXED_PORTS)} consecutive ports from this one instead",
+    )
     args = parser.parse_args()
-    sys.exit(asyncio.run(main(args.check)))
+    sys.exit(asyncio.run(main(args.check, args.port_base)))

@@ -76,6 +76,22 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise AssertionError("unreachable")
 
 
+def free_port_block(count: int, host: str = "127.0.0.1") -> int:
+    """The first of ``count`` consecutive free ports (same guarantees as ``free_port``)."""
+    while True:
+        first = free_port(host)
+        block = [first] + [next(_PORTS) for _ in range(count - 1)]
+        if block != list(range(first, first + count)) or RESERVED_PORTS.intersection(block):
+            continue  # wrapped around the worker's block, or crossed a reserved port
+        try:
+            for port in block:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return first
+
+
 def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

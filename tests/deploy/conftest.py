@@ -20,9 +20,13 @@ TOOL_TIMEOUT = 60.0
 
 
 def find_tool(name: str, hint: str) -> str:
-    """The tool's path, from the project venv first, then PATH; a missing tool fails the test."""
+    """The tool's path, from the project venv first, then PATH, then .tools/bin (where
+    `make bootstrap` puts uv); a missing tool fails the test."""
     venv_bin = Path(sys.executable).parent / name
+    tools_bin = ROOT / ".tools" / "bin" / name
     found = str(venv_bin) if venv_bin.exists() else shutil.which(name)
+    if not found and tools_bin.exists():
+        found = str(tools_bin)
     if not found:
         pytest.fail(f"{name} is not installed: {hint}", pytrace=False)
     return found

@@ -57,7 +57,7 @@ def _build_stage(service: str) -> tuple[dict[str, str], list[str]]:
 
 @pytest.mark.parametrize("service", SERVICES)
 def test_image_build_stage_yields_a_complete_service_venv(service: str, tmp_path: Path) -> None:
-    uv = find_tool("uv", "python3 -m pip install uv (make bootstrap)")
+    uv = find_tool("uv", "make bootstrap")
     src, venv = tmp_path / "src", tmp_path / "venv"
     src.mkdir()
     for name in ("pyproject.toml", "uv.lock"):

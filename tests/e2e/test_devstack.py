@@ -7,19 +7,37 @@ through the NLB listener, then everything stops.
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port_block
+
+
+def devstack_port_count() -> int:
+    """len(FIXED_PORTS) of scripts/devstack.py, read without running the script."""
+    tree = ast.parse((ROOT / "scripts" / "devstack.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "FIXED_PORTS":
+            assert isinstance(node.value, ast.Dict)
+            return len(node.value.keys)
+    raise AssertionError("scripts/devstack.py has no FIXED_PORTS")
+
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 
 def test_make_run_stack_carries_traffic_through_the_nlb() -> None:
     out = subprocess.run(
-        [sys.executable, "scripts/devstack.py", "--check"],
+        [
+            sys.executable,
+            "scripts/devstack.py",
+            "--check",
+            "--port-base",
+            str(free_port_block(devstack_port_count())),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
