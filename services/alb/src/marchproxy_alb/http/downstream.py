@@ -89,6 +89,11 @@ class DownstreamProtocol(asyncio.Protocol):
         self._pause_count = 0
         self._dead = False  # parser failed or upgraded: no more HTTP parsing
         self._in_message = False
+        # head bytes: httptools keeps a partial header name/value to itself (no callback until
+        # it completes), so whole reads fed while a head is incomplete are counted here
+        self._in_head = False
+        self._head_fed = 0
+        self._messages = 0  # on_message_begin calls, to tell whether a read started a head
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
@@ -170,8 +175,11 @@ class DownstreamProtocol(asyncio.Protocol):
             if self._pending and self._pending[-1].upgrade_rest is not None:
                 self._early.append(data)  # reading is already paused; at most one read
             return
+        in_head, in_message, begun = self._in_head, self._in_message, self._messages
         try:
             self._parser.feed_data(data)
+            if self._in_head:
+                self._count_head(data, in_head, in_message, begun)
         except httptools.HttpParserUpgrade as exc:
             self._dead = True
             last = self._pending[-1] if self._pending else None
@@ -192,8 +200,23 @@ class DownstreamProtocol(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._parse_failed(_Refused(400, "bad_request", f"malformed request: {exc}"))
 
+    def _count_head(self, data: bytes, in_head: bool, in_message: bool, begun: int) -> None:
+        """After a read that ended inside a request head: add the read to the head's size when
+        all of it belongs to this head, and refuse the head once it is too large."""
+        began = self._messages - begun
+        if (in_head and began == 0) or (not in_message and began == 1):
+            # the read continued this head, or started it at a message boundary (a read that
+            # also held the end of an earlier message is left to on_url/on_header and the
+            # next read: the count is at most one read short, never too high)
+            self._head_fed += len(data)
+            lim = self.plane.limits
+            if self._head_fed > lim.max_request_line + lim.max_header_bytes:
+                self._parse_failed(_Refused(431, "headers_too_large", "request head too large"))
+
     def _parse_failed(self, err: _Refused) -> None:
         self._dead = True
+        if err.status in (414, 431):
+            self.linger = True  # the client may still be sending the head: let it see the answer
         self.plane.refused(err.code if err.status != 400 else "malformed")
         last = self._last_fed  # the request whose body was being parsed (current or queued)
         if last is not None and last.body is not None and not last.body.complete:
@@ -327,6 +350,9 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._in_message = True
+        self._in_head = True
+        self._head_fed = 0
+        self._messages += 1
         self._url = b""
         self._headers = []
         self._header_bytes = 0
@@ -346,6 +372,7 @@ class DownstreamProtocol(asyncio.Protocol):
             raise _Refused(431, "headers_too_large", "request headers too large")
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         p = self._parser
         try:
             chunked, length = framing_of(self._headers)
