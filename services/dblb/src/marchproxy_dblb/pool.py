@@ -139,6 +139,12 @@ class ServerConnection(asyncio.Protocol):
         self.tls = False
         self._login_done: asyncio.Future[None] | None = None
         self.remote = f"{pool.host}:{pool.port}"
+        #: flow control: our reading is paused for a client whose buffer is full, and our
+        #: buffer to the server is full (``paused_client`` is the client we paused for it);
+        #: both are undone in unlink() so nothing carries over to the next client
+        self.reading_paused = False
+        self.writing_paused = False
+        self.paused_client: PostgresClient | None = None
 
     # ---- asyncio callbacks ---------------------------------------------------------------
 
@@ -163,12 +169,30 @@ class ServerConnection(asyncio.Protocol):
         self.pool.on_server_closed(self, was)
 
     def pause_writing(self) -> None:
-        if self.client is not None:
-            self.client.pause_reading()
+        self.writing_paused = True
+        self._pause_client(self.client)
 
     def resume_writing(self) -> None:
-        if self.client is not None:
-            self.client.resume_reading()
+        self.writing_paused = False
+        client, self.paused_client = self.paused_client, None
+        if client is not None:
+            client.resume_reading()
+
+    def _pause_client(self, client: PostgresClient | None) -> None:
+        if client is not None and self.paused_client is None:
+            self.paused_client = client
+            client.pause_reading()
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused:
+            self.reading_paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -287,6 +311,8 @@ class ServerConnection(asyncio.Protocol):
     def link(self, client: PostgresClient) -> None:
         self.client = client
         self.state = "active"
+        if self.writing_paused:
+            self._pause_client(client)
         self.outstanding = 0
         self.unsynced = False
         self.last_kind = Expect.SYNC
@@ -427,6 +453,13 @@ class ServerConnection(asyncio.Protocol):
             out.append(enc.parse_complete())
 
     def unlink(self) -> None:
+        client = self.client
+        if client is not None and client.paused_server is self:
+            client.paused_server = None
+            self.resume_reading()
+        paused, self.paused_client = self.paused_client, None
+        if paused is not None:
+            paused.resume_reading()
         self.client = None
         self.expect.clear()
         self.special = self.swallow_z

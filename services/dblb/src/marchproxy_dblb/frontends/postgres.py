@@ -115,6 +115,10 @@ class PostgresClient(asyncio.Protocol):
         self._replica_turn = 0
         self.tls = False
         self._tls_buffer: list[bytes] | None = None
+        #: flow control: our buffer to the client is full, and the server whose reading we
+        #: paused for it (resumed when it drains or when that server is unlinked)
+        self.writing_paused = False
+        self.paused_server: ServerConnection | None = None
 
     # ---- asyncio callbacks -------------------------------------------------------------------
 
@@ -150,12 +154,19 @@ class PostgresClient(asyncio.Protocol):
             self.transport.resume_reading()
 
     def pause_writing(self) -> None:
-        if self.server is not None and self.server.transport is not None:
-            self.server.transport.pause_reading()
+        self.writing_paused = True
+        self._pause_server(self.server)
 
     def resume_writing(self) -> None:
-        if self.server is not None and self.server.transport is not None:
-            self.server.transport.resume_reading()
+        self.writing_paused = False
+        server, self.paused_server = self.paused_server, None
+        if server is not None:
+            server.resume_reading()
+
+    def _pause_server(self, server: ServerConnection | None) -> None:
+        if server is not None and self.paused_server is None:
+            self.paused_server = server
+            server.pause_reading()
 
     def write(self, data: bytes) -> None:
         if self.transport is not None:
@@ -512,6 +523,8 @@ class PostgresClient(asyncio.Protocol):
         """The pool linked ``server`` to us."""
         self.waiting = False
         self.server = server
+        if self.writing_paused:
+            self._pause_server(server)
         if not self.welcomed:
             self._welcome(server.params)
             self.state = "ready"
