@@ -289,3 +289,23 @@ async def test_reflection_lists_services_without_a_key(app: NlbApp) -> None:
         async for resp in call:
             names |= {s.name for s in resp.list_services_response.service}
     assert {"marchproxy.v1.NLBService", "grpc.health.v1.Health"} <= names
+
+
+async def test_list_modules_shows_draining_instances_only_when_asked(
+    stub: nlb_pb2_grpc.NLBServiceStub,
+) -> None:
+    await stub.RegisterModule(register_request(), metadata=META)
+    await stub.RegisterModule(register_request(instance_id="alb-2"), metadata=META)
+    await stub.UnregisterModule(
+        nlb_pb2.UnregisterModuleRequest(instance_id="alb-2", graceful=True), metadata=META
+    )
+
+    async def ids(**kw: object) -> list[str]:
+        resp = await stub.ListModules(nlb_pb2.ListModulesRequest(**kw), metadata=META)  # type: ignore[arg-type]
+        return [i.instance_id for i in resp.instances]
+
+    assert await ids() == ["alb-1"]
+    assert await ids(module_id="alb") == ["alb-1"]
+    assert await ids(include_draining=True) == ["alb-1", "alb-2"]
+    assert await ids(health=types_pb2.HEALTH_STATUS_DRAINING) == ["alb-2"]
+    assert await ids(health=types_pb2.HEALTH_STATUS_HEALTHY, include_draining=True) == ["alb-1"]

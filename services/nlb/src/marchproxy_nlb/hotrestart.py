@@ -35,7 +35,7 @@ async def copy_registry(settings: NlbSettings, registry: InstanceRegistry) -> in
     addr = f"127.0.0.1:{settings.nlb_grpc_port}"
     async with grpc.aio.insecure_channel(addr) as ch:
         resp = await nlb_pb2_grpc.NLBServiceStub(ch).ListModules(
-            nlb_pb2.ListModulesRequest(include_draining=False),
+            nlb_pb2.ListModulesRequest(include_draining=True),
             metadata=((API_KEY_HEADER, settings.effective_cluster_api_key),),
             timeout=HANDOFF_DEADLINE,
         )
@@ -57,6 +57,10 @@ async def copy_registry(settings: NlbSettings, registry: InstanceRegistry) -> in
                 pa.protocol: (pa.address.host, pa.address.port) for pa in inst.protocol_addresses
             },
         )
+        if inst.draining:  # it must get nothing new here either, and leave when it is done
+            registry.unregister(
+                inst.instance_id, graceful=True, drain_timeout=settings.drain_timeout
+            )
     return len(resp.instances)
 
 

@@ -231,7 +231,12 @@ class NlbServicer(nlb_pb2_grpc.NLBServiceServicer):
             and (not request.protocol or request.protocol in i.protocols)
             and (not request.health or i.health == request.health)
             and (not request.module_id or i.module_id == request.module_id)
-            and (request.include_draining or not request.health or not i.draining)
+            # draining instances only when asked for (by the flag, or by health=DRAINING)
+            and (
+                request.include_draining
+                or request.health == types_pb2.HEALTH_STATUS_DRAINING
+                or not i.draining
+            )
         ]
         token = request.pagination.next_page_token
         start = int(token) if token.isdigit() else 0
