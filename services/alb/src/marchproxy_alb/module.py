@@ -67,10 +67,12 @@ class AlbHooks(BaseModuleHooks):
         loop = asyncio.get_running_loop()
         s = self.settings
         plane = self.plane
+        trusted = s.proxy_trusted_networks()
         factory = wrap_proxy_protocol(
             lambda: DownstreamProtocol(plane, scheme="http"),
             mode=s.proxy_protocol,
             on_reject=lambda reason: plane.refused(f"proxy_protocol_{reason}"),
+            trusted_sources=trusted,
         )
         server = await loop.create_server(factory, s.data_host, s.data_port, backlog=1024)
         self._servers.append(server)
@@ -82,6 +84,7 @@ class AlbHooks(BaseModuleHooks):
                 lambda: TlsAcceptor(plane, lambda: sni.server_context),
                 mode=s.proxy_protocol,
                 on_reject=lambda reason: plane.refused(f"proxy_protocol_{reason}"),
+                trusted_sources=trusted,
             )
             tls_server = await loop.create_server(
                 tls_factory, s.data_host, s.alb_tls_port, backlog=1024
