@@ -25,14 +25,14 @@ pytestmark = [
     pytest.mark.skipif(not have("ffmpeg") or not have("ffprobe"), reason="ffmpeg not installed"),
 ]
 
-APPS = [{"name": "live", "publish_keys": ["secret"]}]
+APPS = [{"name": "live", "publish_keys": [{"key": "secret", "stream": "tv"}]}]
 
 
 async def test_ffmpeg_publish_and_several_players_decode_video_and_audio() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         async with asyncio.timeout(90), run_server(APPS) as (hooks, port):
-            url = f"rtmp://127.0.0.1:{port}/live/secret"
-            async with process(*ffmpeg_publish_argv(url, 7)) as pub:
+            url = f"rtmp://127.0.0.1:{port}/live/tv"
+            async with process(*ffmpeg_publish_argv(url + "?key=secret", 7)) as pub:
                 await wait_for(lambda: hooks.server.registry.publishing(), 30)
                 outs = [str(Path(tmp) / f"p{i}.flv") for i in range(3)]
                 players = [process(*ffmpeg_record_argv(url, out, 3)) for out in outs]

@@ -27,7 +27,7 @@ from marchproxy_rtmp.testing import (
     wait_for,
 )
 
-APPS = [{"name": "live", "publish_keys": ["k"]}]
+APPS = [{"name": "live", "publish_keys": [{"key": "k", "stream": "cam"}]}]
 
 
 async def start_nlb(rtmp_port: int) -> DataPlane:
@@ -59,7 +59,7 @@ async def test_publisher_address_through_nlb_is_the_real_client() -> None:
         try:
             nlb_port = plane.listener_addresses()[0][1]
             proto = await open_client("127.0.0.1", nlb_port, "live")
-            pub = SyntheticPublisher(proto, await proto.publish("k"))
+            pub = SyntheticPublisher(proto, await proto.publish("cam?key=k"))
             assert proto.transport is not None
             me = proto.transport.get_extra_info("sockname")
             stream = hooks.status()["rtmp"]["applications"]["live"]["streams"][0]
@@ -77,8 +77,8 @@ async def test_ffmpeg_through_nlb_port() -> None:
         async with asyncio.timeout(90), run_server(APPS) as (hooks, port):
             plane = await start_nlb(port)
             try:
-                url = f"rtmp://127.0.0.1:{plane.listener_addresses()[0][1]}/live/k"
-                async with process(*ffmpeg_publish_argv(url, 7)) as pub:
+                url = f"rtmp://127.0.0.1:{plane.listener_addresses()[0][1]}/live/cam"
+                async with process(*ffmpeg_publish_argv(url + "?key=k", 7)) as pub:
                     await wait_for(lambda: hooks.server.registry.publishing(), 30)
                     async with (
                         process(*ffmpeg_record_argv(url, outs[0], 3)) as p0,

@@ -21,7 +21,11 @@ pytestmark = pytest.mark.integration
 
 async def test_packaged_rtmp_process(procs: ProcessGroup, tmp_path: Path) -> None:
     cfg = tmp_path / "rtmp.yaml"
-    cfg.write_text(yaml.safe_dump(snapshot([{"name": "live", "publish_keys": ["k"]}])))
+    cfg.write_text(
+        yaml.safe_dump(
+            snapshot([{"name": "live", "publish_keys": [{"key": "k", "stream": "cam"}]}])
+        )
+    )
     data_port, admin_port = free_port(), free_port()
     env = {
         "DATA_PORT": str(data_port),
@@ -33,12 +37,12 @@ async def test_packaged_rtmp_process(procs: ProcessGroup, tmp_path: Path) -> Non
     proc = procs.start("rtmp", [sys.executable, "-m", "marchproxy_rtmp", "--config", str(cfg)], env)
     await asyncio.to_thread(wait_port, data_port)
     await asyncio.to_thread(wait_port, admin_port)
-    url = f"rtmp://127.0.0.1:{data_port}/live/k"
+    url = f"rtmp://127.0.0.1:{data_port}/live/cam?key=k"
     async with asyncio.timeout(60), process(*ffmpeg_publish_argv(url, 20)):
         player = None
         for _ in range(100):  # until ffmpeg has published
             try:
-                player, rec = await play_client(data_port, "live", "k")
+                player, rec = await play_client(data_port, "live", "cam")
             except (RtmpClientError, OSError):
                 await asyncio.sleep(0.1)
                 continue

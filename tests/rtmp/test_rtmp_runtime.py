@@ -27,7 +27,11 @@ KEY = "rtmp-runtime-test-key"
 
 async def test_rtmp_through_module_runtime(tmp_path: Path) -> None:
     cfg = tmp_path / "rtmp.yaml"
-    cfg.write_text(yaml.safe_dump(snapshot([{"name": "live", "publish_keys": ["k1"]}])))
+    cfg.write_text(
+        yaml.safe_dump(
+            snapshot([{"name": "live", "publish_keys": [{"key": "k1", "stream": "cam"}]}])
+        )
+    )
     settings = RtmpSettings(
         data_port=0,
         grpc_port=0,
@@ -44,16 +48,16 @@ async def test_rtmp_through_module_runtime(tmp_path: Path) -> None:
     ):
         port = rt.data_address.port
         proto = await open_client("127.0.0.1", port, "live")
-        pub = SyntheticPublisher(proto, await proto.publish("k1"))
+        pub = SyntheticPublisher(proto, await proto.publish("cam?key=k1"))
         pub.send_headers()
-        player, rec = await play_client(port, "live", "k1")
+        player, rec = await play_client(port, "live", "cam")
         await pub.run(40, realtime=False)
         await wait_for(lambda: rec.video >= 10)
         admin = f"http://127.0.0.1:{rt.admin_address.port}"
         async with http.get(admin + "/status") as r:
             status = await r.json()
         stream = status["rtmp"]["applications"]["live"]["streams"][0]
-        assert stream["name"] == "k1" and stream["players"] == 1
+        assert stream["name"] == "cam" and stream["players"] == 1
         assert stream["publisher"]["address"].startswith("127.0.0.1:")
         async with http.get(admin + "/metrics") as r:
             text = await r.text()

@@ -20,7 +20,7 @@ from marchproxy_rtmp.synthetic import SyntheticPublisher, video_frame
 from marchproxy_rtmp.testing import play_client, run_server, snapshot, wait_for
 
 APPS = [
-    {"name": "live", "publish_keys": ["secret"]},
+    {"name": "live", "publish_keys": [{"key": "secret", "stream": "tv"}]},
     {"name": "open", "publish_open": True, "gop_cache": False},
 ]
 
@@ -35,14 +35,14 @@ async def publisher(port: int, app: str, name: str, **kw: object) -> SyntheticPu
 
 async def test_publish_and_play_fan_out_shares_encoded_bytes() -> None:
     async with asyncio.timeout(30), run_server(APPS) as (hooks, port):
-        pub = await publisher(port, "live", "secret")
-        players = [await play_client(port, "live", "secret") for _ in range(3)]
+        pub = await publisher(port, "live", "tv?key=secret")
+        players = [await play_client(port, "live", "tv") for _ in range(3)]
         await pub.run(60, realtime=False)
         await wait_for(lambda: all(rec.video >= 60 for _, rec in players))
         for proto, rec in players:
             assert rec.audio >= 60
             proto.close()
-        stream = hooks.server.registry.get("live", "secret")
+        stream = hooks.server.registry.get("live", "tv")
         assert stream is not None and stream.publisher is not None
         frame = stream.gop[-1]
         # one encoding per (chunk size, message stream id), shared by all three players
@@ -58,14 +58,69 @@ async def test_wrong_stream_key_is_refused() -> None:
         with pytest.raises(RtmpClientError, match="Unauthorized"):
             await proto.publish("wrong")
         await asyncio.wait_for(proto.closed, 10)
-        # key as a query parameter also works
+        # the key as a query parameter of the stream it is bound to
         proto = await open_client("127.0.0.1", port, "live")
-        await proto.publish("show?key=secret")
+        await proto.publish("tv?key=secret")
         proto.close()
         assert hooks.server.counters.publish_rejected == 1
         # unknown application: connect is refused
         with pytest.raises(RtmpClientError):
             await open_client("127.0.0.1", port, "nope")
+
+
+async def test_publish_keys_are_bound_to_stream_names_and_never_played() -> None:
+    apps = [
+        {
+            "name": "live",
+            "publish_keys": [
+                {"key": "k-cam1-7f3a", "stream": "cam1"},
+                {"key": "k-studio-91c2", "stream": "studio-*"},
+            ],
+        }
+    ]
+    async with asyncio.timeout(30), run_server(apps) as (hooks, port):
+        reg = hooks.server.registry
+
+        async def refused(name: str) -> None:
+            proto = await open_client("127.0.0.1", port, "live")
+            with pytest.raises(RtmpClientError, match="Unauthorized"):
+                await proto.publish(name)
+            proto.close()
+
+        # the key goes in the query; players play the plain name and never see the key
+        pub = await publisher(port, "live", "cam1?key=k-cam1-7f3a")
+        player, rec = await play_client(port, "live", "cam1")
+        await pub.run(31, realtime=False)
+        await wait_for(lambda: rec.video >= 2)
+        assert [s.name for s in reg.publishing()] == ["cam1"]
+        # a valid key does not open other names
+        await refused("cam2?key=k-cam1-7f3a")
+        await refused("studio-a?key=k-cam1-7f3a")
+        await refused("cam1")  # no key
+        await refused("cam1?key=wrong")
+        # the name alone is not a key any more
+        await refused("k-cam1-7f3a?key=k-cam1-7f3a")
+        pub.proto.close()
+        await asyncio.wait_for(player.closed, 10)
+        await wait_for(lambda: not reg.streams)
+        # OBS-style "stream key" (the key as the name, no query): published under the bound name
+        pub = await publisher(port, "live", "k-cam1-7f3a")
+        assert [s.name for s in reg.publishing()] == ["cam1"]
+        pub.proto.close()
+        await wait_for(lambda: not reg.streams)
+        # a glob binding: any matching name with the key, but never by the bare key
+        pub = await publisher(port, "live", "studio-b?key=k-studio-91c2")
+        assert [s.name for s in reg.publishing()] == ["studio-b"]
+        await refused("other?key=k-studio-91c2")
+        await refused("k-studio-91c2")
+        pub.proto.close()
+        assert hooks.server.counters.publish_rejected == 7
+
+
+def test_bare_publish_keys_are_rejected() -> None:
+    # a bare key was also the stream name, so every player of the stream learned it
+    cfg, errors = config_from_snapshot(snapshot([{"name": "live", "publish_keys": ["k"]}]), "rtmp")
+    assert cfg is None and errors and "publish_keys" in errors[0]
 
 
 async def test_amf3_connect_from_flash_style_client() -> None:
@@ -107,9 +162,9 @@ async def test_second_publisher_is_refused() -> None:
 
 @pytest.mark.parametrize("app", ["live", "open"])  # with and without GOP cache
 async def test_late_joiner_starts_on_keyframe(app: str) -> None:
-    name = "secret" if app == "live" else "late"
+    name = "tv" if app == "live" else "late"
     async with asyncio.timeout(30), run_server(APPS) as (hooks, port):
-        pub = await publisher(port, app, name, gop=30)
+        pub = await publisher(port, app, name + "?key=secret", gop=30)
         await pub.run(45, realtime=False)  # mid-GOP
         proto, rec = await play_client(port, app, name)
         if app == "open":
@@ -247,7 +302,7 @@ async def test_player_waits_for_publisher() -> None:
 async def test_push_relay_to_second_instance() -> None:
     async with (
         asyncio.timeout(40),
-        run_server([{"name": "live", "publish_keys": ["k"]}]) as (edge, edge_port),
+        run_server([{"name": "live", "publish_open": True}]) as (edge, edge_port),
         run_server(
             [{"name": "src", "publish_open": True, "push": [f"rtmp://127.0.0.1:{edge_port}/live"]}]
         ) as (origin, origin_port),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,12 +34,32 @@ def _check_rtmp_url(url: str) -> str:
     return url
 
 
+class PublishKey(BaseModel):
+    """A publish key and the stream name(s) it may publish (like an nginx-rtmp ``on_publish``
+    check or SRS's per-stream secret): ``live/<name>?key=<key>``, name matching ``stream``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    key: str = Field(min_length=1, max_length=256)
+    #: an exact stream name, or a glob (``studio-*``; ``*`` = any name)
+    stream: str = Field(min_length=1, max_length=256)
+
+    @property
+    def exact(self) -> bool:
+        return not any(c in self.stream for c in "*?[")
+
+    def allows(self, name: str) -> bool:
+        return self.stream == name if self.exact else fnmatch.fnmatchcase(name, self.stream)
+
+
 class ApplicationConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._~-]+$")
-    #: stream keys allowed to publish: the stream name itself, or its ``?key=`` parameter
-    publish_keys: tuple[str, ...] = ()
+    #: who may publish: ``{key, stream}`` pairs. Publish ``<stream>?key=<key>``; a key bound to
+    #: one exact name may also be sent as the stream name itself (OBS "stream key"), and the
+    #: stream is then published under the bound name. Players play the name, never the key.
+    publish_keys: tuple[PublishKey, ...] = ()
     #: allow publishing without a key (development)
     publish_open: bool = False
     #: nginx-rtmp style callback: POST form (call=publish, app, name, key, addr); 2xx allows
@@ -55,6 +76,16 @@ class ApplicationConfig(BaseModel):
     hls: bool = False
     hls_fragment: float = Field(default=2.0, ge=0.5, le=30)
     hls_playlist_length: int = Field(default=6, ge=2, le=100)
+
+    @field_validator("publish_keys", mode="before")
+    @classmethod
+    def _no_bare_keys(cls, v: Any) -> Any:
+        if isinstance(v, list | tuple) and any(isinstance(k, str) for k in v):
+            raise ValueError(
+                "entries are {key, stream} objects now: a bare key was also the stream's play "
+                "name, so every player learned it (publish <stream>?key=<key> instead)"
+            )
+        return v
 
     @field_validator("push")
     @classmethod

@@ -302,7 +302,8 @@ class RtmpConnection(asyncio.Protocol):
             return
         if not allowed:
             self.server.counters.publish_rejected += 1
-            _log.info("rtmp_publish_refused", peer=self.peer, app=self.app, stream=name)
+            # no stream name: with encoder-style stream keys the name may be a key
+            _log.info("rtmp_publish_refused", peer=self.peer, app=self.app, reason=reason)
             self._status(stream_id, "error", "NetStream.Publish.Unauthorized", reason)
             self.close_after_flush()
             return

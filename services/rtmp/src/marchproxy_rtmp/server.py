@@ -209,8 +209,14 @@ class RtmpServer:
                 name=f"rtmp on_publish {conn.client_id}",
             )
             return
-        allowed = app.publish_open or _key_allowed(app, name, args)
-        conn.publish_authorized(stream_id, name, allowed, "" if allowed else "bad stream key")
+        if app.publish_open:
+            conn.publish_authorized(stream_id, name, True, "")
+            return
+        bound = publish_name_for_key(app, name, args)
+        if bound is None:
+            conn.publish_authorized(stream_id, name, False, "bad stream key")
+        else:
+            conn.publish_authorized(stream_id, bound, True, "")
 
     async def _callback(
         self,
@@ -359,10 +365,19 @@ class RtmpServer:
         }
 
 
-def _key_allowed(app: ApplicationConfig, name: str, args: dict[str, str]) -> bool:
-    candidates = [name]
-    if "key" in args:
-        candidates.append(args["key"])
-    return any(
-        hmac.compare_digest(c.encode(), k.encode()) for c in candidates for k in app.publish_keys
-    )
+def publish_name_for_key(app: ApplicationConfig, name: str, args: dict[str, str]) -> str | None:
+    """The name ``name`` (with query ``args``) may publish under, or None if its key is wrong.
+
+    ``name?key=<k>``: ``k`` must be bound to ``name`` (exactly or by glob). A bare ``<k>`` (an
+    encoder's "stream key" field) publishes under the one exact name ``k`` is bound to. Every
+    key is compared in constant time, and all of them are compared."""
+    key = args.get("key")
+    match: str | None = None
+    for entry in app.publish_keys:
+        secret = entry.key.encode()
+        if key is not None:
+            if hmac.compare_digest(key.encode(), secret) and entry.allows(name):
+                match = match or name
+        elif hmac.compare_digest(name.encode(), secret) and entry.exact:
+            match = match or entry.stream
+    return match
