@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
-
-import ipaddress
 
 from pydantic import Field, field_validator
 
