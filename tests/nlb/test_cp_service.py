@@ -309,3 +309,27 @@ async def test_list_modules_shows_draining_instances_only_when_asked(
     assert await ids(include_draining=True) == ["alb-1", "alb-2"]
     assert await ids(health=types_pb2.HEALTH_STATUS_DRAINING) == ["alb-2"]
     assert await ids(health=types_pb2.HEALTH_STATUS_HEALTHY, include_draining=True) == ["alb-1"]
+
+
+@pytest.mark.parametrize(("address", "port"), [("::1", 8080), ("[::1]", 8080), ("[::1]:8080", 0)])
+async def test_seed_002_registration_with_an_ipv6_address(
+    app: NlbApp, stub: nlb_pb2_grpc.NLBServiceStub, address: str, port: int
+) -> None:
+    seed = nlb_pb2.RegisterModuleRequest(
+        module_id="v6-1", protocol="http", address=address, port=port, version="1"
+    )
+    assert (await stub.RegisterModule(seed, metadata=META)).success
+    info = await stub.GetModuleInfo(nlb_pb2.GetModuleInfoRequest(module_id="v6-1"), metadata=META)
+    assert (info.instance.data_address.host, info.instance.data_address.port) == ("::1", 8080)
+    [view] = app.core.status()["status"]["modules"]
+    assert view["data_address"] == "[::1]:8080"
+
+
+async def test_seed_002_ipv6_address_without_a_port_is_invalid(
+    stub: nlb_pb2_grpc.NLBServiceStub,
+) -> None:
+    seed = nlb_pb2.RegisterModuleRequest(module_id="v6-1", protocol="http", address="::1")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.RegisterModule(seed, metadata=META)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "port" in (err.value.details() or "")

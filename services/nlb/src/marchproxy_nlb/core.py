@@ -14,7 +14,12 @@ from typing import Any, Protocol
 
 from marchproxy.v1 import nlb_pb2, types_pb2
 from marchproxy_nlb.config import NlbSettings
-from marchproxy_nlb.grpc.validate import health_name, module_type_name, protocol_name
+from marchproxy_nlb.grpc.validate import (
+    format_address,
+    health_name,
+    module_type_name,
+    protocol_name,
+)
 from marchproxy_nlb.metrics import NlbMetrics
 from marchproxy_nlb.registry.table import Instance, InstanceRegistry
 
@@ -146,8 +151,10 @@ class NlbCore:
             "module_id": inst.module_id,
             "module_type": module_type_name(inst.module_type),
             "protocols": sorted(protocol_name(p) for p in inst.protocols),
-            "data_address": f"{inst.data_host}:{inst.data_port}",
-            "grpc_address": f"{inst.grpc_host}:{inst.grpc_port}" if inst.grpc_port else "",
+            "data_address": format_address(inst.data_host, inst.data_port),
+            "grpc_address": format_address(inst.grpc_host, inst.grpc_port)
+            if inst.grpc_port
+            else "",
             "version": inst.version,
             "weight": inst.weight,
             "capacity": inst.capacity,

@@ -93,12 +93,8 @@ class NlbServicer(nlb_pb2_grpc.NLBServiceServicer):
         if request.HasField("data_address"):
             data_host = v.check_host("data_address", request.data_address.host)
             data_port = v.check_port("data_address", request.data_address.port)
-        else:  # seed 002 form: address ("ip" or "ip:port") and port
-            host, _, port_text = request.address.rpartition(":")
-            if not host or not port_text.isdigit():
-                host, port_text = request.address, str(request.port)
-            data_host = v.check_host("address", host)
-            data_port = v.check_port("port", int(port_text) if port_text.isdigit() else -1)
+        else:  # seed 002 form: address ("ip", "ip:port", "[v6]:port") and port
+            data_host, data_port = v.split_seed_address(request.address, request.port)
         grpc_host, grpc_port = "", 0
         if request.HasField("grpc_address"):
             grpc_host = v.check_host("grpc_address", request.grpc_address.host)

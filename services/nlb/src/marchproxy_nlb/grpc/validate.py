@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -53,7 +54,54 @@ def check_host(field: str, host: str) -> str:
         raise InvalidArgument(f"{field}.host is required")
     if len(host) > MAX_HOST_LEN or any(c.isspace() for c in host):
         raise InvalidArgument(f"{field}.host is not a valid host name or address")
+    if ":" in host:  # only an IPv6 literal may contain a colon ("host:port" is not a host)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise InvalidArgument(
+                f"{field}.host {host[:80]!r} is neither a host name nor an IP address"
+            ) from None
     return host
+
+
+def split_seed_address(address: str, port: int) -> tuple[str, int]:
+    """Seed 002's RegisterModule ``address`` (+ ``port``) as ``(host, port)``.
+
+    With a port, ``address`` is the host alone: ``"10.0.0.5"``, ``"::1"`` or ``"[::1]"``.
+    Without one (``port == 0``) it carries the port: ``"10.0.0.5:8080"``, ``"[::1]:8080"``
+    (RFC 3986 section 3.2.2 brackets; a bare IPv6 literal has no port to split off).
+    """
+    if port:
+        if address.startswith("[") and address.endswith("]"):
+            address = address[1:-1]
+        elif address.count(":") == 1:  # "ip:port" and port: fine if they agree
+            host, port_text = _split_port(address)
+            if port_text != str(port):
+                raise InvalidArgument(f"address carries port {port_text!r} but port is {port}")
+            address = host
+        return check_host("address", address), check_port("port", port)
+    if address.startswith("["):
+        host, sep, rest = address[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise InvalidArgument("address must be [IPv6]:port when port is not set")
+        port_text = rest[1:]
+    elif address.count(":") == 1:
+        host, port_text = _split_port(address)
+    else:
+        raise InvalidArgument("address must be host:port or [IPv6]:port when port is not set")
+    if not port_text.isascii() or not port_text.isdigit() or len(port_text) > 5:
+        raise InvalidArgument(f"address {address[:80]!r} has no valid port")
+    return check_host("address", host), check_port("address", int(port_text))
+
+
+def _split_port(address: str) -> tuple[str, str]:
+    host, _, port_text = address.partition(":")
+    return host, port_text
+
+
+def format_address(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 literal in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def check_port(field: str, port: int, *, allow_zero: bool = False) -> int:
