@@ -237,11 +237,11 @@ async def test_reload_keeps_state_of_unchanged_routes_and_rejects_bad_sets(alb, 
     await alb.configure([route("a", b1.url, backend={"health_check": hc}), route("b", b2.url)])
     plane = alb.hooks.plane
     pool_a, pool_b = plane.pools["a"], plane.pools["b"]
-    task_a = plane._health_tasks["a"][1]
+    task_a = plane._health_tasks["a"][-1]
     await alb.configure(
         [route("a", b1.url, backend={"health_check": hc}), route("b", b1.url, priority=5)]
     )
-    assert plane.pools["a"] is pool_a and plane._health_tasks["a"][1] is task_a
+    assert plane.pools["a"] is pool_a and plane._health_tasks["a"][-1] is task_a
     assert plane.pools["b"] is not pool_b  # its targets changed
     errors = await alb.hooks.apply_config(
         {"modules": [], "routes": [route("a", "not a url at all://")]}

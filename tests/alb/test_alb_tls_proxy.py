@@ -240,3 +240,47 @@ async def test_https_upstream_verified_with_ca_file_and_server_name(alb, certs) 
         assert r.status_code == 502
     finally:
         await runner.cleanup()
+
+
+async def test_active_health_checks_use_the_upstream_tls_settings(alb, certs) -> None:
+    """https:// health checks verify with upstream.ca_file and tls_server_name, like requests."""
+    from aiohttp import web
+
+    cert, key = certs["b.example.org"]
+    checks: list[str] = []
+
+    async def health(request: web.Request) -> web.Response:
+        checks.append(request.host)
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/healthz", health)
+    app.router.add_get("/{tail:.*}", lambda r: web.Response(text="tls upstream"))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(cert, key)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=sctx)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    hc = {"path": "/healthz", "interval": 0.05, "timeout": 2, "unhealthy_threshold": 2}
+    try:
+        await alb.configure(
+            [
+                route(
+                    "tls-hc",
+                    f"https://127.0.0.1:{port}",
+                    backend={"tls_server_name": "b.example.org", "health_check": hc},
+                )
+            ],
+            {"upstream": {"ca_file": cert}},
+        )
+        async with asyncio.timeout(15):
+            while len(checks) < 5:
+                await asyncio.sleep(0.02)
+        assert alb.hooks.plane.pools["tls-hc"].available()
+        async with httpx.AsyncClient() as c:
+            r = await c.get(alb.url + "/x")
+        assert r.status_code == 200 and r.text == "tls upstream"
+    finally:
+        await runner.cleanup()

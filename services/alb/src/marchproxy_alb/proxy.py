@@ -132,7 +132,7 @@ class DataPlane:
         self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.refusal_counts: dict[str, int] = {}
         self._idle: asyncio.Event | None = None
-        self._health_tasks: dict[str, tuple[BackendPool, asyncio.Task[None]]] = {}
+        self._health_tasks: dict[str, tuple[BackendPool, str | None, asyncio.Task[None]]] = {}
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -217,24 +217,31 @@ class DataPlane:
 
     def _restart_health_checks(self) -> None:
         """One checker task per pool with active checks; unchanged pools keep theirs."""
-        live: dict[str, tuple[BackendPool, asyncio.Task[None]]] = {}
-        for name, pool in self.pools.items():
+        live: dict[str, tuple[BackendPool, str | None, asyncio.Task[None]]] = {}
+        for r in self.table.routes:
+            name, pool = r.name, self.pools[r.name]
             if not pool.health.enabled:
                 continue
+            sni = r.backend.tls_server_name
             old = self._health_tasks.pop(name, None)
-            if old is not None and old[0] is pool and not old[1].done():
+            if old is not None and old[0] is pool and old[1] == sni and not old[2].done():
                 live[name] = old
                 continue
             if old is not None:
-                old[1].cancel()
-            task = spawn(run_health_checks(pool, self.metrics), name=f"alb health {name}")
-            live[name] = (pool, task)
-        for _, task in self._health_tasks.values():
+                old[2].cancel()
+            task = spawn(
+                run_health_checks(
+                    pool, self.metrics, ssl_context=self.upstreams.ssl_context, server_name=sni
+                ),
+                name=f"alb health {name}",
+            )
+            live[name] = (pool, sni, task)
+        for *_, task in self._health_tasks.values():
             task.cancel()
         self._health_tasks = live
 
     async def close(self) -> None:
-        await cancel_and_wait(*(task for _, task in self._health_tasks.values()))
+        await cancel_and_wait(*(task for *_, task in self._health_tasks.values()))
         if self.cluster_limiter is not None:
             await self.cluster_limiter.close()
             self.cluster_limiter = None

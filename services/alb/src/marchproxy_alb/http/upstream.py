@@ -330,7 +330,8 @@ class UpstreamPool:
                     for conn in list(dq):
                         conn.close()
 
-    def _ssl_context(self) -> ssl.SSLContext:
+    def ssl_context(self) -> ssl.SSLContext:
+        """The context https:// targets are verified with (requests and health checks)."""
         if self._ssl is None:
             self.configure_tls(verify=self._tls_verify)
         assert self._ssl is not None
@@ -347,7 +348,7 @@ class UpstreamPool:
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
                 return conn, True
         loop = asyncio.get_running_loop()
-        ctx = self._ssl_context() if target.scheme == "https" else None
+        ctx = self.ssl_context() if target.scheme == "https" else None
         async with asyncio.timeout(connect_timeout):
             _, conn = await loop.create_connection(
                 lambda: UpstreamConnection(target, self._closed, key[1]),
