@@ -238,6 +238,34 @@ async def test_stalled_player_memory_is_bounded_and_it_is_dropped() -> None:
         pub.proto.close()
 
 
+async def test_dropping_the_last_slow_player_stops_the_pull_and_the_stream() -> None:
+    async with (
+        asyncio.timeout(60),
+        run_server([{"name": "live", "publish_open": True}]) as (origin, origin_port),
+        run_server(
+            [{"name": "edge", "pull": f"rtmp://127.0.0.1:{origin_port}/live"}],
+            player_buffer_bytes=16 * 1024,
+            slow_player_timeout=0.5,
+        ) as (edge, edge_port),
+    ):
+        pub = await publisher(origin_port, "live", "big", video_size=20_000, gop=10)
+        stalled = await asyncio.to_thread(raw_stalled_player, edge_port, "edge", "big")
+        await wait_for(lambda: bool(edge.server.pulls))
+        dropped = edge.server.counters.delivery
+        for _ in range(400):  # until the stalled player is dropped (bounded: ~20 s)
+            await pub.run(10, realtime=False)
+            await asyncio.sleep(0.05)
+            if dropped.players_dropped:
+                break
+        assert dropped.players_dropped == 1
+        # nobody wants the stream any more: the pull ends and the stream is forgotten
+        await wait_for(lambda: not edge.server.pulls, 10)
+        await wait_for(lambda: not edge.server.registry.streams, 10)
+        await wait_for(lambda: not origin.server.registry.get("live", "big").players, 10)  # type: ignore[union-attr]
+        stalled.close()
+        pub.proto.close()
+
+
 async def test_publisher_disconnect_ends_stream_for_players() -> None:
     async with asyncio.timeout(30), run_server(APPS) as (hooks, port):
         pub = await publisher(port, "open", "bye")

@@ -390,5 +390,6 @@ class RtmpConnection(asyncio.Protocol):
 
     def player_dropped(self, player: Player, reason: str) -> None:
         _log.info("rtmp_player_dropped", peer=self.peer, reason=reason)
-        self.players.pop(player.stream_id, None)
+        if self.players.pop(player.stream_id, None) is not None:
+            self.server.stop_play(player)
         self.abort()

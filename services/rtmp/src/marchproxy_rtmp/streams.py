@@ -158,7 +158,8 @@ class Player:
         self.counters.frames_skipped += n
 
     def deliver(self, batch: Batch) -> bool:
-        """Write ``batch`` (one write) unless the player is too slow; False when dropped.
+        """Write ``batch`` (one write) unless the player is too slow; False when it has been
+        over its cap for too long and must be dropped (the stream tells its owner).
 
         A player over its buffer cap skips frames and then waits for a frame it may start on
         (a video keyframe, or any audio frame of a stream without video)."""
@@ -168,7 +169,6 @@ class Player:
                 self._over_since = now
             elif now - self._over_since > self.slow_timeout:
                 self.counters.players_dropped += 1
-                self.owner.player_dropped(self, "slow")
                 return False
             self.waiting_keyframe = True
             self._skip(len(batch.frames))
@@ -354,6 +354,9 @@ class Stream:
             if not p.deliver(batch):
                 dropped.append(p)
         for p in dropped:
+            # after the loop: the owner unsubscribes it (server.stop_play), which changes the
+            # sets iterated above and may end a pull or forget this stream
+            p.owner.player_dropped(p, "slow")
             self.remove_player(p)
 
     def stop(self, *, keep_players: bool = False) -> list[Player]:
