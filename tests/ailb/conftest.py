@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from marchproxy_ailb.config import AilbSettings
 from marchproxy_ailb.module import AilbHooks
@@ -51,6 +53,21 @@ async def fake_ollama() -> AsyncIterator[FakeOllama]:
         yield fake
     finally:
         await fake.close()
+
+
+@pytest.fixture
+async def redis_prefix() -> AsyncIterator[tuple[Any, str]]:
+    """The machine's Redis and a key prefix of this test's own (deleted afterwards)."""
+    client = aioredis.from_url("redis://127.0.0.1:6379/0")
+    prefix = f"test:ailb:{uuid.uuid4().hex}:"
+    try:
+        yield client, prefix
+    finally:
+        with contextlib.suppress(Exception):
+            keys = [k async for k in client.scan_iter(match=prefix + "*", count=500)]
+            if keys:
+                await client.delete(*keys)
+        await client.aclose()
 
 
 def three_provider_config(oa: FakeOpenAI, an: FakeAnthropic, ol: FakeOllama) -> dict[str, Any]:

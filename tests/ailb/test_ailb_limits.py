@@ -4,10 +4,7 @@ fallback, usage totals that survive a restart, and the response cache."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +20,6 @@ from tests.ailb.fakes import FakeAnthropic, FakeOpenAI, Step
 MSG = [{"role": "user", "content": "hi"}]
 KEY = "sk-team-a-secret"
 KEY_HASH = hashlib.sha256(KEY.encode()).hexdigest()
-
-
-@pytest.fixture
-async def redis_prefix() -> AsyncIterator[tuple[Any, str]]:
-    client = aioredis.from_url("redis://127.0.0.1:6379/0")
-    prefix = f"test:ailb:{uuid.uuid4().hex}:"
-    try:
-        yield client, prefix
-    finally:
-        with contextlib.suppress(Exception):
-            keys = [k async for k in client.scan_iter(match=prefix + "*", count=500)]
-            if keys:
-                await client.delete(*keys)
-        await client.aclose()
 
 
 async def _avoid_window_edge(client: Any) -> None:
@@ -197,10 +180,11 @@ async def test_spend_counts_and_blocks(
         ailb_redis_prefix=prefix,
     )
     async with httpx.AsyncClient() as http:
+        # the hold is 7 estimated prompt + 5 max_tokens = 12 USD
         r = await http.post(
             base_url(hooks) + "/chat/completions",
             headers={"Authorization": f"Bearer {KEY}"},
-            json={"model": "paid", "messages": MSG},
+            json={"model": "paid", "messages": MSG, "max_tokens": 5},
         )
         assert r.status_code == 200
         totals = await hooks.usage.totals("budgeted")
@@ -208,9 +192,15 @@ async def test_spend_counts_and_blocks(
         r = await http.post(
             base_url(hooks) + "/chat/completions",
             headers={"Authorization": f"Bearer {KEY}"},
+            json={"model": "paid", "messages": MSG, "max_tokens": 5},
+        )
+        assert r.status_code == 429  # 14 spent + 12 held > 20
+        r = await http.post(
+            base_url(hooks) + "/chat/completions",
+            headers={"Authorization": f"Bearer {KEY}"},
             json={"model": "paid", "messages": MSG},
         )
-        assert r.status_code == 429  # 14 spent + ~7 estimated > 20
+        assert r.status_code == 429  # no max_tokens: 4096 completion tokens are held
         r = await http.post(
             base_url(hooks) + "/chat/completions",
             headers={"Authorization": f"Bearer {KEY}"},

@@ -11,7 +11,7 @@ import contextlib
 import json
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -19,23 +19,27 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from marchproxy_ailb.budget import BudgetLedger, Hold
 from marchproxy_ailb.cache import ResponseCache, cache_key
 from marchproxy_ailb.errors import GatewayError, UpstreamError, upstream_to_gateway
 from marchproxy_ailb.keys import NANO, KeyInfo, KeyStore
 from marchproxy_ailb.limits import Admission, Limiter, rate_headers, refusal
 from marchproxy_ailb.providers import PROVIDERS, Provider
 from marchproxy_ailb.routing import DeploymentState, Router
-from marchproxy_ailb.schema import AilbConfig
-from marchproxy_ailb.tokens import count_prompt, count_text
+from marchproxy_ailb.schema import AilbConfig, Deployment
+from marchproxy_ailb.tokens import completion_cap, count_prompt, count_text
 from marchproxy_ailb.upstream_http import UpstreamPool
-from marchproxy_ailb.usage import Metrics, UsageRecord, UsageStore, cost_nusd
+from marchproxy_ailb.usage import Metrics, UsageRecord, UsageStore, cost_nusd, worst_case_nusd
 from marchproxy_ailb.validation import validate_body
+from marchproxy_common.tasks import spawn
 
 _log = structlog.get_logger("marchproxy.ailb")
 T = TypeVar("T")
 
 #: longest backoff between retries of one deployment
 MAX_BACKOFF_S = 2.0
+#: a budget hold outlives its hop's longest possible run by this much (Redis lease)
+HOLD_SLACK_S = 60.0
 CACHE_HEADER = "x-marchproxy-cache"
 RECENT_LATENCY_SAMPLES = 1024
 OVERHEAD_HEADER = "x-marchproxy-overhead-ms"
@@ -84,6 +88,7 @@ class Gateway:
         self.usage = usage
         self.metrics = metrics
         self.limiter = Limiter(redis, prefix)
+        self.ledger = BudgetLedger(redis, prefix, usage)
         self.max_body = max_body
         self.clock = clock
         self._pools: dict[str, UpstreamPool] = {}
@@ -341,12 +346,29 @@ class Gateway:
         self.recent_latency.append(elapsed)
         return self._bytes(out, ctx, headers)
 
-    async def _budget_allows(self, key: KeyInfo, st: DeploymentState, estimated: int) -> bool:
-        if key.budget_nusd is None:
-            return True
-        spent = await self._soft("budget", self.usage.spend_nusd(key.key_id), 0)
-        need = cost_nusd(st.deployment.price, estimated, 0, 0)
-        return spent < key.budget_nusd and spent + need <= key.budget_nusd
+    async def _reserve(
+        self, key: KeyInfo, dep: Deployment, estimated: int, cap: int
+    ) -> tuple[bool, Hold | None]:
+        """Hold this hop's worst-case cost against the key's budget: (allowed, hold)."""
+        amount = worst_case_nusd(dep.price, estimated, cap)
+        retries = dep.max_retries
+        lease_s = dep.timeout * (retries + 1) + MAX_BACKOFF_S * retries + HOLD_SLACK_S
+        try:
+            hold = await self.ledger.reserve(key, amount, lease_s)
+        except Exception as exc:  # redis/OS errors
+            self.metrics.backend_errors.labels("budget").inc()
+            _log.warning("ailb_backend_error", what="budget", error=str(exc))
+            return True, None
+        return hold is not None, hold
+
+    async def _release(self, hold: Hold | None) -> None:
+        if hold is not None:
+            await self._soft("budget", self.ledger.release(hold), None)
+
+    async def _shielded(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Bookkeeping that must run to the end even when the client goes away and the request
+        task is cancelled: its own task, awaited through a shield."""
+        await asyncio.shield(spawn(coro, name=name))
 
     async def _attempts(
         self,
@@ -357,16 +379,15 @@ class Gateway:
         estimated: int,
         ctx: _Ctx,
         stream: bool,
-    ) -> tuple[Any, DeploymentState, float]:
+    ) -> tuple[Any, DeploymentState, float, Hold | None]:
         """Walk the plan: retries per deployment, then fallbacks. Returns (result, deployment,
-        upstream seconds). Budgets are re-checked before every hop."""
-        routed = self.routed
+        upstream seconds, budget hold). Budgets and TPM are re-checked before every hop; the
+        hold of the hop that answered is the caller's to settle."""
         last: UpstreamError | None = None
         budget_refused = False
+        budgeted = key.budget_nusd is not None
+        cap = completion_cap(kind, body, self.routed.config.budgets.default_max_tokens)
         for hop, st in enumerate(plan):
-            if not await self._budget_allows(key, st, estimated):
-                budget_refused = True
-                continue
             if (
                 hop > 0
                 and last is not None
@@ -374,40 +395,26 @@ class Gateway:
             ):
                 # replicas may have used the key's tokens while earlier hops failed
                 raise refusal(key, Admission(False, 0, key.tpm or 0, 1.0, "tokens"))
-            dep = st.deployment
-            provider = routed.providers[st.key]
-            upstream_model = routed.router.upstream_model(st, ctx.model)
-            ctx.provider = dep.provider
-            for attempt in range(dep.max_retries + 1):
-                routed.router.started(st)
-                t_up = time.perf_counter()
-                try:
-                    result = await self._invoke(
-                        provider, kind, body, upstream_model, dep.timeout, stream
-                    )
-                except UpstreamError as err:
-                    ctx.upstream_s += time.perf_counter() - t_up
-                    reason = "timeout" if err.status == 504 else str(err.status)
-                    self.metrics.upstream_errors.labels(dep.provider, st.key, reason).inc()
-                    if not err.retryable:
-                        routed.router.finished_other(st)
-                        raise upstream_to_gateway(err) from None
-                    last = err
-                    if attempt < dep.max_retries:
-                        routed.router.finished_other(st)
-                        delay = routed.router.settings.retry_backoff_seconds * (2**attempt)
-                        await asyncio.sleep(min(MAX_BACKOFF_S, delay))
-                        continue
-                    routed.router.failed(st)
-                    break
-                except BaseException:
-                    routed.router.finished_other(st)
-                    raise
-                up = time.perf_counter() - t_up
-                ctx.upstream_s += up
-                if hop > 0:
-                    self.metrics.fallbacks.labels(ctx.group).inc()
-                return result, st, up
+            hold: Hold | None = None
+            if budgeted:
+                allowed, hold = await self._reserve(key, st.deployment, estimated, cap)
+                if not allowed:
+                    budget_refused = True
+                    continue
+            try:
+                result, up = await self._on_deployment(st, kind, body, ctx, stream)
+            except UpstreamError as err:
+                last = err  # every try of this deployment failed: the next hop
+                if hold is not None:
+                    await self._shielded(self._release(hold), "ailb release")
+                continue
+            except BaseException:
+                if hold is not None:
+                    await self._shielded(self._release(hold), "ailb release")
+                raise
+            if hop > 0:
+                self.metrics.fallbacks.labels(ctx.group).inc()
+            return result, st, up, hold
         if budget_refused:
             # a hop the budget could not pay for was skipped: say so rather than relay an
             # earlier hop's failure (the fallback existed, the key could not afford it)
@@ -426,6 +433,46 @@ class Gateway:
                 code="no_healthy_deployment",
             )
         raise upstream_to_gateway(last)
+
+    async def _on_deployment(
+        self, st: DeploymentState, kind: str, body: dict[str, Any], ctx: _Ctx, stream: bool
+    ) -> tuple[Any, float]:
+        """One deployment with its retries: (result, upstream seconds). Raises the last
+        retryable UpstreamError when every try failed, GatewayError for a final answer."""
+        routed = self.routed
+        dep = st.deployment
+        provider = routed.providers[st.key]
+        upstream_model = routed.router.upstream_model(st, ctx.model)
+        ctx.provider = dep.provider
+        attempt = 0
+        while True:
+            routed.router.started(st)
+            t_up = time.perf_counter()
+            try:
+                result = await self._invoke(
+                    provider, kind, body, upstream_model, dep.timeout, stream
+                )
+            except UpstreamError as err:
+                ctx.upstream_s += time.perf_counter() - t_up
+                reason = "timeout" if err.status == 504 else str(err.status)
+                self.metrics.upstream_errors.labels(dep.provider, st.key, reason).inc()
+                if not err.retryable:
+                    routed.router.finished_other(st)
+                    raise upstream_to_gateway(err) from None
+                if attempt < dep.max_retries:
+                    routed.router.finished_other(st)
+                    delay = routed.router.settings.retry_backoff_seconds * (2**attempt)
+                    await asyncio.sleep(min(MAX_BACKOFF_S, delay))
+                    attempt += 1
+                    continue
+                routed.router.failed(st)
+                raise
+            except BaseException:
+                routed.router.finished_other(st)
+                raise
+            up = time.perf_counter() - t_up
+            ctx.upstream_s += up
+            return result, up
 
     async def _invoke(
         self,
@@ -469,7 +516,7 @@ class Gateway:
         estimated: int,
         ctx: _Ctx,
     ) -> tuple[dict[str, Any], DeploymentState]:
-        result, st, up = await self._attempts(kind, body, key, plan, estimated, ctx, False)
+        result, st, up, hold = await self._attempts(kind, body, key, plan, estimated, ctx, False)
         numbers = _usage_numbers(result.get("usage"))
         is_estimate = numbers is None
         if numbers is None:
@@ -478,9 +525,25 @@ class Gateway:
             prompt, completion, cached = estimated, count_text(text), 0
         else:
             prompt, completion, cached = numbers
-        await self._account(key, st, prompt, completion, cached, is_estimate, ctx)
+        await self._settle(key, st, prompt, completion, cached, is_estimate, ctx, hold)
         self.routed.router.succeeded(st, up, prompt + completion)
         return result, st
+
+    async def _settle(
+        self,
+        key: KeyInfo,
+        st: DeploymentState,
+        prompt: int,
+        completion: int,
+        cached: int,
+        estimated: bool,
+        ctx: _Ctx,
+        hold: Hold | None,
+    ) -> None:
+        """Charge the actual cost, then give back the hop's budget hold (in that order: a
+        concurrent reservation sees the spend before the hold goes)."""
+        await self._account(key, st, prompt, completion, cached, estimated, ctx)
+        await self._release(hold)
 
     async def _account(
         self,
@@ -526,7 +589,9 @@ class Gateway:
         estimated: int,
         ctx: _Ctx,
     ) -> web.StreamResponse:
-        (first, chunks), st, _ = await self._attempts(kind, body, key, plan, estimated, ctx, True)
+        (first, chunks), st, _, hold = await self._attempts(
+            kind, body, key, plan, estimated, ctx, True
+        )
         want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         provider = st.deployment.provider
         resp = web.StreamResponse(
@@ -542,6 +607,7 @@ class Gateway:
         completion_chars = 0
         ok = False
         t_first: float | None = None
+        renewed = time.perf_counter()
         try:
             await resp.prepare(request)
             batch: list[dict[str, Any]] | None = first
@@ -565,6 +631,9 @@ class Gateway:
                     if t_first is None:
                         t_first = time.perf_counter()
                         self.metrics.ttft.labels(ctx.group, provider).observe(t_first - ctx.t0)
+                if hold is not None and time.perf_counter() - renewed > hold.lease_s / 2:
+                    renewed = time.perf_counter()  # a long stream keeps its budget hold
+                    await self._soft("budget", self.ledger.renew(hold), None)
                 try:
                     batch = await anext(chunks)
                 except StopAsyncIteration:
@@ -585,7 +654,9 @@ class Gateway:
                 (prompt, completion, cached), est = numbers, False
             else:
                 prompt, completion, cached, est = estimated, (completion_chars + 3) // 4, 0, True
-            await asyncio.shield(self._account(key, st, prompt, completion, cached, est, ctx))
+            await self._shielded(
+                self._settle(key, st, prompt, completion, cached, est, ctx, hold), "ailb settle"
+            )
             status = "200" if ok else "499"
             self.metrics.requests.labels(ctx.group, provider, status).inc()
             elapsed = time.perf_counter() - ctx.t0

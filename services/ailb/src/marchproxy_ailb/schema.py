@@ -111,6 +111,11 @@ class CacheSettings(_Frozen):
     max_entries: int = Field(default=1024, ge=1, le=1_000_000)
 
 
+class BudgetSettings(_Frozen):
+    #: completion tokens held against a budget when a request sets no max_tokens
+    default_max_tokens: int = Field(default=4096, ge=1, le=10_000_000)
+
+
 class AilbConfig(_Frozen):
     model_list: list[Deployment] = Field(default_factory=list)
     #: alias or glob pattern ("gpt-4*") -> model group name
@@ -120,6 +125,7 @@ class AilbConfig(_Frozen):
     #: None: keys are required exactly when some are configured
     require_key: bool | None = None
     cache: CacheSettings = CacheSettings()
+    budgets: BudgetSettings = BudgetSettings()
 
     @model_validator(mode="after")
     def _consistent(self) -> AilbConfig:

@@ -56,3 +56,26 @@ def count_prompt(body: dict[str, Any]) -> int:
             for x in raw
         )
     return count_text(raw) if isinstance(raw, str) else 0
+
+
+def _positive_int(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+def completion_cap(kind: str, body: dict[str, Any], default: int) -> int:
+    """The most completion tokens a request can be billed for: its ``max_completion_tokens`` /
+    ``max_tokens`` (else ``default``) times the choices generated (``n``; ``best_of`` for
+    completions, which OpenAI bills in full). Embeddings produce none."""
+    if kind == "embeddings":
+        return 0
+    cap = _positive_int(body.get("max_completion_tokens"))
+    if cap is None:
+        cap = _positive_int(body.get("max_tokens"))
+    if cap is None:
+        cap = default
+    choices = _positive_int(body.get("n")) or 1
+    if kind == "completions":
+        choices = max(choices, _positive_int(body.get("best_of")) or 1)
+    return cap * choices

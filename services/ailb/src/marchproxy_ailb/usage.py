@@ -48,6 +48,13 @@ def cost_nusd(price: Price, prompt: int, completion: int, cached: int) -> int:
     )
 
 
+def worst_case_nusd(price: Price, prompt: int, completion: int) -> int:
+    """The most ``prompt`` + ``completion`` tokens can cost at this price: every prompt token at
+    the dearest prompt price (a cache write may cost more than plain input)."""
+    prompt_price = max(price.input, price.cached_input or 0.0)
+    return round((prompt * prompt_price + completion * price.output) * 1000)
+
+
 @dataclass(frozen=True, slots=True)
 class UsageRecord:
     key_id: str
@@ -151,8 +158,12 @@ class UsageStore:
         for f in USAGE_FIELDS[1:]:
             tot[f] += int(rec.get(f, 0))
 
-    def _hkey(self, key_id: str) -> str:
+    def redis_key(self, key_id: str) -> str:
+        """The Redis hash of one key's totals (``cost_nusd`` is its spend)."""
         return f"{self._prefix}usage:{key_id}"
+
+    def local_spend(self, key_id: str) -> int:
+        return self._local.get(key_id, {}).get("cost_nusd", 0)
 
     async def record(self, rec: UsageRecord) -> None:
         data = {f: getattr(rec, f) for f in RECORD_FIELDS}
@@ -162,7 +173,7 @@ class UsageStore:
             self._log.flush()
         if self._redis is not None:
             pipe = self._redis.pipeline(transaction=False)
-            h = self._hkey(rec.key_id)
+            h = self.redis_key(rec.key_id)
             pipe.hincrby(h, "requests", 1)
             for f in USAGE_FIELDS[1:]:
                 pipe.hincrby(h, f, int(data[f]))
@@ -172,13 +183,13 @@ class UsageStore:
 
     async def totals(self, key_id: str) -> dict[str, int]:
         if self._redis is not None:
-            raw = await self._redis.hgetall(self._hkey(key_id))
+            raw = await self._redis.hgetall(self.redis_key(key_id))
             return {f: int(raw.get(f.encode(), raw.get(f, 0)) or 0) for f in USAGE_FIELDS}
         return dict(self._local.get(key_id, dict.fromkeys(USAGE_FIELDS, 0)))
 
     async def spend_nusd(self, key_id: str) -> int:
         if self._redis is not None:
-            raw = await self._redis.hget(self._hkey(key_id), "cost_nusd")
+            raw = await self._redis.hget(self.redis_key(key_id), "cost_nusd")
             return int(raw or 0)
         return self._local.get(key_id, {}).get("cost_nusd", 0)
 
