@@ -97,3 +97,42 @@ async def test_concurrent_requests_cannot_overspend(
         client, prefix = redis_prefix
         assert int(await client.get(prefix + "budget:budgeted:held") or 0) == 0
         assert await client.zcard(prefix + "budget:budgeted:leases") == 0
+
+
+async def test_budget_fails_closed_when_spend_cannot_be_read(
+    ailb: AilbFactory, fake_openai: FakeOpenAI
+) -> None:
+    """Redis is down: a key with a budget gets 503 budget_unavailable and nothing goes
+    upstream; a key with only rate limits is still served (those fail open)."""
+    import redis.asyncio as aioredis
+
+    from tests.conftest import free_port
+
+    dead = aioredis.from_url(
+        f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5, socket_timeout=0.5
+    )
+    try:
+        cfg = one_usd_per_token(fake_openai, budget=1000.0)
+        cfg["keys"].append({"key": "sk-rate-only", "name": "rate-only", "rpm": 100})
+        hooks = await ailb.start(cfg, redis=dead, ailb_redis_prefix="test:ailb:dead:")
+        url = base_url(hooks)
+        async with openai.AsyncOpenAI(base_url=url, api_key=KEY, max_retries=0) as c:
+            for stream in (False, True):
+                with pytest.raises(openai.InternalServerError) as exc:
+                    await c.chat.completions.create(
+                        model="paid", messages=MSG, max_tokens=8, stream=stream
+                    )
+                assert exc.value.status_code == 503
+                assert exc.value.code == "budget_unavailable"
+                assert exc.value.response.headers["Retry-After"] == "1"
+        assert fake_openai.requests == []
+        async with openai.AsyncOpenAI(base_url=url, api_key="sk-rate-only", max_retries=0) as c:
+            r = await c.chat.completions.create(model="paid", messages=MSG)
+            assert r.choices[0].message.content
+        assert len(fake_openai.requests) == 1
+        scrape = hooks.metrics_registry.get_sample_value(
+            "ailb_backend_errors_total", {"what": "budget"}
+        )
+        assert scrape is not None and scrape >= 2
+    finally:
+        await dead.aclose()

@@ -402,14 +402,15 @@ async def test_rpm_across_two_processes(
 
 
 async def test_redis_down_fails_open(ailb: AilbFactory, fake_openai: FakeOpenAI) -> None:
-    """Limits, budget, usage and cache live in Redis; when it is gone, traffic still flows."""
+    """Limits, usage and cache live in Redis; when it is gone, traffic still flows (a key with
+    a budget fails closed instead: tests/ailb/test_ailb_budget.py)."""
     from tests.conftest import free_port
 
     dead = aioredis.from_url(
         f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5, socket_timeout=0.5
     )
     try:
-        cfg = keyed(fake_openai, rpm=100, budget=10.0)
+        cfg = keyed(fake_openai, rpm=100, tpm=100_000)
         cfg["cache"] = {"enabled": True}
         hooks = await ailb.start(cfg, redis=dead, ailb_redis_prefix="test:ailb:dead:")
         async with httpx.AsyncClient() as http:

@@ -190,7 +190,18 @@ class Gateway:
         key = self.routed.keys.authenticate(
             request.headers.get("Authorization"), request.headers.get("x-api-key")
         )
-        totals = await self.usage.totals(key.key_id)
+        try:
+            totals = await self.usage.totals(key.key_id)
+        except Exception as exc:  # redis/OS errors
+            self.metrics.backend_errors.labels("usage").inc()
+            _log.warning("ailb_backend_error", what="usage", error=str(exc))
+            raise GatewayError(
+                503,
+                "Usage totals are unavailable right now. Please retry shortly.",
+                type="service_unavailable",
+                code="usage_unavailable",
+                headers={"Retry-After": "1"},
+            ) from None
         budget = None if key.budget_nusd is None else key.budget_nusd / NANO
         info = {
             "key": key.key_id,
@@ -356,9 +367,18 @@ class Gateway:
         try:
             hold = await self.ledger.reserve(key, amount, lease_s)
         except Exception as exc:  # redis/OS errors
+            # fail closed: a budget that cannot be read cannot be enforced, and a budget is a
+            # promise about money (plain rate limits fail open instead, see _soft)
             self.metrics.backend_errors.labels("budget").inc()
             _log.warning("ailb_backend_error", what="budget", error=str(exc))
-            return True, None
+            raise GatewayError(
+                503,
+                f"The budget of key {key.key_id} cannot be checked right now (usage store "
+                "unavailable); the request was not sent. Please retry shortly.",
+                type="service_unavailable",
+                code="budget_unavailable",
+                headers={"Retry-After": "1"},
+            ) from None
         return hold is not None, hold
 
     async def _release(self, hold: Hold | None) -> None:
