@@ -309,3 +309,123 @@ def test_any_heartbeat_timeout_value_is_a_number_of_seconds_or_refused(
             assert current == value
     finally:
         assert config(nlb, '{"heartbeat_timeout": 3600}').success
+
+
+# -- UpdateHealth --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "code", "needle"),
+    [
+        ({"module_id": "uh-1", "status": 0}, grpc.StatusCode.INVALID_ARGUMENT, "status"),
+        ({"module_id": "uh-1", "status": 99}, grpc.StatusCode.INVALID_ARGUMENT, "status"),
+        ({"module_id": "uh-1", "status": -1}, grpc.StatusCode.INVALID_ARGUMENT, "status"),
+        ({"module_id": "", "status": 1}, grpc.StatusCode.INVALID_ARGUMENT, "module_id"),
+        ({"module_id": "a b", "status": 1}, grpc.StatusCode.INVALID_ARGUMENT, "module_id"),
+        (
+            {"module_id": "uh-1", "status": 3, "reason": "x" * 2000},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "reason",
+        ),
+        ({"module_id": "nobody", "status": 1}, grpc.StatusCode.NOT_FOUND, "nobody"),
+    ],
+)
+def test_bad_update_health(
+    nlb: Nlb, request_fields: dict[str, Any], code: grpc.StatusCode, needle: str
+) -> None:
+    nlb.register("uh-1")
+    request = nlb_pb2.HealthUpdateRequest(module_id=request_fields["module_id"])
+    request.status = request_fields["status"]
+    request.reason = request_fields.get("reason", "")
+    got, details, _ = nlb.call("UpdateHealth", request)
+    assert got == code
+    assert needle in details
+    assert module_view(nlb, "uh-1")["health"] == "healthy"
+
+
+@FUZZ
+@given(status=INT32, reason=st.text(max_size=1500), key=st.sampled_from(["uh-2", "alb", "ghost"]))
+def test_any_update_health_is_answered(nlb: Nlb, status: int, reason: str, key: str) -> None:
+    nlb.register("uh-2")
+    request = nlb_pb2.HealthUpdateRequest(module_id=key, reason=reason)
+    request.status = status  # type: ignore[assignment]
+    code, details, _ = nlb.call("UpdateHealth", request)
+    expected = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
+    assert code in expected, (code, details)
+    assert module_view(nlb, "uh-2")["health"] in HEALTH_NAMES
+
+
+# -- ListModules ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"module_type": 99}, "module_type"),
+        ({"protocol": 999}, "protocol"),
+        ({"health": 42}, "health"),
+        ({"module_id": "bad id"}, "module_id"),
+        ({"page_size": 100_000}, "page_size"),
+        ({"page_token": "abc"}, "next_page_token"),
+        ({"page_token": "-1"}, "next_page_token"),
+        ({"page_token": "9" * 40}, "next_page_token"),
+    ],
+)
+def test_bad_list_modules(nlb: Nlb, fields: dict[str, Any], needle: str) -> None:
+    request = nlb_pb2.ListModulesRequest()
+    for name in ("module_type", "protocol", "health", "module_id"):
+        if name in fields:
+            setattr(request, name, fields[name])
+    request.pagination.page_size = fields.get("page_size", 0)
+    request.pagination.next_page_token = fields.get("page_token", "")
+    code, details, _ = nlb.call("ListModules", request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in details
+
+
+def test_list_modules_pages_through_everything(nlb: Nlb) -> None:
+    for i in range(5):
+        nlb.register(f"page-{i}", module_id="paged")
+    seen: list[str] = []
+    token = ""
+    for _ in range(10):
+        request = nlb_pb2.ListModulesRequest(module_id="paged")
+        request.pagination.page_size = 2
+        request.pagination.next_page_token = token
+        code, details, resp = nlb.call("ListModules", request)
+        assert code == grpc.StatusCode.OK, details
+        seen += [i.instance_id for i in resp.instances]
+        token = resp.pagination.next_page_token
+        if not token:
+            break
+    assert seen == [f"page-{i}" for i in range(5)]
+
+
+@FUZZ
+@given(
+    module_type=INT32,
+    protocol=INT32,
+    health=INT32,
+    page_size=st.integers(0, 2**32 - 1),
+    token=st.text(max_size=12),
+    include_draining=st.booleans(),
+)
+def test_any_list_modules_is_answered(
+    nlb: Nlb,
+    module_type: int,
+    protocol: int,
+    health: int,
+    page_size: int,
+    token: str,
+    include_draining: bool,
+) -> None:
+    request = nlb_pb2.ListModulesRequest(include_draining=include_draining)
+    request.module_type = module_type  # type: ignore[assignment]
+    request.protocol = protocol  # type: ignore[assignment]
+    request.health = health  # type: ignore[assignment]
+    request.pagination.page_size = page_size
+    request.pagination.next_page_token = token
+    code, details, resp = nlb.call("ListModules", request)
+    assert code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT), (code, details)
+    if resp is not None:
+        assert len(resp.instances) <= (page_size or 1000)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
 
 import aiohttp
 import grpc
@@ -12,6 +16,7 @@ import pytest
 from marchproxy.v1 import nlb_pb2, nlb_pb2_grpc, types_pb2
 from marchproxy_nlb.app import NlbApp
 from marchproxy_nlb.config import NlbSettings
+from tests.conftest import ProxiedEchoBackend
 
 KEY = "cp-test-key"
 META = (("x-cluster-api-key", KEY),)
@@ -333,3 +338,200 @@ async def test_seed_002_ipv6_address_without_a_port_is_invalid(
         await stub.RegisterModule(seed, metadata=META)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "port" in (err.value.details() or "")
+
+
+async def test_stream_errors_are_mapped_and_counted_like_unary_ones(
+    app: NlbApp, stub: nlb_pb2_grpc.NLBServiceStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = 0
+    real = app.core.nlb_metrics_pb
+
+    def flaky() -> nlb_pb2.NLBMetrics:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("boom")
+        return real()
+
+    monkeypatch.setattr(app.core, "nlb_metrics_pb", flaky)
+    stream = stub.StreamNLBMetrics(
+        nlb_pb2.StreamNLBMetricsRequest(interval_seconds=1, max_messages=5), metadata=META
+    )
+    got = []
+
+    async def drain() -> None:
+        async for m in stream:
+            got.append(m)
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await drain()
+    assert len(got) == 1  # the failure came between two messages
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert err.value.details() == "internal error in StreamNLBMetrics"
+
+    def count(code: str) -> float:
+        labels = {"method": "StreamNLBMetrics", "code": code}
+        return app.metrics.registry.get_sample_value("nlb_grpc_requests_total", labels) or 0.0
+
+    assert count("INTERNAL") == 1 and count("OK") == 0
+    monkeypatch.setattr(app.core, "nlb_metrics_pb", real)
+    # a finished stream counts OK once, a stream the client cancels counts CANCELLED
+    done = [
+        m
+        async for m in stub.StreamNLBMetrics(
+            nlb_pb2.StreamNLBMetricsRequest(interval_seconds=1, max_messages=1), metadata=META
+        )
+    ]
+    assert len(done) == 1
+    cancelled = stub.StreamNLBMetrics(
+        nlb_pb2.StreamNLBMetricsRequest(interval_seconds=1), metadata=META
+    )
+    await cancelled.read()
+    cancelled.cancel()
+    async with asyncio.timeout(10):
+        while count("CANCELLED") < 1:
+            await asyncio.sleep(0.02)
+    assert count("OK") == 1
+
+
+# -- /status: seed 002's nested shape --------------------------------------------------------------
+
+
+def is_iso(value: object) -> bool:
+    return isinstance(value, str) and datetime.fromisoformat(value) is not None
+
+
+def assert_seed_002_shape(body: dict[str, Any]) -> None:
+    """Every object and field of seed 002's /status example, with its JSON type."""
+    assert set(body) == {"status"}
+    s = body["status"]
+    assert isinstance(s["version"], str)
+    assert isinstance(s["uptime"], float | int) and s["uptime"] >= 0
+    for flag in ("rate_limiting", "autoscaling", "bluegreen", "connection_pooling"):
+        assert isinstance(s[flag], bool), flag
+    router = s["router_stats"]
+    assert isinstance(router["protocols"], dict)
+    for entry in router["protocols"].values():
+        assert set(entry) >= {"active_modules", "active_connections", "total_routed"}
+        assert all(isinstance(entry[k], int) for k in entry)
+    for err in router["errors"]:
+        assert set(err) >= {"protocol", "error_type", "count"}
+        assert isinstance(err["count"], int)
+    for bucket in s["ratelimit_stats"]["buckets"].values():
+        for key in ("tokens_available", "capacity", "refill_rate"):
+            assert isinstance(bucket[key], float | int), key
+        for key in ("allowed_total", "denied_total"):
+            assert isinstance(bucket[key], int), key
+    scaler = s["autoscaler_stats"]
+    assert isinstance(scaler["enabled"], bool)
+    assert scaler["last_evaluation"] is None or is_iso(scaler["last_evaluation"])
+    for h in scaler["recent_scaling_history"]:
+        assert is_iso(h["timestamp"])
+        assert isinstance(h["protocol"], str) and h["direction"] in ("up", "down")
+        assert isinstance(h["previous_replicas"], int) and isinstance(h["new_replicas"], int)
+        assert isinstance(h["reason"], str)
+    for d in s["bluegreen_stats"]["active_deployments"]:
+        for key in ("protocol", "version", "blue_version", "green_version", "status"):
+            assert isinstance(d[key], str), key
+        assert isinstance(d["traffic_split_percent"], int | float)
+    pool = s["client_pool_stats"]
+    for key in ("total_connections", "active_connections", "failed_connections"):
+        assert isinstance(pool[key], int), key
+    assert isinstance(pool["reconnect_attempts"], int)
+
+
+async def get_status(port: int) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/status") as r:
+        assert r.status == 200
+        body: dict[str, Any] = json.loads(await r.text())
+        return body
+
+
+async def test_status_has_seed_002_shape_without_a_data_plane(
+    app: NlbApp, stub: nlb_pb2_grpc.NLBServiceStub
+) -> None:
+    await stub.RegisterModule(register_request(), metadata=META)
+    body = await get_status(app.admin.port)
+    assert_seed_002_shape(body)
+    assert body["status"]["router_stats"]["protocols"]["http"] == {
+        "active_modules": 1,
+        "active_connections": 0,
+        "total_routed": 0,
+    }
+
+
+async def test_status_has_seed_002_shape_with_every_subsystem_in_use() -> None:
+    settings = NlbSettings(
+        cluster_api_key=KEY,
+        nlb_grpc_port=0,
+        nlb_admin_port=0,
+        nlb_listeners="0=http,tls",
+        nlb_scaler="process",
+        nlb_scaler_commands={"web": [sys.executable, "-c", "pass"]},
+        nlb_autoscale_interval=3600,
+    )
+    nlb = NlbApp(settings)
+    await nlb.start()
+    backend = await ProxiedEchoBackend("web").start()
+    try:
+        assert nlb.dataplane is not None
+        port = nlb.dataplane.listener_addresses()[0][1]
+        for version in ("1.0.0", "1.1.0"):
+            nlb.registry.register(
+                module_id="web",
+                module_type=types_pb2.MODULE_TYPE_ALB,
+                protocols=[types_pb2.PROTOCOL_HTTP],
+                data_host="127.0.0.1",
+                data_port=backend.port,
+                instance_id=f"web-{version}",
+                version=version,
+            )
+        errors = await nlb.dataplane.apply_config(
+            {
+                "rate_limits": [
+                    {"target": f"listener:{port}", "requests_per_second": 100, "burst": 50}
+                ],
+                "deployments": [
+                    {"module": "web", "version": "1.0.0", "traffic_weight": 80},
+                    {"module": "web", "version": "1.1.0", "traffic_weight": 20},
+                ],
+                "scaling_policies": [{"module": "web", "min_instances": 0, "max_instances": 5}],
+            }
+        )
+        assert errors == []
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        async with asyncio.timeout(10):
+            assert await reader.readuntil(b"|") == b"web|"
+        writer.close()
+        r2, w2 = await asyncio.open_connection("127.0.0.1", port)
+        w2.write(b"\x16\x03\x01\x00\x05hello")  # TLS, but no TLS module: no_module
+        async with asyncio.timeout(10):
+            assert await r2.read() == b""
+        w2.close()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{nlb.grpc.port}") as ch:
+            scaled = await nlb_pb2_grpc.NLBServiceStub(ch).TriggerScaling(
+                nlb_pb2.TriggerScalingRequest(module_id="web", target_instances=3), metadata=META
+            )
+        assert scaled.success, scaled.message
+        body = await get_status(nlb.admin.port)
+        assert_seed_002_shape(body)
+        s = body["status"]
+        assert s["rate_limiting"] and s["bluegreen"] and s["autoscaling"]
+        assert s["router_stats"]["protocols"]["http"]["total_routed"] == 1
+        assert {"protocol": "tls", "error_type": "no_module", "count": 1} in s["router_stats"][
+            "errors"
+        ]
+        assert s["ratelimit_stats"]["buckets"][f"listener:{port}"]["allowed_total"] == 2
+        [dep] = s["bluegreen_stats"]["active_deployments"]
+        assert (dep["protocol"], dep["green_version"], dep["traffic_split_percent"]) == (
+            "http",
+            "1.1.0",
+            20,
+        )
+        [h] = s["autoscaler_stats"]["recent_scaling_history"]
+        assert (h["direction"], h["previous_replicas"], h["new_replicas"]) == ("up", 2, 3)
+        assert s["client_pool_stats"]["total_connections"] == 1
+    finally:
+        await backend.stop()
+        await nlb.stop()

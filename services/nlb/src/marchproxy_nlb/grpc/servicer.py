@@ -40,6 +40,22 @@ class NotFound(LookupError):
     pass
 
 
+#: domain errors → the gRPC code a client gets (with the exception's message)
+_ERROR_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (v.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (RegistryFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+)
+
+
+def _failure(name: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
+    for kind, code in _ERROR_CODES:
+        if isinstance(exc, kind):
+            return code, str(exc)
+    _log.error("rpc_failed", method=name, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error in {name}"
+
+
 def rpc(
     method: Callable[[Any, Req, Ctx[Any, Any]], Awaitable[Resp]],
 ) -> Callable[[Any, Req, Ctx[Any, Any]], Awaitable[Resp]]:
@@ -51,25 +67,42 @@ def rpc(
         code = grpc.StatusCode.OK
         try:
             return await method(self, request, context)
-        except v.InvalidArgument as exc:
-            code = grpc.StatusCode.INVALID_ARGUMENT
-            await context.abort(code, str(exc))
-        except NotFound as exc:
-            code = grpc.StatusCode.NOT_FOUND
-            await context.abort(code, str(exc))
-        except RegistryFull as exc:
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED
-            await context.abort(code, str(exc))
         except (asyncio.CancelledError, grpc.aio.AbortError):
             code = grpc.StatusCode.CANCELLED
             raise
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            _log.exception("rpc_failed", method=name)
-            await context.abort(code, f"internal error in {name}")
+        except Exception as exc:
+            code, message = _failure(name, exc)
+            await context.abort(code, message)
         finally:
             self.core.metrics.grpc_requests.labels(name, code.name).inc()
         raise AssertionError("unreachable")  # pragma: no cover
+
+    return wrapper
+
+
+def rpc_stream(
+    method: Callable[[Any, Req, Ctx[Any, Any]], AsyncIterator[Resp]],
+) -> Callable[[Any, Req, Ctx[Any, Any]], AsyncIterator[Resp]]:
+    """:func:`rpc` for server-streaming methods: the same error mapping, whether the failure
+    comes before the first message or between two, and one count per stream when it ends."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def wrapper(
+        self: NlbServicer, request: Req, context: Ctx[Any, Any]
+    ) -> AsyncIterator[Resp]:
+        code = grpc.StatusCode.OK
+        try:
+            async for message in method(self, request, context):
+                yield message
+        except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit):
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            code, message_text = _failure(name, exc)
+            await context.abort(code, message_text)
+        finally:
+            self.core.metrics.grpc_requests.labels(name, code.name).inc()
 
     return wrapper
 
@@ -214,6 +247,7 @@ class NlbServicer(nlb_pb2_grpc.NLBServiceServicer):
         self, request: nlb_pb2.ListModulesRequest, context: Ctx[Any, Any]
     ) -> nlb_pb2.ListModulesResponse:
         v.check_module_type(request.module_type, required=False)
+        v.check_id("module_id", request.module_id, required=False)
         if request.protocol:
             v.check_protocols([request.protocol])
         if request.health not in types_pb2.HealthStatus.values():
@@ -235,7 +269,9 @@ class NlbServicer(nlb_pb2_grpc.NLBServiceServicer):
             )
         ]
         token = request.pagination.next_page_token
-        start = int(token) if token.isdigit() else 0
+        if token and not (token.isascii() and token.isdigit() and len(token) <= 9):
+            raise v.InvalidArgument("pagination.next_page_token is not a token this NLB issued")
+        start = int(token) if token else 0
         page = matches[start : start + page_size]
         now = self.core.clock()
         nxt = str(start + page_size) if start + page_size < len(matches) else ""
@@ -366,13 +402,13 @@ class NlbServicer(nlb_pb2_grpc.NLBServiceServicer):
             stats=[stats_pb(i, now) for i in found],
         )
 
+    @rpc_stream
     async def StreamNLBMetrics(
         self, request: nlb_pb2.StreamNLBMetricsRequest, context: Ctx[Any, Any]
     ) -> AsyncIterator[nlb_pb2.NLBMetrics]:
         interval = float(request.interval_seconds or 1)
         interval = min(max(interval, MIN_STREAM_INTERVAL), MAX_STREAM_INTERVAL)
         sent = 0
-        self.core.metrics.grpc_requests.labels("StreamNLBMetrics", "OK").inc()
         while not request.max_messages or sent < request.max_messages:
             yield self.core.nlb_metrics_pb()
             sent += 1

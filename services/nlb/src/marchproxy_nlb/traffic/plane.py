@@ -461,7 +461,10 @@ class DataPlane:
             "connection_pooling": False,
             "ratelimit_stats": rl,
             "bluegreen_stats": {
-                "active_deployments": self.bluegreen.status(),
+                "active_deployments": [
+                    {"protocol": self._module_protocol(d["module"]), **d}
+                    for d in self.bluegreen.status()
+                ],
                 "rollbacks": list(self.bluegreen.events),
             },
             "autoscaler_stats": self.autoscaler.status()
@@ -486,6 +489,14 @@ class DataPlane:
             "routing_rules": len(self.table.rules),
             "balance_strategy": self.balancer.strategy,
         }
+
+    def _module_protocol(self, module: str) -> str:
+        """Seed 002 reports splits per protocol; ours are per module: name the protocol its
+        instances serve (the first, by name), or the module itself when none is registered."""
+        names = sorted(
+            protocol_name(p) for i in self.registry.by_module(module) for p in i.protocols
+        )
+        return names[0] if names else module
 
     # -- RPCs ----------------------------------------------------------------------------------
 
