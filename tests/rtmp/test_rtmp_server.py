@@ -18,6 +18,7 @@ from marchproxy_rtmp.client import RtmpClientError, RtmpClientProtocol, open_cli
 from marchproxy_rtmp.config import RtmpConfig, config_from_snapshot
 from marchproxy_rtmp.synthetic import SyntheticPublisher, video_frame
 from marchproxy_rtmp.testing import play_client, run_server, snapshot, wait_for
+from tests.conftest import free_port
 
 APPS = [
     {"name": "live", "publish_keys": [{"key": "secret", "stream": "tv"}]},
@@ -413,6 +414,38 @@ async def test_publisher_taking_over_a_pull_keeps_its_players() -> None:
         proto.close()
         local.proto.close()
         remote.proto.close()
+
+
+async def test_failed_pull_is_retried_until_the_origin_is_up() -> None:
+    origin_port = free_port()
+    edge_apps = [{"name": "edge", "pull": f"rtmp://127.0.0.1:{origin_port}/live"}]
+    async with asyncio.timeout(40), run_server(edge_apps) as (edge, edge_port):
+        proto, rec = await play_client(edge_port, "edge", "cam")
+        # the origin is not listening yet: the first attempts fail
+        await wait_for(lambda: edge.server.counters.relay_pull_failed >= 1, 10)
+        origin_settings = {"data_port": origin_port}
+        origin_apps = [{"name": "live", "publish_open": True}]
+        async with run_server(origin_apps, settings=origin_settings) as (_, port):
+            pub = await publisher(port, "live", "cam")
+            await pub.run(40, realtime=False)
+            await wait_for(lambda: rec.video >= 5, 15)  # a retry got through
+            assert not proto.closed.done()
+            assert not any(s.get("level") == "error" for s in proto.statuses)
+            proto.close()
+            pub.proto.close()
+
+
+async def test_players_of_a_pull_that_keeps_failing_get_stream_not_found() -> None:
+    dead = free_port()  # nothing listens here
+    apps = [{"name": "edge", "pull": f"rtmp://127.0.0.1:{dead}/live"}]
+    async with asyncio.timeout(60), run_server(apps) as (edge, port):
+        proto, rec = await play_client(port, "edge", "cam")
+        await asyncio.wait_for(proto.closed, 45)  # bounded retries, then the player is told
+        codes = [s.get("code") for s in proto.statuses]
+        assert "NetStream.Play.StreamNotFound" in codes, codes
+        assert edge.server.counters.relay_pull_failed >= 3  # it did retry
+        assert rec.video == 0
+        await wait_for(lambda: not edge.server.pulls and not edge.server.registry.streams, 5)
 
 
 async def test_protocol_error_closes_connection() -> None:

@@ -382,6 +382,17 @@ class RtmpConnection(asyncio.Protocol):
         if not self.players and not self.publishing:
             self.close_after_flush()
 
+    def stream_not_found(self, player: Player) -> None:
+        sid = player.stream_id
+        if self.players.pop(sid, None) is None:
+            return
+        self.server.stop_play(player)
+        eof = UserControlEvent(UserControl.STREAM_EOF, sid)
+        self._send(CSID_CONTROL, MSG_USER_CONTROL, 0, encode_user_control(eof))
+        self._status(sid, "error", "NetStream.Play.StreamNotFound", "stream not found")
+        if not self.players and not self.publishing:
+            self.close_after_flush()
+
     def stream_restarted(self, player: Player) -> None:
         sid = player.stream_id
         begin = UserControlEvent(UserControl.STREAM_BEGIN, sid)

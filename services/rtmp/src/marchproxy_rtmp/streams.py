@@ -93,6 +93,9 @@ class PlayerOwner(Protocol):
     def stream_restarted(self, player: Player) -> None:
         """A new publisher took the stream over; the player stays subscribed."""
 
+    def stream_not_found(self, player: Player) -> None:
+        """The stream could not be had (a pull gave up): end the player."""
+
     def player_dropped(self, player: Player, reason: str) -> None: ...
 
 

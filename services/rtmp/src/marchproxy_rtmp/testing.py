@@ -45,11 +45,9 @@ async def run_server(
     settings: Mapping[str, Any] | None = None,
     **config: Any,
 ) -> AsyncIterator[tuple[RtmpHooks, int]]:
-    hooks = RtmpHooks(
-        RtmpSettings(
-            data_port=0, register_with_nlb=False, rtmp_hls_port=hls_port, **(settings or {})
-        )
-    )
+    values: dict[str, Any] = {"data_port": 0, "register_with_nlb": False}
+    values.update(settings or {})
+    hooks = RtmpHooks(RtmpSettings(rtmp_hls_port=hls_port, **values))
     addr = await hooks.start_data_plane()
     try:
         errors = await hooks.apply_config(snapshot(applications, **config))
