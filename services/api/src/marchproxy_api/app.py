@@ -22,6 +22,7 @@ from marchproxy_api.keys import (
     grpc_clients_key,
     login_limiter_key,
     metrics_key,
+    password_hashing_key,
     publisher_key,
     sessionmaker_key,
     settings_key,
@@ -31,7 +32,7 @@ from marchproxy_api.middlewares import error_middleware
 from marchproxy_api.openapi import build_openapi
 from marchproxy_api.publisher import StatePublisher
 from marchproxy_api.repos.entities import UserRepo
-from marchproxy_api.security import LoginLimiter, hash_password
+from marchproxy_api.security import LoginLimiter, PasswordHashing
 from marchproxy_api.txn import CompiledCache, republish_all, watch_stored_versions, write_tx
 from marchproxy_common.tasks import cancel_and_wait, spawn
 
@@ -62,11 +63,12 @@ async def ensure_admin(app: web.Application) -> None:
     generated = not password
     if generated:
         password = secrets.token_urlsafe(18)
+    password_hash = await app[password_hashing_key].hash(password)
     async with write_tx(app, "system", config=False) as tx:
         user = await UserRepo(tx.session).add(
             {
                 "username": settings.marchproxy_admin_username,
-                "password_hash": hash_password(password),
+                "password_hash": password_hash,
                 "role": "admin",
             }
         )
@@ -104,6 +106,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await publisher.stop()
         await clients.close()
         await engine.dispose()
+        app[password_hashing_key].close()
 
 
 def create_app(settings: ApiSettings) -> web.Application:
@@ -111,6 +114,9 @@ def create_app(settings: ApiSettings) -> web.Application:
     app[settings_key] = settings
     app[metrics_key] = ApiMetrics()
     app[compiled_cache_key] = CompiledCache()
+    app[password_hashing_key] = PasswordHashing(
+        settings.password_hash_threads, settings.password_hash_queue
+    )
     app[login_limiter_key] = LoginLimiter(
         max_failures=settings.login_max_failures, window=settings.login_window_seconds
     )

@@ -31,6 +31,10 @@ class ApiSettings(CommonSettings):
     #: failed logins allowed per (username, client) per window
     login_max_failures: int = Field(default=5, ge=1, le=1000)
     login_window_seconds: float = Field(default=60.0, gt=0, le=3600)
+    #: argon2 runs in a pool of this many threads; more than password_hash_queue hashes
+    #: running or waiting at once are refused with 503
+    password_hash_threads: int = Field(default=2, ge=1, le=64)
+    password_hash_queue: int = Field(default=64, ge=1, le=100_000)
 
     @classmethod
     def required_in_production(cls) -> tuple[str, ...]:

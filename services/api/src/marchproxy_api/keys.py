@@ -11,7 +11,7 @@ from marchproxy_api.config import ApiSettings
 from marchproxy_api.grpc_clients import ModuleClientManager
 from marchproxy_api.metrics import ApiMetrics
 from marchproxy_api.publisher import StatePublisher
-from marchproxy_api.security import LoginLimiter
+from marchproxy_api.security import LoginLimiter, PasswordHashing
 
 if TYPE_CHECKING:
     from marchproxy_api.txn import CompiledCache
@@ -23,4 +23,5 @@ publisher_key = web.AppKey("publisher", StatePublisher)
 grpc_clients_key = web.AppKey("grpc_clients", ModuleClientManager)
 metrics_key = web.AppKey("metrics", ApiMetrics)
 login_limiter_key = web.AppKey("login_limiter", LoginLimiter)
+password_hashing_key = web.AppKey("password_hashing", PasswordHashing)
 compiled_cache_key: web.AppKey[CompiledCache] = web.AppKey("compiled_cache")

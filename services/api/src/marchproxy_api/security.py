@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -46,13 +48,52 @@ class Principal:
 CLUSTER_PRINCIPAL = Principal(name="cluster", role=Role.viewer, is_cluster=True)
 
 
-def hash_password(password: str) -> str:
-    return _hasher.hash(password)
+class HashingBusy(Exception):
+    """Too many password hashes are queued; the caller answers 503 with Retry-After."""
 
 
-def verify_password(password_hash: str | None, password: str) -> bool:
+class PasswordHashing:
+    """argon2 off the event loop: ~100-200 ms of CPU per call must never stall other requests.
+
+    Work runs on a small pool of its own (not the loop's default executor, which DNS lookups
+    share), so at most ``threads`` hashes run at once even when callers are cancelled; at most
+    ``max_queue`` may be running or waiting, and beyond that :class:`HashingBusy` is raised at
+    once instead of letting a login flood queue without bound.
+    """
+
+    def __init__(self, threads: int, max_queue: int, hasher: PasswordHasher | None = None):
+        self.hasher = hasher or _hasher
+        self.threads = threads
+        self.max_queue = max(max_queue, threads)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="argon2")
+        self._inflight = 0
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._inflight >= self.max_queue:
+            raise HashingBusy
+        self._inflight += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        finally:
+            self._inflight -= 1
+
+    async def hash(self, password: str) -> str:
+        return str(await self._run(self.hasher.hash, password))
+
+    async def verify(self, password_hash: str | None, password: str) -> bool:
+        return bool(await self._run(_verify_with, self.hasher, password_hash, password))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _verify_with(hasher: PasswordHasher, password_hash: str | None, password: str) -> bool:
     try:
-        return _hasher.verify(password_hash or _DUMMY_HASH, password) and password_hash is not None
+        return hasher.verify(password_hash or _DUMMY_HASH, password) and password_hash is not None
     except (VerificationError, InvalidHashError):
         return False
 

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from marchproxy_api.db.models import AuditLog
 from marchproxy_api.endpoints import Ctx, Endpoint
 from marchproxy_api.errors import ApiError, conflict, not_found
 from marchproxy_api.handlers.common import changes, page, read_session, row
-from marchproxy_api.keys import login_limiter_key, metrics_key, settings_key
+from marchproxy_api.keys import (
+    login_limiter_key,
+    metrics_key,
+    password_hashing_key,
+    settings_key,
+)
 from marchproxy_api.repos.entities import AuditRepo, UserRepo
 from marchproxy_api.schemas import (
     AuditOut,
@@ -21,13 +29,7 @@ from marchproxy_api.schemas import (
     UserPage,
     UserUpdate,
 )
-from marchproxy_api.security import (
-    AuthError,
-    decode_token,
-    hash_password,
-    issue_token,
-    verify_password,
-)
+from marchproxy_api.security import AuthError, HashingBusy, decode_token, issue_token
 from marchproxy_api.txn import write_tx
 
 
@@ -69,13 +71,31 @@ async def login(ctx: Ctx) -> TokenOut:
         raise err
     async with read_session(ctx) as session:
         user = await UserRepo(session).by_username(body.username)
-    ok = verify_password(user.password_hash if user else None, body.password)
+    with _busy_is_503():
+        ok = await ctx.app[password_hashing_key].verify(
+            user.password_hash if user else None, body.password
+        )
     if not ok or user is None or not user.is_active:
         limiter.failed(key)
         ctx.app[metrics_key].login_failures.inc()
         raise ApiError(401, "unauthorized", "invalid username or password")
     limiter.succeeded(key)
     return _tokens(ctx, user.id, user.username, user.role)
+
+
+@contextmanager
+def _busy_is_503() -> Iterator[None]:
+    try:
+        yield
+    except HashingBusy:
+        err = ApiError(503, "busy", "too many password checks in progress; retry shortly")
+        err.headers["Retry-After"] = "1"
+        raise err from None
+
+
+async def _hash(ctx: Ctx, password: str) -> str:
+    with _busy_is_503():
+        return await ctx.app[password_hashing_key].hash(password)
 
 
 async def refresh(ctx: Ctx) -> TokenOut:
@@ -102,6 +122,7 @@ async def list_users(ctx: Ctx) -> UserPage:
 
 async def create_user(ctx: Ctx) -> UserOut:
     body: UserCreate = ctx.body
+    password_hash = await _hash(ctx, body.password)
     async with write_tx(ctx.app, ctx.actor, config=False) as tx:
         repo = UserRepo(tx.session)
         if await repo.by_username(body.username):
@@ -109,7 +130,7 @@ async def create_user(ctx: Ctx) -> UserOut:
         user = await repo.add(
             {
                 "username": body.username,
-                "password_hash": hash_password(body.password),
+                "password_hash": password_hash,
                 "role": body.role,
             }
         )
@@ -127,15 +148,15 @@ async def get_user(ctx: Ctx) -> UserOut:
 
 async def update_user(ctx: Ctx) -> UserOut:
     body: UserUpdate = ctx.body
+    values = changes(body)
+    if "password" in values:
+        values["password_hash"] = await _hash(ctx, values.pop("password"))
     async with write_tx(ctx.app, ctx.actor, config=False) as tx:
         repo = UserRepo(tx.session)
         user = await repo.get(ctx.params["user_id"])
         if user is None:
             raise not_found("user", ctx.params["user_id"])
         before = row(user)
-        values = changes(body)
-        if "password" in values:
-            values["password_hash"] = hash_password(values.pop("password"))
         await repo.update(user, values)
         tx.audit("update", "user", user.id, before, row(user))
     return UserOut.model_validate(user)
@@ -178,7 +199,7 @@ ENDPOINTS = [
         auth="public",
         body=LoginIn,
         response=TokenOut,
-        extra_statuses=(401, 429),
+        extra_statuses=(401, 429, 503),
     ),
     Endpoint(
         "POST",
