@@ -40,7 +40,12 @@ def _make_app(b: Backend) -> web.Application:
         if peer:
             b.peers.add((peer[0], peer[1]))
         b.requests.append(
-            {"method": request.method, "path": request.path_qs, "headers": dict(request.headers)}
+            {
+                "method": request.method,
+                "path": request.path_qs,
+                "raw_path": request.raw_path,
+                "headers": dict(request.headers),
+            }
         )
 
     async def echo(request: web.Request) -> web.Response:
@@ -53,6 +58,7 @@ def _make_app(b: Backend) -> web.Application:
                 "backend": b.name,
                 "method": request.method,
                 "path": request.path_qs,
+                "raw_path": request.raw_path,
                 "headers": dict(request.headers),
                 "body_len": total,
                 "chunked": request.headers.get("Transfer-Encoding", "") == "chunked",

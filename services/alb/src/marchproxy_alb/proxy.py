@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 
 import structlog
 
@@ -28,10 +29,13 @@ from marchproxy_alb.http.framing import (
     ForwardInfo,
     RequestHead,
     ResponseHead,
+    ambiguous_separators,
     build_request_head,
     build_response_head,
+    decoded_separators,
     encode_chunk,
     error_response,
+    normalize_path,
     split_target,
 )
 from marchproxy_alb.http.upstream import UpstreamConnection, UpstreamError, UpstreamPool
@@ -275,7 +279,8 @@ class DataPlane:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         rid = _request_id(head)
-        path, query = split_target(head.target)
+        raw_path, query = split_target(head.target)
+        path = normalize_path(raw_path)
         host = head.header(b"host")
         table = self.table
         hdrs: dict[str, str] = (
@@ -283,11 +288,20 @@ class DataPlane:
             if self._needs_headers
             else {}
         )
-        route = table.match(
-            RequestView(host.decode("latin-1") if host else "", path, head.method, hdrs, query)
+        view = RequestView(host.decode("latin-1") if host else "", path, head.method, hdrs, query)
+        route = table.match(view)
+        ambiguous = (
+            ambiguous_separators(path)
+            and table.match(replace(view, path=decoded_separators(path))) is not route
         )
+        if path != raw_path:
+            # forward what was matched (RFC 3986 §6.2.2 normalization)
+            head.target = (path + "?" + query if query else path).encode("latin-1")
         ex = _Exchange(self, req, down, route, rid, t0)
         try:
+            if ambiguous:
+                self.refused("ambiguous_path")
+                raise _Reply(400, "bad_path", "encoded slash or backslash in the path")
             if route is None:
                 self.refused("no_route")
                 raise _Reply(404, "no_route", "no route matches this request")

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from marchproxy_alb.http.framing import normalize_path
+
 MAX_ROUTES = 10_000
 MAX_TARGETS_PER_ROUTE = 1_000
 DEFAULT_TIMEOUT = 30.0
@@ -277,7 +279,8 @@ def _compile_path(match: Mapping[str, Any]) -> PathMatch | None:
             return PathMatch("prefix", path[:-1])  # "/v1/*" == everything under "/v1/"
         return PathMatch("glob", path, _glob_to_regex(path))
     if kind in ("exact", "prefix"):
-        return PathMatch(kind, path)
+        # compare like with like: request paths are normalized the same way before matching
+        return PathMatch(kind, normalize_path(path))
     raise RouteConfigError(f"unknown path_type {kind!r}")
 
 

@@ -8,6 +8,7 @@ client, chunk encoding, and the small JSON error responses.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -390,3 +391,46 @@ def split_target(target: bytes) -> tuple[str, str]:
         t = rest[slash:] if slash >= 0 else "/"
     path, _, query = t.partition("?")
     return path or "/", query
+
+
+#: RFC 3986 §2.3
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_PCT_ENCODED = re.compile(r"%[0-9A-Fa-f]{2}")
+
+
+def _pct_normal(m: re.Match[str]) -> str:
+    ch = chr(int(m.group()[1:], 16))
+    return ch if ch in _UNRESERVED else m.group().upper()
+
+
+def normalize_path(path: str) -> str:
+    """The path routing matches on and the upstream receives (RFC 3986 §6.2.2): percent-encoded
+    unreserved characters decoded (so ``%2e`` is a dot), other escapes upper-cased, then dot
+    segments removed (§5.2.4). ``/public/../admin`` is ``/admin``. Encoded slashes stay
+    encoded: see :func:`ambiguous_separators`. Paths not starting with ``/`` (``*``) are kept."""
+    if "%" in path:
+        path = _PCT_ENCODED.sub(_pct_normal, path)
+    if "/." not in path or not path.startswith("/"):
+        return path
+    segs = path.split("/")
+    out: list[str] = []
+    for seg in segs[1:]:
+        if seg == "..":
+            if out:
+                out.pop()
+        elif seg != ".":
+            out.append(seg)
+    if segs[-1] in (".", ".."):
+        out.append("")  # "/a/b/.." is "/a/", not "/a"
+    return "/" + "/".join(out)
+
+
+def ambiguous_separators(path: str) -> bool:
+    """Whether a normalized path holds ``%2F``, ``%5C`` or ``\\``: separators some backends
+    decode (or treat as ``/``) after we have routed."""
+    return "%2F" in path or "%5C" in path or "\\" in path
+
+
+def decoded_separators(path: str) -> str:
+    """The path as a backend that decodes ``%2F``/``%5C`` and treats ``\\`` as ``/`` sees it."""
+    return normalize_path(path.replace("%2F", "/").replace("%5C", "/").replace("\\", "/"))
