@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -69,3 +71,34 @@ async def direct() -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         yield conn
     finally:
         await conn.close()
+
+
+async def self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    """A throwaway certificate and key for localhost (openssl req -x509)."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    proc = await asyncio.create_subprocess_exec(
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-days",
+        "1",
+        "-keyout",
+        str(key),
+        "-out",
+        str(cert),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        async with asyncio.timeout(60):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return cert, key

@@ -100,6 +100,37 @@ def test_frontend_stream_same_events_at_any_split(
     assert _feed_all(FrontendDecoder(), _split(data, cuts)) == expected
 
 
+@SETTINGS
+@given(
+    st.sampled_from([enc.ssl_request(), struct.pack("!II", 8, 80877104)]),
+    client_streams(),
+    st.lists(st.integers(min_value=0), max_size=8),
+)
+def test_strict_negotiation_rejects_data_in_the_same_read_as_the_request(
+    request: bytes, stream: tuple[bytes, list[object]], cuts: list[int]
+) -> None:
+    """CVE-2021-23214: bytes that came with an SSL/GSSENC request were sent in clear."""
+    rest, expected = stream
+    if expected[:1] == [SSLRequest()]:
+        rest, expected = rest[8:], expected[1:]
+    data = request + rest
+    chunks = _split(data, cuts)
+    first_end = 0
+    for chunk in chunks:  # the chunk that completes the request
+        first_end += len(chunk)
+        if first_end >= len(request):
+            break
+    decoder = FrontendDecoder(strict_negotiation=True)
+    if first_end > len(request):
+        with pytest.raises(RemoteProtocolError, match="received unencrypted data after") as exc:
+            _feed_all(decoder, chunks)
+        assert exc.value.sqlstate == "08P01"
+    else:
+        events = _feed_all(decoder, chunks)
+        assert events[1:] == expected
+        assert isinstance(events[0], SSLRequest | GSSENCRequest)
+
+
 @settings(max_examples=60, deadline=None)
 @given(client_streams())
 def test_frontend_stream_byte_by_byte(stream: tuple[bytes, list[object]]) -> None:

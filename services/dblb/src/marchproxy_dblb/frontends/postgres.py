@@ -88,7 +88,8 @@ class PostgresClient(asyncio.Protocol):
         self.manager: PoolManager = hooks.manager
         self.id = next(_client_ids)
         self.transport: asyncio.Transport | None = None
-        self.decoder = FrontendDecoder(max_message_len=MAX_AUTH_MESSAGE)
+        # strict: clear-text bytes sent along with an SSLRequest/GSSENCRequest are refused
+        self.decoder = FrontendDecoder(max_message_len=MAX_AUTH_MESSAGE, strict_negotiation=True)
         self.state = "startup"  # startup | auth | welcome | ready | admin | closed
         self.closed = False
         self.user = ""

@@ -138,15 +138,23 @@ class MessageDecoder:
 
 
 class FrontendDecoder:
-    """Client side: STARTUP (untyped packets) -> MESSAGES (typed) -> CLOSED."""
+    """Client side: STARTUP (untyped packets) -> MESSAGES (typed) -> CLOSED.
+
+    ``strict_negotiation``: bytes that arrive in the same ``feed()`` as an SSLRequest or
+    GSSENCRequest, i.e. before the one-byte answer could have reached the client, are a
+    protocol violation, as in PostgreSQL since CVE-2021-23214: they were sent in clear
+    and may have been injected by a man in the middle.
+    """
 
     def __init__(
         self,
         *,
         max_startup_len: int = MAX_STARTUP_PACKET,
         max_message_len: int = DEFAULT_MAX_MESSAGE,
+        strict_negotiation: bool = False,
     ) -> None:
         self._max_startup = max_startup_len
+        self._strict_negotiation = strict_negotiation
         self._state = DecoderState.STARTUP
         self._startup_buf = bytearray()
         self._messages = MessageDecoder(
@@ -182,7 +190,15 @@ class FrontendDecoder:
                 break
             packet = bytes(self._startup_buf[4:length])
             del self._startup_buf[:length]
-            events.append(self._startup_event(packet))
+            event = self._startup_event(packet)
+            if self._strict_negotiation and self._startup_buf:
+                if isinstance(event, SSLRequest):
+                    raise RemoteProtocolError("received unencrypted data after SSL request")
+                if isinstance(event, GSSENCRequest):
+                    raise RemoteProtocolError(
+                        "received unencrypted data after GSSAPI encryption request"
+                    )
+            events.append(event)
         if self.state is DecoderState.MESSAGES and self._startup_buf:
             rest = bytes(self._startup_buf)
             self._startup_buf.clear()
