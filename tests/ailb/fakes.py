@@ -653,3 +653,87 @@ class FakeOllama(FakeUpstream):
                 "prompt_eval_count": 4,
             }
         )
+
+
+class HoldingTcpProxy:
+    """A TCP proxy (e.g. in front of Redis) that can hold the client's bytes: while held they
+    are not forwarded, and a client that closes its connection meanwhile loses them (as a
+    cancelled Redis command would). ``release()`` sends what is held on."""
+
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
+        self.port = 0
+        self.holding = False
+        #: set when bytes arrive while holding
+        self.got_held = asyncio.Event()
+        self._server: asyncio.AbstractServer | None = None
+        self._pipes: set[_HeldPipe] = set()
+
+    async def start(self) -> HoldingTcpProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def hold(self) -> None:
+        self.got_held.clear()
+        self.holding = True
+
+    def release(self) -> None:
+        self.holding = False
+        for pipe in list(self._pipes):
+            pipe.flush()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        pipe = _HeldPipe(self, up_writer)
+        self._pipes.add(pipe)
+
+        async def down() -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await up_reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            writer.close()
+
+        back = asyncio.ensure_future(down())
+        try:
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await reader.read(65536):
+                    pipe.send(data)
+        finally:
+            pipe.held.clear()  # the client is gone: what it sent while held is lost
+            self._pipes.discard(pipe)
+            up_writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(back, 5)
+            writer.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+
+class _HeldPipe:
+    def __init__(self, proxy: HoldingTcpProxy, up: asyncio.StreamWriter) -> None:
+        self.proxy = proxy
+        self.up = up
+        self.held: list[bytes] = []
+
+    def send(self, data: bytes) -> None:
+        if self.proxy.holding:
+            self.held.append(data)
+            self.proxy.got_held.set()
+        else:
+            self.flush()
+            self.up.write(data)
+
+    def flush(self) -> None:
+        for data in self.held:
+            self.up.write(data)
+        self.held.clear()

@@ -545,8 +545,13 @@ class Gateway:
             prompt, completion, cached = estimated, count_text(text), 0
         else:
             prompt, completion, cached = numbers
-        await self._settle(key, st, prompt, completion, cached, is_estimate, ctx, hold)
+        # the answer is in: the deployment is done and the tokens are spent, whatever the
+        # client does next (it may go away now and cancel this task; the settle runs on)
         self.routed.router.succeeded(st, up, prompt + completion)
+        await self._shielded(
+            self._settle(key, st, prompt, completion, cached, is_estimate, ctx, hold),
+            "ailb settle",
+        )
         return result, st
 
     async def _settle(
