@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import grpc
 import pytest
 
 from marchproxy.v1 import nlb_pb2, nlb_pb2_grpc, types_pb2
-from tests.conftest import ProcessGroup, ProxiedEchoBackend, free_port, wait_port
+from tests.conftest import ProcessGroup, ProxiedEchoBackend, ServiceProcess, free_port, wait_port
 
 pytestmark = pytest.mark.integration
 
@@ -122,3 +123,151 @@ async def test_hitless_restart_loses_no_connection(procs: ProcessGroup, tmp_path
     assert before > 0
     assert ok > after_exit  # the new process kept serving after the old one left
     assert new.proc.poll() is None
+
+
+async def register(grpc_port: int, **fields: object) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+        await nlb_pb2_grpc.NLBServiceStub(ch).RegisterModule(
+            nlb_pb2.RegisterModuleRequest(**fields),  # type: ignore[arg-type]
+            metadata=(("x-cluster-api-key", KEY),),
+            timeout=10,
+        )
+
+
+class UdpEcho(asyncio.DatagramProtocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.transport.sendto(b"echo:" + data, addr)  # type: ignore[attr-defined]
+
+
+async def udp_ask(port: int, payload: bytes) -> bytes:
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[bytes] = loop.create_future()
+
+    class Client(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+            if not got.done():
+                got.set_result(data)
+
+    transport, _ = await loop.create_datagram_endpoint(Client, remote_addr=("127.0.0.1", port))
+    try:
+        for _ in range(20):  # datagrams may be lost: ask again until an answer comes
+            transport.sendto(payload)
+            with contextlib.suppress(TimeoutError):
+                return await asyncio.wait_for(asyncio.shield(got), 0.5)
+        raise AssertionError(f"no UDP answer on port {port}")
+    finally:
+        transport.close()
+
+
+def nlb_env(tmp_path: Path, listeners: str, grpc_port: int, admin: int) -> dict[str, str]:
+    return {
+        "CLUSTER_API_KEY": KEY,
+        "NLB_LISTENERS": listeners,
+        "NLB_GRPC_PORT": str(grpc_port),
+        "NLB_ADMIN_PORT": str(admin),
+        "NLB_HANDOFF_PATH": str(tmp_path / "handoff.sock"),
+        "HEARTBEAT_TIMEOUT": "120",
+        "DRAIN_TIMEOUT": "10",
+    }
+
+
+async def wait_output(
+    proc: ServiceProcess, needle: str, procs: ProcessGroup, timeout: float = 30
+) -> None:
+    async with asyncio.timeout(timeout):
+        while needle not in proc.output():
+            await asyncio.sleep(0.05)
+
+
+async def test_udp_listeners_are_handed_over_and_unclaimed_sockets_closed(
+    procs: ProcessGroup, tmp_path: Path
+) -> None:
+    loop = asyncio.get_running_loop()
+    backend = await ProxiedEchoBackend("web").start()
+    udp_backend, _ = await loop.create_datagram_endpoint(UdpEcho, local_addr=("127.0.0.1", 0))
+    tcp, udp, dropped, grpc_port, admin = (free_port() for _ in range(5))
+    old = procs.python(
+        "nlb-old",
+        "marchproxy_nlb",
+        nlb_env(tmp_path, f"{tcp}=http;{udp}/udp=udp;{dropped}=http", grpc_port, admin),
+    )
+    try:
+        wait_port(grpc_port)
+        wait_port(tcp)
+        await register(
+            grpc_port,
+            module_id="web",
+            instance_id="web-1",
+            module_type=types_pb2.MODULE_TYPE_ALB,
+            protocols=[types_pb2.PROTOCOL_HTTP],
+            data_address=types_pb2.Address(host="127.0.0.1", port=backend.port),
+        )
+        await register(
+            grpc_port,
+            module_id="dns",
+            instance_id="dns-1",
+            module_type=types_pb2.MODULE_TYPE_L3_NETWORK,
+            protocols=[types_pb2.PROTOCOL_UDP],
+            data_address=types_pb2.Address(
+                host="127.0.0.1", port=udp_backend.get_extra_info("sockname")[1]
+            ),
+        )
+        assert await udp_ask(udp, b"before") == b"echo:before"
+        assert await one_request(dropped)
+        # the new configuration no longer has the third listener
+        new = procs.python(
+            "nlb-new",
+            "marchproxy_nlb",
+            nlb_env(tmp_path, f"{tcp}=http;{udp}/udp=udp", grpc_port, admin),
+        )
+        await wait_output(old, "listeners_handed_over", procs)
+        assert await asyncio.to_thread(old.wait, 30) == 0, procs.dump()
+        assert new.proc.poll() is None, procs.dump()
+        assert await udp_ask(udp, b"after") == b"echo:after"
+        assert await one_request(tcp)
+        with pytest.raises(ConnectionRefusedError):
+            await one_request(dropped)
+        assert "inherited_listeners_closed" in new.output()
+    finally:
+        udp_backend.close()
+        await backend.stop()
+
+
+async def test_old_process_keeps_serving_when_the_new_one_dies_during_start_up(
+    procs: ProcessGroup, tmp_path: Path
+) -> None:
+    backend = await ProxiedEchoBackend("web").start()
+    tcp, grpc_port, admin, taken = (free_port() for _ in range(4))
+    env = nlb_env(tmp_path, f"{tcp}=http", grpc_port, admin)
+    old = procs.python("nlb-old", "marchproxy_nlb", env)
+    blocker = socket.create_server(("127.0.0.1", taken))  # the new process cannot bind this
+    try:
+        wait_port(grpc_port)
+        wait_port(tcp)
+        await register(
+            grpc_port,
+            module_id="web",
+            instance_id="web-1",
+            module_type=types_pb2.MODULE_TYPE_ALB,
+            protocols=[types_pb2.PROTOCOL_HTTP],
+            data_address=types_pb2.Address(host="127.0.0.1", port=backend.port),
+        )
+        doomed = procs.python("nlb-doomed", "marchproxy_nlb", {**env, "NLB_ADMIN_PORT": str(taken)})
+        assert await asyncio.to_thread(doomed.wait, 30) != 0
+        assert "handoff_received" in doomed.output()  # it did get the sockets first
+        for _ in range(20):
+            assert await one_request(tcp)
+        assert old.proc.poll() is None
+        assert "listeners_handed_over" not in old.output()
+        # and a healthy successor still can take over
+        good = procs.python("nlb-good", "marchproxy_nlb", env)
+        await wait_output(old, "listeners_handed_over", procs)
+        assert await asyncio.to_thread(old.wait, 30) == 0
+        assert await one_request(tcp)
+        assert good.proc.poll() is None
+    finally:
+        blocker.close()
+        await backend.stop()

@@ -17,7 +17,7 @@ from marchproxy_common.tasks import cancel_and_wait, spawn
 from marchproxy_nlb.config import NlbSettings
 from marchproxy_nlb.core import NlbCore
 from marchproxy_nlb.grpc.servicer import NlbServicer
-from marchproxy_nlb.hotrestart import take_over
+from marchproxy_nlb.hotrestart import HandoverFailed, Takeover, take_over
 from marchproxy_nlb.metrics import NlbMetrics
 from marchproxy_nlb.registry.table import InstanceRegistry
 from marchproxy_nlb.traffic.autoscaler import Autoscaler, Executor
@@ -58,6 +58,7 @@ class NlbApp:
         self.autoscaler: Autoscaler | None = None
         self.state: Any = None
         self._expiry_task: asyncio.Task[None] | None = None
+        self._state_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._started = False
 
@@ -70,18 +71,28 @@ class NlbApp:
 
     async def start(self) -> None:
         s = self.settings
+        takeover = None
         if self.dataplane is not None:
-            self.dataplane.inherited = await take_over(s, self.registry)
-            await self.dataplane.start()
-        tls = TlsFiles(s.grpc_tls_cert, s.grpc_tls_key, s.grpc_tls_ca) if s.grpc_tls_cert else None
-        await self.grpc.start(s.nlb_grpc_host, s.nlb_grpc_port, tls)
-        await self.admin.start(
-            s.nlb_admin_host, s.nlb_admin_port, reuse_port=bool(s.nlb_handoff_path)
-        )
-        self._expiry_task = spawn(self._expire_loop(), name="nlb registry expiry")
-        if self.dataplane is not None:
-            self.dataplane.autoscaler = self.autoscaler = self._build_autoscaler()
-        await self._start_state()
+            takeover = await take_over(s, self.registry)
+            if takeover is not None:
+                self.dataplane.inherited = takeover.sockets
+        try:
+            await self._start_servers()
+            await self._start_state_within(takeover)
+            if takeover is not None:
+                # from here on the old process lets go: everything we need is serving
+                await takeover.acknowledge()
+        except BaseException:
+            if takeover is not None:
+                takeover.abandon()  # the old process keeps serving
+            raise
+        if self._state_task is not None:
+            await self._state_task  # desired state still loading after the acknowledgement
+            self._state_task = None
+        if takeover is not None:
+            unclaimed = takeover.close_unclaimed()
+            if unclaimed:
+                _log.info("inherited_listeners_closed", listeners=unclaimed)
         if self.autoscaler is not None:
             self.autoscaler.start()
         if s.nlb_handoff_path and self.dataplane is not None:
@@ -96,6 +107,32 @@ class NlbApp:
             admin_port=self.admin.port,
             heartbeat_timeout=self.registry.heartbeat_timeout,
         )
+
+    async def _start_servers(self) -> None:
+        s = self.settings
+        if self.dataplane is not None:
+            await self.dataplane.start()
+        tls = TlsFiles(s.grpc_tls_cert, s.grpc_tls_key, s.grpc_tls_ca) if s.grpc_tls_cert else None
+        await self.grpc.start(s.nlb_grpc_host, s.nlb_grpc_port, tls)
+        await self.admin.start(
+            s.nlb_admin_host, s.nlb_admin_port, reuse_port=bool(s.nlb_handoff_path)
+        )
+        self._expiry_task = spawn(self._expire_loop(), name="nlb registry expiry")
+        if self.dataplane is not None:
+            self.dataplane.autoscaler = self.autoscaler = self._build_autoscaler()
+
+    async def _start_state_within(self, takeover: Takeover | None) -> None:
+        """Load desired state (it may open listeners on inherited sockets). In a hand-over the
+        old process waits for us only so long: past ``takeover.remaining()`` the loading goes
+        on in the background and start() awaits it after acknowledging."""
+        self._state_task = spawn(self._start_state(), name="nlb desired state start")
+        timeout = takeover.remaining() if takeover is not None else None
+        done, _ = await asyncio.wait({self._state_task}, timeout=timeout)
+        if done:
+            task, self._state_task = self._state_task, None
+            task.result()
+        else:
+            _log.warning("handoff_state_still_loading", waited=timeout)
 
     async def _start_state(self) -> None:
         s = self.settings
@@ -187,14 +224,20 @@ class NlbApp:
             await self.autoscaler.stop()
         await self.grpc.stop(grace=1.0)
         await self.admin.stop()
-        await cancel_and_wait(self._expiry_task)
+        await cancel_and_wait(self._expiry_task, self._state_task)
         _log.info("nlb_stopped")
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        await self.start()
+        try:
+            await self.start()
+        except HandoverFailed as exc:
+            # the old process still serves; serve out what we accepted meanwhile, then leave
+            _log.error("handoff_failed", error=str(exc))
+            await self.stop()
+            raise SystemExit(1) from None
         try:
             await self.wait()
         finally:

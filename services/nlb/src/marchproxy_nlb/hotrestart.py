@@ -1,17 +1,28 @@
 """Hitless restart: a new NLB process takes over from the running one (HAProxy's
-``expose-fd listeners`` / Envoy's hot restart, in two steps).
+``expose-fd listeners`` / Envoy's hot restart).
 
 1. The new process copies the old one's instance registry over gRPC (``ListModules``), so it can
    route from its first accepted connection instead of waiting for modules to re-register.
-2. It asks for the listening sockets on ``NLB_HANDOFF_PATH`` (SCM_RIGHTS, see
-   ``marchproxy_common.net.fdpass``) and accepts on the very same kernel sockets: no connection
-   is refused in between. The old process then stops accepting, drains its open connections up
-   to DRAIN_TIMEOUT and exits. gRPC and admin ports use SO_REUSEPORT while both run.
+2. It asks for the listening sockets (TCP and UDP) on ``NLB_HANDOFF_PATH`` (SCM_RIGHTS, see
+   ``marchproxy_common.net.fdpass``) and keeps that connection open while it finishes its own
+   start-up: listeners on the inherited sockets, gRPC, admin, desired state. Only then does it
+   acknowledge. A new process that dies before that (a bad port, a crash) never acknowledges,
+   and the old one keeps serving as if nothing happened.
+3. On the acknowledgement the old process stops accepting, stops its gRPC and admin servers at
+   once (so modules reconnect their heartbeats to the new process), drains its open
+   connections up to DRAIN_TIMEOUT and exits. gRPC and admin ports use SO_REUSEPORT while both
+   run. An inherited socket that no listener of the new process claims is closed.
+
+The old side of the exchange is ``marchproxy_common.net.fdpass.ListenerHandoffServer``; it
+waits at most ``HANDOFF_SERVER_TIMEOUT`` seconds for the acknowledgement, so the new process
+acknowledges within ``ACK_BUDGET`` of asking (desired state still loading by then keeps loading
+after the acknowledgement).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 
@@ -20,14 +31,20 @@ import structlog
 
 from marchproxy.v1 import nlb_pb2, nlb_pb2_grpc
 from marchproxy_common.grpc_server import API_KEY_HEADER
-from marchproxy_common.net.fdpass import FdPassError, fetch_listeners
+from marchproxy_common.net.fdpass import HANDOFF_ACK, HANDOFF_REQUEST, FdPassError, recv_sockets
 from marchproxy_nlb.config import NlbSettings
 from marchproxy_nlb.registry.table import InstanceRegistry
 
 _log = structlog.get_logger("marchproxy.nlb.hotrestart")
 
-HANDOFF_DEADLINE = 10.0  # seconds for the whole exchange with the old process
+HANDOFF_DEADLINE = 10.0  # seconds to copy the registry and to receive the sockets
+HANDOFF_SERVER_TIMEOUT = 10.0  # ListenerHandoffServer's limit for the whole exchange
+ACK_BUDGET = 7.0  # seconds from asking for the sockets to acknowledging them (< the above)
 OLD_PATH_WAIT = 5.0  # seconds the old process gets to release the hand-off path
+
+
+class HandoverFailed(RuntimeError):
+    """The old process did not take our acknowledgement: it keeps serving, we must leave."""
 
 
 async def copy_registry(settings: NlbSettings, registry: InstanceRegistry) -> int:
@@ -64,21 +81,91 @@ async def copy_registry(settings: NlbSettings, registry: InstanceRegistry) -> in
     return len(resp.instances)
 
 
-async def take_over(settings: NlbSettings, registry: InstanceRegistry) -> dict[str, socket.socket]:
-    """Inherit registry and listening sockets from a running NLB, if there is one."""
+class Takeover:
+    """The new process's half of a hand-over: the inherited sockets, and the open connection
+    to the old process on which :meth:`acknowledge` tells it to let go."""
+
+    def __init__(self, path: str, conn: socket.socket, sockets: dict[str, socket.socket]) -> None:
+        self.path = path
+        self.sockets = sockets
+        self._conn: socket.socket | None = conn
+        self._asked_at = asyncio.get_running_loop().time()
+
+    def remaining(self) -> float:
+        """Seconds left to acknowledge before the old process gives up on us."""
+        return max(0.0, self._asked_at + ACK_BUDGET - asyncio.get_running_loop().time())
+
+    async def acknowledge(self) -> None:
+        """Tell the old process we serve now; wait until it released the hand-off path.
+        Raises :class:`HandoverFailed` if it did not take the acknowledgement."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            raise HandoverFailed("the hand-over was already acknowledged or abandoned")
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(HANDOFF_DEADLINE):
+                await loop.sock_sendall(conn, HANDOFF_ACK)
+        except (OSError, TimeoutError) as exc:
+            raise HandoverFailed(f"could not acknowledge the hand-over: {exc!r}") from exc
+        finally:
+            conn.close()
+        # The old process unlinks the path once it took the acknowledgement (a file has no
+        # event to await); one that timed out on us keeps it, and keeps serving.
+        deadline = loop.time() + OLD_PATH_WAIT
+        while await asyncio.to_thread(os.path.exists, self.path):
+            if loop.time() >= deadline:
+                raise HandoverFailed("the old NLB did not let go of the hand-off path")
+            await asyncio.sleep(0.02)
+
+    def abandon(self) -> None:
+        """Close the exchange without acknowledging (the old process keeps serving) and our
+        copies of the sockets."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self.close_unclaimed()
+
+    def close_unclaimed(self) -> list[str]:
+        """Close inherited sockets that no listener took; returns their names."""
+        names = sorted(self.sockets)
+        for name in names:
+            with contextlib.suppress(OSError):
+                self.sockets.pop(name).close()
+        return names
+
+
+async def _fetch(path: str) -> tuple[socket.socket, dict[str, socket.socket]]:
+    loop = asyncio.get_running_loop()
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.setblocking(False)
+    try:
+        async with asyncio.timeout(HANDOFF_DEADLINE):
+            await loop.sock_connect(conn, path)
+            await loop.sock_sendall(conn, HANDOFF_REQUEST)
+            meta, socks = await recv_sockets(conn)
+    except BaseException:
+        conn.close()
+        raise
+    names = meta.get("names")
+    if not isinstance(names, list) or len(names) != len(socks):
+        for s in socks:
+            s.close()
+        conn.close()
+        raise FdPassError("listener names do not match the descriptors")
+    return conn, {str(n): s for n, s in zip(names, socks, strict=True)}
+
+
+async def take_over(settings: NlbSettings, registry: InstanceRegistry) -> Takeover | None:
+    """Inherit registry and listening sockets from a running NLB, if there is one. The caller
+    finishes its start-up, then calls ``acknowledge()`` (or ``abandon()``)."""
     path = settings.nlb_handoff_path
     if not path or not await asyncio.to_thread(os.path.exists, path):
-        return {}
+        return None
     try:
         copied = await copy_registry(settings, registry)
-        sockets = await fetch_listeners(path, deadline=HANDOFF_DEADLINE)
+        conn, sockets = await _fetch(path)
     except (OSError, FdPassError, TimeoutError, grpc.aio.AioRpcError) as exc:
         _log.warning("handoff_unavailable", path=path, error=repr(exc))
-        return {}
+        return None
     _log.info("handoff_received", listeners=sorted(sockets), instances=copied)
-    # The old process unlinks the path once it handed over; a file has no event to await.
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + OLD_PATH_WAIT
-    while await asyncio.to_thread(os.path.exists, path) and loop.time() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.02)
-    return sockets
+    return Takeover(path, conn, sockets)

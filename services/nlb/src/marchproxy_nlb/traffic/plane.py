@@ -21,7 +21,6 @@ import structlog
 from marchproxy.v1 import nlb_pb2, types_pb2
 from marchproxy_common.net.listener import stop_serving
 from marchproxy_common.net.relay import Relay, RelayStats
-from marchproxy_common.net.udp import UdpRelay
 from marchproxy_common.wire.proxy_protocol import build_v2
 from marchproxy_common.wire.sniff import (
     HttpDetails,
@@ -55,6 +54,7 @@ from marchproxy_nlb.traffic.routing import (
     make_rule,
     rules_from_snapshot,
 )
+from marchproxy_nlb.traffic.udp import HandoverUdpRelay, bind_udp
 
 _log = structlog.get_logger("marchproxy.nlb.traffic")
 
@@ -127,14 +127,14 @@ class DataPlane:
         loop = asyncio.get_running_loop()
         host = spec.host or self.settings.nlb_data_host
         name = f"{spec.transport}:{host}:{spec.port}"
+        sock = self.inherited.pop(name, None)
         if spec.transport == "udp":
-            relay = UdpRelay(
+            relay = HandoverUdpRelay(
                 partial(self._pick_udp, spec), idle_timeout=self.settings.nlb_udp_idle_timeout
             )
-            bound = await relay.start(host, spec.port)
+            bound = await relay.start_on(sock if sock is not None else bind_udp(host, spec.port))
             self._servers[spec.key] = (spec, relay)
         else:
-            sock = self.inherited.pop(name, None)
             factory = partial(SniffingProtocol, self, spec, self.settings.nlb_sniff_timeout)
             if sock is not None:
                 server = await loop.create_server(factory, sock=sock, backlog=4096)
@@ -162,12 +162,13 @@ class DataPlane:
         return list(self._bound.values())
 
     def listening_sockets(self) -> list[tuple[str, socket.socket]]:
-        """(name, socket) of every TCP listener, for a hitless hand-over to a new process."""
+        """(name, socket) of every listener, TCP and UDP, for a hitless hand-over."""
         out = []
         for spec, server in self._servers.values():
-            if spec.transport == "tcp":
-                name = f"tcp:{spec.host or self.settings.nlb_data_host}:{spec.port}"
-                out.append((name, server.sockets[0]))
+            name = f"{spec.transport}:{spec.host or self.settings.nlb_data_host}:{spec.port}"
+            sock = server.sock if spec.transport == "udp" else server.sockets[0]
+            if sock is not None:
+                out.append((name, sock))
         return out
 
     async def stop_accepting(self) -> None:
