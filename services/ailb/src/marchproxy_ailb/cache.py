@@ -2,7 +2,8 @@
 
 The cache key is sha256 over the endpoint and the canonical JSON of the body (sorted keys), so
 two requests that differ only in key order or whitespace share an entry. Clients opt out with
-``x-marchproxy-cache: no-cache``.
+``x-marchproxy-cache: no-cache``. The in-process LRU is bounded by entries and by total bytes;
+answers above ``max_entry_bytes`` are not cached anywhere.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class ResponseCache:
         self._redis = redis
         self._prefix = prefix
         self._local: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        #: bytes of the answers in ``_local``
+        self.local_bytes = 0
 
     @property
     def enabled(self) -> bool:
@@ -41,16 +44,23 @@ class ResponseCache:
             return None
         if hit[0] < time.monotonic():
             del self._local[key]
+            self.local_bytes -= len(hit[1])
             return None
         self._local.move_to_end(key)
         return hit[1]
 
     async def put(self, key: str, value: bytes) -> None:
-        ttl = self.settings.ttl_seconds
-        if self._redis is not None:
-            await self._redis.set(f"{self._prefix}cache:{key}", value, ex=ttl)
+        cfg = self.settings
+        if len(value) > cfg.max_entry_bytes:
             return
-        self._local[key] = (time.monotonic() + ttl, value)
-        self._local.move_to_end(key)
-        while len(self._local) > self.settings.max_entries:
-            self._local.popitem(last=False)
+        if self._redis is not None:
+            await self._redis.set(f"{self._prefix}cache:{key}", value, ex=cfg.ttl_seconds)
+            return
+        old = self._local.pop(key, None)
+        if old is not None:
+            self.local_bytes -= len(old[1])
+        self._local[key] = (time.monotonic() + cfg.ttl_seconds, value)
+        self.local_bytes += len(value)
+        while len(self._local) > cfg.max_entries or self.local_bytes > cfg.max_bytes:
+            _, (_, dropped) = self._local.popitem(last=False)
+            self.local_bytes -= len(dropped)

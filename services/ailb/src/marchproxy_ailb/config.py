@@ -14,3 +14,5 @@ class AilbSettings(ModuleSettings):
     ailb_redis_prefix: str = "marchproxy:ailb:"
     #: largest request body accepted from a client
     ailb_max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    #: largest non-stream upstream answer relayed (held whole in memory); larger ones are 502
+    ailb_max_upstream_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)

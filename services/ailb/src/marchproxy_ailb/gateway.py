@@ -25,6 +25,7 @@ from marchproxy_ailb.errors import GatewayError, UpstreamError, upstream_to_gate
 from marchproxy_ailb.keys import NANO, KeyInfo, KeyStore
 from marchproxy_ailb.limits import Admission, Limiter, rate_headers, refusal
 from marchproxy_ailb.providers import PROVIDERS, Provider
+from marchproxy_ailb.providers.base import DEFAULT_MAX_UPSTREAM_BODY
 from marchproxy_ailb.routing import DeploymentState, Router
 from marchproxy_ailb.schema import AilbConfig, Deployment
 from marchproxy_ailb.tokens import completion_cap, count_prompt, count_text
@@ -81,6 +82,7 @@ class Gateway:
         usage: UsageStore,
         metrics: Metrics,
         max_body: int,
+        max_upstream_body: int = DEFAULT_MAX_UPSTREAM_BODY,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.redis = redis
@@ -90,6 +92,7 @@ class Gateway:
         self.limiter = Limiter(redis, prefix)
         self.ledger = BudgetLedger(redis, prefix, usage)
         self.max_body = max_body
+        self.max_upstream_body = max_upstream_body
         self.clock = clock
         self._pools: dict[str, UpstreamPool] = {}
         self.routed = self._build(AilbConfig())
@@ -115,7 +118,10 @@ class Gateway:
                 dep = st.deployment
                 cls = PROVIDERS[dep.provider]
                 providers[st.key] = cls(
-                    dep.base_url, dep.resolved_api_key, self._pool(dep.base_url)
+                    dep.base_url,
+                    dep.resolved_api_key,
+                    self._pool(dep.base_url),
+                    max_body=self.max_upstream_body,
                 )
         return Routed(
             config,

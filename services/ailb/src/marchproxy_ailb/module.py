@@ -83,6 +83,7 @@ class AilbHooks(BaseModuleHooks):
             usage=self.usage,
             metrics=self.metrics,
             max_body=settings.ailb_max_body_bytes,
+            max_upstream_body=settings.ailb_max_upstream_body_bytes,
         )
         self.config_version: int | None = None
         self._server: web.Server | None = None

@@ -109,6 +109,10 @@ class CacheSettings(_Frozen):
     ttl_seconds: int = Field(default=300, ge=1, le=7 * 86400)
     #: entries kept in process when no Redis is configured
     max_entries: int = Field(default=1024, ge=1, le=1_000_000)
+    #: total bytes of the answers kept in process (the oldest go first)
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=1 << 40)
+    #: answers larger than this are not cached at all (in process or in Redis)
+    max_entry_bytes: int = Field(default=1024 * 1024, ge=1, le=512 * 1024 * 1024)
 
 
 class BudgetSettings(_Frozen):

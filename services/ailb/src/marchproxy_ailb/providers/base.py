@@ -23,6 +23,8 @@ ChunkStream = AsyncGenerator[list[dict[str, Any]], None]
 
 #: longest upstream error body we read (and hand to the client)
 MAX_ERROR_BODY = 64 * 1024
+#: default cap on a whole non-stream upstream answer (AILB_MAX_UPSTREAM_BODY_BYTES)
+DEFAULT_MAX_UPSTREAM_BODY = 32 * 1024 * 1024
 
 
 class RawReply(dict[str, Any]):
@@ -64,6 +66,25 @@ def parse_retry_after(value: str | None) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         return None
+
+
+def _too_large(cap: int) -> UpstreamError:
+    return UpstreamError(
+        502, f"The upstream answer is larger than {cap} bytes; it was not relayed.", retryable=False
+    )
+
+
+async def read_capped(resp: UpstreamResponse, cap: int) -> bytes:
+    """The whole body, or UpstreamError 502 (connection closed) once it passes ``cap`` bytes:
+    a non-stream answer is held in memory whole, so its size must be bounded."""
+    length = resp.headers.get("content-length", "")
+    if length.isdigit() and int(length) > cap:
+        resp.close()
+        raise _too_large(cap)
+    body = await resp.read(cap + 1)  # closes the connection when the limit is reached
+    if len(body) > cap:
+        raise _too_large(cap)
+    return body
 
 
 async def raise_for_upstream(resp: UpstreamResponse) -> None:
@@ -152,10 +173,18 @@ class Provider:
 
     name = "base"
 
-    def __init__(self, base_url: str, api_key: str, pool: UpstreamPool) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        pool: UpstreamPool,
+        *,
+        max_body: int = DEFAULT_MAX_UPSTREAM_BODY,
+    ) -> None:
         self.base_url = base_url
         self.api_key = api_key
         self.pool = pool
+        self.max_body = max_body
 
     async def chat(
         self, body: dict[str, Any], model: str, timeout_s: float
@@ -218,7 +247,7 @@ class Provider:
                 resp = await self.pool.post(path, headers, body, timeout_s)
                 try:
                     await raise_for_upstream(resp)
-                    return await resp.read()
+                    return await read_capped(resp, self.max_body)
                 except BaseException:
                     resp.close()
                     raise
