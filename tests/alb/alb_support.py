@@ -69,12 +69,15 @@ def _make_app(b: Backend) -> web.Application:
         await record(request)
         n = int(request.query.get("n", "10"))
         size = int(request.query.get("size", "1000"))
+        delay = float(request.query.get("delay", "0"))  # seconds between blocks
         resp = web.StreamResponse()
         resp.enable_chunked_encoding()
         await resp.prepare(request)
         block = b"x" * size
         for _ in range(n):
             await resp.write(block)
+            if delay:
+                await asyncio.sleep(delay)
         await resp.write_eof()
         return resp
 

@@ -71,6 +71,10 @@ class _ClientIdle(Exception):
     """The client sent no request body bytes for the route's idle_timeout."""
 
 
+class _UpstreamIdle(Exception):
+    """The upstream accepted no request body bytes for the route's idle_timeout."""
+
+
 def status_class(status: int) -> str:
     return f"{status // 100}xx"
 
@@ -429,9 +433,11 @@ class _Exchange:
         hash_key = self._hash_key(route, hdrs)
         try:
             async with asyncio.timeout(route.backend.timeout) as tm:
-                resp = await self._send(route, pool, hash_key)
+                resp = await self._send(route, pool, hash_key, tm)
+                # the head is here: from now on idle_timeout bounds the body (or the tunnel's
+                # tunnel_idle_timeout), however long it streams
+                tm.reschedule(None)
                 if resp.status == 101:
-                    tm.reschedule(None)
                     return await self._tunnel(resp)
                 return await self._relay(resp)
         except TimeoutError:
@@ -527,7 +533,9 @@ class _Exchange:
             raise _Reply(503, "no_healthy_backend", "no healthy backend for this route")
         return target
 
-    async def _send(self, route: Route, pool: BackendPool, hash_key: bytes | None) -> ResponseHead:
+    async def _send(
+        self, route: Route, pool: BackendPool, hash_key: bytes | None, deadline: asyncio.Timeout
+    ) -> ResponseHead:
         plane, head, b = self.plane, self.head, route.backend
         tried: list[Target] = []
         stale = 0
@@ -576,7 +584,7 @@ class _Exchange:
                     self._pump_body(conn, route), name=f"alb body {self.down.conn_id}"
                 )
             try:
-                return await self._await_head(conn, b.header_timeout, b.timeout)
+                return await self._await_head(conn, b.header_timeout, b.timeout, deadline)
             except UpstreamError as exc:
                 idempotent = head.method in IDEMPOTENT_METHODS and not head.has_body
                 self._drop_upstream()
@@ -613,21 +621,32 @@ class _Exchange:
         return data
 
     async def _await_head(
-        self, conn: UpstreamConnection, header_timeout: float, total: float
+        self,
+        conn: UpstreamConnection,
+        header_timeout: float,
+        total: float,
+        deadline: asyncio.Timeout,
     ) -> ResponseHead:
+        """The response head. While the request body is still streaming, idle_timeout bounds
+        it (both ways) and the route's deadline stands still; header_timeout starts once the
+        request is sent."""
         fut = conn.head_future
         assert fut is not None
-        if header_timeout < total:
-            async with asyncio.timeout(header_timeout):
-                return await self._head_or_pump(fut)
-        return await self._head_or_pump(fut)
-
-    async def _head_or_pump(self, fut: asyncio.Future[ResponseHead]) -> ResponseHead:
         pump = self.pump
         if pump is not None and not pump.done():
-            await asyncio.wait((fut, pump), return_when=asyncio.FIRST_COMPLETED)
-            if not fut.done() and pump.done():
+            loop = asyncio.get_running_loop()
+            when, started = deadline.when(), loop.time()
+            deadline.reschedule(None)
+            try:
+                await asyncio.wait((fut, pump), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if when is not None:
+                    deadline.reschedule(when + loop.time() - started)
+            if not fut.done():
                 self._raise_pump_error(pump)
+        if not fut.done() and header_timeout < total:
+            async with asyncio.timeout(header_timeout):
+                return await fut
         return await fut
 
     def _raise_pump_error(self, pump: asyncio.Task[None]) -> None:
@@ -642,13 +661,15 @@ class _Exchange:
             raise _Reply(408, "request_timeout", "request body stalled")
         if isinstance(exc, ClientGone):
             raise exc
+        if isinstance(exc, _UpstreamIdle):
+            raise TimeoutError  # the upstream stopped reading the request body: 504
         if exc is not None:
             raise UpstreamError(f"writing request body: {exc}", before_response=False)
 
     async def _pump_body(self, conn: UpstreamConnection, route: Route) -> None:
         try:
             await self._pump_body_inner(conn, route)
-        except (_BodyTooLarge, ClientGone, ConnectionError, _ClientIdle) as exc:
+        except (_BodyTooLarge, ClientGone, ConnectionError, _ClientIdle, _UpstreamIdle) as exc:
             self.pump_error = exc
 
     async def _pump_body_inner(self, conn: UpstreamConnection, route: Route) -> None:
@@ -673,7 +694,11 @@ class _Exchange:
                 raise _BodyTooLarge
             conn.write(encode_chunk(data) if chunked else data)
             if flow.paused:
-                await flow.drain()
+                try:
+                    async with asyncio.timeout(idle):
+                        await flow.drain()
+                except TimeoutError:
+                    raise _UpstreamIdle from None
         if chunked:
             conn.write(LAST_CHUNK)
 
@@ -730,7 +755,7 @@ class _Exchange:
                     down.write(b"".join(parts))
                     parts, size = [], 0
                 if dflow.paused or down.closed:
-                    await down.drain()
+                    await self._drain_client(idle)
                 async with asyncio.timeout(idle):  # upstream idle between body bytes
                     chunk = await body.read()
             if not chunk:
@@ -743,11 +768,21 @@ class _Exchange:
                     down.write(b"".join(parts))
                     parts, size = [], 0
                     if dflow.paused or down.closed:
-                        await down.drain()
+                        await self._drain_client(idle)
         if chunked:
             parts.append(LAST_CHUNK)
         if parts:
             down.write(b"".join(parts))
+
+    async def _drain_client(self, idle: float) -> None:
+        """Wait until the client takes more of the response, for at most idle_timeout."""
+        try:
+            async with asyncio.timeout(idle):
+                await self.down.drain()
+        except TimeoutError:
+            self.plane.refused("client_write_timeout")
+            self.down.abort()  # close() would wait for a buffer the client never reads
+            raise ClientGone("client stopped reading the response") from None
 
     async def _tunnel(self, resp: ResponseHead) -> bool:
         head, down, conn = self.head, self.down, self.conn
