@@ -9,6 +9,8 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from marchproxy_common.wire.rtmp.chunks import ChunkWriter
 from marchproxy_common.wire.rtmp.handshake import HANDSHAKE_SIZE, ClientHandshake
@@ -17,7 +19,7 @@ from marchproxy_common.wire.rtmp.messages import (
     is_video_keyframe,
     is_video_sequence_header,
 )
-from marchproxy_rtmp.client import RtmpClientError, RtmpClientProtocol, open_client
+from marchproxy_rtmp.client import RtmpClientError, RtmpClientProtocol, open_client, parse_rtmp_url
 from marchproxy_rtmp.config import RtmpConfig, config_from_snapshot
 from marchproxy_rtmp.synthetic import SyntheticPublisher, video_frame
 from marchproxy_rtmp.testing import play_client, run_server, snapshot, wait_for
@@ -386,6 +388,55 @@ async def test_push_relay_to_second_instance() -> None:
         pub.proto.close()
         await asyncio.wait_for(proto.closed, 10)  # origin unpublish ends the edge stream too
         proto.close()
+
+
+async def test_push_relay_to_a_keyed_target_keeps_the_stream_name() -> None:
+    keys = [{"key": "pk-any-cam", "stream": "cam*"}, {"key": "pk-fixed", "stream": "fixed"}]
+    async with (
+        asyncio.timeout(40),
+        run_server([{"name": "live", "publish_keys": keys}]) as (edge, edge_port),
+        run_server(
+            [
+                {
+                    "name": "src",
+                    "publish_open": True,
+                    "push": [
+                        f"rtmp://127.0.0.1:{edge_port}/live?key=pk-any-cam",
+                        f"rtmp://127.0.0.1:{edge_port}/live/fixed?key=pk-fixed",
+                    ],
+                }
+            ]
+        ) as (origin, origin_port),
+    ):
+        pub = await publisher(origin_port, "src", "cam7")
+        await wait_for(lambda: len(edge.server.registry.publishing()) == 2)
+        assert sorted(s.name for s in edge.server.registry.publishing()) == ["cam7", "fixed"]
+        proto, rec = await play_client(edge_port, "live", "cam7")
+        await pub.run(40, realtime=False)
+        await wait_for(lambda: rec.video >= 10)
+        assert origin.server.counters.relay_push_failed == 0
+        assert edge.server.counters.publish_rejected == 0
+        pub.proto.close()
+        proto.close()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    app=st.from_regex(r"[A-Za-z0-9_-]{1,8}", fullmatch=True),
+    stream=st.from_regex(r"([A-Za-z0-9_-]{1,8}(/[A-Za-z0-9_-]{1,8})?)?", fullmatch=True),
+    query=st.from_regex(
+        r"([a-z]{1,5}=[A-Za-z0-9]{0,6}(&[a-z]{1,5}=[A-Za-z0-9]{0,6})?)?", fullmatch=True
+    ),
+    port=st.one_of(st.none(), st.integers(1, 65535)),
+)
+def test_rtmp_url_parts(app: str, stream: str, query: str, port: int | None) -> None:
+    url = f"rtmp://example.net{f':{port}' if port else ''}/{app}"
+    url += f"/{stream}" if stream else ""
+    url += f"?{query}" if query else ""
+    parsed = parse_rtmp_url(url)
+    assert (parsed.app, parsed.stream, parsed.query) == (app, stream, query)
+    assert parsed.port == (port or 1935)
+    assert parsed.stream_name("local") == (stream or "local") + (f"?{query}" if query else "")
 
 
 async def test_pull_on_demand_from_origin() -> None:

@@ -51,14 +51,24 @@ class RtmpClientError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class RtmpUrl:
+    """``rtmp://host[:port]/app[/stream][?query]``, split as nginx-rtmp does: the first path
+    segment is the application, the rest the stream name. The query belongs to the stream:
+    it is sent with the publish/play name (``name?key=...``), where servers read stream keys."""
+
     host: str
     port: int
     app: str
     stream: str  # may be empty (push/pull URLs name only the application)
+    query: str = ""  # without the "?"
 
     @property
     def tc_url(self) -> str:
         return f"rtmp://{self.host}:{self.port}/{self.app}"
+
+    def stream_name(self, default: str) -> str:
+        """What to publish/play: the URL's stream (else ``default``) plus the URL's query."""
+        name = self.stream or default
+        return f"{name}?{self.query}" if self.query else name
 
 
 def parse_rtmp_url(url: str) -> RtmpUrl:
@@ -68,10 +78,9 @@ def parse_rtmp_url(url: str) -> RtmpUrl:
     segs = [p for p in parts.path.split("/") if p]
     if not segs:
         raise ValueError(f"RTMP URL needs an application: {url!r}")
-    stream = "/".join(segs[1:])
-    if parts.query:
-        stream += "?" + parts.query
-    return RtmpUrl(parts.hostname, parts.port or DEFAULT_RTMP_PORT, segs[0], stream)
+    return RtmpUrl(
+        parts.hostname, parts.port or DEFAULT_RTMP_PORT, segs[0], "/".join(segs[1:]), parts.query
+    )
 
 
 class RtmpClientProtocol(asyncio.Protocol):

@@ -50,7 +50,8 @@ class PushRelay:
         self.target = parse_rtmp_url(url)
         self.stream = stream
         self.server = server
-        self.name = self.target.stream or stream.name
+        self.name = self.target.stream or stream.name  # the name it gets at the target
+        self._publish_as = self.target.stream_name(stream.name)  # ... with the URL's ?query
         self._stopped = asyncio.Event()
         self._proto: RtmpClientProtocol | None = None
         self.connected = False
@@ -84,7 +85,7 @@ class PushRelay:
         player: Player | None = None
         try:
             async with asyncio.timeout(RELAY_CONNECT_TIMEOUT):
-                sid = await proto.publish(self.name)
+                sid = await proto.publish(self._publish_as)
             assert proto.transport is not None
             player = Player(
                 proto.transport,
@@ -245,7 +246,9 @@ class PullRelay:
             if self._stopped.is_set():
                 return
             async with asyncio.timeout(RELAY_CONNECT_TIMEOUT):
-                await proto.play(self.name)
+                # the local name, plus the origin URL's query (a play key, say)
+                q = self.origin.query
+                await proto.play(f"{self.name}?{q}" if q else self.name)
             _log.info("rtmp_pull_started", origin=self.url, stream=self.name)
             stop = spawn(self._stopped.wait(), name=f"rtmp pull wait {self.url}")
             try:
