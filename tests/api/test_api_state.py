@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Mapping
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from marchproxy_common.state import StateClient
 
 pytestmark = pytest.mark.integration
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -226,3 +231,60 @@ async def test_long_poll_sees_writes_made_by_another_replica(pg_url, api_factory
         await task
         assert status == 200 and newer["version"] > v
         assert any(m["name"] == "ailb-rep" for m in newer["modules"])
+
+
+async def _wait_redis_version(r: Redis, prefix: str, comp: str, version: int) -> dict:
+    async with asyncio.timeout(20):
+        while True:
+            try:
+                snap = await _redis_snapshot(r, prefix, comp)
+            except (RedisError, OSError):
+                snap = None
+            if snap is not None and snap["version"] >= version:
+                return snap
+            await asyncio.sleep(0.05)
+
+
+async def test_snapshots_republished_after_redis_loses_them(
+    pg_url, api_factory, private_redis
+) -> None:
+    """Redis flushed, then restarted empty (no persistence): the API publishes every snapshot
+    again by itself, and a data plane that starts afterwards gets its state from Redis."""
+    async with api_factory(pg_url, redis_url=private_redis.url, state_check_interval=0.2) as api:
+        prefix = api.settings.state_prefix
+        status, _ = await api.call("POST", "/api/v1/modules", {"name": "flush-alb", "type": "ALB"})
+        assert status == 201
+        _, st = await api.call("GET", "/api/v1/state/status")
+        versions = {c["component"]: c["version"] for c in st["components"]}
+        r = Redis.from_url(private_redis.url)
+        try:
+            for comp, version in versions.items():
+                await _wait_redis_version(r, prefix, comp, version)
+            await r.flushall()
+            for comp, version in versions.items():
+                snap = await _wait_redis_version(r, prefix, comp, version)
+                assert snap["version"] == version
+                assert snap["component"] == comp
+                if comp in ("alb", "nlb"):
+                    assert "flush-alb" in [m["name"] for m in snap["modules"]]
+        finally:
+            await r.aclose()
+
+        private_redis.stop()
+        private_redis.start()  # same port, empty
+        later = StateClient(
+            "alb", _accept, redis_url=private_redis.url, prefix=prefix, poll_timeout=1
+        )
+        await later.start()
+        try:
+            async with asyncio.timeout(20):
+                await later.wait_for_version(versions["alb"])
+            assert later.applied_version == versions["alb"] and later.source == "redis"
+        finally:
+            await later.stop()
+        _, text = await api.call("GET", "/metrics", token="")
+        assert 'marchproxy_api_state_republishes_total{reason="missing"}' in text
+
+
+async def _accept(snapshot: Mapping[str, Any]) -> list[str]:
+    return []

@@ -87,7 +87,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     engine = make_engine(settings.sqlalchemy_url)
     app[engine_key] = engine
     app[sessionmaker_key] = make_sessionmaker(engine)
-    publisher = StatePublisher(settings.redis_url, settings.state_prefix, app[metrics_key])
+    publisher = StatePublisher(
+        settings.redis_url,
+        settings.state_prefix,
+        app[metrics_key],
+        check_interval=settings.state_check_interval,
+    )
     app[publisher_key] = publisher
     clients = ModuleClientManager(settings.effective_cluster_api_key, settings.grpc_timeout)
     app[grpc_clients_key] = clients

@@ -19,6 +19,8 @@ class ApiSettings(CommonSettings):
     access_token_minutes: float = Field(default=15.0, gt=0, le=24 * 60)
     refresh_token_days: float = Field(default=7.0, gt=0, le=365)
     state_prefix: str = "marchproxy"
+    #: seconds between checks that Redis still holds every snapshot (republished if not)
+    state_check_interval: float = Field(default=1.0, gt=0, le=3600)
     sqlite_path: str = DEFAULT_SQLITE_PATH
     run_migrations: bool = True
     #: long-poll bounds (seconds)

@@ -59,6 +59,16 @@ class ApiMetrics:
         )
         object.__setattr__(
             self,
+            "republishes",
+            Counter(
+                "marchproxy_api_state_republishes_total",
+                "Times every snapshot was queued again for Redis (keys missing, reconnect)",
+                ["reason"],
+                registry=r,
+            ),
+        )
+        object.__setattr__(
+            self,
             "login_failures",
             Counter("marchproxy_api_login_failures_total", "Failed logins", registry=r),
         )
@@ -68,6 +78,7 @@ class ApiMetrics:
     config_version: Gauge = field(init=False)
     publishes: Counter = field(init=False)
     publish_pending: Gauge = field(init=False)
+    republishes: Counter = field(init=False)
     login_failures: Counter = field(init=False)
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:

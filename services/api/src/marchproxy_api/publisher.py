@@ -5,6 +5,12 @@ Commits happen in Postgres first; :meth:`StatePublisher.submit` is called after 
 never blocks on Redis. One worker task writes pending snapshots with a Lua script that only
 replaces a key holding an older version, so concurrent writers (or API replicas) can never move
 a component backwards.
+
+Redis is a cache of desired state, not its truth: it may restart empty (no persistence) or
+lose keys (FLUSH, eviction). The worker therefore checks every ``check_interval`` seconds, with
+one EXISTS over all snapshot keys, that Redis still holds them, and queues every snapshot again
+when one is missing or when Redis comes back after being unreachable, so data planes that
+start later always find their state.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ _log = structlog.get_logger("marchproxy.api.publisher")
 RETRY_MIN = 0.1
 RETRY_MAX = 2.0
 REDIS_TIMEOUT = 2.0
+#: how often the worker checks that Redis still holds every snapshot (seconds)
+CHECK_INTERVAL = 1.0
 
 # KEYS: snapshot key, version key, channel; ARGV: version, body, message
 _SET_IF_NEWER = """
@@ -37,8 +45,16 @@ return 1
 
 
 class StatePublisher:
-    def __init__(self, redis_url: str, prefix: str, metrics: ApiMetrics) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        prefix: str,
+        metrics: ApiMetrics,
+        *,
+        check_interval: float = CHECK_INTERVAL,
+    ) -> None:
         self.prefix = prefix
+        self.check_interval = check_interval
         self.channel = f"{prefix}:state"
         self._metrics = metrics
         self._redis: Redis | None = (
@@ -125,37 +141,103 @@ class StatePublisher:
 
     async def _run(self) -> None:
         assert self._redis is not None
-        script = self._redis.register_script(_SET_IF_NEWER)
         delay = RETRY_MIN
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + self.check_interval
         while True:
-            await self._wake.wait()
+            try:
+                async with asyncio.timeout(max(0.0, next_check - loop.time())):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
             self._wake.clear()
-            for comp, snap in list(self._pending.items()):
-                version, text = snap
-                try:
-                    await script(
-                        keys=[self.key(comp), f"{self.key(comp)}:version", self.channel],
-                        args=[version, text, f"{comp} {version}"],
-                    )
-                except (RedisError, OSError) as exc:
-                    self.redis_state = "down"
-                    self.last_error = str(exc)[:200]
-                    self._metrics.publishes.labels(comp, "error").inc()
-                    _log.warning("state_publish_failed", component=comp, error=self.last_error)
-                    self._wake.set()
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, RETRY_MAX)
-                    break
-                delay = RETRY_MIN
-                self.redis_state = "up"
-                self.published[comp] = max(self.published.get(comp, 0), version)
-                self._metrics.publishes.labels(comp, "ok").inc()
-                if self._pending.get(comp) is snap:
-                    del self._pending[comp]
+            ok = True
+            if loop.time() >= next_check:
+                next_check = loop.time() + self.check_interval
+                ok = await self._check_keys()
+            if ok and self._pending:
+                ok = await self._publish_pending()
             self._metrics.publish_pending.set(len(self._pending))
+            if not ok:
+                self._wake.set()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+                continue
+            delay = RETRY_MIN
             if not self._pending:
                 ev, self._changed_pending = self._changed_pending, asyncio.Event()
                 ev.set()
+
+    async def _publish_pending(self) -> bool:
+        """Write every pending snapshot in one pipelined round trip; False when Redis failed.
+
+        EVAL, not EVALSHA: the script is 300 bytes next to snapshots of hundreds of KB, and it
+        needs no SCRIPT EXISTS round trip nor NOSCRIPT handling after Redis restarts.
+        """
+        assert self._redis is not None
+        batch = list(self._pending.items())
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for comp, (version, text) in batch:
+                    key = self.key(comp)
+                    pipe.eval(
+                        _SET_IF_NEWER,
+                        3,
+                        key,
+                        f"{key}:version",
+                        self.channel,
+                        version,
+                        text,
+                        f"{comp} {version}",
+                    )
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            for comp, _ in batch:
+                self._metrics.publishes.labels(comp, "error").inc()
+            self._down(exc)
+            return False
+        self._up()
+        for comp, snap in batch:
+            self.published[comp] = max(self.published.get(comp, 0), snap[0])
+            self._metrics.publishes.labels(comp, "ok").inc()
+            if self._pending.get(comp) is snap:
+                del self._pending[comp]
+        return True
+
+    async def _check_keys(self) -> bool:
+        """One EXISTS over every snapshot key; queue them all again when one is missing."""
+        assert self._redis is not None
+        if not self.latest:
+            return True
+        keys = [self.key(comp) for comp in self.latest]
+        try:
+            present = int(await self._redis.exists(*keys))
+        except (RedisError, OSError) as exc:
+            self._down(exc)
+            return False
+        self._up()
+        if present < len(keys):
+            _log.warning("state_keys_missing", present=present, expected=len(keys))
+            self._requeue_all("missing")
+        return True
+
+    def _requeue_all(self, reason: str) -> None:
+        self._pending.update(self.latest)
+        self._metrics.republishes.labels(reason).inc()
+        self._wake.set()
+
+    def _down(self, exc: BaseException) -> None:
+        self.last_error = str(exc)[:200]
+        if self.redis_state != "down":
+            _log.warning("state_redis_unreachable", error=self.last_error)
+        self.redis_state = "down"
+
+    def _up(self) -> None:
+        if self.redis_state == "down":
+            # Redis may be a fresh, empty instance now: publish everything again
+            _log.info("state_redis_reconnected")
+            self._requeue_all("reconnect")
+        self.redis_state = "up"
 
     async def flushed(self) -> None:
         """Wait until nothing is pending (tests, shutdown); callers bound it with a timeout."""
