@@ -65,6 +65,7 @@ class RtmpServer:
         self.idle = asyncio.Event()
         self.idle.set()
         self.hls: dict[tuple[str, str], HlsMuxer] = {}
+        self._hls_evictions: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._hls_runner: web.AppRunner | None = None
         self.hls_port = 0
 
@@ -151,6 +152,9 @@ class RtmpServer:
         for pull in list(self.pulls.values()):
             pull.stop()
         await cancel_and_wait(*self._tasks)
+        for handle in self._hls_evictions.values():
+            handle.cancel()
+        self._hls_evictions.clear()
         if self._hls_runner is not None:
             await self._hls_runner.cleanup()
             self._hls_runner = None
@@ -267,6 +271,8 @@ class RtmpServer:
             pull.stop()
             for relay in self.pushes.pop((app, name), []):
                 relay.stop()
+            if stream.hls is not None:
+                self._evict_hls_later((app, name), stream.hls)
             for ended in stream.stop(keep_players=True):
                 ended.owner.stream_ended(ended)
             takeover = True
@@ -293,9 +299,26 @@ class RtmpServer:
     def stop_publish(self, stream: Stream) -> None:
         for relay in self.pushes.pop((stream.app, stream.name), []):
             relay.stop()
+        if stream.hls is not None:
+            self._evict_hls_later((stream.app, stream.name), stream.hls)
         for player in stream.stop():
             player.owner.stream_ended(player)
         self.registry.discard_if_idle(stream)
+
+    def _evict_hls_later(self, key: tuple[str, str], muxer: HlsMuxer) -> None:
+        """An ended stream's playlist (with ENDLIST) stays for one playlist window, so players
+        that are behind can finish it; then the muxer and its segments are forgotten."""
+        window = max(muxer.fragment, sum(s.duration for s in muxer.segments))
+        old = self._hls_evictions.pop(key, None)
+        if old is not None:
+            old.cancel()
+        loop = asyncio.get_running_loop()
+        self._hls_evictions[key] = loop.call_later(window, self._evict_hls, key, muxer)
+
+    def _evict_hls(self, key: tuple[str, str], muxer: HlsMuxer) -> None:
+        self._hls_evictions.pop(key, None)
+        if self.hls.get(key) is muxer:  # not a newer publish of the same name
+            del self.hls[key]
 
     # -- playing -------------------------------------------------------------------------------
 
