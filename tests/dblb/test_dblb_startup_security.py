@@ -70,3 +70,101 @@ async def test_request_answered_before_the_startup_arrives_is_fine() -> None:
                     data += chunk
         finally:
             writer.close()
+
+
+WILDCARD_TO_TEST = {"*": {"host": "127.0.0.1", "port": 5432, "dbname": "test"}}
+
+
+async def test_unauthenticated_clients_create_no_pools() -> None:
+    cfg = pg_config(
+        auth_type="md5", users={"postgres": {"password": "s3cret"}}, databases=WILDCARD_TO_TEST
+    )
+    async with running_dblb(cfg) as h:
+        for i in range(20):
+            with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+                await psycopg.AsyncConnection.connect(
+                    f"host=127.0.0.1 port={h.port} user=postgres dbname=junk{i} password=wrong"
+                )
+        assert h.manager.pools == {}
+        conninfo = f"host=127.0.0.1 port={h.port} user=postgres dbname=real password=s3cret"
+        async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as c:
+            cur = await c.execute("select current_database()")
+            assert await cur.fetchone() == ("test",)
+        assert list(h.manager.pools) == [("real", "postgres")]
+
+
+async def test_passthrough_failures_create_no_pools() -> None:
+    inner_cfg = pg_config(auth_type="scram-sha-256", users={"postgres": {"password": "s3cret"}})
+    async with running_dblb(inner_cfg) as inner:
+        outer_cfg = pg_config(
+            auth_type="passthrough",
+            databases={"*": {"host": "127.0.0.1", "port": inner.port, "dbname": "test"}},
+        )
+        async with running_dblb(outer_cfg) as outer:
+            for i in range(5):
+                with pytest.raises(psycopg.OperationalError, match="password authentication"):
+                    await psycopg.AsyncConnection.connect(
+                        f"host=127.0.0.1 port={outer.port} user=postgres dbname=junk{i} "
+                        "password=wrong"
+                    )
+            assert outer.manager.pools == {}
+            conninfo = f"host=127.0.0.1 port={outer.port} user=postgres dbname=ok password=s3cret"
+            async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as c:
+                cur = await c.execute("select 'in'")
+                assert await cur.fetchone() == ("in",)
+            assert list(outer.manager.pools) == [("ok", "postgres")]
+
+
+def _conninfo(port: int, db: str) -> str:
+    return f"host=127.0.0.1 port={port} user=postgres dbname={db}"
+
+
+async def test_pool_cap_evicts_unused_pools_and_refuses_when_all_are_busy() -> None:
+    cfg = pg_config(max_pools=2, databases=WILDCARD_TO_TEST)
+    async with running_dblb(cfg) as h:
+        a = await psycopg.AsyncConnection.connect(_conninfo(h.port, "a"), autocommit=True)
+        b = await psycopg.AsyncConnection.connect(_conninfo(h.port, "b"), autocommit=True)
+        try:
+            await a.execute("select 1")
+            await b.execute("select 1")
+            with pytest.raises(psycopg.OperationalError, match="too many pools"):
+                await psycopg.AsyncConnection.connect(_conninfo(h.port, "c"))
+            b_pool = h.manager.pools[("b", "postgres")]
+            await b.close()
+            # b's pool is unused now: it makes room for c, and its servers are closed
+            async with await psycopg.AsyncConnection.connect(
+                _conninfo(h.port, "c"), autocommit=True
+            ) as c:
+                cur = await c.execute("select current_database()")
+                assert await cur.fetchone() == ("test",)
+            assert sorted(h.manager.pools) == [("a", "postgres"), ("c", "postgres")]
+            async with asyncio.timeout(10):
+                while b_pool.servers:
+                    await asyncio.sleep(0.02)
+            cur = await a.execute("select 'a still works'")
+            assert await cur.fetchone() == ("a still works",)
+        finally:
+            await a.close()
+            await b.close()
+
+
+async def test_unused_pools_are_evicted_after_pool_idle_timeout() -> None:
+    cfg = pg_config(pool_idle_timeout=0.3, databases=WILDCARD_TO_TEST)
+    async with running_dblb(cfg) as h:
+        for db in ("x", "y"):
+            async with await psycopg.AsyncConnection.connect(
+                _conninfo(h.port, db), autocommit=True
+            ) as c:
+                await c.execute("select 1")
+        held = await psycopg.AsyncConnection.connect(_conninfo(h.port, "z"), autocommit=True)
+        try:
+            await held.execute("select 1")
+            assert len(h.manager.pools) == 3
+            async with asyncio.timeout(15):
+                while len(h.manager.pools) > 1:  # the janitor runs once a second
+                    await asyncio.sleep(0.1)
+            assert list(h.manager.pools) == [("z", "postgres")]  # the one with a client stays
+            cur = await held.execute("select 'kept'")
+            assert await cur.fetchone() == ("kept",)
+        finally:
+            await held.close()

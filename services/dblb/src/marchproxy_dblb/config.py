@@ -69,6 +69,12 @@ class DblbConfig(_Strict):
     default_pool_size: int = Field(default=20, ge=1, le=10_000)
     min_pool_size: int = Field(default=0, ge=0, le=10_000)
     max_client_conn: int = Field(default=1000, ge=1, le=1_000_000)
+    #: pools (database, user) at most; at the cap the longest-empty pool is evicted for a
+    #: new one, and with none empty the client is refused (53300)
+    max_pools: int = Field(default=1000, ge=1, le=1_000_000)
+    #: seconds a pool with no clients and no busy servers is kept (PgBouncer's
+    #: autodb_idle_timeout); pools that keep min_pool_size servers are kept
+    pool_idle_timeout: float = Field(default=600.0, gt=0)
     #: seconds a client waits for a server before it gets an error (PgBouncer query_wait_timeout)
     query_wait_timeout: float = Field(default=120.0, gt=0)
     server_connect_timeout: float = Field(default=15.0, gt=0)

@@ -494,6 +494,10 @@ class ServerConnection(asyncio.Protocol):
             if self.state != "login":
                 self.transport.write(enc.terminate())
             self.transport.close()
+        if self.state == "idle":
+            # closed from now on, not at connection_lost: never handed out again meanwhile
+            # (an active server keeps its state so its client hears of the loss)
+            self.state = "closed"
 
     def cancel_in_flight(self) -> None:
         """Ask the server to cancel what it runs (a client vanished mid-query)."""
@@ -559,6 +563,8 @@ class Pool:
     #: and closes servers nobody waits for
     retired: bool = False
     role: str = "primary"
+    #: since when the janitor has seen this pool empty (no clients, waiters or busy servers)
+    empty_since: float | None = None
     welcome_cache: dict[tuple[tuple[str, str], ...], bytes] = field(default_factory=dict)
 
     @property
@@ -769,6 +775,16 @@ class Pool:
     def drained(self) -> bool:
         return not (self.clients > 0 or self.servers or self.waiters or self.connecting)
 
+    @property
+    def unused(self) -> bool:
+        """No clients, nobody waiting, no server busy or logging in: safe to evict."""
+        return not (
+            self.clients > 0
+            or self.waiters
+            or self.connecting
+            or any(s.state != "idle" for s in self.servers)
+        )
+
     def maintain(self, now: float) -> None:
         keep = self.min_size
         for server in list(self.idle):
@@ -788,6 +804,10 @@ class Pool:
         self.waiters.clear()
         for server in list(self.servers):
             server.close()
+
+
+class TooManyPools(Exception):
+    """``max_pools`` pools exist and none of them is unused."""
 
 
 class PoolManager:
@@ -820,6 +840,34 @@ class PoolManager:
             for pool in self.every_pool():
                 pool.maintain(now)
             self.retired = {p for p in self.retired if not p.drained}
+            self.evict_unused(now)
+
+    def evict_unused(self, now: float) -> None:
+        """Forget pools that stayed unused for ``pool_idle_timeout`` (and close their servers)."""
+        timeout = self.config.pool_idle_timeout
+        for registry in (self.pools, self.replica_pools):
+            for key, pool in list(registry.items()):
+                if not pool.unused or pool.min_size > 0:
+                    pool.empty_since = None
+                elif pool.empty_since is None:
+                    pool.empty_since = now
+                elif now - pool.empty_since >= timeout:
+                    self._evict(registry, key)
+
+    def _evict(self, registry: dict[Any, Pool], key: Any) -> None:
+        pool = registry.pop(key)
+        pool.close_all()
+        if registry is self.pools:  # its replica pools go with it
+            for rkey in [k for k in self.replica_pools if k[:2] == key]:
+                self._evict(self.replica_pools, rkey)
+
+    def _make_room(self) -> None:
+        if len(self.pools) < self.config.max_pools:
+            return
+        unused = [(p.empty_since or time.monotonic(), k) for k, p in self.pools.items() if p.unused]
+        if not unused:
+            raise TooManyPools(f"too many pools (max_pools = {self.config.max_pools})")
+        self._evict(self.pools, min(unused)[1])
 
     def apply(self, config: DblbConfig) -> None:
         """New config: pools whose target changed retire; their clients move on (below)."""
@@ -868,7 +916,10 @@ class PoolManager:
 
     def successor(self, pool: Pool, client_params: dict[str, str]) -> Pool | None:
         """The pool that replaced retired ``pool`` for the same client, if any."""
-        new = self.pool_for(pool.database, pool.user, client_params)
+        try:
+            new = self.pool_for(pool.database, pool.user, client_params)
+        except TooManyPools:
+            return None
         if new is None or new is pool:
             return None
         if (
@@ -920,10 +971,19 @@ class PoolManager:
         return [*self.all_pools(), *self.retired]
 
     def pool_for(self, database: str, user: str, client_params: dict[str, str]) -> Pool | None:
-        key = (database, user)
-        pool = self.pools.get(key)
+        """The pool for an authenticated client: found, or created (None: no such database).
+
+        Raises :class:`TooManyPools` when a new pool is needed and none can be evicted.
+        """
+        pool = self.pools.get((database, user))
         if pool is not None:
             return pool
+        candidate = self.new_pool(database, user, client_params)
+        return None if candidate is None else self.register(candidate)
+
+    def new_pool(self, database: str, user: str, client_params: dict[str, str]) -> Pool | None:
+        """A pool for (database, user) that is not registered yet (passthrough auth logs in
+        with it before the client counts as authenticated)."""
         resolved = self.config.database(database)
         if resolved is None:
             return None
@@ -934,7 +994,7 @@ class PoolManager:
             u = self.config.users.get(server_user)
             if u is not None and u.password and not u.password.startswith("SCRAM-SHA-256$"):
                 password = u.password
-        pool = Pool(
+        return Pool(
             manager=self,
             database=database,
             user=user,
@@ -951,8 +1011,20 @@ class PoolManager:
             config=self.config,
             startup_params={k: v for k, v in client_params.items() if k in TRACKED_PARAMETERS},
         )
-        self.pools[key] = pool
-        return pool
+
+    def register(self, candidate: Pool) -> Pool:
+        """Make ``candidate`` the pool of its (database, user), unless one exists already."""
+        key = (candidate.database, candidate.user)
+        pool = self.pools.get(key)
+        if pool is not None:
+            if pool.server_password is None and candidate.server_user == pool.server_user:
+                pool.server_password = candidate.server_password
+            if pool is not candidate:
+                candidate.close_all()
+            return pool
+        self._make_room()
+        self.pools[key] = candidate
+        return candidate
 
     def new_backend_key(self) -> tuple[int, int]:
         pid = next(self._pid_counter) & 0x7FFFFFFF

@@ -63,6 +63,7 @@ from marchproxy_dblb.pool import (
     Pool,
     PoolManager,
     ServerConnection,
+    TooManyPools,
     send_cancel,
 )
 
@@ -96,7 +97,8 @@ class PostgresClient(asyncio.Protocol):
         self.database = ""
         self.params: dict[str, str] = {}
         self.tracked_params: dict[str, str] = {}
-        self.pool: Pool | None = None
+        self.pool: Pool | None = None  # set once authenticated
+        self.is_admin = False
         self.server: ServerConnection | None = None
         self.pending: list[Message] = []
         self.pending_raw: list[bytes] = []
@@ -298,12 +300,12 @@ class PostgresClient(asyncio.Protocol):
         self.manager.clients[self.backend_key[0]] = self
         self.manager.client_count += 1
         self._registered = True
-        if self.database not in ADMIN_DATABASES:
-            self.pool = self.manager.pool_for(self.database, self.user, params)
-            if self.pool is None:
+        self.is_admin = self.database in ADMIN_DATABASES
+        if not self.is_admin:
+            # only resolved here: the pool is looked up (or created) once we are authenticated
+            if cfg.database(self.database) is None:
                 self.fail("3D000", f'no such database: "{self.database}"')
                 return
-            self.pool.clients += 1
         elif cfg.admin_users and self.user not in cfg.admin_users:
             self.fail("28000", f'user "{self.user}" is not allowed on the admin console')
             return
@@ -319,7 +321,7 @@ class PostgresClient(asyncio.Protocol):
         self.state = "auth"
         if auth == "trust":
             self._auth_ok()
-        elif auth == "passthrough" and self.pool is not None:
+        elif auth == "passthrough" and not self.is_admin:
             # the client's cleartext password is checked by logging in to the server with it
             self._auth_step = "passthrough"
             self.write(enc.authentication_cleartext())
@@ -340,13 +342,12 @@ class PostgresClient(asyncio.Protocol):
         secret = self._secret() or ""
         step = self._auth_step
         ok = False
-        if step == "cleartext" or (step == "passthrough" and self.pool is None):
+        if step == "cleartext" or (step == "passthrough" and self.is_admin):
             ok = _check_cleartext(self.user, secret, parse_password(m.body))
         elif step == "passthrough":
-            assert self.pool is not None
             self._auth_step = "verifying"
             spawn(
-                self._passthrough(self.pool, parse_password(m.body)),
+                self._passthrough(parse_password(m.body)),
                 name=f"dblb passthrough auth {self.id}",
             )
             return
@@ -377,25 +378,50 @@ class PostgresClient(asyncio.Protocol):
             return
         self._auth_ok()
 
-    async def _passthrough(self, pool: Pool, password: str) -> None:
+    async def _passthrough(self, password: str) -> None:
+        # verify with the registered pool, or with an unregistered one that becomes the pool
+        # only if the password is good: unauthenticated clients never create pools
+        manager = self.manager
+        pool = manager.pools.get((self.database, self.user)) or manager.new_pool(
+            self.database, self.user, self.params
+        )
+        if pool is None:
+            self.fail("3D000", f'no such database: "{self.database}"')
+            return
         ok = await pool.check_password(password)
-        if self.closed:
+        registered = manager.pools.get((self.database, self.user)) is pool
+        if self.closed or not ok:
+            if not registered:
+                pool.close_all()
+            if not self.closed:
+                self.hooks.auth_failures += 1
+                self.fail("28P01", f'password authentication failed for user "{self.user}"')
             return
-        if not ok:
-            self.hooks.auth_failures += 1
-            self.fail("28P01", f'password authentication failed for user "{self.user}"')
-            return
-        self._auth_ok()
+        self._auth_ok(pool)
 
-    def _auth_ok(self) -> None:
+    def _auth_ok(self, candidate: Pool | None = None) -> None:
         # AuthenticationOk goes out with the ParameterStatus block: one write, one packet
         self._auth_ok_pending = True
         self.decoder.max_message_len = self.manager.config.max_packet_size
-        if self.pool is None:
+        if self.is_admin:
             self.state = "admin"
             self._admin = AdminConsole(self)
             self._welcome({"server_version": "16.0 (marchproxy-dblb)", "client_encoding": "UTF8"})
             return
+        try:
+            if candidate is not None:
+                self.pool = self.manager.register(candidate)
+            else:
+                self.pool = self.manager.pool_for(self.database, self.user, self.params)
+        except TooManyPools as exc:
+            if candidate is not None:
+                candidate.close_all()
+            self.fail("53300", str(exc))
+            return
+        if self.pool is None:  # the database went away while we authenticated
+            self.fail("3D000", f'no such database: "{self.database}"')
+            return
+        self.pool.clients += 1
         if self.pool.server_params is not None:
             self._welcome(self.pool.server_params)
             self.state = "ready"
