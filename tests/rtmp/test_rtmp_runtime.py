@@ -4,6 +4,7 @@ protocol v2 from the NLB, and the nginx-style on_publish HTTP callback."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import grpc
 import pytest
 import yaml
 from aiohttp import web
+from pydantic import ValidationError
 
 from marchproxy.v1 import module_pb2, module_pb2_grpc
 from marchproxy_common.module.runtime import run_module
@@ -111,6 +113,65 @@ async def test_proxy_header_from_untrusted_peer_is_not_believed() -> None:
         await asyncio.wait_for(proto.closed, 10)
         assert hooks.server.counters.protocol_errors == 1  # header bytes were not RTMP
         assert not hooks.server.registry.streams
+
+
+def non_loopback_address() -> str | None:
+    """One of this host's own addresses that is not loopback (None when it has none)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks a source address
+        except OSError:
+            return None
+        ip = str(s.getsockname()[0])
+    return None if ip.startswith("127.") or ip == "0.0.0.0" else ip
+
+
+async def _proxied_publish(host: str, port: int) -> RtmpClientProtocol:
+    loop = asyncio.get_running_loop()
+    _, proto = await loop.create_connection(_ProxiedClient, host, port)
+    await proto.connect("live", f"rtmp://{host}:{port}/live")
+    await proto.publish("cam")
+    return proto
+
+
+async def test_proxy_header_is_believed_only_from_loopback_by_default() -> None:
+    ip = non_loopback_address()
+    if ip is None:
+        pytest.skip("this host has no non-loopback address")
+    apps = [{"name": "live", "publish_open": True}]
+    assert RtmpSettings().rtmp_proxy_trusted_sources == "127.0.0.0/8,::1/128"
+    async with asyncio.timeout(30), run_server(apps, settings={"data_host": ip}) as (hooks, port):
+        loop = asyncio.get_running_loop()
+        _, proto = await loop.create_connection(_ProxiedClient, ip, port)
+        with pytest.raises(RtmpClientError):  # the header is passed on unparsed: not RTMP
+            await proto.connect("live", f"rtmp://{ip}:{port}/live")
+        await asyncio.wait_for(proto.closed, 10)
+        assert hooks.server.counters.protocol_errors == 1
+        assert not hooks.server.registry.streams
+        # without a header the same peer is served, under its own address
+        plain = await open_client(ip, port, "live")
+        await plain.publish("cam")
+        pub = hooks.status()["rtmp"]["applications"]["live"]["streams"][0]["publisher"]
+        assert pub["address"].startswith(f"{ip}:")
+        plain.close()
+    # "*" trusts every peer (the old default), when the operator says so
+    everyone = {"data_host": ip, "rtmp_proxy_trusted_sources": "*"}
+    async with asyncio.timeout(30), run_server(apps, settings=everyone) as (hooks, port):
+        proto = await _proxied_publish(ip, port)
+        pub = hooks.status()["rtmp"]["applications"]["live"]["streams"][0]["publisher"]
+        assert pub["address"] == "203.0.113.7:5555"
+        proto.close()
+
+
+def test_proxy_trusted_sources_are_validated() -> None:
+    with pytest.raises(ValidationError):
+        RtmpSettings(rtmp_proxy_trusted_sources="10.0.0.0/8,not-a-network")
+    assert RtmpSettings(rtmp_proxy_trusted_sources="").proxy_trusted_networks() == []
+    assert RtmpSettings(rtmp_proxy_trusted_sources="*").proxy_trusted_networks() is None
+    nets = RtmpSettings(
+        rtmp_proxy_trusted_sources=" 10.1.0.0/16 , fd00::/8"
+    ).proxy_trusted_networks()
+    assert nets == ["10.1.0.0/16", "fd00::/8"]
 
 
 async def test_on_publish_callback() -> None:

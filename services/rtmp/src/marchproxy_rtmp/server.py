@@ -73,16 +73,21 @@ class RtmpServer:
 
     async def start(self, host: str, port: int) -> BoundAddress:
         loop = asyncio.get_running_loop()
-        trusted = [c.strip() for c in self.settings.rtmp_proxy_trusted_sources.split(",")]
         factory = wrap_proxy_protocol(
             lambda: RtmpConnection(self),
             mode=self.settings.proxy_protocol,
             on_reject=self._proxy_rejected,
-            trusted_sources=[c for c in trusted if c] or None,
+            trusted_sources=self.settings.proxy_trusted_networks(),
         )
         self._server = await loop.create_server(factory, host, port, backlog=1024)
         self._spawn(self._sweep(), name="rtmp idle publisher sweep")
         h, p = self._server.sockets[0].getsockname()[:2]
+        _log.info(
+            "rtmp_listening",
+            address=f"{h}:{p}",
+            proxy_protocol=self.settings.proxy_protocol,
+            proxy_trusted_sources=self.settings.rtmp_proxy_trusted_sources,
+        )
         return BoundAddress(h, p)
 
     async def start_hls(self, host: str, port: int) -> int:
