@@ -4,6 +4,8 @@ on purpose and real clients."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -153,6 +155,66 @@ async def test_client_abort_mid_response_frees_upstream(alb, backends) -> None:
         while plane.upstreams.open_connections or plane.active_connections:
             await asyncio.sleep(0.02)
     assert alb.hooks.metrics_registry.get_sample_value("marchproxy_alb_internal_errors_total") == 0
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+async def test_client_leaving_before_the_head_releases_the_upstream_at_once(alb, how) -> None:
+    """The upstream exchange is cancelled (connection closed, not pooled; target slot freed)
+    when the client goes away (FIN after a keep-alive request, or RST) while we wait for the
+    response head."""
+    got_request = asyncio.Event()
+    upstream_closed = asyncio.Event()
+
+    async def h(r, w):
+        await read_head(r)
+        got_request.set()
+        await r.read()  # never answers; returns once the proxy closes its side
+        upstream_closed.set()
+
+    async with RawBackend(h) as be:
+        await alb.configure([route("hang", be.url, backend={"timeout": 60, "retries": 0})])
+        reader, writer = await asyncio.open_connection("127.0.0.1", alb.port)
+        writer.write(b"GET /hang HTTP/1.1\r\nHost: a\r\n\r\n")
+        async with asyncio.timeout(10):
+            await got_request.wait()
+        if how == "reset":
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+        else:
+            writer.close()
+        plane = alb.hooks.plane
+        async with asyncio.timeout(10):  # long before the 60 s route timeout
+            await upstream_closed.wait()
+            while plane.upstreams.open_connections:
+                await asyncio.sleep(0.02)
+        assert [s["active"] for s in plane.pools["hang"].snapshot()] == [0]
+        assert plane.upstreams.idle_connections == 0
+
+
+async def test_one_shot_client_that_half_closes_still_gets_its_response(alb) -> None:
+    """``Connection: close`` then shutdown(SHUT_WR), as ``nc -N`` does: a half-close, not a
+    disconnect, so the response still comes."""
+
+    async def h(r, w):
+        await read_head(r)
+        await asyncio.sleep(0.3)  # the client's FIN arrives before the answer
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate")
+        await w.drain()
+
+    async with RawBackend(h) as be:
+        await alb.configure([route("all", be.url)])
+        reader, writer = await asyncio.open_connection("127.0.0.1", alb.port)
+        try:
+            writer.write(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            writer.write_eof()
+            async with asyncio.timeout(10):
+                out = await reader.read()
+                while chunk := await reader.read(65536):
+                    out += chunk
+        finally:
+            writer.close()
+    assert out.startswith(b"HTTP/1.1 200 ") and out.endswith(b"late")
 
 
 async def test_max_connections_refuses_with_503(alb_factory, backends) -> None:

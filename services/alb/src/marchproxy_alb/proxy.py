@@ -564,6 +564,9 @@ class _Exchange:
                 plane.refused("upstream_unreachable")
                 raise _Reply(502, "bad_gateway", "upstream refused the connection") from None
             self.conn = conn
+            if self.down.closed:
+                raise ClientGone("client left while we connected")
+            self.down.on_lost = self._client_lost
             body = self.req.body
             assert body is not None
             if expect_continue and not body.complete and not self.started:
@@ -868,7 +871,22 @@ class _Exchange:
             self.plane.upstreams.release(self.conn, abort=True)
             self.conn = None
 
+    def _client_lost(self) -> None:
+        """The client connection is gone: stop waiting for the upstream at once (cleanup then
+        closes the upstream connection and frees the target's slot)."""
+        conn = self.conn
+        if conn is None:
+            return
+        gone = ClientGone("client left before the response was complete")
+        hf = conn.head_future
+        if hf is not None and not hf.done():
+            hf.set_exception(gone)
+        elif conn.body is not None:
+            conn.body.fail(gone)
+
     def cleanup(self) -> None:
+        if self.down.on_lost == self._client_lost:
+            self.down.on_lost = None
         pump = self.pump
         aborted = False
         if pump is not None and not pump.done():

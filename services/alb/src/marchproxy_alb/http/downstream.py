@@ -278,8 +278,9 @@ class DownstreamProtocol(asyncio.Protocol):
         self._timer_at = float("inf")
 
     def eof_received(self) -> bool | None:
-        """The client half-closed. A request may still be in flight (``nc``-style clients send,
-        then shut down their write side): keep our side open until its response is out."""
+        """The client half-closed. A request may still be in flight (``nc``-style clients send
+        ``Connection: close`` or HTTP/1.0, then shut down their write side): keep our side open
+        until its response is out. After a keep-alive request it means the client left."""
         self._eof = True
         if self.tunnel_sink is not None:
             if self.on_eof is not None:
@@ -293,6 +294,15 @@ class DownstreamProtocol(asyncio.Protocol):
                 last.body.fail(ClientGone("client closed mid-request"))
             if not self._pending and cur is None:
                 return None
+        if (
+            cur is not None
+            and cur.head is not None
+            and cur.head.keep_alive
+            and self.on_lost is not None
+        ):
+            # a keep-alive client that closes its side has gone (real clients never half-close
+            # a keep-alive connection; nginx and Envoy read it the same way): stop the exchange
+            self.on_lost()
         if cur is not None or self._pending:
             self._wake()
             return True
