@@ -271,3 +271,78 @@ async def test_old_process_keeps_serving_when_the_new_one_dies_during_start_up(
     finally:
         blocker.close()
         await backend.stop()
+
+
+async def echo_once(port: int, payload: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(payload)
+        got = b""
+        async with asyncio.timeout(10):
+            while len(got) < len(payload):
+                chunk = await reader.read(1024)
+                if not chunk:
+                    break
+                got += chunk
+        return got
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_modules_follow_the_new_process_while_the_old_one_drains(
+    procs: ProcessGroup, tmp_path: Path
+) -> None:
+    """A real module heartbeats over one HTTP/2 connection. After the hand-over the old NLB
+    drains (a connection stays open) for far longer than HEARTBEAT_TIMEOUT; the module must
+    heartbeat the new process by then, or the new one expires it and routes nothing."""
+    listen, grpc_port, admin = free_port(), free_port(), free_port()
+    env = {
+        **nlb_env(tmp_path, f"{listen}=tcp", grpc_port, admin),
+        "HEARTBEAT_TIMEOUT": "2",
+        "NLB_EXPIRY_INTERVAL": "0.1",
+        "DRAIN_TIMEOUT": "60",
+    }
+    old = procs.python("nlb-old", "marchproxy_nlb", env)
+    wait_port(grpc_port)
+    wait_port(listen)
+    procs.python(
+        "echo-module",
+        "marchproxy_common.module.example",
+        {
+            "CLUSTER_API_KEY": KEY,
+            "NLB_ADDR": f"127.0.0.1:{grpc_port}",
+            "HEARTBEAT_INTERVAL": "0.3",
+            "DATA_PORT": "0",
+            "GRPC_PORT": "0",
+            "ADMIN_PORT": "0",
+        },
+    )
+    async with asyncio.timeout(30):  # until the module registered (refused before)
+        while True:
+            with contextlib.suppress(OSError):
+                if await echo_once(listen, b"ready?") == b"ready?":
+                    break
+            await asyncio.sleep(0.1)
+    # held open through the old process: it keeps draining until we close it
+    reader, writer = await asyncio.open_connection("127.0.0.1", listen)
+    writer.write(b"held")
+    async with asyncio.timeout(10):
+        assert await reader.readexactly(4) == b"held"
+    new = procs.python("nlb-new", "marchproxy_nlb", env)
+    await wait_output(old, "listeners_handed_over", procs)
+    await asyncio.sleep(2 * 2.0 + 1)  # well past HEARTBEAT_TIMEOUT
+    assert old.proc.poll() is None, "the old process should still be draining"
+    for i in range(20):
+        payload = f"after-{i}".encode()
+        assert await echo_once(listen, payload) == payload, procs.dump()
+    assert "instance_expired" not in new.output(), procs.dump()
+    assert "control_plane_stopped" in old.output()
+    # the held connection still works through the old process, then ends it
+    writer.write(b"still")
+    async with asyncio.timeout(10):
+        assert await reader.readexactly(5) == b"still"
+    writer.close()
+    assert await asyncio.to_thread(old.wait, 30) == 0
+    assert new.proc.poll() is None

@@ -27,6 +27,7 @@ from marchproxy_nlb.traffic.plane import DataPlane
 _log = structlog.get_logger("marchproxy.nlb")
 
 SERVICE_NAME = "marchproxy.v1.NLBService"
+GRPC_STOP_GRACE = 1.0  # seconds in-flight RPCs get once the gRPC server stops
 
 
 class NlbApp:
@@ -60,6 +61,7 @@ class NlbApp:
         self._expiry_task: asyncio.Task[None] | None = None
         self._state_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._handed_over_to_new = False
         self._started = False
 
     def _ready(self) -> tuple[bool, str]:
@@ -195,6 +197,7 @@ class NlbApp:
     def _handed_over(self) -> None:
         """A new NLB accepts on our listening sockets now: release the path, drain, exit."""
         _log.info("listeners_handed_over")
+        self._handed_over_to_new = True
         spawn(self._release_handoff(), name="nlb handoff release")
         self.request_stop()
 
@@ -210,22 +213,37 @@ class NlbApp:
         await self._stopping.wait()
 
     async def stop(self) -> None:
-        """Shutdown order: health NOT_SERVING → stop accepting → drain → gRPC → admin → tasks."""
+        """Shutdown order: health NOT_SERVING → stop accepting → drain → gRPC → admin → tasks.
+
+        After a hand-over the control plane goes first: modules keep their gRPC (HTTP/2)
+        connection to whichever process they reached, so while we drained for up to
+        DRAIN_TIMEOUT they would heartbeat us and the new process would expire the instances it
+        copied. Stopping gRPC (GOAWAY) and admin before the drain moves them to the new one."""
         self._stopping.set()
         await self._release_handoff()
         await self.grpc.enter_graceful_shutdown()
         deadline = asyncio.get_running_loop().time() + self.settings.drain_timeout
         if self.dataplane is not None:
             await self.dataplane.stop_accepting()
+        handed_over = self._handed_over_to_new
+        if handed_over:
+            await self._stop_control_plane(keep_instances=True)
+        if self.dataplane is not None:
             await self.dataplane.drain(deadline)
+        if not handed_over:
+            await self._stop_control_plane(keep_instances=False)
+        await cancel_and_wait(self._state_task)
+        _log.info("nlb_stopped")
+
+    async def _stop_control_plane(self, *, keep_instances: bool) -> None:
         if self.state is not None:
             await self.state.stop()
         if self.autoscaler is not None:
-            await self.autoscaler.stop()
-        await self.grpc.stop(grace=1.0)
+            await self.autoscaler.stop(keep_instances=keep_instances)
+        await self.grpc.stop(grace=GRPC_STOP_GRACE)
         await self.admin.stop()
-        await cancel_and_wait(self._expiry_task, self._state_task)
-        _log.info("nlb_stopped")
+        await cancel_and_wait(self._expiry_task)
+        _log.info("control_plane_stopped", handed_over=keep_instances)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

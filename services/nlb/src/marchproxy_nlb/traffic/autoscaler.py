@@ -39,7 +39,9 @@ class Executor(Protocol):
     name: str
 
     async def scale(self, module: str, current: int, target: int) -> str: ...
-    async def close(self) -> None: ...
+    async def close(self, *, keep_instances: bool = False) -> None:
+        """Release the executor; ``keep_instances``: leave what it started running (a hitless
+        restart hands the modules to the new NLB, which sees them register)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,9 +253,9 @@ class Autoscaler:
     def start(self) -> None:
         self._task = spawn(self._loop(), name="nlb autoscaler")
 
-    async def stop(self) -> None:
+    async def stop(self, *, keep_instances: bool = False) -> None:
         await cancel_and_wait(self._task)
-        await self.executor.close()
+        await self.executor.close(keep_instances=keep_instances)
 
     def status(self) -> dict[str, Any]:
         return {

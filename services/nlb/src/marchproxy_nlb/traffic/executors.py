@@ -88,7 +88,10 @@ class ProcessExecutor:
         await proc.wait()
         self.stopping.discard(proc.pid)
 
-    async def close(self) -> None:
+    async def close(self, *, keep_instances: bool = False) -> None:
+        if keep_instances:
+            self.children.clear()  # they run on, registered with the NLB that took over
+            return
         procs = [p for ps in self.children.values() for p in ps if p.returncode is None]
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
@@ -177,7 +180,7 @@ class DockerExecutor:
             await self._call("DELETE", f"/containers/{c['Id']}")
         return f"removed {len(victims)} container(s)"
 
-    async def close(self) -> None:
+    async def close(self, *, keep_instances: bool = False) -> None:
         if self._http is not None:
             await self._http.close()
             self._http = None
@@ -242,7 +245,7 @@ class KubernetesExecutor:
         )
         return f"deployment {self.deployment(module)} replicas={body['spec']['replicas']}"
 
-    async def close(self) -> None:
+    async def close(self, *, keep_instances: bool = False) -> None:
         if self._http is not None:
             await self._http.close()
             self._http = None
