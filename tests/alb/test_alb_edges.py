@@ -173,7 +173,7 @@ async def test_client_leaving_before_the_head_releases_the_upstream_at_once(alb,
 
     async with RawBackend(h) as be:
         await alb.configure([route("hang", be.url, backend={"timeout": 60, "retries": 0})])
-        reader, writer = await asyncio.open_connection("127.0.0.1", alb.port)
+        _, writer = await asyncio.open_connection("127.0.0.1", alb.port)
         writer.write(b"GET /hang HTTP/1.1\r\nHost: a\r\n\r\n")
         async with asyncio.timeout(10):
             await got_request.wait()
