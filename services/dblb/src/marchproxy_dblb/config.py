@@ -81,6 +81,10 @@ class DblbConfig(_Strict):
     server_idle_timeout: float = Field(default=600.0, gt=0)
     server_lifetime: float = Field(default=3600.0, gt=0)
     server_reset_query: str = "DISCARD ALL"
+    #: passthrough auth: seconds a password the server accepted is trusted without asking
+    #: the server again (0: ask every time); forgotten at once when a server login of the
+    #: pool fails authentication (the password changed)
+    auth_cache_ttl: float = Field(default=300.0, ge=0)
     max_packet_size: int = Field(default=DEFAULT_MAX_MESSAGE, ge=1024)
     #: TLS to clients: certificate and key files (PEM); ``client_tls_mode`` says whether a
     #: client must use it (``require``) or may (``allow``); ``disable`` answers SSLRequest 'N'.

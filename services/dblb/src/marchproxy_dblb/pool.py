@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import hmac
 import itertools
 import secrets
 import ssl
@@ -109,6 +110,8 @@ _server_ids = itertools.count(1)
 class ServerConnection(asyncio.Protocol):
     def __init__(self, pool: Pool, password: str | None = None) -> None:
         self.pool = pool
+        #: logging in with a client's password to check it (passthrough), not as the pool
+        self.verifying = password is not None
         self.password = password if password is not None else pool.server_password
         self.id = next(_server_ids)
         self.state = "login"  # login | idle | active | reset | closed
@@ -276,6 +279,8 @@ class ServerConnection(asyncio.Protocol):
         _log.warning("server_login_failed", server=self.remote, code=code, message=message)
         self.pool.stats.server_login_errors += 1
         self.pool.last_login_error = (code, message)
+        if code.startswith("28") and not self.verifying:
+            self.pool.server_auth_failed()
         if self._login_done is not None and not self._login_done.done():
             self._login_done.set_exception(ConnectionError(f"{code}: {message}"))
         self.close()
@@ -556,7 +561,11 @@ class Pool:
     server_params: dict[str, str] | None = None
     last_login_error: tuple[str, str] | None = None
     clients: int = 0
-    verified_passwords: set[bytes] = field(default_factory=set)
+    #: passthrough auth: keyed digest of a password the server accepted -> when
+    verified_passwords: dict[bytes, float] = field(default_factory=dict)
+    _digest_key: bytes = field(default_factory=lambda: secrets.token_bytes(16))
+    #: ``server_password`` was learnt from a client (passthrough), not configured
+    password_learnt: bool = False
     #: server statement names some server of this pool parsed successfully
     known_statements: set[bytes] = field(default_factory=set)
     #: replaced by a config change: serves the clients it has until they leave or move on,
@@ -656,10 +665,14 @@ class Pool:
         self.release(server)
 
     async def check_password(self, password: str) -> bool:
-        """Passthrough auth: the password is good if the server accepts it (cached by hash)."""
-        digest = hashlib.sha256(password.encode("utf-8")).digest()
-        if digest in self.verified_passwords:
-            return True
+        """Passthrough auth: the password is good if the server accepts it. A yes is
+        remembered (as a keyed digest) for ``auth_cache_ttl`` seconds."""
+        digest = hmac.new(self._digest_key, password.encode("utf-8"), hashlib.sha256).digest()
+        verified_at = self.verified_passwords.get(digest)
+        if verified_at is not None:
+            if time.monotonic() - verified_at < self.config.auth_cache_ttl:
+                return True
+            del self.verified_passwords[digest]
         server = ServerConnection(self, password)
         try:
             await server.login(self.config.server_connect_timeout)
@@ -668,8 +681,10 @@ class Pool:
             return False
         if len(self.verified_passwords) >= MAX_VERIFIED_PASSWORDS:
             self.verified_passwords.clear()
-        self.verified_passwords.add(digest)
-        self.server_password = password
+        self.verified_passwords[digest] = time.monotonic()
+        if self.server_password is None or self.password_learnt:
+            self.server_password = password
+            self.password_learnt = True
         if self.manager.closed or len(self.servers) + self.connecting >= self.size:
             server.close()
         else:
@@ -678,6 +693,13 @@ class Pool:
                 self.server_params = dict(server.params)
             self.release(server)
         return True
+
+    def server_auth_failed(self) -> None:
+        """The server refused our login: a password it accepted before is no longer good."""
+        self.verified_passwords.clear()
+        if self.password_learnt:
+            self.server_password = None
+            self.password_learnt = False
 
     def _link(self, server: ServerConnection, client: PostgresClient) -> None:
         server.link(client)
@@ -928,6 +950,7 @@ class PoolManager:
             and new.server_user == pool.server_user
         ):
             new.server_password = pool.server_password  # passthrough: learnt at login
+            new.password_learnt = pool.password_learnt
         return new
 
     def replica_pool(self, primary: Pool, counter: int) -> Pool | None:
@@ -961,6 +984,9 @@ class PoolManager:
                 role=f"replica{index}",
             )
             self.replica_pools[key] = pool
+        if primary.password_learnt:
+            pool.server_password = primary.server_password  # passthrough: follow the primary
+            pool.password_learnt = True
         return pool
 
     def all_pools(self) -> list[Pool]:
@@ -1019,6 +1045,7 @@ class PoolManager:
         if pool is not None:
             if pool.server_password is None and candidate.server_user == pool.server_user:
                 pool.server_password = candidate.server_password
+                pool.password_learnt = candidate.password_learnt
             if pool is not candidate:
                 candidate.close_all()
             return pool
