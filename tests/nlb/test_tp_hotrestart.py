@@ -15,6 +15,7 @@ import pytest
 
 from marchproxy.v1 import nlb_pb2, nlb_pb2_grpc, types_pb2
 from tests.conftest import ProcessGroup, ProxiedEchoBackend, ServiceProcess, free_port, wait_port
+from tests.nlb.pki import make_pki
 
 pytestmark = pytest.mark.integration
 
@@ -346,3 +347,51 @@ async def test_modules_follow_the_new_process_while_the_old_one_drains(
     writer.close()
     assert await asyncio.to_thread(old.wait, 30) == 0
     assert new.proc.poll() is None
+
+
+async def test_hand_over_copies_the_registry_over_mtls_on_the_configured_host(
+    procs: ProcessGroup, tmp_path: Path
+) -> None:
+    """gRPC served with mTLS on 127.0.0.2: the new process must reach the old one there, with
+    TLS and a client certificate, or it has no registry (and no sockets) to take over."""
+    await asyncio.to_thread(make_pki, tmp_path, "DNS:localhost,IP:127.0.0.1,IP:127.0.0.2")
+    backend = await ProxiedEchoBackend("web").start()
+    listen, grpc_port, admin = free_port(), free_port("127.0.0.2"), free_port()
+    env = {
+        **nlb_env(tmp_path, f"{listen}=http", grpc_port, admin),
+        "NLB_GRPC_HOST": "127.0.0.2",
+        "GRPC_TLS_CERT": str(tmp_path / "server.pem"),
+        "GRPC_TLS_KEY": str(tmp_path / "server.key"),
+        "GRPC_TLS_CA": str(tmp_path / "ca.pem"),
+    }
+    old = procs.python("nlb-old", "marchproxy_nlb", env)
+    try:
+        wait_port(grpc_port, host="127.0.0.2")
+        wait_port(listen)
+        creds = grpc.ssl_channel_credentials(
+            (tmp_path / "ca.pem").read_bytes(),
+            (tmp_path / "server.key").read_bytes(),
+            (tmp_path / "server.pem").read_bytes(),
+        )
+        async with grpc.aio.secure_channel(f"127.0.0.2:{grpc_port}", creds) as ch:
+            await nlb_pb2_grpc.NLBServiceStub(ch).RegisterModule(
+                nlb_pb2.RegisterModuleRequest(
+                    module_id="web",
+                    instance_id="web-1",
+                    module_type=types_pb2.MODULE_TYPE_ALB,
+                    protocols=[types_pb2.PROTOCOL_HTTP],
+                    data_address=types_pb2.Address(host="127.0.0.1", port=backend.port),
+                ),
+                metadata=(("x-cluster-api-key", KEY),),
+                timeout=10,
+            )
+        new = procs.python("nlb-new", "marchproxy_nlb", env)
+        await wait_output(old, "listeners_handed_over", procs)
+        assert "instances=1" in new.output(), procs.dump()
+        assert await asyncio.to_thread(old.wait, 30) == 0
+        # served by the new process from the copied registry: nobody registered with it
+        for _ in range(5):
+            assert await one_request(listen)
+        assert new.proc.poll() is None
+    finally:
+        await backend.stop()

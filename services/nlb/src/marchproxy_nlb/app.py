@@ -178,7 +178,7 @@ class NlbApp:
         executor: Executor
         if s.nlb_scaler == "process":
             env = {
-                "NLB_ADDR": f"127.0.0.1:{self.grpc.port}",
+                "NLB_ADDR": s.local_grpc_target(self.grpc.port),
                 "CLUSTER_API_KEY": s.effective_cluster_api_key,
             }
             executor = ProcessExecutor(s.nlb_scaler_commands, env)

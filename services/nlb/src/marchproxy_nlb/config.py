@@ -57,3 +57,13 @@ class NlbSettings(CommonSettings):
     nlb_max_instances: int = Field(default=10_000, ge=1)
     #: run from a static desired-state file (YAML/JSON) instead of Redis/API
     config_file: str = ""
+
+    def local_grpc_target(self, port: int) -> str:
+        """How a process on this host reaches our gRPC server on ``port`` (a wildcard bind
+        is reached on loopback); ``host:port``, IPv6 in brackets."""
+        host = self.nlb_grpc_host.strip("[]")
+        if host in ("", "0.0.0.0"):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import os
 import socket
+from pathlib import Path
 
 import grpc
 import structlog
@@ -47,10 +48,30 @@ class HandoverFailed(RuntimeError):
     """The old process did not take our acknowledgement: it keeps serving, we must leave."""
 
 
+def _read(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+async def old_process_channel(settings: NlbSettings) -> grpc.aio.Channel:
+    """A channel to the running NLB's gRPC server: the host we bind too, over TLS when we
+    serve TLS (trusting GRPC_TLS_CA, else our own certificate; with a CA, i.e. mTLS, our own
+    certificate is the client certificate as well)."""
+    target = settings.local_grpc_target(settings.nlb_grpc_port)
+    if not settings.grpc_tls_cert:
+        return grpc.aio.insecure_channel(target)
+    cert = await asyncio.to_thread(_read, settings.grpc_tls_cert)
+    if settings.grpc_tls_ca:
+        root = await asyncio.to_thread(_read, settings.grpc_tls_ca)
+        key = await asyncio.to_thread(_read, settings.grpc_tls_key)
+        creds = grpc.ssl_channel_credentials(root, key, cert)
+    else:
+        creds = grpc.ssl_channel_credentials(cert)
+    return grpc.aio.secure_channel(target, creds)
+
+
 async def copy_registry(settings: NlbSettings, registry: InstanceRegistry) -> int:
     """Register every instance the running NLB knows; returns how many."""
-    addr = f"127.0.0.1:{settings.nlb_grpc_port}"
-    async with grpc.aio.insecure_channel(addr) as ch:
+    async with await old_process_channel(settings) as ch:
         resp = await nlb_pb2_grpc.NLBServiceStub(ch).ListModules(
             nlb_pb2.ListModulesRequest(include_draining=True),
             metadata=((API_KEY_HEADER, settings.effective_cluster_api_key),),
