@@ -76,7 +76,14 @@ class AilbHooks(BaseModuleHooks):
         self.metrics = Metrics()
         #: the runtime adds this to the admin /metrics
         self.metrics_registry = self.metrics.registry
-        self.usage = UsageStore(redis, settings.ailb_redis_prefix, settings.ailb_usage_log)
+        self.usage = UsageStore(
+            redis,
+            settings.ailb_redis_prefix,
+            settings.ailb_usage_log,
+            log_max_bytes=settings.ailb_usage_log_max_bytes,
+            log_backups=settings.ailb_usage_log_backups,
+            on_log_error=lambda _exc: self.metrics.backend_errors.labels("usage_log").inc(),
+        )
         self.gateway = Gateway(
             redis=redis,
             prefix=settings.ailb_redis_prefix,
@@ -92,6 +99,7 @@ class AilbHooks(BaseModuleHooks):
 
     async def start_data_plane(self) -> BoundAddress:
         loop = asyncio.get_running_loop()
+        await self.usage.start()  # totals from the usage log before the first request
         self._server = web.Server(
             self.gateway.handle,
             handler_cancellation=True,
@@ -220,7 +228,7 @@ class AilbHooks(BaseModuleHooks):
             await self._server.shutdown(0.1)
             self._server = None
         await self.gateway.close()
-        self.usage.close()
+        await self.usage.close()  # what is still queued for the usage log is written now
         if self._own_redis and self.redis is not None:
             await self.redis.aclose()
             self.redis = None

@@ -3,21 +3,26 @@
 Cost is kept in integer nano-USD so per-key totals add up exactly (prices are USD per million
 tokens, so one token costs ``price * 1000`` nano-USD). Cached prompt tokens are priced at the
 deployment's ``cached_input`` price. Each record goes to Redis (HINCRBY on
-``<prefix>usage:<key_id>``, shared by replicas) and to an append-only JSONL log when configured;
-without Redis the totals are rebuilt from the log at start, so nothing is lost on restart.
+``<prefix>usage:<key_id>``, shared by replicas) and to an append-only JSONL log when configured
+(written by a background thread, see :mod:`marchproxy_ailb.usage_log`). At start the log is
+replayed: without Redis it rebuilds the totals; with Redis it restores the totals of keys Redis
+has none for. Nothing flushed to the log is lost on restart.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
 
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from marchproxy_ailb.schema import Price
+from marchproxy_ailb.usage_log import Totals, UsageLog, add_record, replay
+
+_log = structlog.get_logger("marchproxy.ailb")
 
 USAGE_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_nusd")
 LATENCY_BUCKETS = (
@@ -132,31 +137,73 @@ class Metrics:
         self.in_flight = Gauge("ailb_in_flight_requests", "Requests in progress", registry=r)
 
 
+# KEYS: usage hash; ARGV: field, value, field, value, ... (only when the hash is missing)
+_RESTORE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+
 class UsageStore:
-    def __init__(self, redis: Any | None, prefix: str, log_path: str = "") -> None:
+    """Per-key usage totals: in Redis (shared by replicas) or in process, plus the JSONL log.
+
+    Call :meth:`start` before serving (it replays the log) and :meth:`close` at shutdown (it
+    writes what is still queued for the log)."""
+
+    def __init__(
+        self,
+        redis: Any | None,
+        prefix: str,
+        log_path: str = "",
+        *,
+        log_max_bytes: int = 0,
+        log_backups: int = 4,
+        on_log_error: Callable[[Exception], None] | None = None,
+    ) -> None:
         self._redis = redis
         self._prefix = prefix
-        self._log: IO[str] | None = None
-        self._local: dict[str, dict[str, int]] = {}
+        self._local: Totals = {}
+        self._log: UsageLog | None = None
         if log_path:
-            if redis is None and os.path.exists(log_path):
-                self._replay(log_path)
-            self._log = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - owned until close()
+            self._log = UsageLog(
+                log_path,
+                USAGE_FIELDS,
+                max_bytes=log_max_bytes,
+                backups=log_backups,
+                on_error=on_log_error,
+            )
+        self._started = False
 
-    def _replay(self, path: str) -> None:
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue  # a torn last line from a crash; the rest still counts
-                self._add_local(rec["key_id"], rec)
+    async def start(self) -> None:
+        """Replay the log: the totals without Redis; with Redis, the totals of keys Redis has
+        none for (e.g. after Redis lost its data), which are written back there."""
+        if self._started:
+            return
+        self._started = True
+        if self._log is None:
+            return
+        totals = replay(self._log.path, USAGE_FIELDS)
+        if self._redis is None:
+            self._local = {k: dict(v) for k, v in totals.items()}
+        elif totals:
+            await self._restore(totals)
+        self._log.start(totals)
 
-    def _add_local(self, key_id: str, rec: dict[str, Any]) -> None:
-        tot = self._local.setdefault(key_id, dict.fromkeys(USAGE_FIELDS, 0))
-        tot["requests"] += 1
-        for f in USAGE_FIELDS[1:]:
-            tot[f] += int(rec.get(f, 0))
+    async def _restore(self, totals: Totals) -> None:
+        script = self._redis.register_script(_RESTORE)  # type: ignore[union-attr]
+        restored = 0
+        try:
+            for key_id, tot in totals.items():
+                args: list[Any] = []
+                for f in USAGE_FIELDS:
+                    args += [f, int(tot.get(f, 0))]
+                restored += int(await script(keys=[self.redis_key(key_id)], args=args))
+        except Exception as exc:  # Redis down at start: serve on, its totals stay as they are
+            _log.warning("ailb_usage_restore_failed", error=str(exc))
+            return
+        if restored:
+            _log.info("ailb_usage_restored_from_log", keys=restored)
 
     def redis_key(self, key_id: str) -> str:
         """The Redis hash of one key's totals (``cost_nusd`` is its spend)."""
@@ -166,11 +213,12 @@ class UsageStore:
         return self._local.get(key_id, {}).get("cost_nusd", 0)
 
     async def record(self, rec: UsageRecord) -> None:
-        data = {f: getattr(rec, f) for f in RECORD_FIELDS}
+        data: dict[str, Any] = {f: getattr(rec, f) for f in RECORD_FIELDS}
+        if self._redis is None:
+            add_record(self._local, USAGE_FIELDS, data)  # before any await: spend is current
         if self._log is not None:
             data["ts"] = round(time.time(), 3)
-            self._log.write(json.dumps(data, separators=(",", ":")) + "\n")
-            self._log.flush()
+            await self._log.append(data)
         if self._redis is not None:
             pipe = self._redis.pipeline(transaction=False)
             h = self.redis_key(rec.key_id)
@@ -178,8 +226,6 @@ class UsageStore:
             for f in USAGE_FIELDS[1:]:
                 pipe.hincrby(h, f, int(data[f]))
             await pipe.execute()
-        else:
-            self._add_local(rec.key_id, data)
 
     async def totals(self, key_id: str) -> dict[str, int]:
         if self._redis is not None:
@@ -193,7 +239,6 @@ class UsageStore:
             return int(raw or 0)
         return self._local.get(key_id, {}).get("cost_nusd", 0)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         if self._log is not None:
-            self._log.close()
-            self._log = None
+            await self._log.close()
