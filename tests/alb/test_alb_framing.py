@@ -3,9 +3,11 @@ Hypothesis feeding the bytes in random splits."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Sequence
 
 import httptools
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,6 +31,7 @@ from marchproxy_alb.http.framing import (
     response_has_body,
     split_target,
 )
+from tests.alb.alb_support import raw_exchange, route
 
 
 class Collect:
@@ -148,6 +151,62 @@ def test_framing_of_only_raises_framing_error(headers) -> None:
     else:
         assert length is None or length >= 0
         assert not (chunked and length is not None)
+
+
+@pytest.mark.parametrize(
+    ("values", "want"),
+    [
+        ([b"chunked"], (True, None)),
+        ([b" Chunked "], (True, None)),
+        ([b"gzip, chunked"], 501),  # we would drop the gzip coding: refuse, do not corrupt
+        ([b"gzip", b"chunked"], 501),  # the same list over two header lines
+        ([b"chunked, chunked"], 400),  # RFC 9112 §7: chunked at most once
+        ([b"chunked, gzip"], 400),  # RFC 9112 §6.3: chunked not final → 400
+        ([b"gzip"], 400),
+        ([b""], 400),
+        ([b","], 400),
+    ],
+)
+def test_transfer_coding_must_be_exactly_chunked(values: list[bytes], want) -> None:
+    headers = [(b"Transfer-Encoding", v) for v in values]
+    if isinstance(want, int):
+        with pytest.raises(FramingError) as exc:
+            framing_of(headers)
+        assert exc.value.status == want
+    else:
+        assert framing_of(headers) == want
+
+
+async def test_gzip_chunked_request_is_501_through_the_proxy(alb, backends) -> None:
+    b = await backends()
+    await alb.configure([route("all", b.url)])
+    out = await raw_exchange(
+        alb.port,
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+        b"3\r\nabc\r\n0\r\n\r\n",
+    )
+    assert out.startswith(b"HTTP/1.1 501 "), out[:200]
+    assert b.requests == []
+
+
+async def test_gzip_chunked_response_is_502_not_a_corrupt_body(alb) -> None:
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+        await w.drain()
+        w.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        await alb.configure([route("all", f"http://127.0.0.1:{port}", backend={"retries": 0})])
+        out = await raw_exchange(
+            alb.port, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert out.startswith(b"HTTP/1.1 502 "), out[:200]
 
 
 @given(st.binary(max_size=200))

@@ -119,16 +119,13 @@ def strip_hop_by_hop(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
 
 def framing_of(headers: Sequence[tuple[bytes, bytes]]) -> tuple[bool, int | None]:
     """(chunked, content_length) as declared; raises FramingError on conflicts (RFC 9112 §6.3)."""
-    chunked = False
+    codings: list[bytes] | None = None
     length: int | None = None
     for k, v in headers:
         lk = k.lower()
         if lk == b"transfer-encoding":
-            codings = [c.strip().lower() for c in v.split(b",") if c.strip()]
-            if codings and codings[-1] == b"chunked":
-                chunked = True
-            elif codings:
-                raise FramingError(501, "unsupported transfer-encoding")
+            # several lines form one list (RFC 9110 §5.3)
+            codings = (codings or []) + [c.strip().lower() for c in v.split(b",")]
         elif lk == b"content-length":
             vs = v.strip()
             if not vs.isdigit() or len(vs) > 18:
@@ -137,6 +134,15 @@ def framing_of(headers: Sequence[tuple[bytes, bytes]]) -> tuple[bool, int | None
             if length is not None and length != n:
                 raise FramingError(400, "conflicting content-length")
             length = n
+    chunked = False
+    if codings is not None:
+        if codings.count(b"chunked") != 1 or codings[-1] != b"chunked" or b"" in codings:
+            # RFC 9112 §6.3: chunked missing or not final (or twice, §7) → 400
+            raise FramingError(400, "transfer-encoding must end with one chunked")
+        if len(codings) > 1:
+            # we re-chunk bodies and would drop the other codings: refuse rather than corrupt
+            raise FramingError(501, "transfer codings other than chunked are not supported")
+        chunked = True
     if chunked and length is not None:
         # request smuggling vector (RFC 9112 §6.1): refuse instead of guessing
         raise FramingError(400, "both transfer-encoding and content-length")
