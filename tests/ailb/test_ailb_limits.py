@@ -355,20 +355,16 @@ async def test_tpm_rechecked_on_fallback_hop(
     assert len(fake_openai2.requests) == 1  # the fallback hop never went out
 
 
-@pytest.mark.integration
-async def test_rpm_across_two_processes(
-    tmp_path: Path, procs: Any, fake_openai: FakeOpenAI, redis_prefix: tuple[Any, str]
-) -> None:
-    """Two real AILB processes (python -m marchproxy_ailb) share one key's RPM via Redis."""
+async def _two_processes(
+    tmp_path: Path, procs: Any, prefix: str, config: dict[str, Any]
+) -> list[int]:
+    """Two real AILB processes (python -m marchproxy_ailb) sharing Redis: their data ports."""
     import yaml
 
     from tests.conftest import free_port, wait_port
 
-    client, prefix = redis_prefix
     cfg = tmp_path / "ailb.yaml"
-    cfg.write_text(
-        yaml.safe_dump({"modules": [{"name": "ailb", "config": keyed(fake_openai, rpm=2)}]})
-    )
+    cfg.write_text(yaml.safe_dump({"modules": [{"name": "ailb", "config": config}]}))
     ports = [free_port(), free_port()]
     for i, port in enumerate(ports):
         procs.python(
@@ -387,17 +383,52 @@ async def test_rpm_across_two_processes(
         )
     for port in ports:
         await asyncio.to_thread(wait_port, port)
+    return ports
+
+
+async def _post_port(http: httpx.AsyncClient, port: int) -> httpx.Response:
+    return await http.post(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        json={"model": "gpt-fake", "messages": MSG},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+
+
+@pytest.mark.integration
+async def test_rpm_across_two_processes(
+    tmp_path: Path, procs: Any, fake_openai: FakeOpenAI, redis_prefix: tuple[Any, str]
+) -> None:
+    """Two real AILB processes share one key's RPM via Redis."""
+    client, prefix = redis_prefix
+    ports = await _two_processes(tmp_path, procs, prefix, keyed(fake_openai, rpm=2))
     await _avoid_window_edge(client)
     async with httpx.AsyncClient(timeout=20) as http:
-        codes = []
-        for port in (ports[0], ports[1], ports[0]):
-            r = await http.post(
-                f"http://127.0.0.1:{port}/v1/chat/completions",
-                json={"model": "gpt-fake", "messages": MSG},
-                headers={"Authorization": f"Bearer {KEY}"},
-            )
-            codes.append(r.status_code)
+        codes = [(await _post_port(http, port)).status_code for port in (*ports, ports[0])]
     assert codes == [200, 200, 429]
+    assert len(fake_openai.requests) == 2
+
+
+@pytest.mark.integration
+async def test_tpm_across_two_processes(
+    tmp_path: Path, procs: Any, fake_openai: FakeOpenAI, redis_prefix: tuple[Any, str]
+) -> None:
+    """Two real AILB processes share one key's TPM via Redis: each call uses 10 prompt + 4
+    completion tokens and is admitted while used + its 7 estimated prompt tokens fit in 25."""
+    client, prefix = redis_prefix
+    ports = await _two_processes(tmp_path, procs, prefix, keyed(fake_openai, tpm=25))
+    await _avoid_window_edge(client)
+    async with httpx.AsyncClient(timeout=20) as http:
+        first = await _post_port(http, ports[0])  # 0 used: admitted, 14 used after
+        second = await _post_port(http, ports[1])  # 14 + 7 <= 25: admitted, 28 used after
+        refused = await _post_port(http, ports[0])  # 28 + 7 > 25
+        other = await _post_port(http, ports[1])
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert second.headers["x-ratelimit-remaining-tokens"] == "11"  # counted by the other process
+    for r in (refused, other):
+        assert r.status_code == 429
+        assert r.json()["error"]["type"] == "tokens"
+        assert r.headers["x-ratelimit-remaining-tokens"] == "0"
+        assert 1 <= int(r.headers["Retry-After"]) <= 60
     assert len(fake_openai.requests) == 2
 
 
