@@ -6,7 +6,7 @@ One 30 fps publisher (~0.8 Mbit/s, keyframe every second; a pre-encoded file sen
 (% of one core, sampled over the measurement window from /proc), time to first frame.
 
     uv run --frozen python benchmarks/rtmp/bench.py --levels 100,200,400,800
-    uv run --frozen python benchmarks/rtmp/bench.py --check     # loadgen vs ffmpeg frame count
+    uv run --frozen python benchmarks/rtmp/bench.py --check     # loadgen vs ffmpeg, exit 1 if off
 
 Never run in CI. Every process it starts is killed on exit.
 """
@@ -30,15 +30,12 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))  # the repository root, for tests.conftest
+from tests.conftest import free_port  # noqa: E402 - ports below the ephemeral range
+
 SRC = Path(tempfile.gettempdir()) / "marchproxy-rtmp-bench-src.flv"
 NGINX_RTMP_MODULE = "/usr/lib/nginx/modules/ngx_rtmp_module.so"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 15.0) -> None:
@@ -123,7 +120,7 @@ def ours(procs: Procs, tmp: Path, flush_ms: int = 40) -> Iterator[tuple[int, int
 
 
 @contextlib.contextmanager
-def nginx(procs: Procs, tmp: Path) -> Iterator[tuple[int, int]]:
+def nginx(procs: Procs, tmp: Path, app_conf: str = "") -> Iterator[tuple[int, int]]:
     port = free_port()
     conf = tmp / "nginx.conf"
     conf.write_text(f"""
@@ -139,7 +136,7 @@ rtmp {{
     server {{
         listen 127.0.0.1:{port};
         chunk_size 4096;
-        application live {{ live on; wait_key on; }}
+        application live {{ live on; wait_key on; {app_conf} }}
     }}
 }}
 """)
@@ -218,7 +215,7 @@ def loadgen(
     return result
 
 
-def run_bench(args: argparse.Namespace) -> None:
+def run_bench(args: argparse.Namespace) -> int:
     levels = [int(x) for x in args.levels.split(",")]
     results: dict[str, list[dict]] = {}
     procs = Procs()
@@ -274,39 +271,123 @@ def run_bench(args: argparse.Namespace) -> None:
                 print(
                     f"N={n}: cpu/player ours/nginx = {ratio:.2f}x, ttff p50 ours/nginx = {ttff} ms"
                 )
+    return 0
 
 
-def run_check(args: argparse.Namespace) -> None:
-    """Count frames of one finite stream with loadgen and with ffmpeg+ffprobe; they must agree."""
+def packet_md5s(path: str | Path) -> dict[str, list[str]]:
+    """MD5 of every packet's codec data per type, in order (``ffprobe -show_data_hash``)."""
+    probe = subprocess.run(
+        ["ffprobe", "-v", "error", "-show_data_hash", "MD5",
+         "-show_entries", "packet=codec_type,data_hash", "-of", "csv=p=0", str(path)],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    out: dict[str, list[str]] = {"video": [], "audio": []}
+    for line in probe.stdout.splitlines():
+        kind, _, digest = line.partition(",")
+        if kind in out:
+            out[kind].append(digest.removeprefix("MD5:"))
+    return out
+
+
+def join_index(source: list[str], first: list[str]) -> int | None:
+    """Where in the source a player's first frames are (None: not found or not unique)."""
+    if not first:
+        return None
+    hits = [i for i in range(len(source) - len(first) + 1) if source[i : i + len(first)] == first]
+    return hits[0] if len(hits) == 1 else None
+
+
+def check_server(name: str, server: Any, args: argparse.Namespace) -> dict:
+    """One finite stream on ``server``: 3 load generator players and one ffmpeg recorder wait
+    for it, one of each joins in the middle (``--late-at`` s after the publish starts, mid-GOP).
+
+    A player's expected frame count per type is what the publisher sent from the frame it
+    started on: (frames the early ffmpeg recorder got) - (index of the player's first frame in
+    the source, found by its MD5). Every player, ours and ffmpeg's, must be within
+    ``--tolerance`` frames of that, and the load generator's first video frame a keyframe."""
     procs = Procs()
+    players: dict[str, dict[str, Any]] = {}
     try:
-        with tempfile.TemporaryDirectory() as d, ours(procs, Path(d)) as (port, _):
+        with tempfile.TemporaryDirectory() as d, server(procs, Path(d)) as (port, _):
             url = f"rtmp://127.0.0.1:{port}/live/check"
-            out = Path(d) / "rec.flv"
-            lg = procs.start(
-                [sys.executable, str(HERE / "loadgen.py"), "--url", url, "--players", "3",
-                 "--until-eof", "--timeout", "60"],
-                stdout=subprocess.PIPE, text=True,
-            )  # fmt: skip
-            rec = procs.start(["ffmpeg", "-hide_banner", "-loglevel", "error", "-i", url,
-                               "-c", "copy", "-f", "flv", "-y", str(out)])  # fmt: skip
-            time.sleep(2.0)  # both players wait for the publisher
+            lg_argv = [sys.executable, str(HERE / "loadgen.py"), "--url", url, "--until-eof",
+                       "--timeout", str(args.check_seconds + 40), "--record", "4"]  # fmt: skip
+            rec_argv = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-rw_timeout",
+                        "30000000", "-i", url, "-c", "copy", "-f", "flv", "-y"]  # fmt: skip
+            outs = {"ffmpeg": Path(d) / "early.flv", "ffmpeg-late": Path(d) / "late.flv"}
+            lg = procs.start([*lg_argv, "--players", "3"], stdout=subprocess.PIPE, text=True)
+            rec = procs.start([*rec_argv, str(outs["ffmpeg"])])
+            time.sleep(2.0)  # the early players wait for the publisher
             pub = publish(procs, url, loop=False, seconds=args.check_seconds)
+            time.sleep(args.late_at)
+            lg_late = procs.start([*lg_argv, "--players", "1"], stdout=subprocess.PIPE, text=True)
+            rec_late = procs.start([*rec_argv, str(outs["ffmpeg-late"])])
             pub.wait(args.check_seconds + 30)
-            stdout, _ = lg.communicate(timeout=60)
-            rec.wait(30)
-            lg_result = json.loads(stdout.strip().splitlines()[-1])
-            probe = subprocess.run(
-                ["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v",
-                 "-show_entries", "stream=nb_read_frames", "-of", "csv=p=0", str(out)],
-                capture_output=True, text=True, timeout=60, check=True,
-            )  # fmt: skip
-            ffmpeg_frames = int(probe.stdout.strip())
-            print(json.dumps({"loadgen_video_frames": lg_result["video"],
-                              "loadgen_first_video_is_keyframe": lg_result["first_video_key"],
-                              "ffmpeg_video_frames": ffmpeg_frames}))  # fmt: skip
+            for label, p in (("loadgen", lg), ("loadgen-late", lg_late)):
+                stdout, _ = p.communicate(timeout=60)
+                res = json.loads(stdout.strip().splitlines()[-1])
+                for i in range(res["players"]):
+                    players[f"{label}-{i}" if label == "loadgen" else label] = {
+                        "video": res["video"][i], "audio": res["audio"][i],
+                        "first_key": res["first_video_key"][i],
+                        "first": {"video": res["video_md5"][i], "audio": res["audio_md5"][i]},
+                    }  # fmt: skip
+            for p in (rec, rec_late):
+                p.wait(30)
+            for label, out in outs.items():
+                got = packet_md5s(out)
+                players[label] = {
+                    "video": len(got["video"]), "audio": len(got["audio"]), "first_key": None,
+                    "first": {k: v[:4] for k, v in got.items()},
+                }  # fmt: skip
     finally:
         procs.stop_all()
+    source = packet_md5s(make_source())
+    ok = True
+    total: dict[str, int] = {}
+    for kind in ("video", "audio"):
+        j = join_index(source[kind], players["ffmpeg"]["first"][kind])
+        total[kind] = (j or 0) + players["ffmpeg"]["video" if kind == "video" else "audio"]
+    rows = []
+    for label, r in players.items():
+        row: dict[str, Any] = {"server": name, "player": label}
+        for kind in ("video", "audio"):
+            j = join_index(source[kind], r["first"][kind])
+            expected = None if j is None else total[kind] - j
+            good = expected is not None and abs(r[kind] - expected) <= args.tolerance
+            ok = ok and good
+            row[kind] = r[kind]
+            row[f"{kind}_expected"] = expected
+            row[f"{kind}_from_frame"] = j
+        if r["first_key"] is not None:
+            row["first_video_key"] = r["first_key"]
+            ok = ok and r["first_key"] is True
+        rows.append(row)
+    return {"server": name, "ok": ok, "published": total, "players": rows}
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """The load generator's counts against ffmpeg's, on both servers; non-zero exit if off."""
+    servers: list[tuple[str, Any]] = [
+        ("marchproxy", ours),
+        ("nginx-rtmp", lambda p, d: nginx(p, d, "publish_notify on;")),
+    ]
+    results = [check_server(n, srv, args) for n, srv in servers if args.only in (None, n)]
+    print(f"{'server':11} {'player':14} {'video':>5} {'expect':>6} {'from':>4} "
+          f"{'audio':>5} {'expect':>6} {'from':>4} {'key1st':>6}")  # fmt: skip
+    for res in results:
+        for r in res["players"]:
+            print(f"{res['server']:11} {r['player']:14} {r['video']:>5} "
+                  f"{r['video_expected']!s:>6} {r['video_from_frame']!s:>4} {r['audio']:>5} "
+                  f"{r['audio_expected']!s:>6} {r['audio_from_frame']!s:>4} "
+                  f"{r.get('first_video_key', '-')!s:>6}")  # fmt: skip
+    print(json.dumps(results))
+    bad = [r["server"] for r in results if not r["ok"]]
+    if bad:
+        print(f"frame counts disagree (tolerance {args.tolerance}) on: {', '.join(bad)}")
+        return 1
+    print(f"frame counts agree within {args.tolerance} frames on every player")
+    return 0
 
 
 def main() -> None:
@@ -317,8 +398,10 @@ def main() -> None:
     ap.add_argument("--flush-ms", type=int, default=40, help="our flush_interval_ms")
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--check-seconds", type=float, default=5.0)
+    ap.add_argument("--late-at", type=float, default=2.5, help="late joiners, s after publish")
+    ap.add_argument("--tolerance", type=int, default=1, help="frames a player may be off")
     args = ap.parse_args()
-    run_check(args) if args.check else run_bench(args)
+    sys.exit(run_check(args) if args.check else run_bench(args))
 
 
 if __name__ == "__main__":

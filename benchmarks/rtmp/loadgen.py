@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import resource
@@ -36,9 +37,13 @@ _FMT_SIZE = (11, 7, 3, 0)
 class CountingPlayer(asyncio.Protocol):
     """One play session; media payloads are skipped, only their count and first byte kept."""
 
-    def __init__(self, app: str, tc_url: str, stream: str, stats: Stats) -> None:
+    def __init__(self, app: str, tc_url: str, stream: str, stats: Stats, record: int = 0) -> None:
         self.app, self.tc_url, self.stream = app, tc_url, stream
         self.stats = stats
+        #: MD5s of the first ``record`` video/audio frames (the codec data after the FLV
+        #: AVC/AAC header, what ffprobe -show_data_hash hashes): where in the source they are
+        self.record = record
+        self.hashes: dict[int, list[str]] = {8: [], 9: []}
         self.t_start = time.monotonic()
         self.t_first_video: float | None = None
         self.first_video_key: bool | None = None
@@ -51,7 +56,7 @@ class CountingPlayer(asyncio.Protocol):
         self._buf = bytearray()
         self._writer = ChunkWriter()
         self._chunk_size = 128
-        # csid -> [length, type_id, received, ext, parts or None, first_byte]
+        # csid -> [length, type_id, received, ext, parts or None, first 2 bytes, media parts]
         self._cs: dict[int, list] = {}
         self._recv = 0
         self._acked = 0
@@ -131,7 +136,7 @@ class CountingPlayer(asyncio.Protocol):
             return 0
         st = self._cs.get(csid)
         if st is None:
-            st = [0, 0, 0, False, None, 0]
+            st = [0, 0, 0, False, None, 0, None]
             self._cs[csid] = st
         ext = buf[p] == 255 and buf[p + 1] == 255 and buf[p + 2] == 255 if fmt <= 2 else st[3]
         length, type_id = st[0], st[1]
@@ -150,19 +155,23 @@ class CountingPlayer(asyncio.Protocol):
             return 0
         if new:
             st[0], st[1], st[3] = length, type_id, ext
-            st[4] = None if type_id in (8, 9) else []
+            media = type_id in (8, 9)
+            st[4] = None if media else []
             st[5] = (buf[p] << 8 | buf[p + 1]) if take >= 2 else 0
+            st[6] = [] if media and len(self.hashes[type_id]) < self.record else None
         parts = st[4]
         if parts is not None:
             parts.append(bytes(buf[p : p + take]))
+        elif st[6] is not None:
+            st[6].append(bytes(buf[p : p + take]))
         received += take
         p += take
         if received >= length:
             st[2] = 0
             if type_id == 9:
-                self._on_video(st[5])
+                self._on_video(st[5], st[6])
             elif type_id == 8:
-                self.audio += 1
+                self._on_audio(st[5], st[6])
             elif parts is not None:
                 st[4] = None
                 self._on_control(type_id, b"".join(parts))
@@ -170,7 +179,7 @@ class CountingPlayer(asyncio.Protocol):
             st[2] = received
         return p - pos
 
-    def _on_video(self, head: int) -> None:
+    def _on_video(self, head: int, parts: list[bytes] | None) -> None:
         b0, b1 = head >> 8, head & 0xFF
         if (b0 & 0x0F == 7 and b1 != 1) or (b0 & 0x80 and b0 & 0x0F in (0, 2)):
             return  # AVC sequence header / end of sequence (or enhanced-RTMP ones): not frames
@@ -179,6 +188,16 @@ class CountingPlayer(asyncio.Protocol):
             self.first_video_key = (b0 >> 4) & 0x7 == 1
             self.stats.first_frame(self)
         self.video += 1
+        if parts is not None:
+            self.hashes[9].append(hashlib.md5(b"".join(parts)[5:]).hexdigest())
+
+    def _on_audio(self, head: int, parts: list[bytes] | None) -> None:
+        if head >> 12 == 10 and head & 0xFF == 0:
+            return  # AAC sequence header (AudioSpecificConfig): not a frame
+        self.audio += 1
+        if parts is not None:
+            header = 2 if head >> 12 == 10 else 1
+            self.hashes[8].append(hashlib.md5(b"".join(parts)[header:]).hexdigest())
 
     def _on_control(self, type_id: int, payload: bytes) -> None:
         if type_id == 1:
@@ -236,7 +255,7 @@ async def main(args: argparse.Namespace) -> dict:
     for _ in range(args.players):
         try:
             _, proto = await loop.create_connection(
-                lambda: CountingPlayer(app, tc_url, stream, stats), host, port
+                lambda: CountingPlayer(app, tc_url, stream, stats, args.record), host, port
             )
             players.append(proto)
         except OSError:
@@ -250,6 +269,9 @@ async def main(args: argparse.Namespace) -> dict:
             "video": [p.video for p in players],
             "audio": [p.audio for p in players],
             "first_video_key": [p.first_video_key for p in players],
+            "video_md5": [p.hashes[9] for p in players],
+            "audio_md5": [p.hashes[8] for p in players],
+            "failed": [p.failed for p in players],
         }
         return result
     await asyncio.sleep(args.warmup)
@@ -293,6 +315,9 @@ def cli() -> None:
     ap.add_argument("--window", type=float, default=8.0)
     ap.add_argument("--fps", type=float, default=30.0)
     ap.add_argument("--until-eof", action="store_true")
+    ap.add_argument(
+        "--record", type=int, default=0, help="MD5s of the first N frames per type (--until-eof)"
+    )
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--uvloop", action="store_true")
     args = ap.parse_args()
