@@ -23,6 +23,8 @@ class ApiSettings(CommonSettings):
     state_check_interval: float = Field(default=1.0, gt=0, le=3600)
     sqlite_path: str = DEFAULT_SQLITE_PATH
     run_migrations: bool = True
+    #: longest pause between start-up attempts while the database is unreachable (seconds)
+    start_retry_max: float = Field(default=5.0, gt=0, le=300)
     #: long-poll bounds (seconds)
     state_poll_default: float = Field(default=30.0, gt=0, le=300)
     state_poll_max: float = Field(default=60.0, gt=0, le=600)

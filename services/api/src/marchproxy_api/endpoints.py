@@ -18,7 +18,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from marchproxy_api.errors import ApiError
-from marchproxy_api.keys import settings_key
+from marchproxy_api.keys import readiness_key, settings_key
 from marchproxy_api.schemas import MAX_ID
 from marchproxy_api.security import (
     CLUSTER_PRINCIPAL,
@@ -73,6 +73,8 @@ class Endpoint:
     enums: dict[str, tuple[str, ...]] = field(default_factory=dict)
     etag: bool = True
     raw_response: str = ""  # content type when the handler returns non-JSON
+    #: False for the few endpoints that answer without the database (liveness, docs, metrics)
+    needs_db: bool = True
 
     @property
     def aiohttp_path(self) -> str:
@@ -126,6 +128,13 @@ def authenticate(request: web.Request, auth: Auth) -> Principal | None:
     return principal
 
 
+def not_ready(reason: str) -> ApiError:
+    err = ApiError(503, "not_ready", "the API is starting: the database is not reachable yet")
+    err.details["reason"] = reason
+    err.headers["Retry-After"] = "2"
+    return err
+
+
 def _unauthorized(message: str) -> ApiError:
     err = ApiError(401, "unauthorized", message)
     err.headers["WWW-Authenticate"] = "Bearer"
@@ -164,6 +173,8 @@ def json_body(data: Any, status: int, request: web.Request, etag: bool) -> web.R
 
 def wrap(ep: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
+        if ep.needs_db and not request.app[readiness_key].ready:
+            raise not_ready(request.app[readiness_key].reason)
         principal = authenticate(request, ep.auth)
         params: dict[str, int] = {}
         for name, value in request.match_info.items():

@@ -14,6 +14,7 @@ from marchproxy_api.publisher import StatePublisher
 from marchproxy_api.security import LoginLimiter, PasswordHashing
 
 if TYPE_CHECKING:
+    from marchproxy_api.bootstrap import Readiness
     from marchproxy_api.txn import CompiledCache
 
 settings_key = web.AppKey("settings", ApiSettings)
@@ -25,3 +26,4 @@ metrics_key = web.AppKey("metrics", ApiMetrics)
 login_limiter_key = web.AppKey("login_limiter", LoginLimiter)
 password_hashing_key = web.AppKey("password_hashing", PasswordHashing)
 compiled_cache_key: web.AppKey[CompiledCache] = web.AppKey("compiled_cache")
+readiness_key: web.AppKey[Readiness] = web.AppKey("readiness")

@@ -9,10 +9,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select, text
 
 from marchproxy_api.db.models import Module
-from marchproxy_api.endpoints import Ctx, Endpoint
+from marchproxy_api.endpoints import Ctx, Endpoint, not_ready
 from marchproxy_api.errors import ApiError
 from marchproxy_api.handlers.common import read_session
-from marchproxy_api.keys import metrics_key, publisher_key
+from marchproxy_api.keys import metrics_key, publisher_key, readiness_key
 from marchproxy_api.openapi import SWAGGER_HTML
 from marchproxy_api.repos import state as state_repo
 
@@ -44,6 +44,9 @@ async def _db_ok(ctx: Ctx) -> tuple[bool, int]:
 
 
 async def readyz(ctx: Ctx) -> dict[str, Any]:
+    readiness = ctx.app[readiness_key]
+    if not readiness.ready:
+        raise not_ready(readiness.reason)
     ok, version = await _db_ok(ctx)
     if not ok:
         raise ApiError(503, "not_ready", "database unavailable")
@@ -68,11 +71,11 @@ async def system_health(ctx: Ctx) -> dict[str, Any]:
             )
             modules = {status: int(n) for status, n in rows.tuples()}
     redis_ok = await publisher.ping()
-    status = (
-        "healthy" if db_ok and (redis_ok or publisher.redis_state == "disabled") else "degraded"
-    )
+    ready = ctx.app[readiness_key].ready
+    healthy = ready and db_ok and (redis_ok or publisher.redis_state == "disabled")
     return {
-        "status": status,
+        "status": "healthy" if healthy else "degraded",
+        "ready": ready,
         "version": API_VERSION,
         "database": "up" if db_ok else "down",
         "redis": "up" if redis_ok else publisher.redis_state,
@@ -91,8 +94,10 @@ async def docs(ctx: Ctx) -> web.StreamResponse:
 
 
 ENDPOINTS = [
-    Endpoint("GET", "/", root, "API information", "system", auth="public"),
-    Endpoint("GET", "/healthz", healthz, "Liveness", "system", auth="public", etag=False),
+    Endpoint("GET", "/", root, "API information", "system", auth="public", needs_db=False),
+    Endpoint(
+        "GET", "/healthz", healthz, "Liveness", "system", auth="public", needs_db=False, etag=False
+    ),
     Endpoint(
         "GET",
         "/readyz",
@@ -100,6 +105,7 @@ ENDPOINTS = [
         "Readiness (database reachable)",
         "system",
         auth="public",
+        needs_db=False,
         etag=False,
     ),
     Endpoint(
@@ -109,6 +115,7 @@ ENDPOINTS = [
         "Prometheus metrics",
         "system",
         auth="public",
+        needs_db=False,
         raw_response="text/plain",
         etag=False,
     ),
@@ -119,9 +126,18 @@ ENDPOINTS = [
         "System health (seed 004)",
         "system",
         auth="public",
+        needs_db=False,
         etag=False,
     ),
-    Endpoint("GET", "/api/openapi.json", openapi_json, "This document", "system", auth="public"),
+    Endpoint(
+        "GET",
+        "/api/openapi.json",
+        openapi_json,
+        "This document",
+        "system",
+        auth="public",
+        needs_db=False,
+    ),
     Endpoint(
         "GET",
         "/api/docs",
@@ -129,6 +145,7 @@ ENDPOINTS = [
         "Swagger UI",
         "system",
         auth="public",
+        needs_db=False,
         raw_response="text/html",
         etag=False,
     ),
