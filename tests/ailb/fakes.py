@@ -26,6 +26,8 @@ class Step:
     status: int = 200
     delay: float = 0.0
     retry_after: str | None = None
+    #: an error answer whose head is sent at once but whose body stalls this long midway
+    stall_body: float = 0.0
 
 
 class FakeUpstream:
@@ -81,7 +83,7 @@ class FakeUpstream:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    async def _take(self, request: web.Request) -> tuple[dict[str, Any], web.Response | None]:
+    async def _take(self, request: web.Request) -> tuple[dict[str, Any], web.StreamResponse | None]:
         body = await request.json()
         self.requests.append(body)
         self.headers.append(dict(request.headers))
@@ -91,8 +93,24 @@ class FakeUpstream:
             await asyncio.sleep(step.delay)
         if step.status != 200:
             headers = {"Retry-After": step.retry_after} if step.retry_after else {}
+            if step.stall_body:
+                return body, await self._stalled_error(request, step, headers)
             return body, self.error(step.status, headers)
         return body, None
+
+    async def _stalled_error(
+        self, request: web.Request, step: Step, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        full = self.error(step.status, headers).body
+        assert isinstance(full, bytes)
+        resp = web.StreamResponse(
+            status=step.status, headers={**headers, "Content-Type": "application/json"}
+        )
+        await resp.prepare(request)
+        await self._write(resp, full[:10])
+        await self._observe_sleep(step.stall_body)  # a client that gives up closes the socket
+        await self._write(resp, full[10:])
+        return resp
 
     def error(self, status: int, headers: dict[str, str]) -> web.Response:
         raise NotImplementedError
@@ -117,6 +135,13 @@ class FakeUpstream:
         try:
             await resp.write(data)
         except (ConnectionError, asyncio.CancelledError):
+            self.disconnected.set()
+            raise
+
+    async def _observe_sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
             self.disconnected.set()
             raise
 
@@ -290,13 +315,6 @@ class FakeOpenAI(FakeUpstream):
         await self._write(resp, b"data: [DONE]\n\n")
         self.streams_completed += 1
         return resp
-
-    async def _observe_sleep(self, seconds: float) -> None:
-        try:
-            await asyncio.sleep(seconds)
-        except asyncio.CancelledError:
-            self.disconnected.set()
-            raise
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body, err = await self._take(request)

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from tests.ailb.conftest import AilbFactory, base_url
-from tests.ailb.fakes import FakeAnthropic, FakeOllama, FakeOpenAI, FakeUpstream
+from tests.ailb.fakes import FakeAnthropic, FakeOllama, FakeOpenAI, FakeUpstream, Step
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -248,3 +248,26 @@ async def test_fallback_when_upstream_refuses_connections(
         stream = await c.chat.completions.create(model="main", messages=MSG, stream=True)
         text = "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])
     assert text == "Hello from anthropic: hi"
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
+async def test_timeout_while_reading_an_error_body_closes_the_connection(
+    ailb: AilbFactory, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic, stream: bool
+) -> None:
+    """The upstream sends an error head, then its body stalls: the hop times out, the
+    connection is closed (the upstream sees it at once) and the fallback answers."""
+    hooks = await ailb.start(chain_config(fake_openai, fake_anthropic))  # main: timeout 0.5 s
+    fake_openai.script.append(Step(status=500, stall_body=30.0))
+    async with openai.AsyncOpenAI(base_url=base_url(hooks), api_key="x", max_retries=0) as c:
+        async with asyncio.timeout(20):
+            if stream:
+                chunks = await c.chat.completions.create(model="main", messages=MSG, stream=True)
+                text = "".join(
+                    [ch.choices[0].delta.content or "" async for ch in chunks if ch.choices]
+                )
+            else:
+                r = await c.chat.completions.create(model="main", messages=MSG)
+                text = r.choices[0].message.content or ""
+    assert text == "Hello from anthropic: hi"
+    async with asyncio.timeout(5):  # not the 30 s the stalled body would take
+        await fake_openai.disconnected.wait()

@@ -261,7 +261,13 @@ class Provider:
         try:
             async with asyncio.timeout(timeout_s):
                 resp = await self.pool.post(path, headers, body, timeout_s)
-                await raise_for_upstream(resp)
+                try:
+                    await raise_for_upstream(resp)
+                except BaseException:
+                    # a timeout or a cancel while reading an error body: the connection is
+                    # neither complete nor pooled, so close it or the upstream keeps it open
+                    resp.close()
+                    raise
         except TimeoutError as exc:
             raise UpstreamError(504, "upstream timed out", retryable=True) from exc
         return resp
