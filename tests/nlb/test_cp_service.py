@@ -373,7 +373,10 @@ async def test_stream_errors_are_mapped_and_counted_like_unary_ones(
         labels = {"method": "StreamNLBMetrics", "code": code}
         return app.metrics.registry.get_sample_value("nlb_grpc_requests_total", labels) or 0.0
 
-    assert count("INTERNAL") == 1 and count("OK") == 0
+    async with asyncio.timeout(10):  # counted when the server side ends, maybe after the client
+        while count("INTERNAL") < 1:
+            await asyncio.sleep(0.02)
+    assert count("OK") == 0
     monkeypatch.setattr(app.core, "nlb_metrics_pb", real)
     # a finished stream counts OK once, a stream the client cancels counts CANCELLED
     done = [
@@ -383,6 +386,9 @@ async def test_stream_errors_are_mapped_and_counted_like_unary_ones(
         )
     ]
     assert len(done) == 1
+    async with asyncio.timeout(10):
+        while count("OK") < 1:
+            await asyncio.sleep(0.02)
     cancelled = stub.StreamNLBMetrics(
         nlb_pb2.StreamNLBMetricsRequest(interval_seconds=1), metadata=META
     )
