@@ -101,10 +101,15 @@ async def write_tx(
 ) -> AsyncIterator[Tx]:
     async with app[sessionmaker_key]() as session, session.begin():
         tx = Tx(session=session, actor=actor, config=config, force_publish=force_publish)
+        if config:
+            # First statement: bumping config_version takes its row lock (on SQLite the write
+            # lock), so config writes are serialised from here to the commit and every check
+            # made inside the transaction (route conflicts, unique names) sees all the writes
+            # committed before it.
+            tx.version = await state_repo.bump_version(session)
         yield tx
         await session.flush()
-        if tx.config:
-            tx.version = await state_repo.bump_version(session)
+        if tx.config and tx.version is not None:
             tx.changed = await compile_and_store(
                 session, tx.version, tx.force_publish, app[compiled_cache_key]
             )

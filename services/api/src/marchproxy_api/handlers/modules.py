@@ -8,6 +8,7 @@ from marchproxy_api.db.models import Module, RegistrationEvent
 from marchproxy_api.endpoints import Ctx, Endpoint
 from marchproxy_api.errors import conflict
 from marchproxy_api.handlers.common import changes, module_or_404, page, read_session, row
+from marchproxy_api.handlers.routes import check_module_move
 from marchproxy_api.keys import grpc_clients_key
 from marchproxy_api.repos import state as state_repo
 from marchproxy_api.repos.entities import DeploymentRepo, HistoryRepo, ModuleRepo
@@ -90,6 +91,8 @@ async def update_module(ctx: Ctx) -> ModuleOut:
             raise conflict(f"module {values['name']!r} already exists", name=values["name"])
         if "enabled" in values:
             values["status"] = "ENABLED" if values["enabled"] else "DISABLED"
+        if "type" in values:
+            await check_module_move(tx.session, mod, values["type"])
         before = row(mod)
         await repo.update(mod, values)
         tx.audit("update", "module", mod.id, before, row(mod))

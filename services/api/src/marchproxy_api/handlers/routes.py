@@ -45,35 +45,64 @@ async def _routes_with_modules(ctx: Ctx, session: AsyncSession) -> list[tuple[An
     return [(r, mods[r.module_id]) for r in src["routes"] if r.module_id in mods]
 
 
-async def _check_conflict(
-    ctx: Ctx, session: AsyncSession, candidate: ModuleRoute, mod: Module
-) -> None:
-    """409 naming the clashing route when ``candidate`` (enabled) matches what another does."""
+def _clash_error(other: RouteKey, reason: str) -> ApiError:
+    return ApiError(
+        409,
+        "route_conflict",
+        f"route conflicts with route {other.name!r} of module {other.module!r}: {reason}",
+        conflicts_with=other.name,
+        conflicts_with_id=other.id,
+        module=other.module,
+        reason=reason,
+    )
+
+
+def _row_key(r: ModuleRoute, module_name: str, module_type: str) -> RouteKey:
+    return route_key(
+        ident=r.id,
+        name=r.name,
+        module=module_name,
+        component=component_of(module_type),
+        match_rules=r.match_rules or {},
+        priority=r.priority,
+    )
+
+
+async def _check_conflict(session: AsyncSession, candidate: ModuleRoute, mod: Module) -> None:
+    """409 naming the clashing route when ``candidate`` (enabled) matches what another does.
+
+    Runs inside the write transaction, after write_tx took the config_version lock, so two
+    concurrent writes cannot both pass it. One query returns only the candidates (same host,
+    path and priority), not every route.
+    """
     if not candidate.enabled:
         return
-    mine = candidate.match_rules or {}
-    host, path = (mine.get("host") or "*").lower(), mine.get("path") or "/*"
-    existing = [
-        _key(r, m)
-        for r, m in await _routes_with_modules(ctx, session)
-        if r.enabled
-        and r.id != candidate.id
-        and r.priority == candidate.priority
-        and (r.match_rules.get("path") or "/*") == path
-        and (r.match_rules.get("host") or "*").lower() == host
-    ]
-    hit = first_clash(_key(candidate, mod), existing)
+    mine = _key(candidate, mod)
+    rows = await RouteRepo(session).same_match(
+        host=mine.host, path=mine.path, priority=mine.priority, exclude_id=candidate.id or 0
+    )
+    hit = first_clash(mine, [_row_key(r, name, type_) for r, name, type_ in rows])
     if hit is not None:
-        other, reason = hit
-        raise ApiError(
-            409,
-            "route_conflict",
-            f"route conflicts with route {other.name!r} of module {other.module!r}: {reason}",
-            conflicts_with=other.name,
-            conflicts_with_id=other.id,
-            module=other.module,
-            reason=reason,
-        )
+        raise _clash_error(*hit)
+
+
+async def check_module_move(session: AsyncSession, mod: Module, new_type: str) -> None:
+    """A module whose type moves it to another data plane takes its routes along: 409 when
+    one of them clashes with a route already served there. Called inside write_tx."""
+    component = component_of(new_type)
+    if component == component_of(mod.type):
+        return
+    moving: list[RouteKey] = []
+    there: list[RouteKey] = []
+    for r, name, type_ in await RouteRepo(session).enabled_with_modules():
+        if r.module_id == mod.id:
+            moving.append(_row_key(r, name, new_type))
+        elif component_of(type_) == component:
+            there.append(_row_key(r, name, type_))
+    for key in moving:
+        hit = first_clash(key, there)
+        if hit is not None:
+            raise _clash_error(*hit)
 
 
 async def _route_or_404(session: AsyncSession, module_id: int, route_id: int) -> ModuleRoute:
@@ -107,7 +136,7 @@ async def create_route(ctx: Ctx) -> RouteOut:
         values = body.model_dump(mode="json", exclude_none=False)
         values["match_rules"] = body.match_rules.model_dump(mode="json", exclude_none=True)
         candidate = ModuleRoute(module_id=mod.id, id=0, **values)
-        await _check_conflict(ctx, tx.session, candidate, mod)
+        await _check_conflict(tx.session, candidate, mod)
         r = await repo.add({"module_id": mod.id, **values})
         tx.audit("create", "route", r.id, None, row(r))
     return RouteOut.model_validate(r)
@@ -141,7 +170,7 @@ async def _modify(ctx: Ctx, values: dict[str, Any], action: str) -> RouteOut:
             priority=merged["priority"],
             enabled=merged["enabled"],
         )
-        await _check_conflict(ctx, tx.session, probe, mod)
+        await _check_conflict(tx.session, probe, mod)
         await RouteRepo(tx.session).update(r, values)
         tx.audit(action, "route", r.id, before, row(r))
     return RouteOut.model_validate(r)

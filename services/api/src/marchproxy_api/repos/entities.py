@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from marchproxy_api.db.models import (
     AuditLog,
@@ -50,13 +50,36 @@ class RouteRepo(Repo[ModuleRoute]):
         )
         return rows.scalar_one_or_none()
 
-    async def with_modules(self) -> list[tuple[ModuleRoute, Module]]:
+    async def same_match(
+        self, *, host: str, path: str, priority: int, exclude_id: int
+    ) -> list[tuple[ModuleRoute, str, str]]:
+        """Enabled routes (with module name and type) that match ``host``/``path`` at
+        ``priority``: the only candidates a new route can clash with (seed 004)."""
+        rules = ModuleRoute.match_rules
+        route_path = func.coalesce(func.nullif(rules["path"].as_string(), ""), "/*")
+        route_host = func.lower(func.coalesce(func.nullif(rules["host"].as_string(), ""), "*"))
         rows = await self.session.execute(
-            select(ModuleRoute, Module)
+            select(ModuleRoute, Module.name, Module.type)
             .join(Module, Module.id == ModuleRoute.module_id)
+            .where(
+                ModuleRoute.enabled.is_(True),
+                ModuleRoute.priority == priority,
+                ModuleRoute.id != exclude_id,
+                route_path == path,
+                route_host == host,
+            )
             .order_by(ModuleRoute.id)
         )
-        return [(r, m) for r, m in rows.tuples()]
+        return [(r, name, type_) for r, name, type_ in rows.tuples()]
+
+    async def enabled_with_modules(self) -> list[tuple[ModuleRoute, str, str]]:
+        rows = await self.session.execute(
+            select(ModuleRoute, Module.name, Module.type)
+            .join(Module, Module.id == ModuleRoute.module_id)
+            .where(ModuleRoute.enabled.is_(True))
+            .order_by(ModuleRoute.id)
+        )
+        return [(r, name, type_) for r, name, type_ in rows.tuples()]
 
 
 class ScalingRepo(Repo[ScalingPolicy]):
