@@ -28,8 +28,9 @@ MAX_PAGE_SIZE = 1_000
 MAX_STREAM_INTERVAL = 60.0
 MIN_STREAM_INTERVAL = 0.1
 MAX_CONFIG_JSON = 64 * 1024
-#: keys UpdateNLBConfig may change at run time
-DYNAMIC_CONFIG_KEYS = frozenset({"heartbeat_timeout"})
+#: keys UpdateNLBConfig may change at run time; the data plane validates and applies these
+DATAPLANE_CONFIG_KEYS = frozenset({"rate_limits", "traffic_split"})
+DYNAMIC_CONFIG_KEYS = frozenset({"heartbeat_timeout", *DATAPLANE_CONFIG_KEYS})
 #: seconds; below 1 s a module heartbeating every HEARTBEAT_INTERVAL (1 s at the least useful
 #: setting) would be expired between two heartbeats (the foundation issue: "down to 1 s")
 MIN_HEARTBEAT_TIMEOUT = 1.0
@@ -454,16 +455,25 @@ class NlbServicer(nlb_pb2_grpc.NLBServiceServicer):
         self, request: nlb_pb2.UpdateNLBConfigRequest, context: Ctx[Any, Any]
     ) -> nlb_pb2.UpdateNLBConfigResponse:
         errors = validate_dynamic_config(request.config_json)
+        update: dict[str, Any] = {} if errors else json.loads(request.config_json)
+        dataplane_keys = sorted(DATAPLANE_CONFIG_KEYS & update.keys())
+        if dataplane_keys and self.core.dataplane is None:
+            errors.append(f"{', '.join(dataplane_keys)}: the data plane is not running here")
+        elif dataplane_keys and self.core.dataplane is not None:
+            errors += self.core.dataplane.validate_dynamic(update)
         if errors:
             return nlb_pb2.UpdateNLBConfigResponse(
                 success=False, message="rejected", validation_errors=errors
             )
         if request.validate_only:
             return nlb_pb2.UpdateNLBConfigResponse(success=True, message="valid")
-        update = json.loads(request.config_json)
         if "heartbeat_timeout" in update:
             self.registry.heartbeat_timeout = float(update["heartbeat_timeout"])
-        self.core.dynamic_config.update(update)
+        if dataplane_keys and self.core.dataplane is not None:
+            self.core.dataplane.apply_dynamic(update)
+        self.core.dynamic_config.update(
+            {k: v for k, v in update.items() if k not in DATAPLANE_CONFIG_KEYS}
+        )
         _log.info("nlb_config_updated", keys=sorted(update))
         return nlb_pb2.UpdateNLBConfigResponse(success=True, message="applied")
 
@@ -476,7 +486,10 @@ class NlbServicer(nlb_pb2_grpc.NLBServiceServicer):
         )
         if static.get("redis_url"):
             static["redis_url"] = "(set)"
-        body = {"static": static, "dynamic": self.core.dynamic_config}
+        dynamic = dict(self.core.dynamic_config)
+        if self.core.dataplane is not None:  # RPC-set values a snapshot has not replaced yet
+            dynamic.update(self.core.dataplane.rpc_overrides())
+        body = {"static": static, "dynamic": dynamic}
         return nlb_pb2.GetNLBConfigResponse(
             config_json=json.dumps(body, default=str),
             config_version=self.core.applied_config_version,

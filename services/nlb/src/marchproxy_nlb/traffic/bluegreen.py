@@ -9,9 +9,10 @@ connections), the split rolls back to the other versions by itself.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ from marchproxy_nlb.traffic.balancer import SmoothWeighted
 DEFAULT_ROLLBACK_ERROR_RATE = 0.5
 DEFAULT_MIN_SAMPLES = 20
 HISTORY = 50
+MAX_DEPLOYMENTS = 1_000
 
 
 @dataclass(slots=True)
@@ -57,14 +59,28 @@ class BlueGreen:
         self.events: deque[dict[str, Any]] = deque(maxlen=HISTORY)
 
     @staticmethod
-    def validate(deployments: Sequence[Mapping[str, Any]]) -> list[str]:
+    def validate(deployments: object, field: str = "deployments") -> list[str]:
+        """``deployments`` of the nlb snapshot (UpdateNLBConfig's ``traffic_split`` too)."""
+        if not isinstance(deployments, list):
+            return [f"{field} must be a list of objects"]
+        if len(deployments) > MAX_DEPLOYMENTS:
+            return [f"at most {MAX_DEPLOYMENTS} {field}"]
         errors = []
         for i, d in enumerate(deployments):
-            if not d.get("module") or not d.get("version"):
-                errors.append(f"deployments[{i}]: module and version are required")
+            if not isinstance(d, Mapping):
+                errors.append(f"{field}[{i}] must be an object")
+                continue
+            module, version = d.get("module"), d.get("version")
+            if not (isinstance(module, str) and module and isinstance(version, str) and version):
+                errors.append(f"{field}[{i}]: module and version are required (strings)")
             w = d.get("traffic_weight", 0)
-            if not isinstance(w, int | float) or not 0 <= w <= 100:
-                errors.append(f"deployments[{i}].traffic_weight must be 0-100")
+            if (
+                isinstance(w, bool)
+                or not isinstance(w, int | float)
+                or not math.isfinite(w)
+                or not 0 <= w <= 100
+            ):
+                errors.append(f"{field}[{i}].traffic_weight must be a number 0-100")
         return errors
 
     def load(self, deployments: Iterable[Mapping[str, Any]]) -> None:

@@ -9,7 +9,8 @@ local buckets while Redis is unreachable.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from marchproxy_nlb.traffic.routing import ConnInfo
 
 MAX_RULES = 1_000
 MAX_RATE = 1e9
+MAX_TARGET = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,23 +44,35 @@ class LimitRule:
         return f"protocol:{protocol_name}" if self.target == protocol_name else None
 
 
-def parse_rules(raw: Sequence[Mapping[str, Any]]) -> tuple[list[LimitRule], list[str]]:
-    rules, errors = [], []
+def _number(value: object) -> bool:
+    # JSON true is a Python int: a boolean is never a rate
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def parse_rules(raw: object) -> tuple[list[LimitRule], list[str]]:
+    """``rate_limits`` of the nlb snapshot (also what UpdateNLBConfig accepts)."""
+    rules: list[LimitRule] = []
+    errors: list[str] = []
+    if not isinstance(raw, list):
+        return [], ["rate_limits must be a list of objects"]
     if len(raw) > MAX_RULES:
         return [], [f"at most {MAX_RULES} rate limits"]
     for i, r in enumerate(raw):
-        target = str(r.get("target") or "")
+        if not isinstance(r, Mapping):
+            errors.append(f"rate_limits[{i}] must be an object")
+            continue
+        target = r.get("target")
         rate = r.get("requests_per_second")
         burst = r.get("burst", r.get("burst_size")) or rate
-        scope = str(r.get("scope") or "local")
-        if not target:
-            errors.append(f"rate_limits[{i}].target is required")
+        scope = r.get("scope") or "local"
+        if not isinstance(target, str) or not target or len(target) > MAX_TARGET:
+            errors.append(f"rate_limits[{i}].target is required (a string)")
             continue
-        if not isinstance(rate, int | float) or not 0 < rate <= MAX_RATE:
-            errors.append(f"rate_limits[{i}].requests_per_second must be > 0")
+        if not _number(rate) or not 0 < rate <= MAX_RATE:
+            errors.append(f"rate_limits[{i}].requests_per_second must be a number > 0")
             continue
-        if not isinstance(burst, int | float) or burst < 1:
-            errors.append(f"rate_limits[{i}].burst must be >= 1")
+        if not _number(burst) or not 1 <= burst <= MAX_RATE:
+            errors.append(f"rate_limits[{i}].burst must be a number >= 1")
             continue
         if scope not in ("local", "cluster"):
             errors.append(f"rate_limits[{i}].scope must be local or cluster")

@@ -116,6 +116,9 @@ class DataPlane:
         self.retried_connections = 0
         self.autoscaler: Any = None
         self.inherited: dict[str, socket.socket] = {}
+        # field -> value: from the last applied snapshot, and set by UpdateNLBConfig
+        self._state_values: dict[str, list[Any]] = {}
+        self._rpc_values: dict[str, list[Any]] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -188,10 +191,21 @@ class DataPlane:
     # -- desired state -------------------------------------------------------------------------
 
     async def apply_config(self, snapshot: Mapping[str, Any]) -> list[str]:
-        """Validate the whole nlb snapshot, then swap everything at once."""
+        """Validate the whole nlb snapshot, then swap everything at once.
+
+        ``rate_limits`` and ``deployments`` set by UpdateNLBConfig (see :meth:`apply_dynamic`)
+        hold until a snapshot changes that field: one that carries the same value as the
+        snapshot before it leaves the RPC's value in force."""
         errors: list[str] = []
         specs: list[ListenerSpec] = []
-        for i, li in enumerate(snapshot.get("listeners") or []):
+        listeners = snapshot.get("listeners") or []
+        if not isinstance(listeners, list):
+            errors.append("listeners must be a list of objects")
+            listeners = []
+        for i, li in enumerate(listeners):
+            if not isinstance(li, Mapping):
+                errors.append(f"listeners[{i}] must be an object")
+                continue
             try:
                 specs.append(
                     make_listener(
@@ -206,13 +220,13 @@ class DataPlane:
                 errors.append(f"listeners[{i}]: {exc}")
         try:
             rules = rules_from_snapshot(snapshot.get("routes") or [])
-        except (RuleError, TypeError, ValueError) as exc:
+        except (RuleError, TypeError, ValueError, AttributeError) as exc:
             errors.append(f"routes: {exc}")
             rules = []
-        limit_rules, limit_errors = parse_rules(snapshot.get("rate_limits") or [])
-        errors += limit_errors
-        deployments = snapshot.get("deployments") or []
-        errors += BlueGreen.validate(deployments)
+        state_limits = snapshot.get("rate_limits") or []
+        errors += parse_rules(state_limits)[1]
+        state_deployments = snapshot.get("deployments") or []
+        errors += BlueGreen.validate(state_deployments)
         policies = snapshot.get("scaling_policies") or []
         if self.autoscaler is not None:
             errors += self.autoscaler.validate(policies)
@@ -220,13 +234,46 @@ class DataPlane:
             return errors
         self.state_rules = tuple(rules)
         self._rebuild_table()
-        self.limits.rules = tuple(limit_rules)
-        self.bluegreen.load(deployments)
+        self.limits.rules = tuple(parse_rules(self._from_state("rate_limits", state_limits))[0])
+        self.bluegreen.load(self._from_state("deployments", state_deployments))
         self._publish_split_metrics()
         if self.autoscaler is not None:
             self.autoscaler.load(policies)
         await self._reconcile_listeners(specs)
         return []
+
+    def _from_state(self, field: str, value: list[Any]) -> list[Any]:
+        """The value of ``field`` in force after a snapshot carrying ``value``: the RPC's, unless
+        this snapshot changed the field since the one before (no snapshot counts as [])."""
+        if self._state_values.get(field, []) != value:
+            self._rpc_values.pop(field, None)
+        self._state_values[field] = value
+        return self._rpc_values.get(field, value)
+
+    def validate_dynamic(self, update: Mapping[str, Any]) -> list[str]:
+        """UpdateNLBConfig's data-plane keys, with the snapshot's own validation."""
+        errors: list[str] = []
+        if "rate_limits" in update:
+            errors += parse_rules(update["rate_limits"])[1]
+        if "traffic_split" in update:
+            errors += BlueGreen.validate(update["traffic_split"], "traffic_split")
+        return errors
+
+    def apply_dynamic(self, update: Mapping[str, Any]) -> None:
+        """Apply validated ``rate_limits`` / ``traffic_split`` (deployments) from the RPC. Open
+        connections are never touched: limits and splits apply to new connections only."""
+        if "rate_limits" in update:
+            self._rpc_values["rate_limits"] = list(update["rate_limits"])
+            self.limits.rules = tuple(parse_rules(update["rate_limits"])[0])
+        if "traffic_split" in update:
+            self._rpc_values["deployments"] = list(update["traffic_split"])
+            self.bluegreen.load(update["traffic_split"])
+            self._publish_split_metrics()
+
+    def rpc_overrides(self) -> dict[str, Any]:
+        """UpdateNLBConfig values still in force, under their RPC names."""
+        names = {"rate_limits": "rate_limits", "deployments": "traffic_split"}
+        return {names[k]: v for k, v in self._rpc_values.items()}
 
     async def _reconcile_listeners(self, dynamic: Sequence[ListenerSpec]) -> None:
         wanted = {s.key: s for s in (*self.static_specs, *dynamic)}
