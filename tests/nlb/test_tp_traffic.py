@@ -261,6 +261,53 @@ async def test_split_rolls_back_when_new_version_fails() -> None:
         await s.close()
 
 
+async def test_a_rollback_survives_desired_state_reloads_until_the_candidate_changes() -> None:
+    s = Stack()
+    s.plane.bluegreen.min_samples = 5
+    await s.plane.start()
+    try:
+        await s.backend("blue", (P.PROTOCOL_HTTP,), module="alb", version="1.0.0")
+        green = await s.backend("green", (P.PROTOCOL_HTTP,), module="alb", version="2.0.0")
+        await green.stop()
+        deployments = [
+            {"module": "alb", "version": "1.0.0", "traffic_weight": 50},
+            {"module": "alb", "version": "2.0.0", "traffic_weight": 50},
+        ]
+        assert await s.plane.apply_config({"version": 1, "deployments": deployments}) == []
+        for _ in range(15):
+            await exchange(s.port, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        [dep] = s.plane.status()["bluegreen_stats"]["active_deployments"]
+        assert dep["status"] == "rolled_back"
+        # the API republishes (another change, or a restart): the same deployments again
+        for version in (2, 3):
+            snapshot = {"version": version, "deployments": deployments, "routes": []}
+            assert await s.plane.apply_config(snapshot) == []
+            [dep] = s.plane.status()["bluegreen_stats"]["active_deployments"]
+            assert dep["status"] == "rolled_back"
+            assert dep["weights"] == {"1.0.0": 100, "2.0.0": 0}
+            assert s.metric("nlb_bluegreen_traffic_split", module="alb", version="2.0.0") == 0
+        retries = s.plane.retried_connections
+        for _ in range(10):
+            answer, _ = await exchange(s.port, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+            assert answer.startswith(b"blue|")
+        assert s.plane.retried_connections == retries  # nothing was sent to 2.0.0 again
+        # a fixed build is a new candidate: a new rollout
+        await s.backend("green-fixed", (P.PROTOCOL_HTTP,), module="alb", version="2.0.1")
+        fixed = [
+            {"module": "alb", "version": "1.0.0", "traffic_weight": 50},
+            {"module": "alb", "version": "2.0.1", "traffic_weight": 50},
+        ]
+        assert await s.plane.apply_config({"version": 4, "deployments": fixed}) == []
+        [dep] = s.plane.status()["bluegreen_stats"]["active_deployments"]
+        assert (dep["status"], dep["green_version"]) == ("in_progress", "2.0.1")
+        answers = [
+            (await exchange(s.port, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"))[0] for _ in range(4)
+        ]
+        assert sum(a.startswith(b"green-fixed|") for a in answers) == 2
+    finally:
+        await s.close()
+
+
 async def test_listener_rate_limit_denies_with_metrics() -> None:
     s = Stack()
     await s.plane.start()

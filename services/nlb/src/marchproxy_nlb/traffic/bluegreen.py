@@ -83,8 +83,16 @@ class BlueGreen:
                 errors.append(f"{field}[{i}].traffic_weight must be a number 0-100")
         return errors
 
-    def load(self, deployments: Iterable[Mapping[str, Any]]) -> None:
-        """Replace every split from desired state; stats of unchanged versions carry over."""
+    def load(
+        self, deployments: Iterable[Mapping[str, Any]], *, keep_rollbacks: bool = True
+    ) -> None:
+        """Replace every split; stats of unchanged versions carry over.
+
+        A split that rolled back by itself stays rolled back while the candidate (newest)
+        version is the one that failed: desired state that still lists it (every reload of an
+        unchanged snapshot does) must not send traffic back to it. A new candidate version
+        starts a new rollout. ``keep_rollbacks=False`` (an operator's explicit UpdateNLBConfig)
+        takes the weights as given."""
         by_module: dict[str, dict[str, int]] = {}
         for d in deployments:
             by_module.setdefault(str(d["module"]), {})[str(d["version"])] = int(
@@ -97,6 +105,13 @@ class BlueGreen:
             if old is not None:
                 split.stats = {v: s for v, s in old.stats.items() if v in weights}
                 split.rr = old.rr
+                if (
+                    keep_rollbacks
+                    and old.status == "rolled_back"
+                    and old.candidate == split.candidate
+                    and _roll_back(split)
+                ):
+                    split.status = "rolled_back"
             new[module] = split
         self.splits = new
 
@@ -142,11 +157,9 @@ class BlueGreen:
         if split is None:
             return None
         bad = split.candidate
-        others = [v for v in split.weights if v != bad]
-        if not others:
+        if not _roll_back(split):
             return None
-        for v in split.weights:
-            split.weights[v] = 0 if v == bad else round(100 / len(others))
+        others = [v for v in split.weights if v != bad]
         split.status = "rolled_back"
         event = {
             "timestamp": self._clock(),
@@ -176,6 +189,16 @@ class BlueGreen:
                 }
             )
         return out
+
+
+def _roll_back(split: Split) -> bool:
+    """Weight 0 for the candidate, the rest shared evenly; False if there is no other version."""
+    others = [v for v in split.weights if v != split.candidate]
+    if not others:
+        return False
+    for v in split.weights:
+        split.weights[v] = 0 if v == split.candidate else round(100 / len(others))
+    return True
 
 
 def _version_key(v: str) -> tuple[Any, ...]:

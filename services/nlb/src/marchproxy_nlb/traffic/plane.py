@@ -267,7 +267,7 @@ class DataPlane:
             self.limits.rules = tuple(parse_rules(update["rate_limits"])[0])
         if "traffic_split" in update:
             self._rpc_values["deployments"] = list(update["traffic_split"])
-            self.bluegreen.load(update["traffic_split"])
+            self.bluegreen.load(update["traffic_split"], keep_rollbacks=False)
             self._publish_split_metrics()
 
     def rpc_overrides(self) -> dict[str, Any]:
