@@ -38,6 +38,8 @@ class FakeUpstream:
     ) -> None:
         self.prompt_tokens = prompt_tokens
         self.cached_tokens = cached_tokens
+        #: prompt tokens the upstream says it wrote to its prompt cache (Anthropic)
+        self.cache_write_tokens = 0
         self.chunk_delay = chunk_delay
         #: words per streamed answer beyond the greeting (long streams for disconnect tests)
         self.extra_words = 0
@@ -421,7 +423,7 @@ class FakeAnthropic(FakeUpstream):
         return {
             "input_tokens": self.prompt_tokens,
             "output_tokens": output,
-            "cache_creation_input_tokens": 0,
+            "cache_creation_input_tokens": self.cache_write_tokens,
             "cache_read_input_tokens": self.cached_tokens,
         }
 

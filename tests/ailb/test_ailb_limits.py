@@ -243,6 +243,7 @@ async def test_usage_totals_survive_restart_redis(
         "prompt_tokens": 20,
         "completion_tokens": 8,
         "cached_tokens": 8,
+        "cache_write_tokens": 0,
         "cost_nusd": 2 * COST_PER_CALL,
     }
     await _spend_some(second)
@@ -263,6 +264,7 @@ async def test_usage_totals_survive_restart_log(
         "prompt_tokens": 20,
         "completion_tokens": 8,
         "cached_tokens": 8,
+        "cache_write_tokens": 0,
         "cost_nusd": 2 * COST_PER_CALL,
     }
     await _spend_some(second)

@@ -167,6 +167,17 @@ def test_cost_with_cached_tokens() -> None:
     assert cost_nusd(Price(input=1.0), 10, 0, 5) == 10_000  # no cached price: full price
 
 
+def test_cost_with_cache_writes() -> None:
+    price = Price(input=3.0, output=15.0, cached_input=0.3)
+    # 1000 prompt: 500 read from the cache, 300 written to it (1.25 x input), 200 plain
+    want = round((200 * 3 + 500 * 0.3 + 300 * 3.75 + 100 * 15) * 1000)
+    assert cost_nusd(price, 1000, 100, 500, 300) == want
+    explicit = Price(input=3.0, output=15.0, cache_write_input=6.0)
+    assert cost_nusd(explicit, 100, 0, 0, 100) == 600_000
+    # more cache tokens reported than prompt tokens: never a negative plain part
+    assert cost_nusd(Price(input=1.0, cached_input=0.0), 10, 0, 8, 8) == round(2 * 1.25 * 1000)
+
+
 def test_reset_format() -> None:
     assert _fmt_reset(0.12) == "120ms"
     assert _fmt_reset(6) == "6s"

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from marchproxy_ailb.usage_log import add_record, replay
 from tests.ailb.conftest import AilbFactory, base_url
-from tests.ailb.fakes import FakeOpenAI, HoldingTcpProxy
+from tests.ailb.fakes import FakeAnthropic, FakeOpenAI, HoldingTcpProxy
 from tests.conftest import ProcessGroup, free_port, wait_port
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -269,3 +269,59 @@ def test_replay_checkpoint_and_torn_tail(
     path = tmp_path / f"replay-{uuid.uuid4().hex}.jsonl"
     path.write_text("".join(line + "\n" for line in lines) + tail)
     assert replay(str(path), FIELDS) == expected
+
+
+def anthropic_priced(fake: FakeAnthropic, **price: float) -> dict[str, Any]:
+    return {
+        "model_list": [
+            {
+                "model_name": "claude",
+                "provider": "anthropic",
+                "base_url": fake.url,
+                "api_key": "k",
+                "model": "claude-x",
+                "price": {"input": 2.0, "cached_input": 0.2, "output": 4.0, **price},
+            }
+        ],
+        "keys": [{"key_hash": KEY_HASH, "name": "user-key"}],
+    }
+
+
+@pytest.mark.parametrize(
+    ("price", "per_call"),
+    [
+        # 10 plain x 2 + 4 read x 0.2 + 6 written x 2.5 (1.25 x input) + 4 out x 4 = 51.8
+        ({}, 51_800),
+        # an explicit cache-write price (Anthropic's 1-hour cache: 2 x input)
+        ({"cache_write_input": 4.0}, 60_800),
+    ],
+    ids=["default-1.25x", "explicit"],
+)
+async def test_anthropic_cache_writes_are_priced_and_counted(
+    ailb: AilbFactory, fake_anthropic: FakeAnthropic, price: dict[str, float], per_call: int
+) -> None:
+    fake_anthropic.cached_tokens = 4
+    fake_anthropic.cache_write_tokens = 6
+    hooks = await ailb.start(anthropic_priced(fake_anthropic, **price))
+    async with openai.AsyncOpenAI(base_url=base_url(hooks), api_key=KEY, max_retries=0) as c:
+        r = await c.chat.completions.create(model="claude", messages=MSG)
+        assert r.usage is not None
+        assert r.usage.prompt_tokens == 20  # plain + cache reads + cache writes
+        assert r.usage.prompt_tokens_details is not None
+        assert r.usage.prompt_tokens_details.cached_tokens == 4
+        assert (r.usage.model_extra or {})["cache_creation_input_tokens"] == 6
+        stream = await c.chat.completions.create(
+            model="claude", messages=MSG, stream=True, stream_options={"include_usage": True}
+        )
+        usage = [ch.usage async for ch in stream if ch.usage is not None]
+        assert usage and (usage[-1].model_extra or {})["cache_creation_input_tokens"] == 6
+    async with httpx.AsyncClient() as http:
+        info = (
+            await http.get(
+                base_url(hooks) + "/key/info", headers={"Authorization": f"Bearer {KEY}"}
+            )
+        ).json()
+    assert info["usage"]["cache_write_tokens"] == 12
+    assert info["usage"]["cached_tokens"] == 8
+    assert info["usage"]["prompt_tokens"] == 40
+    assert info["usage"]["cost_nusd"] == 2 * per_call

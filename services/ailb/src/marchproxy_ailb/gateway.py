@@ -28,9 +28,16 @@ from marchproxy_ailb.providers import PROVIDERS, Provider
 from marchproxy_ailb.providers.base import DEFAULT_MAX_UPSTREAM_BODY
 from marchproxy_ailb.routing import DeploymentState, Router
 from marchproxy_ailb.schema import AilbConfig, Deployment
-from marchproxy_ailb.tokens import completion_cap, count_prompt, count_text
+from marchproxy_ailb.tokens import CHARS_PER_TOKEN, completion_cap, count_prompt, count_text
 from marchproxy_ailb.upstream_http import UpstreamPool
-from marchproxy_ailb.usage import Metrics, UsageRecord, UsageStore, cost_nusd, worst_case_nusd
+from marchproxy_ailb.usage import (
+    Metrics,
+    Tokens,
+    UsageRecord,
+    UsageStore,
+    cost_nusd,
+    worst_case_nusd,
+)
 from marchproxy_ailb.validation import validate_body
 from marchproxy_common.tasks import spawn
 
@@ -543,70 +550,64 @@ class Gateway:
         ctx: _Ctx,
     ) -> tuple[dict[str, Any], DeploymentState]:
         result, st, up, hold = await self._attempts(kind, body, key, plan, estimated, ctx, False)
-        numbers = _usage_numbers(result.get("usage"))
-        is_estimate = numbers is None
-        if numbers is None:
+        tokens = _usage_tokens(result.get("usage"))
+        is_estimate = tokens is None
+        if tokens is None:
             choices = result.get("choices")
             text = "".join(_choice_text(c) for c in choices) if isinstance(choices, list) else ""
-            prompt, completion, cached = estimated, count_text(text), 0
-        else:
-            prompt, completion, cached = numbers
+            tokens = Tokens(estimated, count_text(text))
         # the answer is in: the deployment is done and the tokens are spent, whatever the
         # client does next (it may go away now and cancel this task; the settle runs on)
-        self.routed.router.succeeded(st, up, prompt + completion)
-        await self._shielded(
-            self._settle(key, st, prompt, completion, cached, is_estimate, ctx, hold),
-            "ailb settle",
-        )
+        self.routed.router.succeeded(st, up, tokens.prompt + tokens.completion)
+        await self._shielded(self._settle(key, st, tokens, is_estimate, ctx, hold), "ailb settle")
         return result, st
 
     async def _settle(
         self,
         key: KeyInfo,
         st: DeploymentState,
-        prompt: int,
-        completion: int,
-        cached: int,
+        tokens: Tokens,
         estimated: bool,
         ctx: _Ctx,
         hold: Hold | None,
     ) -> None:
         """Charge the actual cost, then give back the hop's budget hold (in that order: a
         concurrent reservation sees the spend before the hold goes)."""
-        await self._account(key, st, prompt, completion, cached, estimated, ctx)
+        await self._account(key, st, tokens, estimated, ctx)
         await self._release(hold)
 
     async def _account(
         self,
         key: KeyInfo,
         st: DeploymentState,
-        prompt: int,
-        completion: int,
-        cached: int,
+        t: Tokens,
         estimated: bool,
         ctx: _Ctx,
     ) -> None:
         dep = st.deployment
-        cost = cost_nusd(dep.price, prompt, completion, cached)
+        cost = cost_nusd(dep.price, t.prompt, t.completion, t.cached, t.cache_write)
         rec = UsageRecord(
             key.key_id,
             key.team,
             ctx.model,
             st.key,
             dep.provider,
-            prompt,
-            completion,
-            cached,
+            t.prompt,
+            t.completion,
+            t.cached,
             cost,
             estimated,
+            cache_write_tokens=t.cache_write,
         )
         await self._soft("usage", self.usage.record(rec), None)
-        await self._soft("limits", self.limiter.add_tokens(key, prompt + completion), None)
+        await self._soft("limits", self.limiter.add_tokens(key, t.prompt + t.completion), None)
         m = self.metrics
-        m.tokens.labels(ctx.group, dep.provider, "prompt").inc(prompt)
-        m.tokens.labels(ctx.group, dep.provider, "completion").inc(completion)
-        if cached:
-            m.tokens.labels(ctx.group, dep.provider, "cached").inc(cached)
+        m.tokens.labels(ctx.group, dep.provider, "prompt").inc(t.prompt)
+        m.tokens.labels(ctx.group, dep.provider, "completion").inc(t.completion)
+        if t.cached:
+            m.tokens.labels(ctx.group, dep.provider, "cached").inc(t.cached)
+        if t.cache_write:
+            m.tokens.labels(ctx.group, dep.provider, "cache_write").inc(t.cache_write)
         if cost:
             m.cost.labels(ctx.group).inc(cost / 1e9)
 
@@ -680,21 +681,19 @@ class Gateway:
             pass  # the client went away; closing the upstream below cancels it
         finally:
             await chunks.aclose()
-            numbers = _usage_numbers(usage)
-            if numbers is not None:
-                (prompt, completion, cached), est = numbers, False
-            else:
-                prompt, completion, cached, est = estimated, (completion_chars + 3) // 4, 0, True
-            await self._shielded(
-                self._settle(key, st, prompt, completion, cached, est, ctx, hold), "ailb settle"
-            )
+            tokens = _usage_tokens(usage)
+            est = tokens is None
+            if tokens is None:
+                tokens = Tokens(estimated, -(-completion_chars // CHARS_PER_TOKEN))
+            await self._shielded(self._settle(key, st, tokens, est, ctx, hold), "ailb settle")
             status = "200" if ok else "499"
             self.metrics.requests.labels(ctx.group, provider, status).inc()
             elapsed = time.perf_counter() - ctx.t0
             self.metrics.latency.labels(ctx.group, provider).observe(elapsed)
             self.recent_latency.append(elapsed)
             if ok:
-                self.routed.router.succeeded(st, time.perf_counter() - ctx.t0, prompt + completion)
+                spent = tokens.prompt + tokens.completion
+                self.routed.router.succeeded(st, time.perf_counter() - ctx.t0, spent)
             else:
                 self.routed.router.finished_other(st)
         with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
@@ -715,8 +714,9 @@ class _Ctx:
         return f"{max(0.0, (now - self.t0 - self.upstream_s) * 1000):.3f}"
 
 
-def _usage_numbers(usage: Any) -> tuple[int, int, int] | None:
-    """(prompt, completion, cached) from an OpenAI usage object, or None when absent/garbled."""
+def _usage_tokens(usage: Any) -> Tokens | None:
+    """Tokens from an OpenAI usage object, or None when absent/garbled. Cache writes come as
+    ``cache_creation_input_tokens`` (Anthropic's name, which LiteLLM-style gateways also use)."""
     if not isinstance(usage, dict) or usage.get("prompt_tokens") is None:
         return None
     try:
@@ -724,9 +724,10 @@ def _usage_numbers(usage: Any) -> tuple[int, int, int] | None:
         completion = int(usage.get("completion_tokens") or 0)
         details = usage.get("prompt_tokens_details")
         cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+        cache_write = int(usage.get("cache_creation_input_tokens") or 0)
     except (TypeError, ValueError):
         return None
-    return max(0, prompt), max(0, completion), max(0, cached)
+    return Tokens(max(0, prompt), max(0, completion), max(0, cached), max(0, cache_write))
 
 
 def _text_of(part: Any) -> str:

@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 ProviderName = Literal["openai", "anthropic", "ollama"]
 Strategy = Literal["round_robin", "weighted", "least_busy", "lowest_latency", "cost"]
 
+#: Anthropic prices a 5-minute prompt-cache write at 1.25 x the input price
+CACHE_WRITE_FACTOR = 1.25
 #: per-deployment upper bounds, named so nobody configures a 10-hour timeout by accident
 MAX_TIMEOUT_S = 3600.0
 MAX_RETRIES = 10
@@ -27,6 +29,16 @@ class Price(_Frozen):
     output: float = Field(default=0.0, ge=0)
     #: price of prompt tokens served from the provider's prompt cache (defaults to ``input``)
     cached_input: float | None = Field(default=None, ge=0)
+    #: price of prompt tokens written to the provider's prompt cache (Anthropic's
+    #: ``cache_creation_input_tokens``); defaults to 1.25 x ``input``, Anthropic's price for
+    #: its default 5-minute cache (set it for the 1-hour cache, 2 x input)
+    cache_write_input: float | None = Field(default=None, ge=0)
+
+    @property
+    def cache_write(self) -> float:
+        if self.cache_write_input is None:
+            return self.input * CACHE_WRITE_FACTOR
+        return self.cache_write_input
 
 
 class Deployment(_Frozen):

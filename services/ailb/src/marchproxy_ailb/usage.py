@@ -2,7 +2,8 @@
 
 Cost is kept in integer nano-USD so per-key totals add up exactly (prices are USD per million
 tokens, so one token costs ``price * 1000`` nano-USD). Cached prompt tokens are priced at the
-deployment's ``cached_input`` price. Each record goes to Redis (HINCRBY on
+deployment's ``cached_input`` price, prompt tokens written to its cache (Anthropic's
+``cache_creation_input_tokens``) at ``cache_write_input``. Each record goes to Redis (HINCRBY on
 ``<prefix>usage:<key_id>``, shared by replicas) and to an append-only JSONL log when configured
 (written by a background thread, see :mod:`marchproxy_ailb.usage_log`). At start the log is
 replayed: without Redis it rebuilds the totals; with Redis it restores the totals of keys Redis
@@ -24,7 +25,14 @@ from marchproxy_ailb.usage_log import Totals, UsageLog, add_record, replay
 
 _log = structlog.get_logger("marchproxy.ailb")
 
-USAGE_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_nusd")
+USAGE_FIELDS = (
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "cost_nusd",
+)
 LATENCY_BUCKETS = (
     0.0005,
     0.001,
@@ -45,18 +53,37 @@ LATENCY_BUCKETS = (
 )
 
 
-def cost_nusd(price: Price, prompt: int, completion: int, cached: int) -> int:
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """Tokens of one answer. ``prompt`` counts all prompt tokens, including ``cached`` (read
+    from the provider's prompt cache) and ``cache_write`` (written to it)."""
+
+    prompt: int
+    completion: int
+    cached: int = 0
+    cache_write: int = 0
+
+
+def cost_nusd(price: Price, prompt: int, completion: int, cached: int, cache_write: int = 0) -> int:
+    """Uncached prompt x input + cached x cached_input + cache writes x cache_write_input +
+    completion x output, in nano-USD."""
     cached = min(cached, prompt)
+    cache_write = min(cache_write, prompt - cached)
     cached_price = price.input if price.cached_input is None else price.cached_input
-    return round(
-        ((prompt - cached) * price.input + cached * cached_price + completion * price.output) * 1000
+    plain = prompt - cached - cache_write
+    usd_per_million = (
+        plain * price.input
+        + cached * cached_price
+        + cache_write * price.cache_write
+        + completion * price.output
     )
+    return round(usd_per_million * 1000)
 
 
 def worst_case_nusd(price: Price, prompt: int, completion: int) -> int:
     """The most ``prompt`` + ``completion`` tokens can cost at this price: every prompt token at
-    the dearest prompt price (a cache write may cost more than plain input)."""
-    prompt_price = max(price.input, price.cached_input or 0.0)
+    the dearest prompt price (a cache write costs more than plain input)."""
+    prompt_price = max(price.input, price.cached_input or 0.0, price.cache_write)
     return round((prompt * prompt_price + completion * price.output) * 1000)
 
 
@@ -73,6 +100,7 @@ class UsageRecord:
     cost_nusd: int
     estimated: bool
     cache_hit: bool = False
+    cache_write_tokens: int = 0
 
 
 RECORD_FIELDS = tuple(UsageRecord.__dataclass_fields__)
@@ -90,7 +118,7 @@ class Metrics:
         )
         self.tokens = Counter(
             "ailb_tokens",
-            "Tokens by model, provider and kind (prompt/completion/cached)",
+            "Tokens by model, provider and kind (prompt/completion/cached/cache_write)",
             ["model", "provider", "kind"],
             registry=r,
         )

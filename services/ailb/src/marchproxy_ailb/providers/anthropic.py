@@ -167,18 +167,19 @@ def to_anthropic_request(body: dict[str, Any], model: str) -> dict[str, Any]:
 
 
 def to_openai_usage(usage: dict[str, Any]) -> dict[str, Any]:
+    """Anthropic counts uncached input, cache reads and cache writes apart; OpenAI's
+    ``prompt_tokens`` is all three. Cache writes keep Anthropic's name next to it (priced at
+    ``cache_write_input``), cache reads become ``prompt_tokens_details.cached_tokens``."""
     cached = int(usage.get("cache_read_input_tokens") or 0)
-    prompt = (
-        int(usage.get("input_tokens") or 0)
-        + cached
-        + int(usage.get("cache_creation_input_tokens") or 0)
-    )
+    written = int(usage.get("cache_creation_input_tokens") or 0)
+    prompt = int(usage.get("input_tokens") or 0) + cached + written
     completion = int(usage.get("output_tokens") or 0)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": cached},
+        "cache_creation_input_tokens": written,
     }
 
 
