@@ -334,6 +334,52 @@ async def test_listener_rate_limit_denies_with_metrics() -> None:
         await s.close()
 
 
+async def from_address(port: int, source: str) -> bool:
+    """One HTTP request from the loopback address ``source``; True if an instance answered."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    except OSError:
+        return False
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        async with asyncio.timeout(10):
+            return (await reader.readuntil(b"|")) == b"web|"
+    except (OSError, asyncio.IncompleteReadError):
+        return False
+    finally:
+        writer.close()
+
+
+async def test_client_ip_churn_does_not_evict_the_global_bucket() -> None:
+    """Per-client buckets are bounded; new client addresses must push out other clients'
+    buckets, never the global one (it would come back full and let a flood through)."""
+    s = Stack(nlb_ratelimit_max_client_buckets=8)
+    await s.plane.start()
+    try:
+        await s.backend("web", (P.PROTOCOL_HTTP,))
+        errors = await s.plane.apply_config(
+            {
+                "rate_limits": [
+                    {"target": "client_ip", "requests_per_second": 0.001, "burst": 1},
+                    {"target": "global", "requests_per_second": 0.001, "burst": 5},
+                ]
+            }
+        )
+        assert errors == []
+        # 40 different client addresses (all of 127.0.0.0/8 is loopback on Linux)
+        outcomes = [await from_address(s.port, f"127.0.1.{i}") for i in range(1, 41)]
+        assert sum(outcomes) == 5, outcomes
+        assert s.metric("nlb_ratelimit_denied_total", bucket="global") == 35
+        backend = s.plane.status()["ratelimit_stats"]["backend"]
+        assert backend["client_buckets"] == 8  # bounded
+        assert backend["shared_buckets"] == 1  # the global bucket, never evicted
+        # an address seen recently still has its own (empty) bucket
+        assert not await from_address(s.port, "127.0.1.40")
+        assert s.metric("nlb_ratelimit_denied_total", bucket="client_ip") == 1
+    finally:
+        await s.close()
+
+
 @pytest.mark.integration
 async def test_cluster_rate_limit_is_shared_by_two_nlbs_through_redis() -> None:
     # a unique key prefix keeps parallel runs apart in the machine's shared Redis

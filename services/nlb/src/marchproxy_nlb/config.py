@@ -40,6 +40,9 @@ class NlbSettings(CommonSettings):
     nlb_handoff_path: str = ""
     #: Redis key prefix of cluster-wide rate-limit buckets (NLB replicas sharing it share budgets)
     nlb_ratelimit_prefix: str = "marchproxy:nlb:rl:"
+    #: per-client-IP buckets kept in memory (oldest dropped first); listener, protocol, route
+    #: and global buckets are kept apart and never dropped for them
+    nlb_ratelimit_max_client_buckets: int = Field(default=100_000, ge=1, le=10_000_000)
     #: scaling executor: "" (none), process, docker, kubernetes
     nlb_scaler: Literal["", "process", "docker", "kubernetes"] = ""
     nlb_autoscale_interval: float = Field(default=5.0, gt=0, le=3600)

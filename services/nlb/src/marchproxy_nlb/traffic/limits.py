@@ -14,12 +14,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from marchproxy_common.ratelimit import ClusterLimiter
+from marchproxy_common.ratelimit import MAX_LOCAL_BUCKETS, ClusterLimiter
 from marchproxy_nlb.traffic.routing import ConnInfo
 
 MAX_RULES = 1_000
 MAX_RATE = 1e9
 MAX_TARGET = 300
+MAX_CLIENT_BUCKETS = MAX_LOCAL_BUCKETS  # per-client-IP buckets kept per limiter
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +29,10 @@ class LimitRule:
     rate: float
     burst: float
     scope: str = "local"
+
+    @property
+    def per_client(self) -> bool:
+        return self.target == "client_ip"
 
     def key(self, c: ConnInfo, protocol_name: str, route: str | None) -> str | None:
         kind, _, arg = self.target.partition(":")
@@ -82,9 +87,30 @@ def parse_rules(raw: object) -> tuple[list[LimitRule], list[str]]:
 
 
 class ConnectionLimits:
-    def __init__(self, redis_url: str = "", prefix: str = "marchproxy:nlb:rl:") -> None:
+    """Two kinds of buckets in two bounded limiters, so that they cannot evict each other.
+
+    Listener, protocol, route and global buckets are few (one per rule) and must never be
+    forgotten: a forgotten bucket comes back full. Per-client-IP buckets are one per address
+    and can churn without end; they live in their own limiter, capped at
+    ``max_client_buckets`` (the oldest is dropped first). Each kind has a local limiter and,
+    with Redis, a cluster one (whose local fallback buckets are kept apart the same way)."""
+
+    def __init__(
+        self,
+        redis_url: str = "",
+        prefix: str = "marchproxy:nlb:rl:",
+        *,
+        max_client_buckets: int = MAX_CLIENT_BUCKETS,
+    ) -> None:
         self.local = ClusterLimiter(None)
-        self.cluster = ClusterLimiter(redis_url, prefix=prefix) if redis_url else self.local
+        self.clients = ClusterLimiter(None, max_local_buckets=max_client_buckets)
+        self.cluster = self.local
+        self.cluster_clients = self.clients
+        if redis_url:
+            self.cluster = ClusterLimiter(redis_url, prefix=prefix)
+            self.cluster_clients = ClusterLimiter(
+                redis_url, prefix=prefix, max_local_buckets=max_client_buckets
+            )
         self.rules: tuple[LimitRule, ...] = ()
         self.totals: dict[str, list[int]] = {}  # bucket -> [allowed, denied]
 
@@ -98,7 +124,7 @@ class ConnectionLimits:
             key = rule.key(c, protocol_name, route)
             if key is None:
                 continue
-            limiter = self.cluster if rule.scope == "cluster" else self.local
+            limiter = self._limiter(rule)
             decision = await limiter.allow(key, rule.rate, rule.burst)
             bucket = rule.target
             tally = self.totals.setdefault(bucket, [0, 0])
@@ -108,6 +134,12 @@ class ConnectionLimits:
             tally[0] += 1
             allowed.append(bucket)
         return None, allowed
+
+    def _limiter(self, rule: LimitRule) -> ClusterLimiter:
+        cluster = rule.scope == "cluster"
+        if rule.per_client:
+            return self.cluster_clients if cluster else self.clients
+        return self.cluster if cluster else self.local
 
     def status(self) -> dict[str, Any]:
         buckets: dict[str, Any] = {}
@@ -124,9 +156,18 @@ class ConnectionLimits:
             if local is not None:
                 entry["tokens_available"] = round(local.tokens, 3)
             buckets[rule.target] = entry
-        return {"buckets": buckets, "backend": self.cluster.stats()}
+        backend: dict[str, Any] = dict(self.cluster.stats())
+        backend["client_buckets"] = len(self.clients.local_buckets) + (
+            len(self.cluster_clients.local_buckets)
+            if self.cluster_clients is not self.clients
+            else 0
+        )
+        backend["shared_buckets"] = len(self.local.local_buckets) + (
+            len(self.cluster.local_buckets) if self.cluster is not self.local else 0
+        )
+        return {"buckets": buckets, "backend": backend}
 
     async def close(self) -> None:
-        await self.local.close()
-        if self.cluster is not self.local:
-            await self.cluster.close()
+        for limiter in {id(x): x for x in (self.local, self.clients, self.cluster,
+                                            self.cluster_clients)}.values():  # fmt: skip
+            await limiter.close()

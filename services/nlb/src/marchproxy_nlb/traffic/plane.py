@@ -100,7 +100,11 @@ class DataPlane:
         strategy = settings.nlb_balance if settings.nlb_balance in STRATEGIES else "least_conn"
         self.balancer = Balancer(strategy)  # type: ignore[arg-type]
         self.bluegreen = BlueGreen(rollback_error_rate=settings.nlb_rollback_error_rate)
-        self.limits = ConnectionLimits(settings.redis_url, settings.nlb_ratelimit_prefix)
+        self.limits = ConnectionLimits(
+            settings.redis_url,
+            settings.nlb_ratelimit_prefix,
+            max_client_buckets=settings.nlb_ratelimit_max_client_buckets,
+        )
         self.static_specs = parse_listeners_env(settings.nlb_listeners)
         self.state_rules: tuple[RouteRule, ...] = ()
         self.rpc_rules: dict[str, RouteRule] = {}
