@@ -12,15 +12,32 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from marchproxy_common.wire.rtmp.chunks import ChunkWriter
-from marchproxy_common.wire.rtmp.handshake import HANDSHAKE_SIZE, ClientHandshake
+from marchproxy_common.wire.rtmp.chunks import (
+    MSG_COMMAND_AMF0,
+    MSG_COMMAND_AMF3,
+    MSG_SET_PEER_BANDWIDTH,
+    ChunkStreamDecoder,
+    ChunkWriter,
+    MessageReceived,
+)
+from marchproxy_common.wire.rtmp.handshake import (
+    GENUINE_FP_KEY,
+    HANDSHAKE_SIZE,
+    ClientHandshake,
+    find_client_digest,
+    imprint_digest,
+    validate_digest_s2,
+)
 from marchproxy_common.wire.rtmp.messages import (
     encode_command,
+    encode_peer_bandwidth,
     is_video_keyframe,
     is_video_sequence_header,
+    parse_command,
 )
 from marchproxy_rtmp.client import RtmpClientError, RtmpClientProtocol, open_client, parse_rtmp_url
 from marchproxy_rtmp.config import RtmpConfig, config_from_snapshot
+from marchproxy_rtmp.ingest import SERVER_WINDOW_ACK
 from marchproxy_rtmp.synthetic import SyntheticPublisher, video_frame
 from marchproxy_rtmp.testing import play_client, run_server, snapshot, wait_for
 from tests.conftest import free_port
@@ -129,10 +146,22 @@ def test_bare_publish_keys_are_rejected() -> None:
     assert cfg is None and errors and "publish_keys" in errors[0]
 
 
-async def test_amf3_connect_from_flash_style_client() -> None:
+class RecordingClient(RtmpClientProtocol):
+    """Our client, keeping the type and payload of every message it receives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: list[tuple[int, bytes]] = []
+
+    def _on_message(self, ev: MessageReceived) -> None:
+        self.received.append((ev.type_id, bytes(ev.payload)))
+        super()._on_message(ev)
+
+
+async def test_amf3_connect_from_flash_style_client_is_answered_in_amf3() -> None:
     async with asyncio.timeout(30), run_server(APPS) as (_, port):
         loop = asyncio.get_running_loop()
-        _, proto = await loop.create_connection(RtmpClientProtocol, "127.0.0.1", port)
+        _, proto = await loop.create_connection(RecordingClient, "127.0.0.1", port)
         await proto.ready
         obj = {"app": "open", "tcUrl": f"rtmp://127.0.0.1:{port}/open", "objectEncoding": 3.0}
         result = await proto.command("connect", obj, amf3=True)
@@ -142,7 +171,57 @@ async def test_amf3_connect_from_flash_style_client() -> None:
         assert info["objectEncoding"] == 3.0
         sid = await proto.create_stream()
         assert sid == 1
+        commands = [(t, p) for t, p in proto.received if t in (MSG_COMMAND_AMF0, MSG_COMMAND_AMF3)]
+        assert len(commands) == 2  # _result of connect and of createStream
+        # AMF3 command messages (type 17): format byte 0, then AMF0 values
+        assert all(t == MSG_COMMAND_AMF3 and p[:1] == b"\x00" for t, p in commands), commands
         proto.close()
+        # an AMF0 client gets AMF0 command messages
+        _, plain = await loop.create_connection(RecordingClient, "127.0.0.1", port)
+        await plain.connect("open", f"rtmp://127.0.0.1:{port}/open")
+        assert {t for t, _ in plain.received if t in (17, 20)} == {MSG_COMMAND_AMF0}
+        plain.close()
+
+
+async def test_connect_announces_window_peer_bandwidth_and_chunk_size() -> None:
+    async with asyncio.timeout(30), run_server(APPS, chunk_size=8192) as (_, port):
+        loop = asyncio.get_running_loop()
+        _, proto = await loop.create_connection(RecordingClient, "127.0.0.1", port)
+        await proto.connect("open", f"rtmp://127.0.0.1:{port}/open")
+        control = {t: p for t, p in proto.received if t <= MSG_SET_PEER_BANDWIDTH}
+        # Set Peer Bandwidth (RTMP spec 5.4.5): window size, limit type 2 (dynamic)
+        assert control[MSG_SET_PEER_BANDWIDTH] == encode_peer_bandwidth(SERVER_WINDOW_ACK, 2)
+        assert proto.decoder.peer_bandwidth == SERVER_WINDOW_ACK
+        assert proto.decoder.window_ack_size == SERVER_WINDOW_ACK
+        assert proto.decoder.chunk_size == 8192
+        proto.close()
+
+
+async def test_scheme_1_digest_c1_over_a_socket() -> None:
+    c1 = bytearray(bytes(4) + bytes([0x80, 0x00, 0x07, 0x02]) + os.urandom(HANDSHAKE_SIZE - 8))
+    digest = imprint_digest(c1, GENUINE_FP_KEY[:30], 772)  # scheme 1: offset base 772
+    async with asyncio.timeout(30), run_server(APPS) as (hooks, port):
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"\x03" + bytes(c1))
+        s012 = await r.readexactly(1 + 2 * HANDSHAKE_SIZE)
+        s1, s2 = s012[1 : 1 + HANDSHAKE_SIZE], s012[1 + HANDSHAKE_SIZE :]
+        assert validate_digest_s2(s2, digest)  # keyed by our scheme 1 digest
+        assert find_client_digest(bytes(c1)) == digest
+        tc = f"rtmp://127.0.0.1:{port}/open"
+        connect = encode_command("connect", 1, {"app": "open", "tcUrl": tc})
+        w.write(s1 + ChunkWriter().write(3, MSG_COMMAND_AMF0, 0, 0, connect))
+        decoder = ChunkStreamDecoder()
+        names: list[str] = []
+        while "_result" not in names:
+            data = await r.read(65536)
+            assert data
+            names += [
+                parse_command(e.type_id, e.payload).name
+                for e in decoder.feed(data)
+                if e.type_id == MSG_COMMAND_AMF0
+            ]
+        assert hooks.server.counters.digest_handshakes == 1
+        w.close()
 
 
 async def test_max_players_per_stream() -> None:

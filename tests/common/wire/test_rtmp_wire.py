@@ -15,6 +15,7 @@ from marchproxy_common.wire.rtmp.chunks import (
     MSG_ABORT,
     MSG_AUDIO,
     MSG_SET_CHUNK_SIZE,
+    MSG_SET_PEER_BANDWIDTH,
     MSG_VIDEO,
     MSG_WINDOW_ACK_SIZE,
     ChunkStreamDecoder,
@@ -69,6 +70,28 @@ def test_digest_handshake_is_validated_like_ffmpeg() -> None:
     pos = handshake.digest_offset(s1, 8)
     assert handshake._digest_at(s1, pos, handshake.GENUINE_FMS_KEY[:36]) == s1[pos : pos + 32]
     assert handshake.validate_digest_s2(s2, digest)
+
+
+def scheme_1_c1() -> tuple[bytes, bytes]:
+    """A Flash-style C1 with its digest at the scheme 1 position (offset base 772)."""
+    c1 = bytearray(bytes(4) + bytes([0x80, 0x00, 0x07, 0x02]) + os.urandom(1528))
+    digest = handshake.imprint_digest(c1, handshake.GENUINE_FP_KEY[:30], 772)
+    return bytes(c1), digest
+
+
+def test_scheme_1_digest_c1_gets_a_digest_handshake() -> None:
+    c1, digest = scheme_1_c1()
+    pos = handshake.digest_offset(c1, 772)
+    assert pos >= 776 and c1[pos : pos + 32] == digest
+    assert handshake.find_client_digest(c1) == digest
+    server = handshake.ServerHandshake()
+    out = server.feed(b"\x03" + c1)
+    assert server.client_digest == digest
+    assert handshake.validate_digest_s2(out[1 + handshake.HANDSHAKE_SIZE :], digest)
+    # a C1 whose scheme 1 digest is off by one bit is a simple C1
+    broken = bytearray(c1)
+    broken[pos] ^= 1
+    assert handshake.find_client_digest(bytes(broken)) is None
 
 
 def test_simple_c1_has_no_digest() -> None:
@@ -190,6 +213,17 @@ def test_window_ack_size_makes_ack_due() -> None:
     dec.feed(encode_message(6, MSG_VIDEO, 1, 0, b"v" * 120, 128))
     assert dec.ack_due() == dec.bytes_received
     assert dec.ack_due() is None
+
+
+def test_set_peer_bandwidth_is_applied_and_emitted() -> None:
+    dec = ChunkStreamDecoder()
+    payload = messages.encode_peer_bandwidth(2_500_000, 1)
+    assert payload == (2_500_000).to_bytes(4, "big") + b"\x01"  # size, then limit type (soft)
+    events = dec.feed(encode_message(2, MSG_SET_PEER_BANDWIDTH, 0, 0, payload, 128))
+    assert dec.peer_bandwidth == 2_500_000
+    assert [(e.type_id, e.payload) for e in events] == [(MSG_SET_PEER_BANDWIDTH, payload)]
+    with pytest.raises(RtmpProtocolError, match="Set Peer Bandwidth"):
+        ChunkStreamDecoder().feed(encode_message(2, MSG_SET_PEER_BANDWIDTH, 0, 0, payload[:4], 128))
 
 
 @pytest.mark.parametrize(

@@ -81,6 +81,7 @@ class RtmpConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self.app = ""
         self.tc_url = ""
+        #: the client sends commands as AMF3 command messages (type 17): answer in kind
         self._amf3 = False
         self._next_stream_id = 1
         self.publishing: dict[int, Stream] = {}  # message stream id -> stream we publish
@@ -162,12 +163,19 @@ class RtmpConnection(asyncio.Protocol):
     def _send(self, csid: int, type_id: int, stream_id: int, payload: bytes) -> None:
         self._write(self._writer.write(csid, type_id, stream_id, 0, payload))
 
+    def _command(self, stream_id: int, payload: bytes) -> None:
+        """A command message: type 20, or for AMF3 clients type 17 (RTMP spec 7.1.1: a format
+        byte 0, then the same AMF0 values, as FMS answers objectEncoding 3 clients)."""
+        if self._amf3:
+            self._send(CSID_COMMAND, MSG_COMMAND_AMF3, stream_id, b"\x00" + payload)
+        else:
+            self._send(CSID_COMMAND, MSG_COMMAND_AMF0, stream_id, payload)
+
     def _reply(self, tid: float, name: str, obj: amf0.AmfValue, *args: amf0.AmfValue) -> None:
-        self._send(CSID_COMMAND, MSG_COMMAND_AMF0, 0, encode_command(name, tid, obj, *args))
+        self._command(0, encode_command(name, tid, obj, *args))
 
     def _status(self, stream_id: int, level: str, code: str, description: str) -> None:
-        payload = encode_on_status(level, code, description)
-        self._send(CSID_COMMAND, MSG_COMMAND_AMF0, stream_id, payload)
+        self._command(stream_id, encode_on_status(level, code, description))
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -251,8 +259,7 @@ class RtmpConnection(asyncio.Protocol):
             if name == "FCPublish":
                 args = [a for a in cmd.args if isinstance(a, str)]
                 info = status_info("status", "NetStream.Publish.Start", args[0] if args else "")
-                payload = encode_command("onFCPublish", 0, None, info)
-                self._send(CSID_COMMAND, MSG_COMMAND_AMF0, 0, payload)
+                self._command(0, encode_command("onFCPublish", 0, None, info))
 
     # -- commands ------------------------------------------------------------------------------
 
