@@ -15,13 +15,19 @@ import yaml
 from aiohttp import web
 from pydantic import ValidationError
 
-from marchproxy.v1 import module_pb2, module_pb2_grpc
+from marchproxy.v1 import module_pb2, module_pb2_grpc, types_pb2
 from marchproxy_common.module.runtime import run_module
 from marchproxy_common.wire.proxy_protocol import build_v2
 from marchproxy_rtmp.client import RtmpClientError, RtmpClientProtocol, open_client
 from marchproxy_rtmp.config import RtmpSettings
 from marchproxy_rtmp.module import RtmpHooks
-from marchproxy_rtmp.synthetic import SyntheticPublisher
+from marchproxy_rtmp.synthetic import (
+    AAC_SEQUENCE_HEADER,
+    AVC_SEQUENCE_HEADER,
+    SyntheticPublisher,
+    audio_frame,
+    video_frame,
+)
 from marchproxy_rtmp.testing import play_client, run_server, snapshot, wait_for
 
 KEY = "rtmp-runtime-test-key"
@@ -72,6 +78,79 @@ async def test_rtmp_through_module_runtime(tmp_path: Path) -> None:
             )
         values = {m.name: m.value for m in resp.metrics.metrics}
         assert values.get("players") == 1.0 and values.get("streams") == 1.0, resp
+        player.close()
+        proto.close()
+
+
+async def test_status_values_and_grpc_status_and_stats(tmp_path: Path) -> None:
+    cfg = tmp_path / "rtmp.yaml"
+    cfg.write_text(yaml.safe_dump(snapshot([{"name": "live", "publish_open": True}])))
+    settings = RtmpSettings(
+        data_port=0,
+        grpc_port=0,
+        admin_port=0,
+        register_with_nlb=False,
+        config_file=str(cfg),
+        cluster_api_key=KEY,
+    )
+    hooks = RtmpHooks(settings)
+    frames = 75  # 2.5 s at 30 fps
+    async with (
+        asyncio.timeout(60),
+        run_module(settings, hooks) as rt,
+        aiohttp.ClientSession() as http,
+    ):
+        loop = asyncio.get_running_loop()
+        port = rt.data_address.port
+        proto = await open_client("127.0.0.1", port, "live")
+        t_before_publish = loop.time()
+        pub = SyntheticPublisher(proto, await proto.publish("cam"))
+        t_published = loop.time()
+        player, rec = await play_client(port, "live", "cam")
+        pub.send_headers()
+        t0 = loop.time()
+        await pub.run(frames)  # paced at 30 fps
+        sent_seconds = loop.time() - t0
+        media = [video_frame(i, pub.gop, pub.video_size) + audio_frame(i) for i in range(frames)]
+        payload = len(AVC_SEQUENCE_HEADER) + len(AAC_SEQUENCE_HEADER) + sum(map(len, media))
+        stream = hooks.server.registry.get("live", "cam")
+        assert stream is not None
+        # the recorder counts the sequence headers too
+        await wait_for(lambda: rec.video == rec.audio == frames + 1)
+        t_before_status = loop.time()
+        async with http.get(f"http://127.0.0.1:{rt.admin_address.port}/status") as r:
+            status = (await r.json())["rtmp"]
+        t_after_status = loop.time()
+        entry = status["applications"]["live"]["streams"][0]
+        assert entry["bytes_in"] == payload  # every media payload byte, sequence headers too
+        # players get the payloads plus chunk headers, counted per player and per stream
+        assert entry["bytes_out"] == entry["clients"][0]["bytes_out"]
+        assert payload < entry["bytes_out"] <= player.bytes_in
+        assert entry["video_frames"] == frames and entry["audio_frames"] == frames
+        # bitrate over the last whole second of media, against what the publisher really sent
+        sent_bps = (
+            (payload - len(AVC_SEQUENCE_HEADER) - len(AAC_SEQUENCE_HEADER)) * 8 / sent_seconds
+        )
+        assert 0.6 * sent_bps < entry["bitrate_bps"] < 1.6 * sent_bps, (entry, sent_bps)
+        assert t_before_status - t_published <= entry["uptime_seconds"]
+        assert entry["uptime_seconds"] <= t_after_status - t_before_publish
+        assert status["bytes_in"] >= payload and status["bytes_out"] >= entry["bytes_out"]
+        assert status["streams"] == 1 and status["players"] == 1
+        meta = {"x-cluster-api-key": KEY}.items()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{rt.grpc_address.port}") as ch:
+            stub = module_pb2_grpc.ModuleServiceStub(ch)
+            st = await stub.GetStatus(module_pb2.GetStatusRequest(), metadata=meta, timeout=10)
+            stats = await stub.GetStats(module_pb2.GetStatsRequest(), metadata=meta, timeout=10)
+        assert st.instance.module_type == types_pb2.MODULE_TYPE_RTMP
+        assert list(st.instance.protocols) == [types_pb2.PROTOCOL_RTMP]
+        assert st.instance.active_connections == 2 and not st.draining
+        s = stats.stats
+        assert s.active_connections == 2 and s.total_connections == 2
+        assert s.total_requests == 2  # one publish, one play
+        assert s.bytes_in >= status["bytes_in"] and s.bytes_out >= status["bytes_out"]
+        assert s.custom["streams"] == 1.0 and s.custom["players"] == 1.0
+        assert s.custom["frames_sent"] >= 2 * frames
+        assert s.custom["ingest_bitrate_bps"] == entry["bitrate_bps"]
         player.close()
         proto.close()
 

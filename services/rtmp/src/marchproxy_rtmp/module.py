@@ -51,16 +51,24 @@ class RtmpHooks(BaseModuleHooks):
 
     def load(self) -> LoadReport:
         c = self.server.counters
+        d = c.delivery
+        streams = self.server.registry.publishing()
         return LoadReport(
             active_connections=len(self.server.connections),
             total_connections=c.connections_total,
             requests_total=c.publish_total + c.plays_total,
             errors_total=c.protocol_errors + c.publish_rejected,
             bytes_in=c.bytes_in,
-            bytes_out=c.bytes_out + c.delivery.bytes_out,
+            bytes_out=c.bytes_out + d.bytes_out,
             custom={
-                "streams": float(len(self.server.registry.publishing())),
+                "streams": float(len(streams)),
                 "players": float(self.server.registry.player_count()),
+                "ingest_bitrate_bps": float(sum(round(s.bitrate_bps) for s in streams)),
+                "frames_sent": float(d.frames_sent),
+                "frames_skipped": float(d.frames_skipped),
+                "players_dropped": float(d.players_dropped),
+                "publishes_rejected": float(c.publish_rejected),
+                "relays_failed": float(c.relay_push_failed + c.relay_pull_failed),
             },
         )
 
