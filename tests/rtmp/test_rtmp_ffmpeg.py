@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import tempfile
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from marchproxy_rtmp.testing import (
     ffmpeg_publish_argv,
     ffmpeg_record_argv,
     have,
+    kill,
     nginx_rtmp,
     process,
     run_server,
@@ -123,3 +125,38 @@ async def test_pull_on_demand_from_nginx_rtmp_origin() -> None:
         counts = await count_frames(out)
         assert counts.get("video", 0) >= 60, counts
         assert counts.get("audio", 0) >= 60, counts
+
+
+async def test_ffmpeg_late_joiner_starts_on_a_keyframe() -> None:
+    async with asyncio.timeout(90), run_server(APPS) as (hooks, port):
+        url = f"rtmp://127.0.0.1:{port}/live/tv"
+        async with process(*ffmpeg_publish_argv(url + "?key=secret", 12)):
+            await wait_for(lambda: hooks.server.registry.publishing(), 30)
+            stream = hooks.server.registry.get("live", "tv")
+            assert stream is not None
+            # join late and mid-GOP: the cache holds a keyframe and at least 10 frames after it
+            await wait_for(lambda: stream.video_frames > 60 and len(stream.gop) > 10, 30)
+            frames_before = stream.video_frames
+            probe = await asyncio.create_subprocess_exec(
+                "ffprobe", "-v", "error", "-rw_timeout", "15000000", "-select_streams", "v",
+                "-show_packets", "-read_intervals", "%+#1", "-show_entries",
+                "packet=pts_time,flags", "-of", "json", url,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            try:
+                out, err = await asyncio.wait_for(probe.communicate(), 45)
+            finally:
+                await kill(probe)
+            assert probe.returncode == 0, err
+        packets = json.loads(out)["packets"]
+        assert packets, out
+        first = packets[0]
+        assert first["flags"].startswith("K"), first  # a keyframe, not whatever came next
+        # ... and the one cached before the join (the GOP cache, 30 fps, -g 30): the player
+        # starts at once instead of waiting for the next keyframe
+        pts = float(first["pts_time"])
+        assert (frames_before - 31) / 30 - 0.1 <= pts <= frames_before / 30 + 0.1, (
+            pts,
+            frames_before,
+        )
+        assert hooks.server.counters.plays_total == 1
