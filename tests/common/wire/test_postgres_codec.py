@@ -298,6 +298,44 @@ def test_error_fields_and_parameter_status() -> None:
     assert parse_parameter_status(enc.parameter_status("a", "b")[5:]) == ("a", "b")
 
 
+# RFC 7677 section 3: SCRAM-SHA-256 exchange for user "user", password "pencil"
+RFC7677_CLIENT_NONCE = "rOprNGfwEbeRWgbNEkqO"
+RFC7677_SERVER_NONCE = "%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0"
+RFC7677_CLIENT_FIRST = b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO"
+RFC7677_SERVER_FIRST = (
+    b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096"
+)
+RFC7677_CLIENT_FINAL = (
+    b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,"
+    b"p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="
+)
+RFC7677_SERVER_FINAL = b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
+
+
+def test_scram_client_matches_rfc7677_test_vector() -> None:
+    client = ScramClient("pencil", nonce=RFC7677_CLIENT_NONCE, username="user")
+    assert client.client_first() == RFC7677_CLIENT_FIRST
+    assert client.client_final(RFC7677_SERVER_FIRST) == RFC7677_CLIENT_FINAL
+    client.verify_server_final(RFC7677_SERVER_FINAL)
+    with pytest.raises(RemoteProtocolError, match="signature mismatch"):
+        client.verify_server_final(b"v=" + b"A" * 43 + b"=")
+
+
+def test_scram_server_matches_rfc7677_test_vector() -> None:
+    import base64
+
+    salt = base64.b64decode("W22ZaJ0SNY7soEsUEjb6gQ==")
+    verifier = ScramVerifier.from_password("pencil", salt=salt, iterations=4096)
+    server = ScramServer(verifier, nonce=RFC7677_SERVER_NONCE)
+    assert server.server_first(RFC7677_CLIENT_FIRST) == RFC7677_SERVER_FIRST
+    assert server.verify_final(RFC7677_CLIENT_FINAL) == RFC7677_SERVER_FINAL
+
+
+def test_scram_client_default_sends_an_empty_username_like_libpq() -> None:
+    assert ScramClient("x", nonce="abc").client_first() == b"n,,n=,r=abc"
+    assert ScramClient("x", nonce="abc", username="a=b,c").client_first() == b"n,,n=a=3Db=2Cc,r=abc"
+
+
 def test_md5_known_value() -> None:
     # md5(md5("secret" + "alice").hex + salt) computed independently with hashlib
     import hashlib

@@ -165,10 +165,13 @@ class ScramServer:
 class ScramClient:
     """Authenticate to a server: client_first() -> client_final(server_first) -> verify."""
 
-    def __init__(self, password: str, *, nonce: str | None = None) -> None:
+    def __init__(self, password: str, *, nonce: str | None = None, username: str = "") -> None:
+        """``username`` goes into client-first; Postgres ignores it (the startup packet names
+        the user), so the default is empty, as libpq sends."""
         self._password = password
         self._client_nonce = nonce or _b64(secrets.token_bytes(SCRAM_NONCE_BYTES))
-        self._client_first_bare = f"n=,r={self._client_nonce}"
+        saslname = username.replace("=", "=3D").replace(",", "=2C")  # RFC 5802 section 5.1
+        self._client_first_bare = f"n={saslname},r={self._client_nonce}"
         self._server_sig = b""
 
     def client_first(self) -> bytes:
