@@ -334,6 +334,38 @@ async def test_listener_rate_limit_denies_with_metrics() -> None:
         await s.close()
 
 
+async def test_tokens_available_gauge_follows_every_decision() -> None:
+    """The gauge is set by the connection path itself (nobody reads /status here), under the
+    rule's name, from the bucket the rule really draws from (a bare protocol target's bucket
+    is keyed protocol:<name>)."""
+    s = Stack()
+    await s.plane.start()
+    try:
+        await s.backend("web", (P.PROTOCOL_HTTP,))
+        port = s.port
+        rules = [
+            {"target": "http", "requests_per_second": 0.001, "burst": 10},
+            {"target": f"listener:{port}", "requests_per_second": 0.001, "burst": 20},
+            {"target": "client_ip", "requests_per_second": 0.001, "burst": 30},
+        ]
+        assert await s.plane.apply_config({"rate_limits": rules}) == []
+        for _ in range(3):
+            answer, _ = await exchange(port, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+            assert answer.startswith(b"web|")
+        gauge = "nlb_ratelimit_tokens_available"
+        assert s.metric(gauge, bucket="http") == 7
+        assert s.metric(gauge, bucket=f"listener:{port}") == 17
+        assert s.metric(gauge, bucket="client_ip") == 27
+        buckets = s.plane.status()["ratelimit_stats"]["buckets"]
+        assert buckets["http"]["tokens_available"] == pytest.approx(7, abs=0.01)
+        assert buckets["client_ip"]["tokens_available"] == 27
+        # a rule that goes away takes its gauge with it
+        assert await s.plane.apply_config({"rate_limits": rules[:1]}) == []
+        assert s.metrics.registry.get_sample_value(gauge, {"bucket": "client_ip"}) is None
+    finally:
+        await s.close()
+
+
 async def from_address(port: int, source: str) -> bool:
     """One HTTP request from the loopback address ``source``; True if an instance answered."""
     try:

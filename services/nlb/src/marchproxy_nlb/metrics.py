@@ -126,3 +126,8 @@ class NlbMetrics:
         if found is None:
             found = self._children[key] = metric.labels(*values)
         return found
+
+    def forget(self, metric: Counter | Gauge, *values: str) -> None:
+        """Drop one labelled child (e.g. the gauge of a rate limit that no longer exists)."""
+        if self._children.pop((id(metric), values), None) is not None:
+            metric.remove(*values)

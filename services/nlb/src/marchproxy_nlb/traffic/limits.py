@@ -10,11 +10,11 @@ local buckets while Redis is unreachable.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from marchproxy_common.ratelimit import MAX_LOCAL_BUCKETS, ClusterLimiter
+from marchproxy_common.ratelimit import MAX_LOCAL_BUCKETS, ClusterLimiter, Decision
 from marchproxy_nlb.traffic.routing import ConnInfo
 
 MAX_RULES = 1_000
@@ -33,6 +33,16 @@ class LimitRule:
     @property
     def per_client(self) -> bool:
         return self.target == "client_ip"
+
+    @property
+    def shared_key(self) -> str | None:
+        """The bucket key of a rule with one bucket (None for client_ip)."""
+        if self.per_client:
+            return None
+        kind, _, _ = self.target.partition(":")
+        if self.target == "global" or kind in ("listener", "protocol", "route"):
+            return self.target
+        return f"protocol:{self.target}"
 
     def key(self, c: ConnInfo, protocol_name: str, route: str | None) -> str | None:
         kind, _, arg = self.target.partition(":")
@@ -113,6 +123,11 @@ class ConnectionLimits:
             )
         self.rules: tuple[LimitRule, ...] = ()
         self.totals: dict[str, list[int]] = {}  # bucket -> [allowed, denied]
+        #: bucket (rule target) -> whole tokens left after its last decision (for a client_ip
+        #: or cluster bucket the only value we have: the last client's, or Redis's)
+        self.remaining: dict[str, int] = {}
+        #: called with (bucket, decision) after every decision, e.g. to set a gauge
+        self.on_decision: Callable[[str, Decision], None] | None = None
 
     async def admit(
         self, c: ConnInfo, protocol_name: str, route: str | None
@@ -128,12 +143,26 @@ class ConnectionLimits:
             decision = await limiter.allow(key, rule.rate, rule.burst)
             bucket = rule.target
             tally = self.totals.setdefault(bucket, [0, 0])
+            self.remaining[bucket] = decision.remaining
+            if self.on_decision is not None:
+                self.on_decision(bucket, decision)
             if not decision.allowed:
                 tally[1] += 1
                 return bucket, allowed
             tally[0] += 1
             allowed.append(bucket)
         return None, allowed
+
+    def tokens_available(self, rule: LimitRule) -> float:
+        """Tokens in a rule's bucket now: read from a local shared bucket (by its key, which
+        for a bare protocol target is ``protocol:<name>``), else as of its last decision; a
+        bucket nobody drew from yet is full."""
+        key = rule.shared_key
+        if key is not None and (rule.scope == "local" or self._limiter(rule).backend == "local"):
+            bucket = self._limiter(rule).local_buckets.get(key)
+            if bucket is not None:
+                return bucket.tokens
+        return float(self.remaining.get(rule.target, rule.burst))
 
     def _limiter(self, rule: LimitRule) -> ClusterLimiter:
         cluster = rule.scope == "cluster"
@@ -152,9 +181,7 @@ class ConnectionLimits:
                 "allowed_total": tally[0],
                 "denied_total": tally[1],
             }
-            local = self.local.local_buckets.get(rule.target)
-            if local is not None:
-                entry["tokens_available"] = round(local.tokens, 3)
+            entry["tokens_available"] = round(self.tokens_available(rule), 3)
             buckets[rule.target] = entry
         backend: dict[str, Any] = dict(self.cluster.stats())
         backend["client_buckets"] = len(self.clients.local_buckets) + (

@@ -21,6 +21,7 @@ import structlog
 from marchproxy.v1 import nlb_pb2, types_pb2
 from marchproxy_common.net.listener import stop_serving
 from marchproxy_common.net.relay import Relay, RelayStats
+from marchproxy_common.ratelimit import Decision
 from marchproxy_common.wire.proxy_protocol import build_v2
 from marchproxy_common.wire.sniff import (
     HttpDetails,
@@ -37,7 +38,7 @@ from marchproxy_nlb.metrics import NlbMetrics
 from marchproxy_nlb.registry.table import Instance, InstanceRegistry
 from marchproxy_nlb.traffic.balancer import STRATEGIES, Balancer
 from marchproxy_nlb.traffic.bluegreen import BlueGreen
-from marchproxy_nlb.traffic.limits import ConnectionLimits, parse_rules
+from marchproxy_nlb.traffic.limits import ConnectionLimits, LimitRule, parse_rules
 from marchproxy_nlb.traffic.listener import (
     Connection,
     ListenerSpec,
@@ -105,6 +106,7 @@ class DataPlane:
             settings.nlb_ratelimit_prefix,
             max_client_buckets=settings.nlb_ratelimit_max_client_buckets,
         )
+        self.limits.on_decision = self._record_tokens
         self.static_specs = parse_listeners_env(settings.nlb_listeners)
         self.state_rules: tuple[RouteRule, ...] = ()
         self.rpc_rules: dict[str, RouteRule] = {}
@@ -238,7 +240,7 @@ class DataPlane:
             return errors
         self.state_rules = tuple(rules)
         self._rebuild_table()
-        self.limits.rules = tuple(parse_rules(self._from_state("rate_limits", state_limits))[0])
+        self._set_limit_rules(parse_rules(self._from_state("rate_limits", state_limits))[0])
         self.bluegreen.load(self._from_state("deployments", state_deployments))
         self._publish_split_metrics()
         if self.autoscaler is not None:
@@ -268,7 +270,7 @@ class DataPlane:
         connections are never touched: limits and splits apply to new connections only."""
         if "rate_limits" in update:
             self._rpc_values["rate_limits"] = list(update["rate_limits"])
-            self.limits.rules = tuple(parse_rules(update["rate_limits"])[0])
+            self._set_limit_rules(parse_rules(update["rate_limits"])[0])
         if "traffic_split" in update:
             self._rpc_values["deployments"] = list(update["traffic_split"])
             self.bluegreen.load(update["traffic_split"], keep_rollbacks=False)
@@ -501,11 +503,19 @@ class DataPlane:
 
     # -- status --------------------------------------------------------------------------------
 
+    def _set_limit_rules(self, rules: Sequence[LimitRule]) -> None:
+        gone = {r.target for r in self.limits.rules} - {r.target for r in rules}
+        self.limits.rules = tuple(rules)
+        for target in gone:
+            self.metrics.forget(self.metrics.ratelimit_tokens, target)
+            self.limits.remaining.pop(target, None)
+
+    def _record_tokens(self, bucket: str, decision: Decision) -> None:
+        # bucket is a rule target: bounded labels (one per rule, client_ip as one)
+        self.metrics.child(self.metrics.ratelimit_tokens, bucket).set(decision.remaining)
+
     def status(self) -> dict[str, Any]:
         rl = self.limits.status()
-        for bucket, entry in rl["buckets"].items():
-            if "tokens_available" in entry:
-                self.metrics.ratelimit_tokens.labels(bucket).set(entry["tokens_available"])
         return {
             "rate_limiting": bool(self.limits.rules),
             "autoscaling": bool(self.autoscaler is not None and self.autoscaler.enabled),
