@@ -458,3 +458,60 @@ async def test_redis_down_fails_open(ailb: AilbFactory, fake_openai: FakeOpenAI)
         assert scrape is not None and scrape >= 1
     finally:
         await dead.aclose()
+
+
+def _teams_config(fake: FakeOpenAI, **cache: Any) -> dict[str, Any]:
+    return {
+        "model_list": [{"model_name": "gpt-fake", "base_url": fake.url + "/v1"}],
+        "keys": [
+            {"key": "sk-a1", "name": "a1", "team": "a"},
+            {"key": "sk-a2", "name": "a2", "team": "a"},
+            {"key": "sk-b1", "name": "b1", "team": "b"},
+            {"key": "sk-solo", "name": "solo"},
+        ],
+        "cache": {"enabled": True, **cache},
+    }
+
+
+async def _cache_state(hooks: AilbHooks, key: str, **extra: Any) -> str:
+    async with openai.AsyncOpenAI(base_url=base_url(hooks), api_key=key, max_retries=0) as c:
+        raw = await c.chat.completions.with_raw_response.create(
+            model="gpt-fake", messages=MSG, **extra
+        )
+    return raw.headers.get("x-marchproxy-cache", "none")
+
+
+@pytest.mark.parametrize(
+    ("scope", "expect"),
+    [
+        # a1 fills; then a2 (same team), b1 (other team), solo (no team), a1 again
+        ("team", ["miss", "hit", "miss", "miss", "hit"]),
+        ("key", ["miss", "miss", "miss", "miss", "hit"]),
+        ("shared", ["miss", "hit", "hit", "hit", "hit"]),
+    ],
+)
+async def test_cache_entries_are_scoped_to_team_or_key(
+    ailb: AilbFactory, fake_openai: FakeOpenAI, scope: str, expect: list[str]
+) -> None:
+    hooks = await ailb.start(_teams_config(fake_openai, scope=scope))
+    got = [
+        await _cache_state(hooks, key, temperature=0)
+        for key in ("sk-a1", "sk-a2", "sk-b1", "sk-solo", "sk-a1")
+    ]
+    assert got == expect
+    assert len(fake_openai.requests) == expect.count("miss")
+
+
+async def test_sampled_requests_are_not_cached_unless_opted_in(
+    ailb: AilbFactory, fake_openai: FakeOpenAI
+) -> None:
+    hooks = await ailb.start(_teams_config(fake_openai))
+    sampled: list[dict[str, Any]] = [{}, {"temperature": 0.7}, {"temperature": 0, "n": 2}]
+    for extra in sampled:  # no temperature = the provider's default (1): sampled
+        assert [await _cache_state(hooks, "sk-a1", **extra) for _ in range(2)] == ["none"] * 2
+    assert len(fake_openai.requests) == 2 * len(sampled)
+    skipped = hooks.metrics_registry.get_sample_value("ailb_cache_total", {"result": "skipped"})
+    assert skipped == 2 * len(sampled)
+    opted = await ailb.start(_teams_config(fake_openai, cache_sampled=True))
+    for extra in sampled:
+        assert [await _cache_state(opted, "sk-a1", **extra) for _ in range(2)] == ["miss", "hit"]

@@ -1,7 +1,9 @@
 """Response cache for identical non-stream requests (Redis with TTL, or an in-process LRU).
 
-The cache key is sha256 over the endpoint and the canonical JSON of the body (sorted keys), so
-two requests that differ only in key order or whitespace share an entry. Clients opt out with
+The cache key is sha256 over the scope (the key or team, unless entries are shared), the
+endpoint and the canonical JSON of the body (sorted keys), so two requests that differ only in
+key order or whitespace share an entry. Requests whose answers are sampled (temperature absent
+or > 0, n > 1) are not cached unless ``cache_sampled`` says so. Clients opt out with
 ``x-marchproxy-cache: no-cache``. The in-process LRU is bounded by entries and by total bytes;
 answers above ``max_entry_bytes`` are not cached anywhere.
 """
@@ -17,9 +19,34 @@ from typing import Any
 from marchproxy_ailb.schema import CacheSettings
 
 
-def cache_key(endpoint: str, body: dict[str, Any]) -> str:
+def cache_scope(settings: CacheSettings, key_id: str, team: str) -> str:
+    """The part of the cache key that says who may share an entry."""
+    if settings.scope == "shared":
+        return ""
+    if settings.scope == "team" and team:
+        return f"team:{team}"
+    return f"key:{key_id}"
+
+
+def cacheable(kind: str, body: dict[str, Any], settings: CacheSettings) -> bool:
+    """Only deterministic requests are cached unless ``cache_sampled``: temperature set to 0
+    (absent means the provider's default, 1 for OpenAI and Anthropic, which samples) and one
+    choice. Embeddings are always deterministic."""
+    if settings.cache_sampled or kind == "embeddings":
+        return True
+    if body.get("n") not in (None, 1) or body.get("best_of") not in (None, 1):
+        return False
+    temperature = body.get("temperature")
+    return (
+        isinstance(temperature, int | float)
+        and not isinstance(temperature, bool)
+        and temperature <= 0
+    )
+
+
+def cache_key(endpoint: str, body: dict[str, Any], scope: str = "") -> str:
     canon = json.dumps(body, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(f"{endpoint}\n{canon}".encode()).hexdigest()
+    return hashlib.sha256(f"{scope}\n{endpoint}\n{canon}".encode()).hexdigest()
 
 
 class ResponseCache:

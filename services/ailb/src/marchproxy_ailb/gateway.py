@@ -20,7 +20,7 @@ import structlog
 from aiohttp import web
 
 from marchproxy_ailb.budget import BudgetLedger, Hold
-from marchproxy_ailb.cache import ResponseCache, cache_key
+from marchproxy_ailb.cache import ResponseCache, cache_key, cache_scope, cacheable
 from marchproxy_ailb.errors import GatewayError, UpstreamError, upstream_to_gateway
 from marchproxy_ailb.keys import NANO, KeyInfo, KeyStore
 from marchproxy_ailb.limits import Admission, Limiter, rate_headers, refusal
@@ -332,7 +332,12 @@ class Gateway:
             and routed.cache.enabled
             and request.headers.get(CACHE_HEADER, "").lower() != "no-cache"
         ):
-            ckey = cache_key(kind, body)
+            settings = routed.cache.settings
+            if cacheable(kind, body, settings):
+                ckey = cache_key(kind, body, cache_scope(settings, key.key_id, key.team))
+            else:
+                self.metrics.cache.labels("skipped").inc()
+        if ckey is not None:
             cached = await self._soft("cache", routed.cache.get(ckey), None)
             if cached is not None:
                 self.metrics.cache.labels("hit").inc()

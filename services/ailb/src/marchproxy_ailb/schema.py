@@ -116,8 +116,17 @@ class VirtualKey(_Frozen):
         return self.name or self.digest[:16]
 
 
+CacheScope = Literal["key", "team", "shared"]
+
+
 class CacheSettings(_Frozen):
     enabled: bool = False
+    #: who shares entries: each key alone, the keys of one team (a key without a team is
+    #: alone), or everyone (an answer may then reach another tenant)
+    scope: CacheScope = "team"
+    #: also cache requests whose answers are sampled (temperature absent or > 0, n > 1,
+    #: best_of > 1), replaying one sample to every later identical request
+    cache_sampled: bool = False
     ttl_seconds: int = Field(default=300, ge=1, le=7 * 86400)
     #: entries kept in process when no Redis is configured
     max_entries: int = Field(default=1024, ge=1, le=1_000_000)
