@@ -284,3 +284,76 @@ async def test_active_health_checks_use_the_upstream_tls_settings(alb, certs) ->
         assert r.status_code == 200 and r.text == "tls upstream"
     finally:
         await runner.cleanup()
+
+
+async def handshake_cn(port: int, sni: str, cafiles: list[str]) -> str:
+    """CN of the certificate the ALB presents for ``sni`` (verified, hostname not checked)."""
+    ctx = ssl.create_default_context()
+    for f in cafiles:
+        ctx.load_verify_locations(f)
+    ctx.check_hostname = False
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=sni)
+    try:
+        peer = writer.get_extra_info("peercert")
+        return dict(x[0] for x in peer["subject"])["commonName"]
+    finally:
+        writer.close()
+
+
+async def test_certificates_load_once_off_the_loop_and_an_empty_list_clears(
+    alb_factory, certs, monkeypatch
+) -> None:
+    import threading
+
+    from marchproxy_alb import tls as tls_mod
+
+    loads: list[int] = []
+    real = tls_mod._load_chain
+
+    def counting(ctx, cert):
+        loads.append(threading.get_ident())
+        real(ctx, cert)
+
+    monkeypatch.setattr(tls_mod, "_load_chain", counting)
+    alb = await alb_factory(alb_tls_port=0)
+    (ca, ka), (cb, kb) = certs["a.example.com"], certs["b.example.org"]
+    tls = {
+        "certificates": [
+            {"server_names": ["a.example.com"], "cert_file": ca, "key_file": ka},
+            {"server_names": ["b.example.org"], "cert_file": cb, "key_file": kb},
+        ]
+    }
+    await alb.configure([], {"tls": tls})
+    assert len(loads) == 2  # each certificate once
+    assert threading.get_ident() not in loads  # never on the event loop's thread
+    port = alb.hooks.tls_address.port
+    assert await handshake_cn(port, "b.example.org", [ca, cb]) == "b.example.org"
+    assert await handshake_cn(port, "unknown.test", [ca, cb]) == "a.example.com"  # default
+    await alb.configure([], {"tls": {"certificates": []}})
+    assert alb.hooks.status()["tls_server_names"] == []
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await handshake_cn(port, "a.example.com", [ca, cb])
+
+
+async def test_wildcard_certificate_covers_exactly_one_label(alb_factory, certs) -> None:
+    alb = await alb_factory(alb_tls_port=0)
+    (ca, ka), (cb, kb) = certs["a.example.com"], certs["b.example.org"]
+    await alb.configure(
+        [],
+        {
+            "tls": {
+                "certificates": [
+                    {"server_names": ["a.example.com"], "cert_file": ca, "key_file": ka},
+                    {"server_names": ["*.example.org"], "cert_file": cb, "key_file": kb},
+                ]
+            }
+        },
+    )
+    port = alb.hooks.tls_address.port
+    assert await handshake_cn(port, "b.example.org", [ca, cb]) == "b.example.org"
+    # RFC 6125 §6.4.3: "*" is one label, so these get the default certificate instead
+    assert await handshake_cn(port, "x.b.example.org", [ca, cb]) == "a.example.com"
+    assert await handshake_cn(port, "example.org", [ca, cb]) == "a.example.com"
+    sni = alb.hooks.sni
+    assert sni.context_for("B.Example.Org.") is not None
+    assert sni.context_for("x.b.example.org") is None

@@ -16,10 +16,11 @@ from marchproxy.v1 import types_pb2
 from marchproxy_alb.config import AlbSettings, Limits
 from marchproxy_alb.http.downstream import DownstreamProtocol
 from marchproxy_alb.http.tlsaccept import TlsAcceptor
+from marchproxy_alb.http.upstream import UpstreamPool
 from marchproxy_alb.metrics import AlbMetrics
 from marchproxy_alb.proxy import DataPlane
 from marchproxy_alb.routing import compile_table
-from marchproxy_alb.tls import SniSelector, TlsConfigError
+from marchproxy_alb.tls import SniSelector, SniTable, TlsConfigError
 from marchproxy_common.module.hooks import BaseModuleHooks, BoundAddress, LoadReport
 from marchproxy_common.net.listener import stop_serving
 from marchproxy_common.net.proxied import wrap_proxy_protocol
@@ -126,33 +127,32 @@ class AlbHooks(BaseModuleHooks):
             limits = self.base_limits
         tls = module_cfg.get("tls") or {}
         certs = tls.get("certificates") or [] if isinstance(tls, Mapping) else None
+        sni_table: SniTable | None = None
         if certs is None or not isinstance(certs, list):
             errors.append("tls.certificates must be a list")
-        elif certs:
-            try:
-                SniSelector.compile(certs)
+        else:
+            try:  # loading reads files and parses keys: not on the event loop
+                sni_table = await asyncio.to_thread(SniSelector.compile, certs)
             except TlsConfigError as exc:
                 errors.append(str(exc))
         upstream = module_cfg.get("upstream") or {}
         if not isinstance(upstream, Mapping):
             errors.append("upstream must be an object")
             upstream = {}
-        ca_file = upstream.get("ca_file")
-        if ca_file:
-            try:
-                ssl.create_default_context(cafile=str(ca_file))
-            except (OSError, ssl.SSLError) as exc:
-                errors.append(f"upstream.ca_file {ca_file!r}: {exc}")
+        ca_file = str(upstream["ca_file"]) if upstream.get("ca_file") else None
+        verify = bool(upstream.get("tls_verify", True))
+        upstream_tls: ssl.SSLContext | None = None
+        try:  # reads the CA store: not on the event loop either
+            upstream_tls = await asyncio.to_thread(UpstreamPool.build_tls_context, verify, ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            errors.append(f"upstream.ca_file {ca_file!r}: {exc}")
         if errors:
             self.metrics.config_rejected.inc()
             log.warning("alb_config_rejected", errors=errors[:10])
             return errors
-        if certs:
-            self.sni.update(certs)
-        self.plane.upstreams.configure_tls(
-            verify=bool(upstream.get("tls_verify", True)),
-            ca_file=str(ca_file) if ca_file else None,
-        )
+        assert sni_table is not None and upstream_tls is not None
+        self.sni.install(sni_table)  # an empty list clears the certificates
+        self.plane.upstreams.install_tls(upstream_tls, verify=verify, ca_file=ca_file)
         self.plane.upstreams.max_idle_per_target = int(
             upstream.get("max_idle_per_target", self.plane.upstreams.max_idle_per_target)
         )

@@ -2,7 +2,13 @@
 
 Module config ``tls.certificates`` lists ``{server_names: [...], cert_file, key_file}`` (or
 ``cert_pem``/``key_pem`` inline). The first certificate is the default for clients without SNI
-or with an unknown name. Names may be exact or ``*.example.com`` wildcards.
+or with an unknown name. Names may be exact or ``*.example.com`` wildcards, which match exactly
+one label (RFC 6125 §6.4.3: ``a.example.com``, not ``example.com`` or ``a.b.example.com``).
+
+Loading reads files and parses keys, so :meth:`SniSelector.compile` is meant to run in a thread;
+:meth:`SniSelector.install` then swaps the compiled table in with one assignment. The listener's
+context holds no certificate itself: its SNI callback hands every handshake (with or without a
+name) to one of the loaded contexts.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import os
 import ssl
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -44,55 +51,21 @@ def _load_chain(ctx: ssl.SSLContext, cert: Mapping[str, Any]) -> None:
         raise TlsConfigError(f"cannot load certificate: {exc}") from None
 
 
-class SniSelector:
-    """Holds the per-name contexts; the listener's context calls :meth:`_select` on ClientHello.
+@dataclass(frozen=True, slots=True)
+class SniTable:
+    """Loaded certificates: exact names, one-label wildcards (keyed by the parent domain,
+    ``example.com`` for ``*.example.com``) and the default."""
 
-    ``update`` swaps the table atomically, so certificates change without rebinding."""
-
-    def __init__(self) -> None:
-        self.exact: dict[str, ssl.SSLContext] = {}
-        self.wildcard: dict[str, ssl.SSLContext] = {}
-        self.default: ssl.SSLContext | None = None
-        self.server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.server_context.minimum_version = ssl.TLSVersion.TLSv1_2
-        self.server_context.set_alpn_protocols(["http/1.1"])
-        self.server_context.sni_callback = self._select
-        self.names: list[str] = []
-
-    @staticmethod
-    def compile(
-        certs: Sequence[Mapping[str, Any]],
-    ) -> tuple[dict[str, ssl.SSLContext], dict[str, ssl.SSLContext], Mapping[str, Any] | None]:
-        exact: dict[str, ssl.SSLContext] = {}
-        wild: dict[str, ssl.SSLContext] = {}
-        for i, c in enumerate(certs):
-            if not isinstance(c, Mapping):
-                raise TlsConfigError(f"tls.certificates[{i}] must be an object")
-            ctx = _load(c)
-            names = c.get("server_names") or []
-            if isinstance(names, str):
-                names = [names]
-            for n in names:
-                n = str(n).lower().rstrip(".")
-                if n.startswith("*."):
-                    wild[n[1:]] = ctx
-                else:
-                    exact[n] = ctx
-        return exact, wild, certs[0] if certs else None
-
-    def update(self, certs: Sequence[Mapping[str, Any]]) -> None:
-        exact, wild, first = self.compile(certs)
-        if first is not None:
-            _load_chain(self.server_context, first)
-            self.default = self.server_context
-        self.exact, self.wildcard = exact, wild
-        self.names = sorted(exact) + sorted("*" + w for w in wild)
+    exact: Mapping[str, ssl.SSLContext] = field(default_factory=dict)
+    wildcard: Mapping[str, ssl.SSLContext] = field(default_factory=dict)
+    default: ssl.SSLContext | None = None
 
     @property
-    def configured(self) -> bool:
-        return bool(self.names) or self.default is not None
+    def names(self) -> list[str]:
+        return sorted(self.exact) + sorted("*." + w for w in self.wildcard)
 
     def context_for(self, name: str | None) -> ssl.SSLContext | None:
+        """The context for an SNI name, or None when no certificate names it."""
         if not name:
             return None
         n = name.lower().rstrip(".")
@@ -100,15 +73,63 @@ class SniSelector:
         if ctx is not None:
             return ctx
         dot = n.find(".")
-        while dot >= 0:
-            ctx = self.wildcard.get(n[dot:])
-            if ctx is not None:
-                return ctx
-            dot = n.find(".", dot + 1)
-        return None
+        if dot <= 0:
+            return None
+        return self.wildcard.get(n[dot + 1 :])  # "*" covers exactly the first label
+
+
+class SniSelector:
+    """Holds the loaded table; the listener's context calls :meth:`_select` on ClientHello.
+
+    ``install`` swaps the table atomically, so certificates change without rebinding."""
+
+    def __init__(self) -> None:
+        self.table = SniTable()
+        self.server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.server_context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.server_context.set_alpn_protocols(["http/1.1"])
+        self.server_context.sni_callback = self._select
+
+    @staticmethod
+    def compile(certs: Sequence[Mapping[str, Any]]) -> SniTable:
+        """Load every certificate (blocking: file reads and key parsing)."""
+        exact: dict[str, ssl.SSLContext] = {}
+        wild: dict[str, ssl.SSLContext] = {}
+        default: ssl.SSLContext | None = None
+        for i, c in enumerate(certs):
+            if not isinstance(c, Mapping):
+                raise TlsConfigError(f"tls.certificates[{i}] must be an object")
+            ctx = _load(c)
+            default = default or ctx
+            names = c.get("server_names") or []
+            if isinstance(names, str):
+                names = [names]
+            for n in names:
+                n = str(n).lower().rstrip(".")
+                if n.startswith("*."):
+                    wild[n[2:]] = ctx
+                else:
+                    exact[n] = ctx
+        return SniTable(exact, wild, default)
+
+    def install(self, table: SniTable) -> None:
+        self.table = table
+
+    @property
+    def names(self) -> list[str]:
+        return self.table.names
+
+    @property
+    def configured(self) -> bool:
+        return self.table.default is not None
+
+    def context_for(self, name: str | None) -> ssl.SSLContext | None:
+        return self.table.context_for(name)
 
     def _select(self, sslobj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
-        ctx = self.context_for(name)
+        table = self.table
+        ctx = table.context_for(name) or table.default
         if ctx is not None:
             sslobj.context = ctx
+        # else: no certificate at all, and the handshake fails
         return None

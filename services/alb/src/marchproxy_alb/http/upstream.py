@@ -313,13 +313,22 @@ class UpstreamPool:
     def idle_connections(self) -> int:
         return sum(len(d) for d in self._idle.values())
 
-    def configure_tls(self, *, verify: bool = True, ca_file: str | None = None) -> None:
-        """TLS towards https:// targets: verify against the system store or ``ca_file``."""
+    @staticmethod
+    def build_tls_context(verify: bool = True, ca_file: str | None = None) -> ssl.SSLContext:
+        """The client context for https:// targets (blocking: it reads the CA store)."""
         ctx = ssl.create_default_context(cafile=ca_file or None)
         ctx.set_alpn_protocols(["http/1.1"])
         if not verify:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    def configure_tls(self, *, verify: bool = True, ca_file: str | None = None) -> None:
+        """TLS towards https:// targets: verify against the system store or ``ca_file``."""
+        self.install_tls(self.build_tls_context(verify, ca_file), verify=verify, ca_file=ca_file)
+
+    def install_tls(self, ctx: ssl.SSLContext, *, verify: bool, ca_file: str | None) -> None:
+        """Use a context made by :meth:`build_tls_context` from now on."""
         changed = self._ssl is not None and (verify, ca_file) != self._tls_settings
         self._tls_verify = verify
         self._tls_settings = (verify, ca_file)
