@@ -261,3 +261,31 @@ async def test_anthropic_client_against_fake_anthropic(fake_anthropic: FakeAnthr
         assert final.content[0].text == "Hello from anthropic: yo"
         assert final.content[1].input == {"city": "Paris"}
         assert final.usage.output_tokens == 4
+
+
+async def test_overhead_header_is_observed_in_the_histogram(
+    ailb: AilbFactory, fake_openai: FakeOpenAI
+) -> None:
+    hooks = await ailb.start(
+        {"model_list": [{"model_name": "m", "base_url": fake_openai.url + "/v1"}]}
+    )
+    async with openai.AsyncOpenAI(base_url=base_url(hooks), api_key="x", max_retries=0) as c:
+        raw = await c.chat.completions.with_raw_response.create(
+            model="m", messages=[{"role": "user", "content": "a"}]
+        )
+        headers = [float(raw.headers["x-marchproxy-overhead-ms"])]
+        async with c.chat.completions.with_streaming_response.create(
+            model="m", messages=[{"role": "user", "content": "b"}], stream=True
+        ) as streamed:
+            headers.append(float(streamed.headers["x-marchproxy-overhead-ms"]))
+            async for _ in streamed.iter_lines():
+                pass
+        with pytest.raises(openai.NotFoundError) as exc:
+            await c.chat.completions.create(
+                model="nope", messages=[{"role": "user", "content": "c"}]
+            )
+        headers.append(float(exc.value.response.headers["x-marchproxy-overhead-ms"]))
+    registry = hooks.metrics_registry
+    assert registry.get_sample_value("ailb_overhead_seconds_count") == 3
+    total = registry.get_sample_value("ailb_overhead_seconds_sum")
+    assert total == pytest.approx(sum(headers) / 1000, abs=1e-5)  # headers are rounded to µs

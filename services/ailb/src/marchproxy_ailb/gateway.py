@@ -178,7 +178,7 @@ class Gateway:
             resp = web.Response(status=err.status, body=err.body(), content_type=JSON_CT)
             resp.headers.update(err.headers)
             resp.headers.update(ctx.extra_headers)
-            resp.headers[OVERHEAD_HEADER] = ctx.overhead(time.perf_counter())
+            resp.headers[OVERHEAD_HEADER] = self._overhead(ctx)
             return resp
         except Exception:
             # a bug must still answer in OpenAI's shape, never with a stack trace
@@ -192,7 +192,7 @@ class Gateway:
             self.errors_total += 1
             self.metrics.requests.labels(ctx.group, ctx.provider, "500").inc()
             resp = web.Response(status=500, body=internal.body(), content_type=JSON_CT)
-            resp.headers[OVERHEAD_HEADER] = ctx.overhead(time.perf_counter())
+            resp.headers[OVERHEAD_HEADER] = self._overhead(ctx)
             return resp
         finally:
             self.active -= 1
@@ -229,6 +229,12 @@ class Gateway:
         }
         return self._json(info, ctx, {})
 
+    def _overhead(self, ctx: _Ctx) -> str:
+        """The gateway's own time so far, for the header, observed in the histogram too."""
+        seconds = ctx.overhead_s(time.perf_counter())
+        self.metrics.overhead.observe(seconds)
+        return f"{seconds * 1000:.3f}"
+
     async def _soft(self, what: str, op: Awaitable[T], default: T) -> T:
         """Redis trouble must not take the gateway down: serve, count and log (fail open)."""
         try:
@@ -263,7 +269,7 @@ class Gateway:
     def _bytes(self, body: bytes, ctx: _Ctx, headers: dict[str, str]) -> web.Response:
         resp = web.Response(body=body, content_type=JSON_CT)
         resp.headers.update(headers)
-        resp.headers[OVERHEAD_HEADER] = ctx.overhead(time.perf_counter())
+        resp.headers[OVERHEAD_HEADER] = self._overhead(ctx)
         return resp
 
     async def _read_json(self, request: web.BaseRequest) -> dict[str, Any]:
@@ -637,7 +643,7 @@ class Gateway:
                 "Cache-Control": "no-cache",
                 **ctx.extra_headers,
                 DEPLOYMENT_HEADER: st.key,
-                OVERHEAD_HEADER: ctx.overhead(time.perf_counter()),
+                OVERHEAD_HEADER: self._overhead(ctx),
             }
         )
         usage: Any = None
@@ -715,8 +721,9 @@ class _Ctx:
     upstream_s: float = 0.0
     extra_headers: dict[str, str] = field(default_factory=dict)
 
-    def overhead(self, now: float) -> str:
-        return f"{max(0.0, (now - self.t0 - self.upstream_s) * 1000):.3f}"
+    def overhead_s(self, now: float) -> float:
+        """Time since the request came in, minus the time spent waiting on upstreams."""
+        return max(0.0, now - self.t0 - self.upstream_s)
 
 
 def _usage_tokens(usage: Any) -> Tokens | None:
