@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import structlog
+
 from tests.alb.alb_support import raw_exchange, route
 
 HUGE = 12 * 1024 * 1024
@@ -106,3 +108,21 @@ async def test_pipelined_request_after_a_big_body_is_not_miscounted(alb_factory,
     )
     out = await raw_exchange(alb.port, data)
     assert out.count(b"HTTP/1.1 200 OK") == 2, out[:300]
+
+
+async def test_refusal_flood_is_counted_but_logged_sparingly(alb, backends) -> None:
+    b = await backends()
+    await alb.configure([route("only", b.url, match={"path": "/only"})])
+    now = [1000.0]
+    alb.hooks.plane.clock = lambda: now[0]  # only the log limiter reads it after configure
+    one = b"GET /nowhere HTTP/1.1\r\nHost: a\r\n\r\n"
+    last = b"GET /nowhere HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    with structlog.testing.capture_logs() as logs:
+        out = await raw_exchange(alb.port, one * 49 + last)
+        now[0] += 1.5
+        await raw_exchange(alb.port, last)
+    assert out.count(b"HTTP/1.1 404 ") == 50
+    assert alb.hooks.plane.refusal_counts["no_route"] == 51  # every refusal is counted
+    lines = [e for e in logs if e["event"] == "alb_refused" and e["reason"] == "no_route"]
+    assert len(lines) == 2
+    assert "suppressed" not in lines[0] and lines[1]["suppressed"] == 49

@@ -51,6 +51,7 @@ MAX_REQUEST_ID_LEN = 200
 MAX_STALE_RETRIES = 2  # re-sends after a pooled keep-alive connection turned out closed
 LATENCY_SAMPLES = 2048
 COALESCE_LIMIT = 64 * 1024  # join small pieces into one write up to this size
+REFUSAL_LOG_INTERVAL = 1.0  # seconds: at most one alb_refused line per reason in this time
 
 
 class _Reply(Exception):
@@ -139,6 +140,7 @@ class DataPlane:
         self.bytes_out = 0
         self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.refusal_counts: dict[str, int] = {}
+        self._refusal_log: dict[str, tuple[float, int]] = {}  # reason → (last line, left out)
         self._idle: asyncio.Event | None = None
         self._health_tasks: dict[str, tuple[BackendPool, str | None, asyncio.Task[None]]] = {}
 
@@ -163,7 +165,19 @@ class DataPlane:
     def refused(self, reason: str) -> None:
         self.refusal_counts[reason] = self.refusal_counts.get(reason, 0) + 1
         self.metrics.refusals.labels(reason).inc()
-        log.info("alb_refused", reason=reason)
+        # every refusal is counted; the log gets at most one line per reason per interval,
+        # saying how many were left out, so a flood cannot flood the log (reasons are a
+        # fixed set, so this dict stays small)
+        now = self.clock()
+        last, suppressed = self._refusal_log.get(reason, (-math.inf, 0))
+        if now - last >= REFUSAL_LOG_INTERVAL:
+            self._refusal_log[reason] = (now, 0)
+            if suppressed:
+                log.info("alb_refused", reason=reason, suppressed=suppressed)
+            else:
+                log.info("alb_refused", reason=reason)
+        else:
+            self._refusal_log[reason] = (last, suppressed + 1)
 
     def count_error_response(self, status: int) -> None:
         self.requests_total += 1
