@@ -327,8 +327,13 @@ class ServerConnection(asyncio.Protocol):
             if self.params.get(name) != value:
                 sets.append(f"SET {name} = {_quote(value)}")
                 self.params[name] = value
-        if sets and self.transport is not None:
-            self.transport.write(enc.query("; ".join(sets)))
+        if sets:
+            self.inject(enc.query("; ".join(sets)))
+
+    def inject(self, query: bytes) -> None:
+        """Send a Query of our own; every reply up to its ReadyForQuery is swallowed."""
+        if self.transport is not None:
+            self.transport.write(query)
             self.swallow_z += 1
             self.special += 1
 
@@ -988,6 +993,10 @@ class PoolManager:
             pool.server_password = primary.server_password  # passthrough: follow the primary
             pool.password_learnt = True
         return pool
+
+    def has_replicas(self, pool: Pool) -> bool:
+        resolved = self.config.database(pool.database)
+        return resolved is not None and bool(resolved[0].replicas)
 
     def all_pools(self) -> list[Pool]:
         """The pools in force (SHOW POOLS, metrics); retired ones are in ``retired``."""

@@ -122,6 +122,8 @@ class PostgresClient(asyncio.Protocol):
         #: paused for it (resumed when it drains or when that server is unlinked)
         self.writing_paused = False
         self.paused_server: ServerConnection | None = None
+        #: a BEGIN answered by us and not yet sent (read/write split, see _defer_begin)
+        self._deferred_begin: bytes | None = None
 
     # ---- asyncio callbacks -------------------------------------------------------------------
 
@@ -459,11 +461,14 @@ class PostgresClient(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             return
-        if not self.pending:
+        if not self.pending and self._deferred_begin is None:
+            # answers of our own are for clients outside a transaction
             single_query = len(msgs) == 1 and msgs[0].type == F_QUERY
             if single_query and self._deallocate_locally(msgs[0]):
                 return
             if msgs[-1].type == F_SYNC and self._prepare_locally(msgs):
+                return
+            if single_query and self._defer_begin(msgs[0]):
                 return
         self.pending.extend(msgs)
         self.pending_raw.append(raw)
@@ -477,7 +482,11 @@ class PostgresClient(asyncio.Protocol):
         if self.pool.retired:
             self._leave_retired_pool(self.pool)
         target = self.pool
-        if self.pool.mode == "transaction" and self.pending and _wants_replica(self.pending[0]):
+        if (
+            self.pool.mode == "transaction"
+            and self.pending
+            and _wants_replica(self.pending[0], after_begin=self._deferred_begin is not None)
+        ):
             self._replica_turn += 1
             target = self.manager.replica_pool(self.pool, self._replica_turn) or self.pool
         self._waiting_in = target
@@ -502,6 +511,19 @@ class PostgresClient(asyncio.Protocol):
             return
         self.waiting = True
         self._request_server()
+
+    def _defer_begin(self, m: Message) -> bool:
+        """A bare BEGIN on a database with replicas: the statement after it may make the
+        transaction read-only (``SET TRANSACTION READ ONLY``), so answer BEGIN here and send it
+        (its reply swallowed) with that statement to the server it picks."""
+        pool = self.pool
+        if pool is None or pool.mode != "transaction" or _BARE_BEGIN.match(m.body) is None:
+            return False
+        if not self.manager.has_replicas(pool):
+            return False
+        self._deferred_begin = m.raw
+        self.write(enc.command_complete("BEGIN") + enc.ready_for_query(b"T"))
+        return True
 
     def _prepare_locally(self, msgs: list[Message]) -> bool:
         """``Parse(named)... Sync`` outside a transaction (libpq's PQprepare) for statements a
@@ -552,6 +574,9 @@ class PostgresClient(asyncio.Protocol):
         self.server = server
         if self.writing_paused:
             self._pause_server(server)
+        if self._deferred_begin is not None:
+            server.inject(self._deferred_begin)
+            self._deferred_begin = None
         if not self.welcomed:
             self._welcome(server.params)
             self.state = "ready"
@@ -712,22 +737,44 @@ class PostgresClient(asyncio.Protocol):
         return sname
 
 
+#: BEGIN / START TRANSACTION with READ ONLY among its modes, or followed in the same query
+#: string by SET TRANSACTION ... READ ONLY (``BEGIN; SET TRANSACTION READ ONLY; ...``)
 _READ_ONLY_START = re.compile(
-    rb"^\s*(BEGIN|START\s+TRANSACTION)(\s+ISOLATION\s+LEVEL\s+[A-Z ]+?)?\s+READ\s+ONLY\b", re.I
+    rb"^\s*(BEGIN|START\s+TRANSACTION)\b[^;]*?\bREAD\s+ONLY\b"
+    rb"|^\s*(BEGIN|START\s+TRANSACTION)\b[^;]*;\s*SET\s+TRANSACTION\b[^;]*?\bREAD\s+ONLY\b",
+    re.I,
+)
+#: the first statement after a deferred BEGIN that makes the transaction read-only
+_SET_READ_ONLY = re.compile(rb"^\s*SET\s+TRANSACTION\b[^;]*?\bREAD\s+ONLY\b", re.I)
+#: a BEGIN whose transaction may still become read-only (no READ ONLY/WRITE, no more SQL)
+_BARE_BEGIN = re.compile(
+    rb"^\s*(BEGIN|START\s+TRANSACTION)(\s+(WORK|TRANSACTION))?"
+    rb"(\s*,?\s*(ISOLATION\s+LEVEL\s+(SERIALIZABLE|REPEATABLE\s+READ|READ\s+COMMITTED"
+    rb"|READ\s+UNCOMMITTED)|(NOT\s+)?DEFERRABLE))*\s*;?\s*\x00?$",
+    re.I,
 )
 _REPLICA_COMMENT = b"/* marchproxy:replica */"
 
 
-def _wants_replica(first: Message) -> bool:
-    """Opt-in read/write split: the first message of a transaction decides."""
-    if first.type == F_QUERY:
-        text = first.body
-    elif first.type == F_PARSE:
-        _, pos = read_cstring_bytes(first.body)
-        text = first.body[pos:]
-    else:
+def _statement_text(m: Message) -> bytes | None:
+    if m.type == F_QUERY:
+        return m.body
+    if m.type == F_PARSE:
+        _, pos = read_cstring_bytes(m.body)
+        return m.body[pos:]
+    return None
+
+
+def _wants_replica(first: Message, *, after_begin: bool = False) -> bool:
+    """Opt-in read/write split: the first message of a transaction decides (after a deferred
+    BEGIN: the statement that follows it)."""
+    text = _statement_text(first)
+    if text is None:
         return False
-    return _REPLICA_COMMENT in text[:200] or _READ_ONLY_START.match(text) is not None
+    if _REPLICA_COMMENT in text[:200]:
+        return True
+    pattern = _SET_READ_ONLY if after_begin else _READ_ONLY_START
+    return pattern.match(text) is not None
 
 
 def _check_cleartext(user: str, secret: str, given: str) -> bool:
