@@ -10,9 +10,11 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 
+import grpc
 import pytest
 from aiohttp import web
 
+from marchproxy.v1 import nlb_pb2, nlb_pb2_grpc
 from marchproxy_nlb.app import NlbApp
 from marchproxy_nlb.config import NlbSettings
 from marchproxy_nlb.registry.table import Instance
@@ -102,6 +104,7 @@ async def test_process_executor_scales_real_modules_one_to_three_and_back() -> N
             "DRAIN_TIMEOUT": "2",
             "LOG_LEVEL": "WARNING",
         },
+        is_registered=lambda iid: app.registry.get(iid) is not None,
     )
     scaler = Autoscaler(app.registry, app.metrics, executor, clock=clock)
     assert app.dataplane is not None
@@ -192,6 +195,7 @@ async def fake_docker() -> AsyncIterator[tuple[str, list[str], dict[str, dict]]]
         body = await r.json()
         cid = f"c{len(containers) + 1}"
         containers[cid] = {
+            "Env": body.get("Env", []),
             "Id": cid,
             "Names": [f"/{r.query['name']}"],
             "Image": body["Image"],
@@ -285,3 +289,105 @@ async def test_kubernetes_executor_patches_the_scale_subresource() -> None:
     finally:
         await ex.close()
         await runner.cleanup()
+
+
+async def test_nlb_passes_its_address_and_key_to_docker_containers(
+    fake_docker: tuple[str, list[str], dict[str, dict]],
+) -> None:
+    url, _, containers = fake_docker
+    app = NlbApp(
+        NlbSettings(
+            cluster_api_key="docker-key",
+            nlb_grpc_port=0,
+            nlb_admin_port=0,
+            nlb_scaler="docker",
+            nlb_docker_url=url,
+            nlb_docker_images={"alb": "marchproxy/alb:1.2"},
+            nlb_scaler_nlb_addr="nlb:50051",
+        )
+    )
+    await app.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc.port}") as ch:
+            resp = await nlb_pb2_grpc.NLBServiceStub(ch).TriggerScaling(
+                nlb_pb2.TriggerScalingRequest(module_id="alb", target_instances=1),
+                metadata=(("x-cluster-api-key", "docker-key"),),
+            )
+        assert resp.success, resp.message
+        [c] = containers.values()
+        env = dict(e.split("=", 1) for e in c["Env"])
+        assert env == {"NLB_ADDR": "nlb:50051", "CLUSTER_API_KEY": "docker-key", "MODULE_ID": "alb"}
+    finally:
+        await app.stop()
+
+
+@pytest.mark.integration
+async def test_a_module_that_is_still_starting_is_not_started_again() -> None:
+    app = NlbApp(NlbSettings(cluster_api_key="scale-key", nlb_grpc_port=0, nlb_admin_port=0))
+    await app.start()
+    clock = Clock()
+    executor = ProcessExecutor(
+        {"echo": [sys.executable, "-m", "marchproxy_common.module.example"]},
+        {
+            "NLB_ADDR": f"127.0.0.1:{app.grpc.port}",
+            "CLUSTER_API_KEY": "scale-key",
+            "HEARTBEAT_INTERVAL": "0.3",
+            "LOG_LEVEL": "WARNING",
+        },
+        is_registered=lambda iid: app.registry.get(iid) is not None,
+        clock=clock,
+    )
+    scaler = Autoscaler(app.registry, app.metrics, executor, clock=clock)
+    scaler.load([{"module": "echo", "min_instances": 1, "max_instances": 3}])
+    try:
+        for step in range(10):  # evaluations while the first process boots
+            clock.now = step
+            await scaler.evaluate()
+            if scaler.live("echo"):
+                break
+            await asyncio.sleep(0.1)
+        async with asyncio.timeout(30):
+            while not scaler.live("echo"):
+                await asyncio.sleep(0.05)
+        for step in range(10, 15):
+            clock.now = step
+            assert await scaler.evaluate() == []
+        assert executor.started_total == 1
+        assert executor.pending("echo") == 0
+        assert scaler.status()["policies"][0]["current_replicas"] == 1
+    finally:
+        await scaler.stop()
+        await app.stop()
+
+
+@pytest.mark.integration
+async def test_a_module_that_crashes_at_start_is_retried_with_backoff() -> None:
+    registry_app = NlbApp(
+        NlbSettings(cluster_api_key="scale-key", nlb_grpc_port=0, nlb_admin_port=0),
+        with_dataplane=False,
+    )
+    clock = Clock()
+    executor = ProcessExecutor(
+        {"bad": [sys.executable, "-c", "raise SystemExit(3)"]},
+        is_registered=lambda iid: registry_app.registry.get(iid) is not None,
+        backoff_base=2.0,
+        clock=clock,
+    )
+    scaler = Autoscaler(registry_app.registry, registry_app.metrics, executor, clock=clock)
+    scaler.load([{"module": "bad", "min_instances": 1, "max_instances": 2}])
+    try:
+        for step in range(20):
+            clock.now = step
+            await scaler.evaluate()
+            async with asyncio.timeout(20):  # let a crashed start be reaped at this time
+                while executor.pending("bad") or any(
+                    t.get_name().startswith("reap bad") for t in asyncio.all_tasks()
+                ):
+                    await asyncio.sleep(0.01)
+        # starts at t=0, then after 2, 4 and 8 s of backoff: 0, 2, 6, 14
+        assert executor.started_total == 4
+        assert executor.failed_starts["bad"] == 4
+        assert [h["reason"] for h in scaler.history] == ["below_min"] * 4
+        assert executor.backoff("bad") == pytest.approx(14 + 16 - 19)
+    finally:
+        await scaler.stop()

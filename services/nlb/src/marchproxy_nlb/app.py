@@ -175,16 +175,21 @@ class NlbApp:
 
     def _build_autoscaler(self) -> Autoscaler | None:
         s = self.settings
+        # what every started module needs to find and join us
+        env = {
+            "NLB_ADDR": s.nlb_scaler_nlb_addr or s.local_grpc_target(self.grpc.port),
+            "CLUSTER_API_KEY": s.effective_cluster_api_key,
+        }
         executor: Executor
         if s.nlb_scaler == "process":
-            env = {
-                "NLB_ADDR": s.local_grpc_target(self.grpc.port),
-                "CLUSTER_API_KEY": s.effective_cluster_api_key,
-            }
-            executor = ProcessExecutor(s.nlb_scaler_commands, env)
+            executor = ProcessExecutor(
+                s.nlb_scaler_commands,
+                env,
+                is_registered=lambda instance_id: self.registry.get(instance_id) is not None,
+            )
         elif s.nlb_scaler == "docker":
             executor = DockerExecutor(
-                s.nlb_docker_url, s.nlb_docker_images, network=s.nlb_docker_network
+                s.nlb_docker_url, s.nlb_docker_images, env=env, network=s.nlb_docker_network
             )
         elif s.nlb_scaler == "kubernetes":
             executor = KubernetesExecutor(

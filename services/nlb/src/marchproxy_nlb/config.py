@@ -46,6 +46,9 @@ class NlbSettings(CommonSettings):
     #: scaling executor: "" (none), process, docker, kubernetes
     nlb_scaler: Literal["", "process", "docker", "kubernetes"] = ""
     nlb_autoscale_interval: float = Field(default=5.0, gt=0, le=3600)
+    #: NLB_ADDR given to modules the process/docker scaler starts (default: our gRPC port on
+    #: loopback, right for processes; containers need e.g. "nlb:50051")
+    nlb_scaler_nlb_addr: str = ""
     #: process executor: module -> command, e.g. {"alb": ["marchproxy-alb"]} (JSON)
     nlb_scaler_commands: dict[str, list[str]] = Field(default_factory=dict)
     #: docker executor: engine URL, module -> image (JSON), network for new containers

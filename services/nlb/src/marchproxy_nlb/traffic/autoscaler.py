@@ -6,7 +6,8 @@ scale_down_threshold, cooldown_seconds, metric (cpu | memory | connections | req
 enabled``. The metric is averaged over the module's live (non-draining) instances: ``cpu`` in
 percent, ``memory`` in MiB, ``connections`` the NLB's open connections, ``requests`` requests per
 second. Below ``min`` or above ``max`` is corrected at once; otherwise one step up or down per
-cooldown.
+cooldown. Instances an executor started that have not registered yet count as instances, and
+an executor that saw a module fail to start holds further starts back (``Executor.backoff``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ class Executor(Protocol):
     name: str
 
     async def scale(self, module: str, current: int, target: int) -> str: ...
+    def pending(self, module: str) -> int:
+        """Instances started that have not registered yet: they count as instances."""
+
+    def backoff(self, module: str) -> float:
+        """Seconds before the module may be started again (after failed starts); 0: now."""
+
     async def close(self, *, keep_instances: bool = False) -> None:
         """Release the executor; ``keep_instances``: leave what it started running (a hitless
         restart hands the modules to the new NLB, which sees them register)."""
@@ -83,10 +90,17 @@ def metric_value(metric: str, instances: Sequence[Instance]) -> float:
 
 
 def decide(
-    policy: Policy, instances: Sequence[Instance], now: float, last_action: float | None
+    policy: Policy,
+    instances: Sequence[Instance],
+    now: float,
+    last_action: float | None,
+    *,
+    pending: int = 0,
 ) -> Decision | None:
-    """The one rule: min/max first, then one step per cooldown on the averaged metric."""
-    current = len(instances)
+    """The one rule: min/max first, then one step per cooldown on the averaged metric.
+    ``pending`` instances (started, not registered yet) count towards the number of instances
+    but carry no load."""
+    current = len(instances) + pending
     if current < policy.min_instances:
         return Decision(policy.module, current, policy.min_instances, "below_min")
     if current > policy.max_instances:
@@ -175,10 +189,19 @@ class Autoscaler:
             self.metrics.current_replicas.labels(policy.module).set(len(instances))
             if not policy.enabled:
                 continue
-            decision = decide(policy, instances, now, self.last_action.get(policy.module))
-            if decision is not None:
-                await self._act(decision)
-                done.append(decision)
+            decision = decide(
+                policy,
+                instances,
+                now,
+                self.last_action.get(policy.module),
+                pending=self.executor.pending(policy.module),
+            )
+            if decision is None:
+                continue
+            if decision.direction == "up" and self.executor.backoff(policy.module) > 0:
+                continue  # failed starts: the executor says when to try again
+            await self._act(decision)
+            done.append(decision)
         return done
 
     async def _act(self, d: Decision) -> str:
@@ -217,7 +240,7 @@ class Autoscaler:
     async def trigger(
         self, module: str, target: int, reason: str, dry_run: bool
     ) -> nlb_pb2.TriggerScalingResponse:
-        current = len(self.live(module))
+        current = len(self.live(module)) + self.executor.pending(module)
         if target == 0:  # evaluate the module's policy now
             policy = self.policies.get(module)
             if policy is None:
@@ -227,7 +250,13 @@ class Autoscaler:
                     current_instances=current,
                     target_instances=current,
                 )
-            d = decide(policy, self.live(module), self._clock(), None)
+            d = decide(
+                policy,
+                self.live(module),
+                self._clock(),
+                None,
+                pending=self.executor.pending(module),
+            )
             target = d.target if d is not None else current
         target = max(0, min(target, MAX_REPLICAS))
         if dry_run or target == current:
@@ -271,6 +300,8 @@ class Autoscaler:
                     "max_instances": p.max_instances,
                     "metric": p.metric,
                     "current_replicas": len(self.live(p.module)),
+                    "pending_replicas": self.executor.pending(p.module),
+                    "start_backoff_seconds": round(self.executor.backoff(p.module), 3),
                     "enabled": p.enabled,
                 }
                 for p in self.policies.values()

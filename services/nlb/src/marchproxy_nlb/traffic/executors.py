@@ -15,8 +15,10 @@ import contextlib
 import json
 import os
 import signal
+import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,31 +38,85 @@ class ExecutorError(RuntimeError):
     pass
 
 
+@dataclass(eq=False)
+class Child:
+    proc: asyncio.subprocess.Process
+    instance_id: str
+    registered: bool = False  # seen in the registry at least once
+    stopping: bool = False  # we sent SIGTERM (scale down, or the NLB stops)
+
+
 class ProcessExecutor:
+    """Local module processes. Children that started but have not registered yet count as
+    instances (``pending``), or every evaluation while a module boots would start another;
+    a child that exits before it ever registered is a failed start, and the module's next
+    start waits ``backoff_base * 2**(failures-1)`` seconds (at most ``backoff_max``)."""
+
     name = "process"
 
     def __init__(
-        self, commands: Mapping[str, Sequence[str]], env: Mapping[str, str] | None = None
+        self,
+        commands: Mapping[str, Sequence[str]],
+        env: Mapping[str, str] | None = None,
+        *,
+        is_registered: Callable[[str], bool] | None = None,
+        backoff_base: float = 2.0,
+        backoff_max: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.commands = {k: list(v) for k, v in commands.items()}
         self.env = dict(env or {})
-        self.children: dict[str, list[asyncio.subprocess.Process]] = {}
-        self.stopping: set[int] = set()
+        #: instance id -> is it in the registry? Without it children are never pending and
+        #: a failed start cannot be told from a clean exit (no backoff).
+        self.is_registered = is_registered
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self._clock = clock
+        self.children: dict[str, list[Child]] = {}
+        self.failed_starts: dict[str, int] = {}
+        self.started_total = 0
+        self._next_start: dict[str, float] = {}
+
+    def _alive(self, module: str) -> list[Child]:
+        alive = [c for c in self.children.get(module, []) if c.proc.returncode is None]
+        self.children[module] = alive
+        for c in alive:
+            if not c.registered and self._registered(c.instance_id):
+                c.registered = True
+                self.failed_starts.pop(module, None)  # a start worked: forget the failures
+        return alive
+
+    def _registered(self, instance_id: str) -> bool:
+        return self.is_registered is None or self.is_registered(instance_id)
+
+    def pending(self, module: str) -> int:
+        """Children started and alive that have not registered yet."""
+        return sum(1 for c in self._alive(module) if not c.registered and not c.stopping)
+
+    def backoff(self, module: str) -> float:
+        """Seconds until this module may be started again (0: now)."""
+        return max(0.0, self._next_start.get(module, 0.0) - self._clock())
 
     async def scale(self, module: str, current: int, target: int) -> str:
         cmd = self.commands.get(module)
         if not cmd:
             raise ExecutorError(f"no process command configured for module {module!r}")
-        alive = [p for p in self.children.get(module, []) if p.returncode is None]
-        self.children[module] = alive
-        mine = [p for p in alive if p.pid not in self.stopping]  # not already draining
+        alive = self._alive(module)
+        mine = [c for c in alive if not c.stopping]  # not already draining
         if target > current:
+            wait = self.backoff(module)
+            if wait > 0:
+                raise ExecutorError(
+                    f"{module} failed to start {self.failed_starts.get(module, 0)} time(s); "
+                    f"next start in {wait:.1f}s"
+                )
             for _ in range(target - current):
+                instance_id = f"{module}-{uuid.uuid4().hex[:8]}"
                 env = {
                     **os.environ,
                     **self.env,
                     "MODULE_ID": module,
-                    "INSTANCE_ID": f"{module}-{uuid.uuid4().hex[:8]}",
+                    "INSTANCE_ID": instance_id,
                     "DATA_PORT": "0",
                     "GRPC_PORT": "0",
                     "ADMIN_PORT": "0",
@@ -72,27 +128,43 @@ class ProcessExecutor:
                     stderr=asyncio.subprocess.DEVNULL,
                     start_new_session=True,
                 )
-                alive.append(proc)
-                spawn(self._reap(proc), name=f"reap {module} pid {proc.pid}")
+                child = Child(proc, instance_id)
+                alive.append(child)
+                self.started_total += 1
+                spawn(self._reap(module, child), name=f"reap {module} pid {proc.pid}")
             return f"started {target - current} {module} process(es)"
         stop = min(current - target, len(mine))
-        for proc in reversed(mine[-stop:] if stop else []):
-            self.stopping.add(proc.pid)
+        for child in reversed(mine[-stop:] if stop else []):
+            child.stopping = True
             with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
+                child.proc.send_signal(signal.SIGTERM)
         if stop < current - target:
             return f"stopped {stop}; the other instances were not started by this NLB"
         return f"stopping {stop} {module} process(es)"
 
-    async def _reap(self, proc: asyncio.subprocess.Process) -> None:
-        await proc.wait()
-        self.stopping.discard(proc.pid)
+    async def _reap(self, module: str, child: Child) -> None:
+        code = await child.proc.wait()
+        if child.stopping or child.registered or self._registered(child.instance_id):
+            return
+        failures = self.failed_starts[module] = self.failed_starts.get(module, 0) + 1
+        wait = min(self.backoff_max, self.backoff_base * 2 ** (failures - 1))
+        self._next_start[module] = self._clock() + wait
+        _log.warning(
+            "module_start_failed",
+            module=module,
+            instance_id=child.instance_id,
+            exit_code=code,
+            failures=failures,
+            retry_in=wait,
+        )
 
     async def close(self, *, keep_instances: bool = False) -> None:
         if keep_instances:
             self.children.clear()  # they run on, registered with the NLB that took over
             return
-        procs = [p for ps in self.children.values() for p in ps if p.returncode is None]
+        procs = [c.proc for cs in self.children.values() for c in cs if c.proc.returncode is None]
+        for c in (c for cs in self.children.values() for c in cs):
+            c.stopping = True
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
                 p.send_signal(signal.SIGTERM)
@@ -146,6 +218,12 @@ class DockerExecutor:
             if r.status >= 300 and r.status != 304:
                 raise ExecutorError(f"docker {method} {path}: {r.status} {body[:200]!r}")
             return json.loads(body) if body else None
+
+    def pending(self, module: str) -> int:
+        return 0  # scale() compares the target with the containers that exist, started or not
+
+    def backoff(self, module: str) -> float:
+        return 0.0
 
     async def containers(self, module: str) -> list[dict[str, Any]]:
         filters = json.dumps({"label": [f"{self.LABEL}={module}"]})
@@ -209,6 +287,12 @@ class KubernetesExecutor:
             self.ssl = ssl.create_default_context(cafile=ca)
         self.deployments = dict(deployments or {})
         self._http: aiohttp.ClientSession | None = None
+
+    def pending(self, module: str) -> int:
+        return 0  # the Deployment's replica count is the target; Kubernetes does the rest
+
+    def backoff(self, module: str) -> float:
+        return 0.0  # Kubernetes backs off crashing pods itself (CrashLoopBackOff)
 
     def deployment(self, module: str) -> str:
         return self.deployments.get(module, f"marchproxy-{module}")
