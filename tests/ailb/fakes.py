@@ -43,6 +43,8 @@ class FakeUpstream:
         self.chunk_delay = chunk_delay
         #: words per streamed answer beyond the greeting (long streams for disconnect tests)
         self.extra_words = 0
+        #: OpenAI streams: after this many words send an in-band error event and stop
+        self.stream_error_after: int | None = None
         self.script: deque[Step] = deque()
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
@@ -298,7 +300,11 @@ class FakeOpenAI(FakeUpstream):
             await self._write(resp, chunk({}, "tool_calls"))
             completion = 5
         else:
-            for w in words:
+            for i, w in enumerate(words):
+                if i == self.stream_error_after:
+                    error = {"error": {"message": "overloaded mid-stream", "type": "server_error"}}
+                    await self._write(resp, b"data: " + json.dumps(error).encode() + b"\n\n")
+                    return resp
                 if self.chunk_delay:
                     await self._observe_sleep(self.chunk_delay)
                 await self._write(resp, chunk({"content": w}))

@@ -271,3 +271,41 @@ async def test_timeout_while_reading_an_error_body_closes_the_connection(
     assert text == "Hello from anthropic: hi"
     async with asyncio.timeout(5):  # not the 30 s the stalled body would take
         await fake_openai.disconnected.wait()
+
+
+def _requests_by_status(hooks: Any, model: str) -> dict[str, float]:
+    out = {}
+    for metric in hooks.metrics_registry.collect():
+        for sample in metric.samples:
+            if sample.name == "ailb_requests_total" and sample.labels["model"] == model:
+                out[sample.labels["status"]] = sample.value
+    return out
+
+
+async def test_mid_stream_upstream_errors_are_counted_as_upstream_errors(
+    ailb: AilbFactory, fake_openai: FakeOpenAI
+) -> None:
+    """Headers are out when the upstream fails mid-stream: the client gets the error in-band
+    and the request counts as the upstream error's status (502; 504 for a stall), not as a
+    client that went away (499)."""
+    hooks = await ailb.start(
+        {"model_list": [{"model_name": "m", "base_url": fake_openai.url + "/v1", "timeout": 0.3}]}
+    )
+    fake_openai.stream_error_after = 2
+    async with httpx.AsyncClient() as http:
+        r = await http.post(
+            base_url(hooks) + "/chat/completions",
+            json={"model": "m", "messages": MSG, "stream": True},
+        )
+        assert r.status_code == 200
+        assert "overloaded mid-stream" in r.text.splitlines()[-2]  # the last event before EOF
+        fake_openai.stream_error_after = None
+        fake_openai.chunk_delay = 5.0  # a stall after the role chunk
+        r = await http.post(
+            base_url(hooks) + "/chat/completions",
+            json={"model": "m", "messages": MSG, "stream": True},
+        )
+        assert "stalled" in r.text
+    assert _requests_by_status(hooks, "m") == {"502": 1.0, "504": 1.0}
+    # both count as failures of the deployment (2 of the 3 allowed before a cooldown)
+    assert hooks.gateway.routed.router.groups["m"].members[0].consecutive_fails == 2

@@ -646,31 +646,17 @@ class Gateway:
                 OVERHEAD_HEADER: self._overhead(ctx),
             }
         )
-        usage: Any = None
-        completion_chars = 0
-        ok = False
+        tally = _StreamTally(want_usage)
+        status = "499"  # until the stream ends well or the upstream fails: the client left
         t_first: float | None = None
         renewed = time.perf_counter()
         try:
             await resp.prepare(request)
             batch: list[dict[str, Any]] | None = first
             while batch is not None:
-                out = bytearray()
-                for chunk in batch:
-                    if chunk.get("usage") and not chunk.get("choices"):
-                        usage = chunk["usage"]
-                        if not want_usage:
-                            continue  # we asked for it, the client did not
-                    else:
-                        choices = chunk.get("choices")
-                        if isinstance(choices, list):
-                            completion_chars += sum(len(_delta_text(c)) for c in choices)
-                        if chunk.get("usage"):
-                            usage = chunk["usage"]
-                    raw = getattr(chunk, "raw", b"")
-                    out += b"data: " + (raw or _dumps(chunk)) + b"\n\n"
+                out = tally.frame(batch)
                 if out:
-                    await resp.write(bytes(out))
+                    await resp.write(out)
                     if t_first is None:
                         t_first = time.perf_counter()
                         self.metrics.ttft.labels(ctx.group, provider).observe(t_first - ctx.t0)
@@ -682,34 +668,66 @@ class Gateway:
                 except StopAsyncIteration:
                     batch = None
             await resp.write(b"data: [DONE]\n\n")
-            ok = True
+            status = "200"
         except UpstreamError as err:
             # headers are out: tell the client in-band, as OpenAI does, and stop
             self.metrics.upstream_errors.labels(provider, st.key, "stream").inc()
+            answer = upstream_to_gateway(err)
+            status = str(answer.status)  # the upstream failed (502; 504 for a stall)
             with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
-                await resp.write(b"data: " + upstream_to_gateway(err).body() + b"\n\n")
+                await resp.write(b"data: " + answer.body() + b"\n\n")
         except (ConnectionError, aiohttp.ClientConnectionResetError):
             pass  # the client went away; closing the upstream below cancels it
         finally:
             await chunks.aclose()
-            tokens = _usage_tokens(usage)
+            tokens = _usage_tokens(tally.usage)
             est = tokens is None
             if tokens is None:
-                tokens = Tokens(estimated, -(-completion_chars // CHARS_PER_TOKEN))
+                tokens = Tokens(estimated, -(-tally.completion_chars // CHARS_PER_TOKEN))
             await self._shielded(self._settle(key, st, tokens, est, ctx, hold), "ailb settle")
-            status = "200" if ok else "499"
             self.metrics.requests.labels(ctx.group, provider, status).inc()
             elapsed = time.perf_counter() - ctx.t0
             self.metrics.latency.labels(ctx.group, provider).observe(elapsed)
             self.recent_latency.append(elapsed)
-            if ok:
+            if status == "200":
                 spent = tokens.prompt + tokens.completion
                 self.routed.router.succeeded(st, time.perf_counter() - ctx.t0, spent)
-            else:
+            elif status == "499":
                 self.routed.router.finished_other(st)
+            else:
+                self.routed.router.failed(st)  # counts towards the deployment's cooldown
         with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
             await resp.write_eof()
         return resp
+
+
+@dataclass(slots=True)
+class _StreamTally:
+    """What a relayed stream carried: the upstream's usage and the completion text length
+    (for the estimate when there is no usage)."""
+
+    want_usage: bool
+    usage: Any = None
+    completion_chars: int = 0
+
+    def frame(self, batch: list[dict[str, Any]]) -> bytes:
+        """One network write of SSE events for a batch of chunks (the usage chunk we asked for
+        is dropped when the client did not)."""
+        out = bytearray()
+        for chunk in batch:
+            if chunk.get("usage") and not chunk.get("choices"):
+                self.usage = chunk["usage"]
+                if not self.want_usage:
+                    continue
+            else:
+                choices = chunk.get("choices")
+                if isinstance(choices, list):
+                    self.completion_chars += sum(len(_delta_text(c)) for c in choices)
+                if chunk.get("usage"):
+                    self.usage = chunk["usage"]
+            raw = getattr(chunk, "raw", b"")
+            out += b"data: " + (raw or _dumps(chunk)) + b"\n\n"
+        return bytes(out)
 
 
 @dataclass(slots=True)
