@@ -4,6 +4,7 @@ real openai client and real sockets."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import httpx
@@ -309,3 +310,34 @@ async def test_mid_stream_upstream_errors_are_counted_as_upstream_errors(
     assert _requests_by_status(hooks, "m") == {"502": 1.0, "504": 1.0}
     # both count as failures of the deployment (2 of the 3 allowed before a cooldown)
     assert hooks.gateway.routed.router.groups["m"].members[0].consecutive_fails == 2
+
+
+async def test_stream_latency_for_routing_is_time_to_first_chunk(
+    ailb: AilbFactory, fake_openai: FakeOpenAI
+) -> None:
+    """lowest_latency compares deployments by how fast they answer: for a stream that is its
+    time to the first chunk, not the length of the answer (here ~1.5 s of slow tokens)."""
+    hooks = await ailb.start(
+        {
+            "model_list": [{"model_name": "m", "base_url": fake_openai.url + "/v1"}],
+            "router_settings": {"strategy": "lowest_latency"},
+        }
+    )
+    fake_openai.chunk_delay = 0.3  # the role chunk at once, then one word every 0.3 s
+    async with httpx.AsyncClient(timeout=20) as http:
+        t0 = time.perf_counter()
+        client_ttft = None
+        async with http.stream(
+            "POST",
+            base_url(hooks) + "/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": "slow"}], "stream": True},
+        ) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and client_ttft is None:
+                    client_ttft = time.perf_counter() - t0
+        total = time.perf_counter() - t0
+    assert client_ttft is not None
+    ewma_ms = hooks.status()["groups"]["m"][0]["latency_ewma_ms"]
+    # the gateway's wait for the first chunk lies inside the client's: never longer
+    assert ewma_ms <= client_ttft * 1000
+    assert total > 1.0  # the stream itself took far longer (5 words x 0.3 s)

@@ -632,7 +632,7 @@ class Gateway:
         estimated: int,
         ctx: _Ctx,
     ) -> web.StreamResponse:
-        (first, chunks), st, _, hold = await self._attempts(
+        (first, chunks), st, to_first_chunk, hold = await self._attempts(
             kind, body, key, plan, estimated, ctx, True
         )
         want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -690,8 +690,10 @@ class Gateway:
             self.metrics.latency.labels(ctx.group, provider).observe(elapsed)
             self.recent_latency.append(elapsed)
             if status == "200":
+                # a stream's latency is its upstream's time to first chunk: the whole
+                # duration depends on the answer's length, not on the deployment's speed
                 spent = tokens.prompt + tokens.completion
-                self.routed.router.succeeded(st, time.perf_counter() - ctx.t0, spent)
+                self.routed.router.succeeded(st, to_first_chunk, spent)
             elif status == "499":
                 self.routed.router.finished_other(st)
             else:
