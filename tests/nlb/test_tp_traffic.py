@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import socket
 import ssl
 import struct
 import uuid
@@ -620,3 +621,66 @@ async def test_server_first_protocol_goes_to_its_own_address_of_the_instance() -
         assert answer.startswith(b"pg|")
     finally:
         await s.close()
+
+
+def loop_factories() -> list[object]:
+    import uvloop
+
+    return [
+        pytest.param(asyncio.new_event_loop, id="asyncio"),
+        pytest.param(uvloop.new_event_loop, id="uvloop"),
+    ]
+
+
+@pytest.mark.parametrize("loop_factory", loop_factories())
+def test_bytes_sent_while_the_upstream_connects_are_bounded(loop_factory) -> None:  # type: ignore[no-untyped-def]
+    """A one-protocol listener decides in connection_made; the upstream connect then hangs
+    (the instance's accept queue is full) while the client sends 16 MiB. The NLB must stop
+    reading at its early-data limit (256 KiB; cut off past 1 MiB) instead of buffering it all."""
+
+    async def scenario() -> int:
+        s = Stack(nlb_listeners="0=tcp", nlb_connect_timeout=3.0, nlb_connect_attempts=1)
+        await s.plane.start()
+        stuck = socket.socket()
+        stuck.bind(("127.0.0.1", 0))
+        stuck.listen(0)
+        filler = socket.create_connection(stuck.getsockname())  # the queue is full now
+        try:
+            s.registry.register(
+                module_id="slow",
+                module_type=P.MODULE_TYPE_OBSERVABILITY,
+                protocols=(P.PROTOCOL_TCP,),
+                data_host="127.0.0.1",
+                data_port=stuck.getsockname()[1],
+                instance_id="slow-1",
+            )
+            _, writer = await asyncio.open_connection("127.0.0.1", s.port)
+            most = 0
+
+            async def watch() -> None:
+                nonlocal most
+                while True:
+                    for conn in list(s.plane._pending):
+                        most = max(most, len(conn.extra))
+                    await asyncio.sleep(0.005)
+
+            watcher = asyncio.ensure_future(watch())
+            block = os.urandom(1 << 20)
+            with contextlib.suppress(OSError):
+                for _ in range(16):
+                    writer.write(block)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(writer.drain(), 0.5)
+            await asyncio.sleep(0.2)
+            watcher.cancel()
+            writer.close()
+            return most
+        finally:
+            filler.close()
+            stuck.close()
+            await s.close()
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        most = runner.run(scenario())
+    print(f"most early bytes buffered: {most}")
+    assert most <= (1 << 20) + (256 << 10), most  # the hard limit plus at most one read

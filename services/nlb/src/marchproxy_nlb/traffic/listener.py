@@ -20,6 +20,12 @@ if TYPE_CHECKING:
     from marchproxy_nlb.traffic.plane import DataPlane
 
 DEFAULT_SNIFF_TIMEOUT = 0.1  # seconds: server-speaks-first protocols wait this long
+# Bytes a client may send after the routing decision, while the upstream connects. Reading is
+# paused at MAX_EARLY_BYTES (asyncio honours the pause made at the decision; uvloop ignores a
+# pause made inside connection_made, so the decision of a one-protocol listener does not stop
+# it); a client that gets past MAX_EARLY_BYTES_HARD anyway is cut off and counted.
+MAX_EARLY_BYTES = 256 * 1024
+MAX_EARLY_BYTES_HARD = 4 * MAX_EARLY_BYTES
 # Protocols whose server talks first: the client sends nothing until it hears the greeting.
 SERVER_FIRST = frozenset({"mysql"})
 KNOWN_PROTOCOLS = frozenset(
@@ -149,6 +155,10 @@ class SniffingProtocol(asyncio.Protocol):
             return
         if self._decided:
             conn.extra += data
+            if len(conn.extra) >= MAX_EARLY_BYTES:
+                conn.transport.pause_reading()  # the relay resumes it once attached
+                if len(conn.extra) > MAX_EARLY_BYTES_HARD and not conn.lost:
+                    self._plane.overflow(conn)
             return
         conn.sniffed += data
         verdict = classify(conn.sniffed, final=len(conn.sniffed) >= MAX_SNIFF_BYTES)

@@ -440,6 +440,17 @@ class DataPlane:
         self.metrics.child(self.metrics.bytes, "down").inc(stats.bytes_down)
         self._maybe_idle()
 
+    def overflow(self, conn: Connection) -> None:
+        """The client sent more than MAX_EARLY_BYTES_HARD while we connected upstream."""
+        conn.lost = True
+        self.failed_connections += 1
+        self.metrics.routing_errors.labels(conn.spec.default_protocol or "unknown",
+                                           "early_data_overflow").inc()  # fmt: skip
+        _log.warning("early_data_overflow", client=f"{conn.peer[0]}:{conn.peer[1]}",
+                     buffered=len(conn.extra), listener=conn.spec.name)  # fmt: skip
+        conn.extra.clear()
+        conn.transport.abort()
+
     def _refuse(self, conn: Connection, name: str, error_type: str) -> None:
         self.failed_connections += 1
         self.metrics.routing_errors.labels(name, error_type).inc()
