@@ -171,7 +171,7 @@ async def test_incremental_promote_rolls_back_on_failed_health(api, module_serve
     assert status == 409 and body["error"] == "promotion_failed"
     assert body["details"]["failed_at_weight"] == 25.0
     status, dep = await api.call("GET", f"/api/v1/modules/{mod['id']}/deployments/{dep['id']}")
-    assert dep["status"] == "ROLLED_BACK" and dep["traffic_weight"] == 0.0
+    assert dep["status"] == "FAILED" and dep["traffic_weight"] == 0.0
     assert [h["weight"] for h in dep["weight_history"]] == [10.0, 25.0, 0.0]
     status, deps = await api.call("GET", f"/api/v1/modules/{mod['id']}/deployments?status=ACTIVE")
     assert [d["version"] for d in deps["items"]] == ["1.0"]

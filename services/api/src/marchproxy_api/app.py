@@ -19,9 +19,11 @@ from marchproxy_api.keys import (
     grpc_clients_key,
     login_limiter_key,
     metrics_key,
+    module_locks_key,
     password_hashing_key,
     publisher_key,
     readiness_key,
+    rollouts_key,
     sessionmaker_key,
     settings_key,
 )
@@ -29,11 +31,14 @@ from marchproxy_api.metrics import ApiMetrics
 from marchproxy_api.middlewares import error_middleware
 from marchproxy_api.openapi import build_openapi
 from marchproxy_api.publisher import StatePublisher
+from marchproxy_api.rollouts import ModuleLocks, Rollouts
 from marchproxy_api.security import LoginLimiter, PasswordHashing
 from marchproxy_api.txn import CompiledCache
 from marchproxy_common.tasks import cancel_and_wait, spawn
 
 CLIENT_MAX_SIZE = 4 * 1024 * 1024
+#: at shutdown, running rollouts get this long to stop at their next step (seconds)
+ROLLOUT_STOP_WAIT = 5.0
 
 
 def all_endpoints() -> list[Endpoint]:
@@ -63,6 +68,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[publisher_key] = publisher
     clients = ModuleClientManager(settings.effective_cluster_api_key, settings.grpc_timeout)
     app[grpc_clients_key] = clients
+    app[module_locks_key] = ModuleLocks(engine)
+    rollouts = app[rollouts_key] = Rollouts()
     await publisher.start()
     # the first attempt runs before the server accepts requests; if the database is down the
     # process stays up, answers 503 and keeps trying in the background
@@ -72,6 +79,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await cancel_and_wait(background)
+        await rollouts.stop(ROLLOUT_STOP_WAIT)
         await publisher.stop()
         await clients.close()
         await engine.dispose()

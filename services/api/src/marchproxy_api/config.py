@@ -31,6 +31,11 @@ class ApiSettings(CommonSettings):
     #: incremental promote: weights walked and seconds between steps
     promote_steps: tuple[float, ...] = (10.0, 25.0, 50.0, 100.0)
     promote_step_seconds: float = Field(default=2.0, ge=0, le=3600)
+    #: an incremental promote request waits this long for its rollout, then answers 202 and
+    #: the rollout goes on in the background
+    promote_wait_seconds: float = Field(default=10.0, ge=0, le=600)
+    #: promote/rollback wait this long for another one of the same module, then answer 409
+    module_lock_wait: float = Field(default=5.0, ge=0, le=600)
     grpc_timeout: float = Field(default=3.0, gt=0, le=60)
     #: failed logins allowed per (username, client) per window
     login_max_failures: int = Field(default=5, ge=1, le=1000)

@@ -15,6 +15,7 @@ from marchproxy_api.security import LoginLimiter, PasswordHashing
 
 if TYPE_CHECKING:
     from marchproxy_api.bootstrap import Readiness
+    from marchproxy_api.rollouts import ModuleLocks, Rollouts
     from marchproxy_api.txn import CompiledCache
 
 settings_key = web.AppKey("settings", ApiSettings)
@@ -27,3 +28,5 @@ login_limiter_key = web.AppKey("login_limiter", LoginLimiter)
 password_hashing_key = web.AppKey("password_hashing", PasswordHashing)
 compiled_cache_key: web.AppKey[CompiledCache] = web.AppKey("compiled_cache")
 readiness_key: web.AppKey[Readiness] = web.AppKey("readiness")
+module_locks_key: web.AppKey[ModuleLocks] = web.AppKey("module_locks")
+rollouts_key: web.AppKey[Rollouts] = web.AppKey("rollouts")
