@@ -77,6 +77,12 @@ class FakeUpstream:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def open_connections(self) -> int:
+        """Client connections the fake holds open right now (keep-alive ones included)."""
+        server = self._runner.server if self._runner is not None else None
+        return len(server.connections) if server is not None else 0
+
     def fail(self, status: int, times: int = 1, retry_after: str | None = None) -> None:
         for _ in range(times):
             self.script.append(Step(status=status, retry_after=retry_after))

@@ -341,3 +341,30 @@ async def test_stream_latency_for_routing_is_time_to_first_chunk(
     # the gateway's wait for the first chunk lies inside the client's: never longer
     assert ewma_ms <= client_ttft * 1000
     assert total > 1.0  # the stream itself took far longer (5 words x 0.3 s)
+
+
+async def test_removed_deployments_lose_their_idle_connections(
+    ailb: AilbFactory, fake_openai: FakeOpenAI, fake_openai2: FakeOpenAI
+) -> None:
+    """A config without a deployment's upstream closes that upstream's pooled keep-alive
+    connections (they would otherwise linger until the upstream's own idle timeout)."""
+    one = {"model_name": "m", "base_url": fake_openai.url + "/v1"}
+    two = {"model_name": "n", "base_url": fake_openai2.url + "/v1"}
+    hooks = await ailb.start({"model_list": [one, two]})
+    async with openai.AsyncOpenAI(base_url=base_url(hooks), api_key="x", max_retries=0) as c:
+        await c.chat.completions.create(model="m", messages=MSG)
+        await c.chat.completions.create(model="n", messages=MSG)
+    assert fake_openai.open_connections == 1  # idle in the gateway's pool
+    assert fake_openai2.open_connections == 1
+    assert await hooks.apply_config({"model_list": [two]}) == []
+    async with asyncio.timeout(5):
+        while fake_openai.open_connections:
+            await asyncio.sleep(0.02)
+    assert fake_openai2.open_connections == 1  # the deployment that stayed keeps its pool
+    async with openai.AsyncOpenAI(base_url=base_url(hooks), api_key="x", max_retries=0) as c:
+        await c.chat.completions.create(model="n", messages=MSG)
+    assert len(fake_openai2.requests) == 2
+    assert await hooks.apply_config({"model_list": [one, two]}) == []  # back: a new pool
+    async with openai.AsyncOpenAI(base_url=base_url(hooks), api_key="x", max_retries=0) as c:
+        r = await c.chat.completions.create(model="m", messages=MSG)
+    assert r.choices[0].message.content == "Hello from openai: hi"

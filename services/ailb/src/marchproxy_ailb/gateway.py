@@ -142,6 +142,9 @@ class Gateway:
         routed = self._build(config)
         routed.router.carry_over(self.routed.router)
         self.routed = routed
+        in_use = {dep.base_url for dep in config.model_list}
+        for base_url in [u for u in self._pools if u not in in_use]:
+            self._pools.pop(base_url).retire()
 
     async def close(self) -> None:
         for pool in self._pools.values():

@@ -254,6 +254,8 @@ class UpstreamPool:
         self._ssl = ssl.create_default_context() if self.tls else None
         self._idle: deque[_Conn] = deque()
         self._all: set[_Conn] = set()
+        #: no deployment uses this upstream any more: connections close instead of idling
+        self.retired = False
 
     async def _connect(self) -> _Conn:
         loop = asyncio.get_running_loop()
@@ -268,7 +270,7 @@ class UpstreamPool:
         return proto
 
     def _put(self, conn: _Conn) -> None:
-        if len(self._idle) >= MAX_IDLE_PER_UPSTREAM:
+        if self.retired or len(self._idle) >= MAX_IDLE_PER_UPSTREAM:
             conn.close()
             return
         conn.reused = True
@@ -330,6 +332,13 @@ class UpstreamPool:
                 raise
             return UpstreamResponse(conn)
         raise UpstreamError(502, "upstream closed the connection", retryable=True)
+
+    def retire(self) -> None:
+        """Close the idle connections now; those still serving a request close when it ends
+        (requests in flight on the old config finish undisturbed)."""
+        self.retired = True
+        while self._idle:
+            self._idle.pop().close()
 
     async def close(self) -> None:
         for conn in list(self._all):
