@@ -150,6 +150,30 @@ async def test_one_port_routes_http_tls_by_sni_postgres_and_rtmp(stack: Stack) -
     assert stack.metric("nlb_routed_connections_total", protocol="tls", module="site-b") == 1
 
 
+@pytest.mark.parametrize(
+    "host", ["[::1]:8080", "[::1]", "[2001:db8::7]:443", "[2001:db8::7]", "v6.example:8080"]
+)
+async def test_host_rules_match_ipv6_literals_with_and_without_a_port(
+    stack: Stack, host: str
+) -> None:
+    await stack.backend("web", (P.PROTOCOL_HTTP,))
+    await stack.backend("v6", (P.PROTOCOL_HTTP,))
+    errors = await stack.plane.apply_config(
+        {
+            "routes": [
+                {"name": "lo6", "module": "v6", "match_rules": {"host": "::1"}},
+                {"name": "doc6", "module": "v6", "match_rules": {"host": "[2001:db8::7]"}},
+                {"name": "named", "module": "v6", "match_rules": {"host": "v6.example"}},
+                {"name": "rest", "module": "web", "match_rules": {"ports": [stack.port]},
+                 "priority": -1},
+            ]
+        }
+    )  # fmt: skip
+    assert errors == []
+    answer, _ = await exchange(stack.port, f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    assert answer.startswith(b"v6|"), answer
+
+
 async def test_no_candidate_is_closed_and_counted(stack: Stack) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", stack.port)
     writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")

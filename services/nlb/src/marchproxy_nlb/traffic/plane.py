@@ -52,6 +52,7 @@ from marchproxy_nlb.traffic.routing import (
     RouteRule,
     RoutingTable,
     RuleError,
+    host_without_port,
     make_rule,
     rules_from_snapshot,
 )
@@ -333,7 +334,7 @@ class DataPlane:
             if isinstance(d, TlsDetails):
                 host, alpn = d.sni or "", tuple(d.alpn)
             elif isinstance(d, HttpDetails):
-                host = (d.host or "").rsplit(":", 1)[0] if d.host else ""
+                host = host_without_port(d.host) if d.host else ""
             elif isinstance(d, PostgresDetails):
                 database, user = d.database or "", d.user or ""
         if (not name or isinstance(verdict, Unknown)) and conn.spec.default_protocol:

@@ -75,6 +75,20 @@ class RouteRule:
         return bool(self.host or self.database or self.user or self.ports or self.source)
 
 
+def host_without_port(host: str) -> str:
+    """An HTTP Host value (RFC 9110 section 7.2: uri-host [":" port]) without its port, with an
+    IPv6 literal unbracketed: "a.example:8080" -> "a.example", "[::1]:8080" and "[::1]" ->
+    "::1". A value with several colons and no brackets is no valid Host; it is kept whole."""
+    host = host.strip()
+    if host.startswith("["):
+        inner, sep, _ = host[1:].partition("]")
+        return inner if sep else host
+    name, sep, port = host.rpartition(":")
+    if sep and ":" not in name and port.isdigit():
+        return name
+    return host
+
+
 def make_rule(
     *,
     name: str,
@@ -104,6 +118,8 @@ def make_rule(
             net = ipaddress.ip_network(source, strict=False)
         except ValueError:
             raise RuleError(f"route {name!r}: source {source!r} is not a CIDR") from None
+    if host.startswith("[") and host.endswith("]"):  # an IPv6 literal, matched unbracketed
+        host = host[1:-1]
     return RouteRule(
         name=name,
         module=module,
