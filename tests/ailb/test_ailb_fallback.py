@@ -48,7 +48,7 @@ async def test_fallback_on_status(
     ailb: AilbFactory, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic, status: int
 ) -> None:
     hooks = await ailb.start(chain_config(fake_openai, fake_anthropic))
-    fake_openai.fail(status, retry_after="1" if status == 429 else None)
+    fake_openai.fail(status)  # no Retry-After: one failure alone does not cool it down
     async with openai.AsyncOpenAI(base_url=base_url(hooks), api_key="x", max_retries=0) as c:
         r = await c.chat.completions.create(model="main", messages=MSG)
     assert r.choices[0].message.content == "Hello from anthropic: hi"
@@ -368,3 +368,27 @@ async def test_removed_deployments_lose_their_idle_connections(
     async with openai.AsyncOpenAI(base_url=base_url(hooks), api_key="x", max_retries=0) as c:
         r = await c.chat.completions.create(model="m", messages=MSG)
     assert r.choices[0].message.content == "Hello from openai: hi"
+
+
+@pytest.mark.parametrize("retry_after", ["120", "http-date"])
+async def test_429_retry_after_sets_the_cooldown(
+    ailb: AilbFactory, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic, retry_after: str
+) -> None:
+    """A 429 with Retry-After cools the deployment down for exactly that long, at once (not
+    after allowed_fails failures, not for cooldown_seconds), and is not retried before."""
+    import email.utils
+
+    if retry_after == "http-date":
+        retry_after = email.utils.formatdate(time.time() + 120, usegmt=True)
+    cfg = chain_config(fake_openai, fake_anthropic, allowed_fails=3, cooldown_seconds=5)
+    cfg["model_list"][0]["max_retries"] = 2
+    hooks = await ailb.start(cfg)
+    fake_openai.fail(429, retry_after=retry_after)
+    async with openai.AsyncOpenAI(base_url=base_url(hooks), api_key="x", max_retries=0) as c:
+        for _ in range(2):
+            r = await c.chat.completions.create(model="main", messages=MSG)
+            assert r.choices[0].message.content == "Hello from anthropic: hi"
+    assert len(fake_openai.requests) == 1  # no retry, and skipped while cooling down
+    main = hooks.status()["groups"]["main"][0]
+    assert main["cooling_down"] is True
+    assert 100 < main["cooldown_remaining_s"] <= 120

@@ -6,14 +6,17 @@ import random
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from marchproxy_ailb.errors import GatewayError
 from marchproxy_ailb.keys import KeyStore
 from marchproxy_ailb.limits import _fmt_reset
 from marchproxy_ailb.providers.anthropic import to_anthropic_request, to_openai_response
+from marchproxy_ailb.providers.base import parse_retry_after
 from marchproxy_ailb.providers.ollama import to_ollama_request
-from marchproxy_ailb.routing import Router
+from marchproxy_ailb.routing import MAX_RETRY_AFTER_S, Router
 from marchproxy_ailb.schema import AilbConfig, Price, hash_key
 from marchproxy_ailb.usage import cost_nusd
 
@@ -267,3 +270,35 @@ def test_ollama_translation() -> None:
     assert out["options"] == {"temperature": 0.1, "num_predict": 5, "stop": ["x"]}
     assert out["format"] == "json"
     assert out["stream"] is False
+
+
+def test_parse_retry_after_forms() -> None:
+    assert parse_retry_after("30") == 30.0
+    assert parse_retry_after("1.5") == 1.5
+    assert parse_retry_after("-4") == 0.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412400.0) == 80.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412600.0) == 0.0
+    for bad in (None, "", "soon", "Wed, 21 Oct 2015 07:28:00"):
+        assert parse_retry_after(bad) is None
+
+
+@given(st.text(max_size=60))
+def test_parse_retry_after_never_raises(value: str) -> None:
+    out = parse_retry_after(value, now=0.0)
+    assert out is None or out >= 0.0
+
+
+def test_retry_after_cools_down_at_once_and_caps() -> None:
+    now = [1000.0]
+    router = Router(
+        AilbConfig.model_validate({"model_list": [{"model_name": "m", "base_url": "http://x"}]}),
+        clock=lambda: now[0],
+    )
+    st_ = router.groups["m"].members[0]
+    router.started(st_)
+    router.failed(st_, retry_after=7.0)
+    assert st_.cooldown_until == 1007.0
+    assert router.plan("m") == []
+    router.started(st_)
+    router.failed(st_, retry_after=10**9)
+    assert st_.cooldown_until == 1000.0 + MAX_RETRY_AFTER_S

@@ -506,13 +506,15 @@ class Gateway:
                 if not err.retryable:
                     routed.router.finished_other(st)
                     raise upstream_to_gateway(err) from None
-                if attempt < dep.max_retries:
+                # a 429 that says when to come back: no retry here before then
+                wait = err.retry_after if err.status == 429 and err.retry_after else None
+                if attempt < dep.max_retries and wait is None:
                     routed.router.finished_other(st)
                     delay = routed.router.settings.retry_backoff_seconds * (2**attempt)
                     await asyncio.sleep(min(MAX_BACKOFF_S, delay))
                     attempt += 1
                     continue
-                routed.router.failed(st)
+                routed.router.failed(st, retry_after=wait)
                 raise
             except BaseException:
                 routed.router.finished_other(st)

@@ -186,6 +186,7 @@ class AilbHooks(BaseModuleHooks):
                         "provider": st.deployment.provider,
                         "in_flight": st.in_flight,
                         "cooling_down": st.cooldown_until > now,
+                        "cooldown_remaining_s": round(max(0.0, st.cooldown_until - now), 3),
                         "latency_ewma_ms": None
                         if st.latency_ewma is None
                         else round(st.latency_ewma * 1000, 3),

@@ -17,6 +17,8 @@ from marchproxy_ailb.schema import AilbConfig, Deployment, RouterSettings
 
 #: width of the window that per-deployment rpm/tpm count in
 DEPLOYMENT_WINDOW_S = 60.0
+#: longest cooldown an upstream's Retry-After can ask for
+MAX_RETRY_AFTER_S = 3600.0
 
 
 @dataclass(slots=True)
@@ -162,9 +164,19 @@ class Router:
         prev = st.latency_ewma
         st.latency_ewma = latency_s if prev is None else alpha * latency_s + (1 - alpha) * prev
 
-    def failed(self, st: DeploymentState, *, cooldown: bool = True) -> None:
+    def failed(
+        self, st: DeploymentState, *, cooldown: bool = True, retry_after: float | None = None
+    ) -> None:
+        """A failed attempt. ``retry_after`` (seconds, from a 429's Retry-After) cools the
+        deployment down for that long at once: the upstream said when it takes requests
+        again, so neither allowed_fails nor cooldown_seconds applies."""
         st.in_flight = max(0, st.in_flight - 1)
         if not cooldown:
+            return
+        if retry_after is not None and retry_after > 0:
+            until = self._clock() + min(retry_after, MAX_RETRY_AFTER_S)
+            st.cooldown_until = max(st.cooldown_until, until)
+            st.consecutive_fails = 0
             return
         st.consecutive_fails += 1
         if st.consecutive_fails >= self.settings.allowed_fails:

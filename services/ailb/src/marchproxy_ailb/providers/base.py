@@ -8,6 +8,7 @@ upstream error still allows a fallback) and then iterated chunk by chunk as byte
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import struct
 import time
@@ -59,13 +60,21 @@ def response_shape(fn: Callable[..., T], *args: Any) -> T:
         raise UpstreamError(502, f"malformed upstream answer: {exc}", retryable=True) from None
 
 
-def parse_retry_after(value: str | None) -> float | None:
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a Retry-After header: delay-seconds or an HTTP-date (RFC 9110 10.2.3)."""
     if not value:
         return None
     try:
         return max(0.0, float(value))
     except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
         return None
+    if when.tzinfo is None:
+        return None  # an HTTP-date is always GMT; anything else is not one
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def _too_large(cap: int) -> UpstreamError:
