@@ -708,3 +708,100 @@ def test_bytes_sent_while_the_upstream_connects_are_bounded(loop_factory) -> Non
         most = runner.run(scenario())
     print(f"most early bytes buffered: {most}")
     assert most <= (1 << 20) + (256 << 10), most  # the hard limit plus at most one read
+
+
+class PlainEcho:
+    """A plain TCP backend (no PROXY protocol): records what it received first, echoes."""
+
+    def __init__(self) -> None:
+        self.first: list[bytes] = []
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            data = await reader.read(65536)
+            self.first.append(data)
+            while data:
+                writer.write(data)
+                await writer.drain()
+                data = await reader.read(65536)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def start(self) -> PlainEcho:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+
+@pytest.mark.parametrize(
+    ("listeners", "from_state"),
+    [
+        ("0=tcp?proxy_protocol=none", False),
+        ("", True),  # the same listener from desired state
+    ],
+)
+async def test_passthrough_listener_sends_no_proxy_header(listeners: str, from_state: bool) -> None:
+    s = Stack(nlb_listeners=listeners)
+    await s.plane.start()
+    plain = await PlainEcho().start()
+    try:
+        if from_state:
+            errors = await s.plane.apply_config(
+                {"listeners": [{"name": "l4", "port": 0, "protocols": ["tcp"],
+                                "proxy_protocol": "none"}]}
+            )  # fmt: skip
+            assert errors == []
+        s.registry.register(
+            module_id="l4-tcp",
+            module_type=P.MODULE_TYPE_L3_NETWORK,
+            protocols=(P.PROTOCOL_TCP,),
+            data_host="127.0.0.1",
+            data_port=plain.port,
+            instance_id="plain-1",
+        )
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+        writer.write(b"SSH-2.0-client\r\n")  # a protocol the NLB does not know
+        async with asyncio.timeout(10):
+            assert await reader.readexactly(16) == b"SSH-2.0-client\r\n"
+        writer.write(b"more")
+        async with asyncio.timeout(10):
+            assert await reader.readexactly(4) == b"more"
+        writer.close()
+        assert plain.first[0] == b"SSH-2.0-client\r\n"  # nothing in front of the client's bytes
+        [listener] = s.plane.status()["listeners"]
+        assert listener["proxy_protocol"] == "none"
+    finally:
+        assert plain.server is not None
+        plain.server.close()
+        await s.close()
+
+
+async def test_v1_listener_sends_a_text_header() -> None:
+    s = Stack(nlb_listeners="0=tcp?proxy_protocol=v1")
+    await s.plane.start()
+    plain = await PlainEcho().start()
+    try:
+        s.registry.register(
+            module_id="l4-tcp",
+            module_type=P.MODULE_TYPE_L3_NETWORK,
+            protocols=(P.PROTOCOL_TCP,),
+            data_host="127.0.0.1",
+            data_port=plain.port,
+            instance_id="plain-1",
+        )
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+        local = writer.get_extra_info("sockname")
+        writer.write(b"hi")
+        async with asyncio.timeout(10):
+            echoed = await reader.readuntil(b"hi")
+        writer.close()
+        expected = f"PROXY TCP4 127.0.0.1 127.0.0.1 {local[1]} {s.port}\r\n".encode()
+        assert echoed == expected + b"hi"
+    finally:
+        assert plain.server is not None
+        plain.server.close()
+        await s.close()

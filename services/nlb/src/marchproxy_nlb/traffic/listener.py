@@ -48,6 +48,10 @@ class ListenerSpec:
     default_protocol: str = ""
     transport: str = "tcp"
     host: str = ""  # empty: the NLB's data host
+    #: what the NLB writes to an instance before the client's bytes: a PROXY protocol v2
+    #: header (modules), v1, or nothing ("none": passthrough to a plain backend, seed 000's
+    #: L4_TCP modules). UDP is always relayed as is.
+    proxy_protocol: str = "v2"
 
     @property
     def key(self) -> tuple[str, int, str]:
@@ -59,6 +63,9 @@ class ListenerSpec:
         return not (len(self.protocols) == 1 and self.default_protocol in self.protocols)
 
 
+PROXY_PROTOCOLS = ("v2", "v1", "none")
+
+
 def make_listener(
     name: str,
     port: int,
@@ -66,6 +73,7 @@ def make_listener(
     default_protocol: str = "",
     transport: str = "tcp",
     host: str = "",
+    proxy_protocol: str = "v2",
 ) -> ListenerSpec:
     protos = frozenset(p.strip().lower() for p in protocols if p.strip())
     unknown = protos - KNOWN_PROTOCOLS
@@ -86,17 +94,40 @@ def make_listener(
             default = next(iter(protos))
     if default and default not in protos:
         raise ListenerSpecError(f"listener {name!r}: default protocol {default!r} not listed")
-    return ListenerSpec(name, port, protos, default, transport, host)
+    if proxy_protocol not in PROXY_PROTOCOLS:
+        raise ListenerSpecError(
+            f"listener {name!r}: proxy_protocol must be one of {', '.join(PROXY_PROTOCOLS)}"
+        )
+    return ListenerSpec(name, port, protos, default, transport, host, proxy_protocol)
+
+
+LISTENER_OPTIONS = ("proxy_protocol",)
 
 
 def parse_listeners_env(text: str) -> list[ListenerSpec]:
-    """``NLB_LISTENERS``: ``"7000=http,tls,postgresql,rtmp;3307=mysql;5353/udp=udp"``."""
+    """``NLB_LISTENERS``: ``;``-separated ``PORT[/udp]=PROTO[,PROTO...][?OPTION=VALUE[&...]]``,
+    e.g. ``"7000=http,tls,postgresql,rtmp;3307=mysql;5353/udp=udp;5201=tcp?proxy_protocol=none"``.
+    Options: ``proxy_protocol=v2|v1|none`` (default v2)."""
     specs = []
     for part in filter(None, (p.strip() for p in text.split(";"))):
-        where, _, protos = part.partition("=")
+        where, _, rest = part.partition("=")
+        protos, _, query = rest.partition("?")
         port_text, _, transport = where.partition("/")
-        if not port_text.strip().isdigit() or not protos:
-            raise ListenerSpecError(f"NLB_LISTENERS entry {part!r} is not PORT[/udp]=PROTO,...")
+        port_text = port_text.strip()
+        if not (port_text.isascii() and port_text.isdigit()) or not protos.strip():
+            raise ListenerSpecError(
+                f"NLB_LISTENERS entry {part!r} is not PORT[/udp]=PROTO,...[?option=value]"
+            )
+        options: dict[str, str] = {}
+        for item in filter(None, query.split("&")):
+            key, sep, value = item.partition("=")
+            key = key.strip().lower()
+            if not sep or key not in LISTENER_OPTIONS or key in options:
+                raise ListenerSpecError(
+                    f"NLB_LISTENERS entry {part!r}: unknown or repeated option {item!r} "
+                    f"(known: {', '.join(LISTENER_OPTIONS)})"
+                )
+            options[key] = value.strip().lower()
         port = int(port_text)
         specs.append(
             make_listener(
@@ -104,6 +135,7 @@ def parse_listeners_env(text: str) -> list[ListenerSpec]:
                 port,
                 protos.split(","),
                 transport=transport.strip().lower() or "tcp",
+                proxy_protocol=options.get("proxy_protocol", "v2"),
             )
         )
     return specs

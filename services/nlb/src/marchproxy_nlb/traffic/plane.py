@@ -22,7 +22,7 @@ from marchproxy.v1 import nlb_pb2, types_pb2
 from marchproxy_common.net.listener import stop_serving
 from marchproxy_common.net.relay import Relay, RelayStats
 from marchproxy_common.ratelimit import Decision
-from marchproxy_common.wire.proxy_protocol import build_v2
+from marchproxy_common.wire.proxy_protocol import build_v1, build_v2
 from marchproxy_common.wire.sniff import (
     HttpDetails,
     Match,
@@ -90,6 +90,16 @@ OWNER_TYPE: dict[str, int] = {
     "mysql": P.MODULE_TYPE_DBLB,
     "rtmp": P.MODULE_TYPE_RTMP,
 }
+
+
+def proxy_header(conn: Connection) -> bytes:
+    """What goes to the instance before the client's bytes (the listener's proxy_protocol)."""
+    mode = conn.spec.proxy_protocol
+    if mode == "none":
+        return b""
+    if mode == "v1":
+        return build_v1(conn.peer, conn.local)
+    return build_v2(conn.peer, conn.local)
 
 
 class DataPlane:
@@ -221,6 +231,7 @@ class DataPlane:
                         list(li.get("protocols") or []),
                         str(li.get("default_protocol") or ""),
                         str(li.get("transport") or "tcp"),
+                        proxy_protocol=str(li.get("proxy_protocol") or "v2").lower(),
                     )
                 )
             except (ListenerSpecError, TypeError, ValueError) as exc:
@@ -377,7 +388,7 @@ class DataPlane:
             self.metrics.ratelimit_denied.labels(denied).inc()
             self._refuse(conn, name, "rate_limited")
             return
-        header = build_v2(conn.peer, conn.local)
+        header = proxy_header(conn)
         tried: set[str] = set()
         for _attempt in range(self.settings.nlb_connect_attempts):
             inst, version = self._pick(name, info, rule, tried)
@@ -557,6 +568,7 @@ class DataPlane:
                     "transport": spec.transport,
                     "protocols": sorted(spec.protocols),
                     "default_protocol": spec.default_protocol,
+                    "proxy_protocol": spec.proxy_protocol,
                 }
                 for key, (spec, _) in self._servers.items()
             ],
