@@ -45,7 +45,7 @@ async def psql(port: int, db: str, *sql: str, password: str | None = None) -> tu
 
 async def test_admin_console_with_psql() -> None:
     async with (
-        running_dblb(pg_config(default_pool_size=3)) as h,
+        running_dblb(pg_config(default_pool_size=3, admin_users=["postgres"])) as h,
         await psycopg.AsyncConnection.connect(dsn(h.port), autocommit=True) as c,
     ):
         for _ in range(3):

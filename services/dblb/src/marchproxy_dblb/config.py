@@ -95,8 +95,11 @@ class DblbConfig(_Strict):
     #: without TLS. Certificates are verified only when ``server_tls_ca`` names a CA file.
     server_tls_mode: Literal["disable", "prefer", "require"] = "disable"
     server_tls_ca: str = ""
-    #: users allowed on the admin console (empty: any user that authenticates)
+    #: admin console: ``admin_users`` may run every command (PAUSE, RESUME, RELOAD, SHOW);
+    #: ``stats_users`` only SHOW. When either list is set, users in neither are refused; when
+    #: both are empty, any user that authenticates gets SHOW only.
     admin_users: list[str] = Field(default_factory=list)
+    stats_users: list[str] = Field(default_factory=list)
     databases: dict[str, DatabaseConfig] = Field(default_factory=dict)
     users: dict[str, UserConfig] = Field(default_factory=dict)
     mysql: MysqlConfig | None = None

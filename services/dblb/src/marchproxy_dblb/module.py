@@ -62,6 +62,7 @@ class DblbHooks(BaseModuleHooks):
         self._verifiers: dict[tuple[str, str], ScramVerifier] = {}
         self.mysql_address: BoundAddress | None = None
         self.client_tls: ssl.SSLContext | None = None
+        self._last_snapshot: Mapping[str, Any] | None = None
 
     # ---- hooks ------------------------------------------------------------------------------
 
@@ -92,17 +93,22 @@ class DblbHooks(BaseModuleHooks):
         return BoundAddress(host, port)
 
     async def apply_config(self, snapshot: Mapping[str, Any]) -> list[str]:
+        return self._apply_snapshot(snapshot)
+
+    def _apply_snapshot(self, snapshot: Mapping[str, Any]) -> list[str]:
         config, errors = module_config_from_snapshot(snapshot, self.module_id)
         if errors or config is None:
             return errors
         try:
-            self.client_tls = _tls_context(config)
+            client_tls = _tls_context(config)
         except (OSError, ssl.SSLError) as exc:
             return [f"client TLS: {exc}"]
+        self.client_tls = client_tls
         self.config = config
         self.manager.apply(config)
         if self._mysql is not None:
             self._mysql.apply(config)
+        self._last_snapshot = snapshot
         return []
 
     def load(self) -> LoadReport:
@@ -147,6 +153,7 @@ class DblbHooks(BaseModuleHooks):
             ],
             "clients": self.manager.client_count,
             "paused": self.manager.paused,
+            "paused_databases": sorted(self.manager.paused_databases),
         }
 
     async def stop_accepting(self) -> None:
@@ -218,19 +225,22 @@ class DblbHooks(BaseModuleHooks):
             v = self._verifiers[key] = ScramVerifier.from_password(secret)
         return v
 
-    def _reload(self) -> None:
-        if not self.settings.config_file:
-            return
-        from marchproxy_common.configfile import ConfigFileError, load_config_file
+    def _reload(self) -> list[str]:
+        """Admin RELOAD: re-read the config file, or re-apply the last desired-state snapshot
+        (this re-reads the TLS certificate, key and CA files it names)."""
+        if self.settings.config_file:
+            from marchproxy_common.configfile import ConfigFileError, load_config_file
 
-        try:
-            snapshot = load_config_file(self.settings.config_file)
-        except ConfigFileError as exc:
-            _log.warning("reload_failed", error=str(exc))
-            return
-        config, errors = module_config_from_snapshot(snapshot, self.module_id)
-        if config is not None and not errors:
-            self.config = config
-            self.manager.apply(config)
+            try:
+                snapshot: Mapping[str, Any] = load_config_file(self.settings.config_file)
+            except ConfigFileError as exc:
+                _log.warning("reload_failed", error=str(exc))
+                return [str(exc)]
+        elif self._last_snapshot is not None:
+            snapshot = self._last_snapshot
         else:
+            return ["not applicable: no config file, and no desired state has been applied yet"]
+        errors = self._apply_snapshot(snapshot)
+        if errors:
             _log.warning("reload_rejected", errors=errors)
+        return errors

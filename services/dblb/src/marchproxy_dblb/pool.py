@@ -585,6 +585,12 @@ class Pool:
     def name(self) -> str:
         return f"{self.database}/{self.user}"
 
+    @property
+    def paused(self) -> bool:
+        """PAUSE (everything) or PAUSE <this database> is in force."""
+        m = self.manager
+        return m.paused or (bool(m.paused_databases) and self.database in m.paused_databases)
+
     def counts(self) -> dict[str, int]:
         active = sum(1 for s in self.servers if s.state == "active")
         return {
@@ -600,7 +606,7 @@ class Pool:
 
     def request(self, client: PostgresClient) -> None:
         """Give ``client`` a server now or queue it; it gets ``on_server`` or an error."""
-        if not self.manager.paused:
+        if not self.paused:
             while self.idle:
                 # LIFO like PgBouncer (server_round_robin = 0): the most recently used server
                 # is warm, and idle ones age out through server_idle_timeout
@@ -633,7 +639,7 @@ class Pool:
             )
 
     def _grow(self) -> None:
-        if self.manager.paused or self.manager.closed:
+        if self.paused or self.manager.closed:
             return
         missing = min(len(self.waiters), self.size - len(self.servers) - self.connecting)
         want_min = self.min_size - len(self.servers) - self.connecting
@@ -725,7 +731,7 @@ class Pool:
             server.close()
             return
         server.state = "idle"
-        if not self.manager.paused:
+        if not self.paused:
             while self.waiters:
                 w = self.waiters.popleft()
                 if w.timer is not None:
@@ -821,7 +827,7 @@ class Pool:
                 self.idle.remove(server)
                 self.servers.discard(server)
                 server.close()
-        if not self.manager.paused:
+        if not self.paused:
             self._grow()
 
     def close_all(self) -> None:
@@ -850,12 +856,16 @@ class PoolManager:
         self.clients: dict[int, PostgresClient] = {}
         self.client_count = 0
         self.paused = False
+        #: databases paused on their own (PAUSE <db>)
+        self.paused_databases: set[str] = set()
         self.closed = False
-        self._pause_waiters: list[asyncio.Future[None]] = []
+        #: PAUSE commands waiting for active servers: (database or None for all, future)
+        self._pause_waiters: list[tuple[str | None, asyncio.Future[None]]] = []
         self._janitor: asyncio.Task[None] | None = None
         self.server_tls = server_tls_context(config)
         self._pid_counter = itertools.count(secrets.randbelow(1 << 20) + 1000)
-        self.on_reload: Callable[[], Any] | None = None
+        #: RELOAD: re-apply the configuration; returns why not (empty when done)
+        self.on_reload: Callable[[], list[str]] | None = None
 
     def start(self) -> None:
         self._janitor = spawn(self._janitor_loop(), name="dblb pool janitor")
@@ -1067,21 +1077,38 @@ class PoolManager:
         return pid, secrets.randbits(31)
 
     def check_paused(self) -> None:
-        if self.paused and not self.active_servers():
-            for f in self._pause_waiters:
-                if not f.done():
-                    f.set_result(None)
-            self._pause_waiters.clear()
+        if not self._pause_waiters:
+            return
+        still = []
+        for database, fut in self._pause_waiters:
+            if fut.done():
+                continue
+            if self.active_servers(database):
+                still.append((database, fut))
+            else:
+                fut.set_result(None)
+        self._pause_waiters = still
 
-    def active_servers(self) -> int:
-        return sum(1 for p in self.every_pool() for s in p.servers if s.state != "idle")
+    def active_servers(self, database: str | None = None) -> int:
+        return sum(
+            1
+            for p in self.every_pool()
+            if database is None or p.database == database
+            for s in p.servers
+            if s.state != "idle"
+        )
 
-    async def pause(self, wait_s: float) -> bool:
-        self.paused = True
-        if not self.active_servers():
+    async def pause(self, wait_s: float, database: str | None = None) -> bool:
+        """PAUSE [db]: hand out no more servers (of ``database``, or at all) and wait until
+        the active ones are released; False if that takes longer than ``wait_s``."""
+        if database is None:
+            self.paused = True
+        else:
+            self.paused_databases.add(database)
+        if not self.active_servers(database):
             return True
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pause_waiters.append(fut)
+        self._pause_waiters.append((database, fut))
         try:
             async with asyncio.timeout(wait_s):
                 await fut
@@ -1089,9 +1116,16 @@ class PoolManager:
         except TimeoutError:
             return False
 
-    def resume(self) -> None:
-        self.paused = False
+    def resume(self, database: str | None = None) -> None:
+        """RESUME (everything, every paused database) or RESUME <db>."""
+        if database is None:
+            self.paused = False
+            self.paused_databases.clear()
+        else:
+            self.paused_databases.discard(database)
         for pool in self.every_pool():
+            if pool.paused:
+                continue
             while pool.idle and pool.waiters:
                 pool.release(pool.idle.popleft())
             pool._grow()

@@ -53,18 +53,43 @@ class AdminConsole:
             )
             return
         sql = parse_query(m.body).strip().rstrip(";").strip()
-        words = sql.upper().split()
-        if words[:1] == ["PAUSE"]:
-            spawn(self._pause(), name=f"dblb admin pause {self.client.id}")
-            return
+        words = sql.split()
         try:
+            if words and words[0].upper() == "PAUSE":
+                self._check_may_change("PAUSE")
+                database = self._database_arg(words)
+                spawn(self._pause(database), name=f"dblb admin pause {self.client.id}")
+                return
             body = self._run(words)
         except RemoteProtocolError as exc:
             body = enc.error_response(exc.sqlstate, exc.message)
         self.client.write(body + enc.ready_for_query())
 
-    async def _pause(self) -> None:
-        ok = await self.manager.pause(PAUSE_TIMEOUT)
+    def _check_may_change(self, command: str) -> None:
+        """PAUSE, RESUME and RELOAD are for ``admin_users`` only (SHOW is for everyone here)."""
+        if self.client.user not in self.manager.config.admin_users:
+            raise RemoteProtocolError(
+                f'{command} is not allowed for user "{self.client.user}": '
+                "only users listed in admin_users may change the pooler",
+                sqlstate="42501",
+            )
+
+    def _database_arg(self, words: list[str]) -> str | None:
+        """``PAUSE``/``RESUME`` with an optional database name (as the client connects to)."""
+        if len(words) == 1:
+            return None
+        if len(words) != 2:
+            raise RemoteProtocolError(f"usage: {words[0].upper()} [database]", sqlstate="42601")
+        name = words[1].strip('"')
+        known = name in self.manager.config.databases or any(
+            p.database == name for p in self.manager.every_pool()
+        )
+        if not known:
+            raise RemoteProtocolError(f'no such database: "{name}"', sqlstate="3D000")
+        return name
+
+    async def _pause(self, database: str | None) -> None:
+        ok = await self.manager.pause(PAUSE_TIMEOUT, database)
         if ok:
             body = enc.command_complete("PAUSE")
         else:
@@ -74,14 +99,18 @@ class AdminConsole:
     def _run(self, words: list[str]) -> bytes:
         if not words:
             return enc.empty_query_response()
-        cmd = words[0]
+        cmd = words[0].upper()
         if cmd == "RESUME":
-            self.manager.resume()
+            self._check_may_change("RESUME")
+            self.manager.resume(self._database_arg(words))
             return enc.command_complete("RESUME")
-        if cmd == "RELOAD":
-            if self.manager.on_reload is not None:
-                self.manager.on_reload()
+        if cmd == "RELOAD" and len(words) == 1:
+            self._check_may_change("RELOAD")
+            errors = self.manager.on_reload() if self.manager.on_reload is not None else []
+            if errors:
+                raise RemoteProtocolError("RELOAD failed: " + "; ".join(errors), sqlstate="55000")
             return enc.command_complete("RELOAD")
+        words = [w.upper() for w in words]
         if cmd == "SHOW" and len(words) == 2:
             what = words[1]
             show = {
@@ -147,8 +176,9 @@ class AdminConsole:
             "total_wait_count",
         ]
         cols = [("database", TEXT_OID), ("user", TEXT_OID)] + [(n, INT8_OID) for n in names]
+        cols.append(("role", TEXT_OID))
         rows: list[Row] = []
-        for p in self.manager.pools.values():
+        for p in self.manager.all_pools():  # replica pools too, told apart by role
             s = p.stats
             rows.append(
                 [
@@ -162,6 +192,7 @@ class AdminConsole:
                     int(s.query_time * 1e6),
                     int(s.wait_time * 1e6),
                     s.wait_count,
+                    p.role,
                 ]
             )
         return _table(cols, rows, "SHOW")
@@ -258,5 +289,8 @@ class AdminConsole:
         return _table([("version", TEXT_OID)], [["MarchProxy DBLB 0.1.0"]], "SHOW")
 
     def _help(self) -> bytes:
-        text = "SHOW POOLS|STATS|CLIENTS|SERVERS|DATABASES|VERSION; PAUSE; RESUME; RELOAD"
+        text = (
+            "SHOW POOLS|STATS|CLIENTS|SERVERS|DATABASES|VERSION; "
+            "PAUSE [db]; RESUME [db]; RELOAD (PAUSE, RESUME, RELOAD: admin_users only)"
+        )
         return enc.notice_response(text) + enc.command_complete("SHOW")

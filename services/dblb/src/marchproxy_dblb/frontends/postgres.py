@@ -308,7 +308,10 @@ class PostgresClient(asyncio.Protocol):
             if cfg.database(self.database) is None:
                 self.fail("3D000", f'no such database: "{self.database}"')
                 return
-        elif cfg.admin_users and self.user not in cfg.admin_users:
+        elif (cfg.admin_users or cfg.stats_users) and self.user not in (
+            *cfg.admin_users,
+            *cfg.stats_users,
+        ):
             self.fail("28000", f'user "{self.user}" is not allowed on the admin console')
             return
         self.tracked_params = {k: v for k, v in params.items() if k in TRACKED_PARAMETERS}
@@ -615,7 +618,7 @@ class PostgresClient(asyncio.Protocol):
         # bytes we received are forwarded as they are.
         out: list[bytes] | None = None if raw is not None else []
         expect = server.expect
-        stats = self.pool.stats
+        stats = server.pool.stats  # the pool that serves it (a replica pool too)
         for i, m in enumerate(msgs):
             t = m.type
             if t in (F_QUERY, F_SYNC, F_FUNCTION_CALL):
