@@ -446,14 +446,12 @@ class _Exchange:
         pool.retry_budget.deposit()
         hash_key = self._hash_key(route, hdrs)
         try:
-            async with asyncio.timeout(route.backend.timeout) as tm:
-                resp = await self._send(route, pool, hash_key, tm)
-                # the head is here: from now on idle_timeout bounds the body (or the tunnel's
-                # tunnel_idle_timeout), however long it streams
-                tm.reschedule(None)
-                if resp.status == 101:
-                    return await self._tunnel(resp)
-                return await self._relay(resp)
+            # the route's timeout bounds connect + send + wait for the head; then idle_timeout
+            # bounds the body (or the tunnel's tunnel_idle_timeout), however long it streams
+            resp = await self._send(route, pool, hash_key, self.t0 + route.backend.timeout)
+            if resp.status == 101:
+                return await self._tunnel(resp)
+            return await self._relay(resp)
         except TimeoutError:
             plane.refused("upstream_timeout")
             self.upstream_failed = "timeout"
@@ -548,8 +546,10 @@ class _Exchange:
         return target
 
     async def _send(
-        self, route: Route, pool: BackendPool, hash_key: bytes | None, deadline: asyncio.Timeout
+        self, route: Route, pool: BackendPool, hash_key: bytes | None, deadline: float
     ) -> ResponseHead:
+        """Pick a target, connect (or reuse), send the request and return the response head,
+        retrying as the route allows; ``deadline`` (loop time) bounds it all → TimeoutError."""
         plane, head, b = self.plane, self.head, route.backend
         tried: list[Target] = []
         stale = 0
@@ -560,8 +560,11 @@ class _Exchange:
             self.target = target
             pool.begin(target)
             try:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    raise TimeoutError
                 conn, reused = await plane.upstreams.acquire(
-                    target, b.connect_timeout, b.tls_server_name
+                    target, min(b.connect_timeout, left), b.tls_server_name
                 )
             except (OSError, TimeoutError) as exc:
                 pool.end(target)
@@ -638,32 +641,26 @@ class _Exchange:
         return data
 
     async def _await_head(
-        self,
-        conn: UpstreamConnection,
-        header_timeout: float,
-        total: float,
-        deadline: asyncio.Timeout,
+        self, conn: UpstreamConnection, header_timeout: float, total: float, deadline: float
     ) -> ResponseHead:
-        """The response head. While the request body is still streaming, idle_timeout bounds
-        it (both ways) and the route's deadline stands still; header_timeout starts once the
-        request is sent."""
+        """The response head, by ``deadline`` and within header_timeout of the request being
+        sent (the connection's lazy timer fails the head future with TimeoutError: no timer
+        per request). While the request body is still streaming, idle_timeout bounds it
+        (both ways) and the deadline stands still."""
         fut = conn.head_future
         assert fut is not None
+        loop = asyncio.get_running_loop()
         pump = self.pump
         if pump is not None and not pump.done():
-            loop = asyncio.get_running_loop()
-            when, started = deadline.when(), loop.time()
-            deadline.reschedule(None)
-            try:
-                await asyncio.wait((fut, pump), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                if when is not None:
-                    deadline.reschedule(when + loop.time() - started)
+            started = loop.time()
+            await asyncio.wait((fut, pump), return_when=asyncio.FIRST_COMPLETED)
+            deadline += loop.time() - started
             if not fut.done():
                 self._raise_pump_error(pump)
-        if not fut.done() and header_timeout < total:
-            async with asyncio.timeout(header_timeout):
-                return await fut
+        if not fut.done():
+            if header_timeout < total:
+                deadline = min(deadline, loop.time() + header_timeout)
+            conn.expect_head_by(deadline)
         return await fut
 
     def _raise_pump_error(self, pump: asyncio.Task[None]) -> None:

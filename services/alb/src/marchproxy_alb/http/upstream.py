@@ -55,6 +55,11 @@ class UpstreamConnection(asyncio.Protocol):
         # lazy idle timer: release() only moves the deadline; the handle re-checks when it fires
         self.idle_handle: asyncio.TimerHandle | None = None
         self.idle_deadline = 0.0
+        # lazy head timer, the same way: expect_head_by() moves a deadline; one handle per
+        # connection fires at the earliest deadline it was armed for and re-checks
+        self._head_handle: asyncio.TimerHandle | None = None
+        self._head_handle_at = 0.0
+        self.head_deadline = 0.0
         # per exchange
         self._method = "GET"
         self.head_future: asyncio.Future[ResponseHead] | None = None
@@ -85,6 +90,9 @@ class UpstreamConnection(asyncio.Protocol):
         if self.idle_handle is not None:
             self.idle_handle.cancel()
             self.idle_handle = None
+        if self._head_handle is not None:
+            self._head_handle.cancel()
+            self._head_handle = None
         hf = self.head_future
         if hf is not None and not hf.done():
             hf.set_exception(
@@ -147,6 +155,7 @@ class UpstreamConnection(asyncio.Protocol):
     def begin(self, method: str, pause: Callable[[], None], resume: Callable[[], None]) -> None:
         """Arm for the response to a request we are about to write."""
         self.idle_deadline = 0.0
+        self.head_deadline = 0.0
         loop = asyncio.get_running_loop()
         self._method = method
         self.head_future = loop.create_future()
@@ -156,6 +165,26 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = False
         self.upgrade_rest = None
         self.requests += 1
+
+    def expect_head_by(self, when: float) -> None:
+        """Fail the head future with TimeoutError unless the head arrives by ``when``."""
+        self.head_deadline = when
+        h = self._head_handle
+        if h is None or self._head_handle_at > when:
+            if h is not None:
+                h.cancel()
+            self._head_handle_at = when
+            self._head_handle = asyncio.get_running_loop().call_at(when, self._head_check)
+
+    def _head_check(self) -> None:
+        self._head_handle = None
+        hf = self.head_future
+        if self.closed or hf is None or hf.done() or self.head_deadline == 0.0:
+            return
+        if asyncio.get_running_loop().time() < self.head_deadline:
+            self.expect_head_by(self.head_deadline)
+        else:
+            hf.set_exception(TimeoutError("no response head in time"))
 
     def arm_idle(self, idle_timeout: float) -> None:
         loop = asyncio.get_running_loop()
