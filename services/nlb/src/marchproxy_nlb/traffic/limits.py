@@ -3,8 +3,8 @@ through ``marchproxy_common.ratelimit``).
 
 Targets: ``listener:<port>``, ``protocol:<name>`` (or a bare protocol name), ``client_ip`` (one
 bucket per client address), ``route:<name>`` and ``global``. Scope ``local`` keeps buckets in
-this process; ``cluster`` shares them through Redis (GCRA) with every NLB replica, falling back to
-local buckets while Redis is unreachable.
+this process; ``cluster`` (the API calls it ``global``) shares them through Redis (GCRA) with
+every NLB replica, falling back to local buckets while Redis is unreachable.
 """
 
 from __future__ import annotations
@@ -89,8 +89,10 @@ def parse_rules(raw: object) -> tuple[list[LimitRule], list[str]]:
         if not _number(burst) or not 1 <= burst <= MAX_RATE:
             errors.append(f"rate_limits[{i}].burst must be a number >= 1")
             continue
+        if scope == "global":  # the API's name for it (RateLimitIn.scope)
+            scope = "cluster"
         if scope not in ("local", "cluster"):
-            errors.append(f"rate_limits[{i}].scope must be local or cluster")
+            errors.append(f"rate_limits[{i}].scope must be local or cluster (or global)")
             continue
         rules.append(LimitRule(target, float(rate), float(burst), scope))
     return rules, errors
