@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator, model_validator
 
 MAX_NAME = 128
 MAX_TEXT = 4096
@@ -444,6 +444,92 @@ class RouteMetricOut(BaseModel):
     error_count: int
     avg_duration_ms: float
     success_rate: float
+
+
+class RouteMetricsOut(RootModel[dict[str, RouteMetricOut]]):
+    """Seed 004: ``"<module>:<route>"`` -> counters summed over the reporting instances."""
+
+
+class AcceptedOut(BaseModel):
+    accepted: int
+
+
+# ---------------------------------------------------------------- desired-state snapshot
+# The document data planes load (docs/desired-state.md); documented here for the long poll.
+class SnapshotModule(BaseModel):
+    id: int
+    name: str
+    type: str
+    enabled: bool
+    version: str
+    config: dict[str, Any]
+    replicas: int
+    grpc_host: str
+    grpc_port: int
+
+
+class SnapshotRoute(BaseModel):
+    id: int
+    module: str
+    name: str
+    priority: int
+    enabled: bool
+    match_rules: dict[str, Any]
+    backend_config: dict[str, Any]
+    rate_limit: dict[str, Any] | None
+
+
+class SnapshotDeployment(BaseModel):
+    id: int
+    module: str
+    version: str
+    image: str
+    config: dict[str, Any]
+    traffic_weight: float
+    status: str
+
+
+class StateSnapshotOut(BaseModel):
+    component: Component
+    version: int
+    generated_at: str
+    modules: list[SnapshotModule]
+    routes: list[SnapshotRoute]
+    deployments: list[SnapshotDeployment]
+    #: the NLB's snapshot only
+    listeners: list[dict[str, Any]] | None = None
+    rate_limits: list[dict[str, Any]] | None = None
+    scaling_policies: list[dict[str, Any]] | None = None
+    services: list[dict[str, Any]] | None = None
+
+
+# ---------------------------------------------------------------- system
+class RootOut(BaseModel):
+    name: str
+    version: str
+    docs: str
+    openapi: str
+    health: str
+
+
+class HealthzOut(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadyOut(BaseModel):
+    status: Literal["ready"]
+    config_version: int
+
+
+class SystemHealthOut(BaseModel):
+    status: Literal["healthy", "degraded"]
+    ready: bool
+    version: str
+    database: Literal["up", "down"]
+    redis: str
+    config_version: int
+    publish_pending: int
+    modules_by_status: dict[str, int]
 
 
 class RegistrationEventOut(Out):

@@ -232,6 +232,7 @@ ENDPOINTS = [
         body=UserCreate,
         response=UserOut,
         status=201,
+        extra_statuses=(409,),
     ),
     Endpoint(
         "GET", U + "/{user_id}", get_user, "Get user", "users", auth="admin", response=UserOut
@@ -247,7 +248,14 @@ ENDPOINTS = [
         response=UserOut,
     ),
     Endpoint(
-        "DELETE", U + "/{user_id}", delete_user, "Delete user", "users", auth="admin", status=204
+        "DELETE",
+        U + "/{user_id}",
+        delete_user,
+        "Delete user (not yourself)",
+        "users",
+        auth="admin",
+        status=204,
+        extra_statuses=(409,),
     ),
     Endpoint(
         "GET",

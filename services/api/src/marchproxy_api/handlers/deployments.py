@@ -441,7 +441,7 @@ ENDPOINTS = [
         auth="operator",
         body=PromoteIn,
         response=DeploymentOut,
-        extra_statuses=(202,),
+        extra_statuses=(202, 409),
     ),
     Endpoint(
         "POST",
@@ -452,6 +452,7 @@ ENDPOINTS = [
         auth="operator",
         body=RollbackIn,
         response=DeploymentOut,
+        extra_statuses=(409,),
     ),
     Endpoint(
         "GET",

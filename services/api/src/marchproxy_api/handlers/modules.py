@@ -23,6 +23,7 @@ from marchproxy_api.schemas import (
     ModuleUpdate,
     RegistrationEventOut,
     RouteMetricOut,
+    RouteMetricsOut,
 )
 from marchproxy_api.txn import write_tx
 
@@ -165,7 +166,7 @@ async def registration_history(ctx: Ctx) -> HistoryPage:
     return page(HistoryPage, RegistrationEventOut, rows, total, q)
 
 
-async def route_metrics(ctx: Ctx) -> dict[str, RouteMetricOut]:
+async def route_metrics(ctx: Ctx) -> RouteMetricsOut:
     """Seed 004 shape: ``"<module>:<route>" -> counters`` summed over reporting instances."""
     async with read_session(ctx) as session:
         rows = await state_repo.route_metrics(session)
@@ -184,7 +185,7 @@ async def route_metrics(ctx: Ctx) -> dict[str, RouteMetricOut]:
             avg_duration_ms=dur / calls if calls else 0.0,
             success_rate=(calls - errors) / calls if calls else 1.0,
         )
-    return {k: v.model_dump() for k, v in out.items()}  # type: ignore[misc]
+    return RouteMetricsOut(out)
 
 
 ENDPOINTS = [
@@ -197,7 +198,14 @@ ENDPOINTS = [
         query=HistoryQuery,
         response=HistoryPage,
     ),
-    Endpoint("GET", M + "/metrics", route_metrics, "Per-route metrics (seed 004)", "modules"),
+    Endpoint(
+        "GET",
+        M + "/metrics",
+        route_metrics,
+        "Per-route metrics (seed 004)",
+        "modules",
+        response=RouteMetricsOut,
+    ),
     Endpoint(
         "GET", M, list_modules, "List modules", "modules", query=ModuleQuery, response=ModulePage
     ),
@@ -211,6 +219,7 @@ ENDPOINTS = [
         body=ModuleCreate,
         response=ModuleOut,
         status=201,
+        extra_statuses=(409,),
     ),
     Endpoint("GET", M + "/{module_id}", get_module, "Get module", "modules", response=ModuleOut),
     Endpoint(
@@ -222,6 +231,7 @@ ENDPOINTS = [
         auth="admin",
         body=ModuleUpdate,
         response=ModuleOut,
+        extra_statuses=(409,),
     ),
     Endpoint(
         "DELETE",

@@ -234,6 +234,7 @@ ENDPOINTS = [
         body=RouteCreate,
         response=RouteOut,
         status=201,
+        extra_statuses=(409,),
     ),
     Endpoint("GET", R + "/{route_id}", get_route, "Get route", "routes", response=RouteOut),
     Endpoint(
@@ -245,6 +246,7 @@ ENDPOINTS = [
         auth="admin",
         body=RouteUpdate,
         response=RouteOut,
+        extra_statuses=(409,),
     ),
     Endpoint(
         "DELETE",
@@ -263,6 +265,7 @@ ENDPOINTS = [
         "routes",
         auth="operator",
         response=RouteOut,
+        extra_statuses=(409,),
     ),
     Endpoint(
         "POST",

@@ -91,6 +91,7 @@ ENDPOINTS = [
         body=ScalingIn,
         response=ScalingOut,
         status=201,
+        extra_statuses=(409,),
     ),
     Endpoint(
         "PUT",

@@ -151,6 +151,7 @@ class _Crud:
                 body=self.body,
                 response=self.out,
                 status=201,
+                extra_statuses=(409,),
             ),
             Endpoint("GET", item, self.get, f"Get {k}", self.tag, response=self.out),
             Endpoint(
@@ -162,6 +163,7 @@ class _Crud:
                 auth="admin",
                 body=self.body,
                 response=self.out,
+                extra_statuses=(409,),
             ),
             Endpoint(
                 "DELETE", item, self.delete, f"Delete {k}", self.tag, auth="admin", status=204

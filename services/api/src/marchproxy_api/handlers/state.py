@@ -11,11 +11,13 @@ from marchproxy_api.keys import publisher_key, settings_key
 from marchproxy_api.repos import state as state_repo
 from marchproxy_api.schemas import (
     COMPONENTS,
+    AcceptedOut,
     ComponentStatus,
     RouteMetricsIn,
     StateAckIn,
     StateAckOut,
     StatePollQuery,
+    StateSnapshotOut,
     StateStatusOut,
 )
 from marchproxy_api.txn import write_tx
@@ -85,7 +87,7 @@ async def state_status(ctx: Ctx) -> StateStatusOut:
     return StateStatusOut(config_version=version, redis=publisher.redis_state, components=comps)
 
 
-async def report_route_metrics(ctx: Ctx) -> dict[str, int]:
+async def report_route_metrics(ctx: Ctx) -> AcceptedOut:
     body: RouteMetricsIn = ctx.body
     async with write_tx(ctx.app, ctx.actor, config=False) as tx:
         await state_repo.record_route_metrics(
@@ -94,7 +96,7 @@ async def report_route_metrics(ctx: Ctx) -> dict[str, int]:
             body.module,
             {k: v.model_dump() for k, v in body.routes.items()},
         )
-    return {"accepted": len(body.routes)}
+    return AcceptedOut(accepted=len(body.routes))
 
 
 S = "/api/v1/state"
@@ -115,6 +117,8 @@ ENDPOINTS = [
         "state",
         auth="cluster",
         body=RouteMetricsIn,
+        response=AcceptedOut,
+        extra_statuses=(409,),
     ),
     Endpoint(
         "GET",
@@ -124,6 +128,7 @@ ENDPOINTS = [
         "state",
         auth="cluster",
         query=StatePollQuery,
+        response=StateSnapshotOut,
         enums=ENUMS,
         etag=False,
         extra_statuses=(304,),
@@ -138,5 +143,6 @@ ENDPOINTS = [
         body=StateAckIn,
         response=StateAckOut,
         enums=ENUMS,
+        extra_statuses=(409,),
     ),
 ]

@@ -15,23 +15,24 @@ from marchproxy_api.handlers.common import read_session
 from marchproxy_api.keys import metrics_key, publisher_key, readiness_key
 from marchproxy_api.openapi import SWAGGER_HTML
 from marchproxy_api.repos import state as state_repo
+from marchproxy_api.schemas import HealthzOut, ReadyOut, RootOut, SystemHealthOut
 
 API_VERSION = "0.1.0"
 openapi_key = web.AppKey("openapi", dict)
 
 
-async def root(ctx: Ctx) -> dict[str, Any]:
-    return {
-        "name": "MarchProxy API",
-        "version": API_VERSION,
-        "docs": "/api/docs",
-        "openapi": "/api/openapi.json",
-        "health": "/healthz",
-    }
+async def root(ctx: Ctx) -> RootOut:
+    return RootOut(
+        name="MarchProxy API",
+        version=API_VERSION,
+        docs="/api/docs",
+        openapi="/api/openapi.json",
+        health="/healthz",
+    )
 
 
-async def healthz(ctx: Ctx) -> dict[str, Any]:
-    return {"status": "ok"}
+async def healthz(ctx: Ctx) -> HealthzOut:
+    return HealthzOut(status="ok")
 
 
 async def _db_ok(ctx: Ctx) -> tuple[bool, int]:
@@ -43,14 +44,14 @@ async def _db_ok(ctx: Ctx) -> tuple[bool, int]:
         return False, 0
 
 
-async def readyz(ctx: Ctx) -> dict[str, Any]:
+async def readyz(ctx: Ctx) -> ReadyOut:
     readiness = ctx.app[readiness_key]
     if not readiness.ready:
         raise not_ready(readiness.reason)
     ok, version = await _db_ok(ctx)
     if not ok:
         raise ApiError(503, "not_ready", "database unavailable")
-    return {"status": "ready", "config_version": version}
+    return ReadyOut(status="ready", config_version=version)
 
 
 async def metrics(ctx: Ctx) -> web.StreamResponse:
@@ -60,7 +61,7 @@ async def metrics(ctx: Ctx) -> web.StreamResponse:
     return resp
 
 
-async def system_health(ctx: Ctx) -> dict[str, Any]:
+async def system_health(ctx: Ctx) -> SystemHealthOut:
     publisher = ctx.app[publisher_key]
     db_ok, version = await _db_ok(ctx)
     modules: dict[str, int] = {}
@@ -73,16 +74,16 @@ async def system_health(ctx: Ctx) -> dict[str, Any]:
     redis_ok = await publisher.ping()
     ready = ctx.app[readiness_key].ready
     healthy = ready and db_ok and (redis_ok or publisher.redis_state == "disabled")
-    return {
-        "status": "healthy" if healthy else "degraded",
-        "ready": ready,
-        "version": API_VERSION,
-        "database": "up" if db_ok else "down",
-        "redis": "up" if redis_ok else publisher.redis_state,
-        "config_version": version,
-        "publish_pending": publisher.pending,
-        "modules_by_status": modules,
-    }
+    return SystemHealthOut(
+        status="healthy" if healthy else "degraded",
+        ready=ready,
+        version=API_VERSION,
+        database="up" if db_ok else "down",
+        redis="up" if redis_ok else publisher.redis_state,
+        config_version=version,
+        publish_pending=publisher.pending,
+        modules_by_status=modules,
+    )
 
 
 async def openapi_json(ctx: Ctx) -> dict[str, Any]:
@@ -94,9 +95,26 @@ async def docs(ctx: Ctx) -> web.StreamResponse:
 
 
 ENDPOINTS = [
-    Endpoint("GET", "/", root, "API information", "system", auth="public", needs_db=False),
     Endpoint(
-        "GET", "/healthz", healthz, "Liveness", "system", auth="public", needs_db=False, etag=False
+        "GET",
+        "/",
+        root,
+        "API information",
+        "system",
+        auth="public",
+        needs_db=False,
+        response=RootOut,
+    ),
+    Endpoint(
+        "GET",
+        "/healthz",
+        healthz,
+        "Liveness",
+        "system",
+        auth="public",
+        needs_db=False,
+        etag=False,
+        response=HealthzOut,
     ),
     Endpoint(
         "GET",
@@ -107,6 +125,8 @@ ENDPOINTS = [
         auth="public",
         needs_db=False,
         etag=False,
+        response=ReadyOut,
+        extra_statuses=(503,),
     ),
     Endpoint(
         "GET",
@@ -128,6 +148,7 @@ ENDPOINTS = [
         auth="public",
         needs_db=False,
         etag=False,
+        response=SystemHealthOut,
     ),
     Endpoint(
         "GET",
