@@ -45,11 +45,14 @@ def mysql_account() -> Any:
 
 
 @contextlib.asynccontextmanager
-async def mysql_dblb(users: dict[str, str], **mysql: Any) -> AsyncIterator[tuple[DblbHooks, int]]:
+async def mysql_dblb(
+    users: dict[str, str], top: dict[str, Any] | None = None, **mysql: Any
+) -> AsyncIterator[tuple[DblbHooks, int]]:
+    """A DBLB with a MySQL listener; ``top`` holds settings outside the ``mysql`` section."""
     hooks = DblbHooks(settings(mysql_port=0))
-    await hooks.apply_config(
-        {"config": {"mysql": {"host": "127.0.0.1", "port": 3306, "users": users, **mysql}}}
-    )
+    mysql_cfg = {"host": "127.0.0.1", "port": 3306, "users": users, **mysql}
+    errors = await hooks.apply_config({"config": {"mysql": mysql_cfg, **(top or {})}})
+    assert errors == []
     await hooks.start_data_plane()
     assert hooks.mysql_address is not None
     try:
@@ -234,3 +237,123 @@ async def test_mysql_listener_accepts_proxy_v2_and_direct_clients(
         assert await asyncio.to_thread(direct) == ("direct",)
     finally:
         await hooks.close()
+
+
+def _mysql_connect(port: int, user: str, db: str) -> pymysql.connections.Connection[Any]:
+    return pymysql.connect(host="127.0.0.1", port=port, user=user, password=PASSWORD, database=db)
+
+
+def _server_sessions(user: str) -> int:
+    conn = _root()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "select count(*) from information_schema.processlist where user = %s", (user,)
+            )
+            row = cur.fetchone()
+            return int(row[0]) if row else 0
+    finally:
+        conn.close()
+
+
+async def _psql_admin(port: int, sql: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        *("psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "pgbouncer", "-Atc", sql),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PGCONNECT_TIMEOUT": "10"},
+    )
+    try:
+        async with asyncio.timeout(30):
+            out, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, out
+    return out.decode()
+
+
+async def test_mysql_pools_in_show_pools_show_stats_and_metrics(
+    mysql_account: tuple[str, str],
+) -> None:
+    from prometheus_client import generate_latest
+
+    user, db = mysql_account
+    async with mysql_dblb({user: PASSWORD}, pool_size=3) as (hooks, port):
+        c = await asyncio.to_thread(_mysql_connect, port, user, db)
+        try:
+
+            def queries() -> None:
+                with c.cursor() as cur:
+                    for i in range(4):
+                        cur.execute("select %s", (i,))
+
+            await asyncio.to_thread(queries)
+            assert hooks._server is not None
+            admin_port = hooks._server.sockets[0].getsockname()[1]
+            pools = await _psql_admin(admin_port, "SHOW POOLS")
+            assert f"{db}|{user}|1|0|1|0|0|0|0|session|3|mysql" in pools.split(), pools
+            stats = [
+                line.split("|") for line in (await _psql_admin(admin_port, "SHOW STATS")).split()
+            ]
+            mine = [row for row in stats if row[:2] == [db, user]]
+            assert len(mine) == 1 and mine[0][-1] == "mysql" and int(mine[0][3]) >= 4, stats
+            text = generate_latest(hooks.metrics_registry).decode()
+            labels = f'database="{db}",pool_mode="session",role="mysql"'
+            active = f'marchproxy_dblb_pool_servers{{{labels},state="active",user="{user}"}} 1.0'
+            assert active in text
+            assert f'marchproxy_dblb_queries_total{{{labels},user="{user}"}}' in text
+        finally:
+            c.close()
+
+
+async def test_mysql_idle_servers_time_out(mysql_account: tuple[str, str]) -> None:
+    user, db = mysql_account
+    async with mysql_dblb({user: PASSWORD}, top={"server_idle_timeout": 0.3}) as (hooks, port):
+
+        def session() -> None:
+            c = _mysql_connect(port, user, db)
+            with c.cursor() as cur:
+                cur.execute("select 1")
+            c.close()
+
+        await asyncio.to_thread(session)
+        assert await asyncio.to_thread(_server_sessions, user) == 1  # parked for reuse
+        async with asyncio.timeout(15):
+            while await asyncio.to_thread(_server_sessions, user):
+                await asyncio.sleep(0.2)
+        async with asyncio.timeout(5):
+            while hooks.mysql_pool_rows():  # the unused pool is forgotten too
+                await asyncio.sleep(0.1)
+        await asyncio.to_thread(session)  # and a new one is opened on demand
+
+
+async def test_mysql_max_client_conn_counts_both_frontends(
+    mysql_account: tuple[str, str],
+) -> None:
+    import psycopg
+
+    user, db = mysql_account
+    async with mysql_dblb({user: PASSWORD}, top={"max_client_conn": 2}) as (hooks, port):
+        assert hooks._server is not None
+        pg_port = hooks._server.sockets[0].getsockname()[1]
+        first = await asyncio.to_thread(_mysql_connect, port, user, db)
+        pg = await psycopg.AsyncConnection.connect(
+            f"host=127.0.0.1 port={pg_port} user=postgres dbname=pgbouncer"
+        )
+        try:
+            with pytest.raises(pymysql.err.OperationalError, match="Too many connections"):
+                await asyncio.to_thread(_mysql_connect, port, user, db)
+            with pytest.raises(psycopg.OperationalError, match="max_client_conn"):
+                await psycopg.AsyncConnection.connect(
+                    f"host=127.0.0.1 port={pg_port} user=postgres dbname=pgbouncer"
+                )
+        finally:
+            first.close()
+            await pg.close()
+        async with asyncio.timeout(10):
+            while hooks.client_total():
+                await asyncio.sleep(0.05)
+        again = await asyncio.to_thread(_mysql_connect, port, user, db)
+        again.close()

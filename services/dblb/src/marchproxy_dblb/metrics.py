@@ -78,16 +78,21 @@ class DblbCollector(Collector):
                 "marchproxy_dblb_server_bytes_sent", "Bytes to servers", labels=labels
             ),
         }
-        for p in h.manager.all_pools():
-            lv = [p.database, p.user, p.mode, p.role]
-            c = p.counts()
+        pools = [
+            ([p.database, p.user, p.mode, p.role], p.counts(), p.size, p.stats)
+            for p in h.manager.all_pools()
+        ]
+        pools += [
+            ([m["database"], m["user"], "session", "mysql"], m, h.mysql_pool_size, m["stats"])
+            for m in h.mysql_pool_rows()
+        ]
+        for lv, c, size, s in pools:
             g_clients.add_metric([*lv, "active"], c["cl_active"])
             g_clients.add_metric([*lv, "waiting"], c["cl_waiting"])
             for state in ("active", "idle", "used", "login"):
                 g_servers.add_metric([*lv, state], c[f"sv_{state}"])
-            g_size.add_metric(lv, p.size)
+            g_size.add_metric(lv, size)
             g_maxwait.add_metric(lv, c["cl_waiting"])
-            s = p.stats
             counters["xact"].add_metric(lv, s.xact_count)
             counters["query"].add_metric(lv, s.query_count)
             counters["xact_time"].add_metric(lv, s.xact_time)

@@ -196,6 +196,18 @@ class DblbHooks(BaseModuleHooks):
 
     # ---- helpers for the frontends ------------------------------------------------------------
 
+    def client_total(self) -> int:
+        """Clients of both frontends (max_client_conn counts them together, as PgBouncer)."""
+        mysql = len(self._mysql.clients) if self._mysql is not None else 0
+        return self.manager.client_count + mysql
+
+    def mysql_pool_rows(self) -> list[dict[str, Any]]:
+        return self._mysql.pool_rows() if self._mysql is not None else []
+
+    @property
+    def mysql_pool_size(self) -> int:
+        return self._mysql.config.pool_size if self._mysql is not None else 0
+
     def client_address(self, transport: asyncio.BaseTransport) -> tuple[str, int]:
         return client_address(transport)
 

@@ -162,6 +162,23 @@ class AdminConsole:
                     p.role,
                 ]
             )
+        for m in self.client.hooks.mysql_pool_rows():
+            rows.append(
+                [
+                    m["database"],
+                    m["user"],
+                    m["cl_active"],
+                    m["cl_waiting"],
+                    m["sv_active"],
+                    m["sv_idle"],
+                    m["sv_used"],
+                    m["sv_login"],
+                    int(m["maxwait"]),
+                    "session",
+                    self.client.hooks.mysql_pool_size,
+                    "mysql",
+                ]
+            )
         return _table(cols, rows, "SHOW")
 
     def _stats(self) -> bytes:
@@ -178,12 +195,16 @@ class AdminConsole:
         cols = [("database", TEXT_OID), ("user", TEXT_OID)] + [(n, INT8_OID) for n in names]
         cols.append(("role", TEXT_OID))
         rows: list[Row] = []
-        for p in self.manager.all_pools():  # replica pools too, told apart by role
-            s = p.stats
+        pools = [(p.database, p.user, p.stats, p.role) for p in self.manager.all_pools()]
+        pools += [
+            (m["database"], m["user"], m["stats"], "mysql")
+            for m in self.client.hooks.mysql_pool_rows()
+        ]
+        for database, user, s, role in pools:  # replica and MySQL pools too, by role
             rows.append(
                 [
-                    p.database,
-                    p.user,
+                    database,
+                    user,
                     s.xact_count,
                     s.query_count,
                     s.bytes_received,
@@ -192,7 +213,7 @@ class AdminConsole:
                     int(s.query_time * 1e6),
                     int(s.wait_time * 1e6),
                     s.wait_count,
-                    p.role,
+                    role,
                 ]
             )
         return _table(cols, rows, "SHOW")

@@ -32,6 +32,7 @@ from marchproxy_common.wire.mysql import packets as p
 from marchproxy_common.wire.mysql.auth import CACHING_SHA2, NATIVE, native_verify, scramble_for
 from marchproxy_common.wire.mysql.packets import MAX_HANDSHAKE_PACKET
 from marchproxy_dblb.config import DblbConfig, MysqlConfig
+from marchproxy_dblb.pool import PoolStats
 
 if TYPE_CHECKING:
     from marchproxy_dblb.module import DblbHooks
@@ -59,12 +60,14 @@ SUPPORTED_CAPS = (
     | p.CLIENT_DEPRECATE_EOF
 )
 ER_ACCESS_DENIED = 1045
-ER_CON_COUNT = 1040
+ER_CON_COUNT = 1040  # also "Too many connections"
 ER_UNKNOWN_COM = 1047
 #: Seconds the MySQL listener waits for an optional PROXY header before greeting the client.
 PROXY_HEADER_WAIT = 0.2
 #: Seconds to learn the backend's greeting (version, capabilities) for our own greeting.
 GREETING_TIMEOUT = 10.0
+#: Seconds between janitor rounds (idle timeout, lifetime, unused pools).
+JANITOR_INTERVAL = 1.0
 _ids = itertools.count(1)
 
 
@@ -86,6 +89,7 @@ class MysqlServer(asyncio.Protocol):
             deprecate_eof=bool(login.capabilities & p.CLIENT_DEPRECATE_EOF)
         )
         self.created_at = time.monotonic()
+        self.last_used = self.created_at
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._reset_steps = 0
 
@@ -142,6 +146,7 @@ class MysqlServer(asyncio.Protocol):
             head = payload[:1]
             if head == b"\x00":
                 self.state = "idle"
+                self.pool.stats.server_logins += 1
                 if not self.ready.done():
                     self.ready.set_result(None)
             elif head == b"\xff":
@@ -185,6 +190,7 @@ class MysqlServer(asyncio.Protocol):
         client = self.client
         for pkt in self.decoder.feed(data):
             self.tracker.feed(pkt.payload)
+        self.pool.stats.bytes_received += len(data)
         if client is not None:
             client.write(data)
 
@@ -201,21 +207,40 @@ class MysqlPool:
     password: str
     idle: collections.deque[MysqlServer] = field(default_factory=collections.deque)
     servers: set[MysqlServer] = field(default_factory=set)
-    waiters: collections.deque[tuple[MysqlClient, asyncio.TimerHandle]] = field(
+    #: (client, its wait timer, when it started waiting)
+    waiters: collections.deque[tuple[MysqlClient, asyncio.TimerHandle, float]] = field(
         default_factory=collections.deque
     )
     connecting: int = 0
+    clients: int = 0
+    stats: PoolStats = field(default_factory=PoolStats)
+
+    def counts(self) -> dict[str, int]:
+        states = [s.state for s in self.servers]
+        return {
+            "cl_active": self.clients - len(self.waiters),
+            "cl_waiting": len(self.waiters),
+            "sv_active": states.count("active"),
+            "sv_idle": len(self.idle),
+            "sv_used": states.count("reset"),
+            "sv_login": self.connecting,
+        }
+
+    @property
+    def unused(self) -> bool:
+        return not (self.clients > 0 or self.waiters or self.connecting or self.servers)
 
     def request(self, client: MysqlClient) -> None:
         while self.idle:
-            server = self.idle.popleft()
+            server = self.idle.pop()  # LIFO, as the Postgres pools: idle ones age out
             if server.state == "idle":
                 self._link(server, client)
                 return
         timer = asyncio.get_running_loop().call_later(
             self.frontend.dblb_config.query_wait_timeout, self._timeout, client
         )
-        self.waiters.append((client, timer))
+        self.waiters.append((client, timer, time.monotonic()))
+        self.stats.wait_count += 1
         if len(self.servers) + self.connecting < self.frontend.config.pool_size:
             self.connecting += 1
             spawn(self._open(), name=f"dblb mysql connect {self.key[0]}")
@@ -224,6 +249,7 @@ class MysqlPool:
         for item in list(self.waiters):
             if item[0] is client:
                 self.waiters.remove(item)
+                self.stats.wait_timeouts += 1
                 client.fail(ER_CON_COUNT, "08004", "query_wait_timeout: no server connection")
 
     async def _open(self) -> None:
@@ -237,13 +263,14 @@ class MysqlPool:
         except (OSError, TimeoutError, ConnectionError, RemoteProtocolError) as exc:
             self.connecting -= 1
             server.close()
+            self.stats.server_login_errors += 1
             if isinstance(exc, RemoteProtocolError):
                 code, state, msg = exc.code, exc.sqlstate, exc.message
             else:
                 code, state, msg = 2003, "HY000", f"cannot connect to MySQL server: {exc}"
             if not self.servers and not self.connecting:
                 while self.waiters:
-                    client, timer = self.waiters.popleft()
+                    client, timer, _ = self.waiters.popleft()
                     timer.cancel()
                     client.fail(code, state, msg)
             return
@@ -258,17 +285,35 @@ class MysqlPool:
 
     def release(self, server: MysqlServer) -> None:
         server.client = None
-        if server.state == "closed" or server not in self.servers or self.frontend.closed:
+        now = time.monotonic()
+        server.last_used = now
+        if (
+            server.state == "closed"
+            or server not in self.servers
+            or self.frontend.closed
+            or now - server.created_at > self.frontend.dblb_config.server_lifetime
+        ):
             server.close()
             return
         server.state = "idle"
         while self.waiters:
-            client, timer = self.waiters.popleft()
+            client, timer, since = self.waiters.popleft()
             timer.cancel()
             if not client.closed:
+                self.stats.wait_time += now - since
                 self._link(server, client)
                 return
         self.idle.append(server)
+
+    def maintain(self, now: float) -> None:
+        """Close idle servers past server_idle_timeout or server_lifetime."""
+        cfg = self.frontend.dblb_config
+        for server in list(self.idle):
+            too_idle = now - server.last_used > cfg.server_idle_timeout
+            if too_idle or now - server.created_at > cfg.server_lifetime:
+                self.idle.remove(server)
+                self.servers.discard(server)
+                server.close()
 
     def release_after_client(self, server: MysqlServer) -> None:
         server.client = None
@@ -288,7 +333,7 @@ class MysqlPool:
             client.fail(2013, "HY000", "lost connection to MySQL server")
 
     def close_all(self) -> None:
-        for _, timer in self.waiters:
+        for _, timer, _ in self.waiters:
             timer.cancel()
         self.waiters.clear()
         for server in list(self.servers):
@@ -313,6 +358,10 @@ class MysqlClient(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses: duck-typed
         self.transport = cast(asyncio.Transport, transport)
+        if self.frontend.hooks.client_total() >= self.frontend.dblb_config.max_client_conn:
+            # what mysqld does: an ERR packet in place of the greeting
+            self.fail(ER_CON_COUNT, "08004", "Too many connections (max_client_conn)", seq=0)
+            return
         self.frontend.clients.add(self)
         self._greeting_task = spawn(self._greet(), name="dblb mysql greeting")
 
@@ -343,6 +392,7 @@ class MysqlClient(asyncio.Protocol):
             self._greeting_task.cancel()
         pool = self.pool
         if pool is not None:
+            pool.clients -= 1
             for item in list(pool.waiters):
                 if item[0] is self:
                     pool.waiters.remove(item)
@@ -411,6 +461,7 @@ class MysqlClient(asyncio.Protocol):
             return
         self.state = "wait"
         self.pool = self.frontend.pool_for(r, password)
+        self.pool.clients += 1
         self.pool.request(self)
 
     def on_server(self, server: MysqlServer) -> None:
@@ -439,6 +490,8 @@ class MysqlClient(asyncio.Protocol):
                 )
                 return
             tracker.start(cmd)
+            server.pool.stats.query_count += 1
+        server.pool.stats.bytes_sent += len(data)
         server.write(data)
 
 
@@ -453,6 +506,7 @@ class MysqlFrontend:
         self._server: asyncio.Server | None = None
         self._greeting: Handshake | None = None
         self._greeting_at = 0.0
+        self._janitor: asyncio.Task[None] | None = None
 
     async def start(self, host: str, port: int) -> BoundAddress:
         loop = asyncio.get_running_loop()
@@ -463,8 +517,44 @@ class MysqlFrontend:
             # once), so direct clients get their greeting after PROXY_HEADER_WAIT at most
             factory = wrap_proxy_protocol(factory, mode=mode, header_timeout=PROXY_HEADER_WAIT)
         self._server = await loop.create_server(factory, host, port)
+        self._janitor = spawn(self._janitor_loop(), name="dblb mysql janitor")
         h, prt = self._server.sockets[0].getsockname()[:2]
         return BoundAddress(h, prt)
+
+    async def _janitor_loop(self) -> None:
+        while not self.closed:
+            await asyncio.sleep(JANITOR_INTERVAL)
+            now = time.monotonic()
+            for key, pool in list(self.pools.items()):
+                pool.maintain(now)
+                if pool.unused:  # no clients and no servers left: forget it
+                    del self.pools[key]
+
+    def pool_rows(self) -> list[dict[str, Any]]:
+        """One row per (database, user) for SHOW POOLS/STATS and metrics (a (database, user)
+        may have several pools, one per client capability set and charset)."""
+        rows: dict[tuple[str, str], dict[str, Any]] = {}
+        now = time.monotonic()
+        for pool in self.pools.values():
+            user, database = pool.key[0], pool.key[1] or ""
+            row = rows.setdefault(
+                (database, user),
+                {
+                    "database": database,
+                    "user": user,
+                    "stats": PoolStats(),
+                    "maxwait": 0.0,
+                    **dict.fromkeys(pool.counts(), 0),
+                },
+            )
+            for k, v in pool.counts().items():
+                row[k] += v
+            if pool.waiters:
+                row["maxwait"] = max(row["maxwait"], now - pool.waiters[0][2])
+            total, s = row["stats"], pool.stats
+            for name in PoolStats.__dataclass_fields__:
+                setattr(total, name, getattr(total, name) + getattr(s, name))
+        return list(rows.values())
 
     def apply(self, config: DblbConfig) -> None:
         self.dblb_config = config
@@ -514,6 +604,8 @@ class MysqlFrontend:
 
     async def close(self) -> None:
         self.closed = True
+        if self._janitor is not None:
+            self._janitor.cancel()
         await self.stop_accepting()
         for c in list(self.clients):
             if c.transport is not None:

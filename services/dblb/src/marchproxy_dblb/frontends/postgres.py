@@ -295,7 +295,7 @@ class PostgresClient(asyncio.Protocol):
         if minor > 0 or options:
             self.write(enc.negotiate_protocol_version(0, options))
         cfg = self.manager.config
-        if self.manager.client_count >= cfg.max_client_conn:
+        if self.hooks.client_total() >= cfg.max_client_conn:
             self.fail("53300", "no more connections allowed (max_client_conn)")
             return
         self.backend_key = self.manager.new_backend_key()
