@@ -46,18 +46,26 @@ class Stack:
         return self.plane.listener_addresses()[0][1]
 
     async def backend(
-        self, name: str, protocols: tuple[int, ...], module: str = "", version: str = "1.0"
+        self,
+        name: str,
+        protocols: tuple[int, ...],
+        module: str = "",
+        version: str = "1.0",
+        *,
+        weight: int = 100,
+        module_type: int = P.MODULE_TYPE_ALB,
     ) -> Backend:
         b = await Backend(name).start()
         self.backends.append(b)
         self.registry.register(
             module_id=module or name,
-            module_type=P.MODULE_TYPE_ALB,
+            module_type=module_type,
             protocols=protocols,
             data_host="127.0.0.1",
             data_port=b.port,
             instance_id=name,
             version=version,
+            weight=weight,
         )
         return b
 
@@ -804,4 +812,62 @@ async def test_v1_listener_sends_a_text_header() -> None:
     finally:
         assert plain.server is not None
         plain.server.close()
+        await s.close()
+
+
+# -- balancing strategies and rule matching through real connections ----------------------------
+
+HTTP_GET = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
+
+
+async def hold(
+    port: int, host: str = "h", source: str = "127.0.0.1"
+) -> tuple[str, asyncio.StreamWriter]:
+    """Open a connection that stays open; the instance that took it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    writer.write(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    async with asyncio.timeout(10):
+        name = (await reader.readuntil(b"|")).decode().rstrip("|")
+        await reader.readuntil(b"|")
+    return name, writer
+
+
+async def test_rules_match_by_port_and_host_in_priority_order() -> None:
+    from tests.conftest import free_port
+
+    p1, p2 = free_port(), free_port()
+    s = Stack(nlb_listeners=f"{p1}=http;{p2}=http")
+    await s.plane.start()
+    try:
+        await s.backend("web", (P.PROTOCOL_HTTP,))  # the ALB: takes what no rule claims
+        for name in ("alt", "wild", "api", "off", "tie-a", "tie-b"):
+            await s.backend(name, (P.PROTOCOL_HTTP,), module_type=P.MODULE_TYPE_AILB)
+        rules = [
+            {"name": "r-alt", "module": "alt", "priority": 10, "match_rules": {"ports": [p2]}},
+            {"name": "r-wild", "module": "wild", "priority": 5,
+             "match_rules": {"host": "*.example"}},
+            {"name": "r-api", "module": "api", "priority": 20,
+             "match_rules": {"host": "api.example", "ports": [p2]}},
+            {"name": "r-off", "module": "off", "priority": 99, "enabled": False,
+             "match_rules": {"host": "*"}},
+            {"name": "r-tie-b", "module": "tie-b", "priority": 7,
+             "match_rules": {"host": "tie.test"}},
+            {"name": "r-tie-a", "module": "tie-a", "priority": 7,
+             "match_rules": {"host": "tie.test"}},
+        ]  # fmt: skip
+        assert await s.plane.apply_config({"routes": rules}) == []
+        cases = [
+            (p1, "a.example", "wild"),  # host rule
+            (p2, "a.example", "alt"),  # port rule, higher priority than the host rule
+            (p2, "api.example", "api"),  # both conditions, highest priority
+            (p1, "api.example", "wild"),  # r-api needs port p2
+            (p1, "other.test", "web"),  # no rule: the owning module type
+            (p1, "tie.test", "tie-a"),  # equal priority: by name
+            (p2, "tie.test", "alt"),
+        ]
+        for port, host, expected in cases:
+            name, writer = await hold(port, host=host)
+            writer.close()
+            assert name == expected, (port, host)
+    finally:
         await s.close()

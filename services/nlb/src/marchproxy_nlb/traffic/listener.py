@@ -28,6 +28,10 @@ MAX_EARLY_BYTES = 256 * 1024
 MAX_EARLY_BYTES_HARD = 4 * MAX_EARLY_BYTES
 # Protocols whose server talks first: the client sends nothing until it hears the greeting.
 SERVER_FIRST = frozenset({"mysql"})
+# Protocols whose first bytes carry what route rules match on (SNI, Host, database, user).
+DESCRIBED_BY_FIRST_BYTES = frozenset(
+    {"http", "https", "tls", "http2", "grpc", "websocket", "postgresql"}
+)
 KNOWN_PROTOCOLS = frozenset(
     {"http", "https", "http2", "grpc", "websocket", "tls", "postgresql", "mysql", "rtmp",
      "redis", "tcp", "udp", "mongodb", "rtsp"}
@@ -59,7 +63,9 @@ class ListenerSpec:
 
     @property
     def sniff(self) -> bool:
-        """Only listeners with more than one protocol (or no default) need to look at bytes."""
+        """Only listeners with more than one protocol (or no default) need to look at bytes
+        to know the protocol (a route rule on SNI, Host or database may still need them:
+        ``DataPlane.should_sniff``)."""
         return not (len(self.protocols) == 1 and self.default_protocol in self.protocols)
 
 
@@ -176,7 +182,7 @@ class SniffingProtocol(asyncio.Protocol):
             self._spec, transport, (peer[0], peer[1]), (local[0], local[1]), started=loop.time()
         )
         self._plane.accept(self._conn)
-        if not self._spec.sniff:
+        if not self._plane.should_sniff(self._spec):
             self._decide(None)
             return
         self._timer = loop.call_later(self._timeout, self._deadline)

@@ -40,6 +40,7 @@ from marchproxy_nlb.traffic.balancer import STRATEGIES, Balancer
 from marchproxy_nlb.traffic.bluegreen import BlueGreen
 from marchproxy_nlb.traffic.limits import ConnectionLimits, LimitRule, parse_rules
 from marchproxy_nlb.traffic.listener import (
+    DESCRIBED_BY_FIRST_BYTES,
     Connection,
     ListenerSpec,
     ListenerSpecError,
@@ -318,6 +319,13 @@ class DataPlane:
                 self.metrics.bluegreen_split.labels(module, version).set(weight)
 
     # -- the connection path -------------------------------------------------------------------
+
+    def should_sniff(self, spec: ListenerSpec) -> bool:
+        """A one-protocol listener skips sniffing, unless a route rule matches on something
+        only the first bytes tell (SNI, Host, database, user) and its protocol has them."""
+        if spec.sniff:
+            return True
+        return self.table.needs_details and spec.default_protocol in DESCRIBED_BY_FIRST_BYTES
 
     def accept(self, conn: Connection) -> None:
         # Connections the kernel accepted for us are served even while we stop accepting (a

@@ -172,6 +172,11 @@ class RoutingTable:
             raise RuleError(f"at most {MAX_RULES} route rules")
         return cls(tuple(ordered))
 
+    @property
+    def needs_details(self) -> bool:
+        """Some enabled rule matches on SNI/Host, database or user (first-byte facts)."""
+        return any(r.enabled and (r.host or r.database or r.user) for r in self.rules)
+
     def match(self, c: ConnInfo) -> RouteRule | None:
         for rule in self.rules:
             if rule.matches(c):
