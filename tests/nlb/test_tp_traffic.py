@@ -832,6 +832,79 @@ async def hold(
     return name, writer
 
 
+async def test_least_connections_sends_new_connections_to_the_idlest_instance() -> None:
+    s = Stack(nlb_balance="least_conn")
+    await s.plane.start()
+    held: list[tuple[str, asyncio.StreamWriter]] = []
+    try:
+        for name in ("a", "b", "c"):
+            await s.backend(name, (P.PROTOCOL_HTTP,), module="web")
+        for _ in range(6):
+            held.append(await hold(s.port))
+        assert Counter(n for n, _ in held) == {"a": 2, "b": 2, "c": 2}
+        # "b" loses both its connections: the next two go there
+        for _, writer in [h for h in held if h[0] == "b"]:
+            writer.close()
+        held = [h for h in held if h[0] != "b"]
+        async with asyncio.timeout(10):
+            while s.registry.get("b").active_connections:  # type: ignore[union-attr]
+                await asyncio.sleep(0.01)
+        for _ in range(2):
+            held.append(await hold(s.port))
+            assert held[-1][0] == "b"
+        assert Counter(n for n, _ in held) == {"a": 2, "b": 2, "c": 2}
+    finally:
+        for _, writer in held:
+            writer.close()
+        await s.close()
+
+
+async def test_weighted_round_robin_follows_the_weights_exactly() -> None:
+    s = Stack(nlb_balance="round_robin")
+    await s.plane.start()
+    try:
+        for name, weight in (("light", 1), ("medium", 2), ("heavy", 3)):
+            await s.backend(name, (P.PROTOCOL_HTTP,), module="web", weight=weight)
+        names = []
+        for _ in range(60):
+            answer, _ = await exchange(s.port, HTTP_GET)
+            names.append(answer.split(b"|")[0].decode())
+        assert Counter(names) == {"light": 10, "medium": 20, "heavy": 30}
+        # smooth: every window of 6 consecutive picks holds the exact shares, interleaved
+        assert Counter(names[:6]) == {"light": 1, "medium": 2, "heavy": 3}
+        assert "heavy heavy heavy" not in " ".join(names)
+    finally:
+        await s.close()
+
+
+async def test_client_ip_hash_keeps_each_client_on_its_instance() -> None:
+    s = Stack(nlb_balance="hash")
+    await s.plane.start()
+    try:
+        for name in ("a", "b", "c"):
+            await s.backend(name, (P.PROTOCOL_HTTP,), module="web")
+        clients = [f"127.0.2.{i}" for i in range(1, 31)]
+
+        async def assignment() -> dict[str, str]:
+            out = {}
+            for ip in clients:
+                name, writer = await hold(s.port, source=ip)
+                writer.close()
+                out[ip] = name
+            return out
+
+        first = await assignment()
+        assert await assignment() == first  # stable across connections
+        assert set(first.values()) == {"a", "b", "c"}  # and spread
+        # an instance leaves: only its clients move (rendezvous hashing)
+        s.registry.unregister("c", graceful=False)
+        after = await assignment()
+        assert all(after[ip] == first[ip] for ip in clients if first[ip] != "c")
+        assert all(after[ip] in ("a", "b") for ip in clients)
+    finally:
+        await s.close()
+
+
 async def test_rules_match_by_port_and_host_in_priority_order() -> None:
     from tests.conftest import free_port
 
