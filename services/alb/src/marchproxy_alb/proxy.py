@@ -76,21 +76,24 @@ class _UpstreamIdle(Exception):
     """The upstream accepted no request body bytes for the route's idle_timeout."""
 
 
+_STATUS_CLASSES = tuple(f"{i}xx" for i in range(10))
+
+
 def status_class(status: int) -> str:
-    return f"{status // 100}xx"
+    return _STATUS_CLASSES[status // 100] if 0 <= status < 1000 else f"{status // 100}xx"
 
 
-_RID_PREFIX = uuid.uuid4().hex[:16]
+_RID_PREFIX = uuid.uuid4().hex[:16].encode()
 _rid_counter = itertools.count(1)
 
 
 def _request_id(head: RequestHead) -> bytes:
     """The client's X-Request-ID when sane, else a new one: a random per-process prefix plus a
     counter (unique, and cheaper than a uuid4 per request)."""
-    rid = head.header(b"x-request-id")
+    rid = head.request_id
     if rid and len(rid) <= MAX_REQUEST_ID_LEN and all(33 <= c < 127 for c in rid):
         return rid
-    return f"{_RID_PREFIX}{next(_rid_counter):016x}".encode()
+    return b"%s%016x" % (_RID_PREFIX, next(_rid_counter))
 
 
 def _write_eof(transport: asyncio.Transport | None) -> None:
@@ -299,7 +302,7 @@ class DataPlane:
         rid = _request_id(head)
         raw_path, query = split_target(head.target)
         path = normalize_path(raw_path)
-        host = head.header(b"host")
+        host = head.host
         table = self.table
         hdrs: dict[str, str] = (
             {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in head.headers}
@@ -553,7 +556,7 @@ class _Exchange:
         plane, head, b = self.plane, self.head, route.backend
         tried: list[Target] = []
         stale = 0
-        expect_continue = (head.header(b"expect") or b"").lower() == b"100-continue"
+        expect_continue = head.expect is not None and head.expect.lower() == b"100-continue"
         fwd = ForwardInfo(self.down.client_ip, self.down.scheme, self.rid)
         while True:
             target = self._pick(pool, hash_key, tried)
@@ -563,9 +566,12 @@ class _Exchange:
                 left = deadline - asyncio.get_running_loop().time()
                 if left <= 0:
                     raise TimeoutError
-                conn, reused = await plane.upstreams.acquire(
-                    target, min(b.connect_timeout, left), b.tls_server_name
-                )
+                conn = plane.upstreams.take_idle(target, b.tls_server_name)
+                reused = conn is not None
+                if conn is None:
+                    conn, reused = await plane.upstreams.acquire(
+                        target, min(b.connect_timeout, left), b.tls_server_name
+                    )
             except (OSError, TimeoutError) as exc:
                 pool.end(target)
                 self._target_failed("connect")
@@ -592,7 +598,7 @@ class _Exchange:
             conn.begin(head.method, conn.pause_reading, conn.resume_reading)
             host_override = (
                 None
-                if b.preserve_host and head.header(b"host") is not None
+                if b.preserve_host and head.host is not None
                 else f"{target.host}:{target.port}".encode()  # HTTP/1.1 needs a Host upstream
             )
             req_head = build_request_head(head, fwd, host_override=host_override)

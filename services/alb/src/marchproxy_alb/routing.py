@@ -51,10 +51,11 @@ class Target:
     host: str
     port: int
     weight: int = 1
+    #: "scheme://host:port", the target's name in metrics and logs (built once)
+    key: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> str:
-        return f"{self.scheme}://{self.host}:{self.port}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.scheme}://{self.host}:{self.port}")
 
 
 @dataclass(frozen=True, slots=True)

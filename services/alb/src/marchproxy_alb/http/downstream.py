@@ -39,6 +39,16 @@ LINGER_MAX_BYTES = 1 << 20
 _conn_ids = itertools.count(1)
 
 
+def _noop() -> None:
+    pass
+
+
+#: the body of every request without one (no Content-Length, no chunked): already complete,
+#: never fed, never paused, so one instance serves them all
+EMPTY_BODY = BodyChannel(_noop, _noop)
+EMPTY_BODY.feed_eof()
+
+
 class ClientGone(ConnectionError):
     """The client connection closed or broke while we were using it."""
 
@@ -185,7 +195,7 @@ class DownstreamProtocol(asyncio.Protocol):
             last = self._pending[-1] if self._pending else None
             if last is not None and last.head is not None and last.head.upgrade:
                 last.upgrade_rest = data[int(exc.args[0]) :]
-                if last.body is not None:
+                if last.body is not None and last.body is not EMPTY_BODY:
                     last.body.feed_eof()
                 self.pause_reading()
             else:
@@ -394,21 +404,39 @@ class DownstreamProtocol(asyncio.Protocol):
             authority, self._url = absolute
             self._headers = [(k, v) for k, v in self._headers if k.lower() != b"host"]
             self._headers.append((b"Host", authority))
-        hosts = sum(1 for k, _ in self._headers if len(k) == 4 and k.lower() == b"host")
-        if hosts > 1 or (hosts == 0 and p.get_http_version() == "1.1"):
+        hosts = 0
+        host = expect = rid = None
+        for k, v in self._headers:  # one pass for the few headers the proxy looks at
+            n = len(k)
+            if n == 4 and k.lower() == b"host":
+                hosts += 1
+                host = v
+            elif n == 12 and k.lower() == b"x-request-id":
+                rid = v
+            elif n == 6 and k.lower() == b"expect":
+                expect = v
+        version = p.get_http_version()
+        if hosts > 1 or (hosts == 0 and version == "1.1"):
             # RFC 9112 §3.2: exactly one Host in HTTP/1.1 requests, else 400
             raise _Refused(400, "bad_host", "HTTP/1.1 requests need exactly one Host header")
         head = RequestHead(
-            method=p.get_method().decode("ascii"),
-            target=self._url,
-            version=p.get_http_version(),
-            headers=self._headers,
-            keep_alive=p.should_keep_alive(),
-            upgrade=p.should_upgrade(),
-            chunked=chunked,
-            content_length=length,
+            p.get_method().decode("ascii"),
+            self._url,
+            version,
+            self._headers,
+            p.should_keep_alive(),
+            p.should_upgrade(),
+            chunked,
+            length,
+            host,
+            expect,
+            rid,
         )
-        body = BodyChannel(self.pause_reading, self.resume_reading)
+        body = (
+            BodyChannel(self.pause_reading, self.resume_reading)
+            if chunked or length
+            else EMPTY_BODY  # nothing will be fed: share one finished channel
+        )
         req = PendingRequest(head, body)
         self._cancel_timer()
         if self._pending or self._current is not None:
@@ -424,7 +452,9 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._in_message = False
-        self._last_fed.body.feed_eof()  # type: ignore[union-attr]
+        body = self._last_fed.body  # type: ignore[union-attr]
+        if body is not EMPTY_BODY:
+            body.feed_eof()  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ serving
 
@@ -435,21 +465,16 @@ class DownstreamProtocol(asyncio.Protocol):
             if not w.done():
                 w.set_result(None)
 
-    async def _next(self) -> PendingRequest | None:
-        while not self._pending:
-            if self.closed or self._eof:
-                return None
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
-        return self._pending.popleft()
-
     async def _serve(self) -> None:
         plane = self.plane
         try:
             while True:
-                req = await self._next()
-                if req is None:
-                    return
+                while not self._pending:  # wait for the next request (or the end)
+                    if self.closed or self._eof:
+                        return
+                    self._waiter = asyncio.get_running_loop().create_future()
+                    await self._waiter
+                req = self._pending.popleft()
                 if req.error is not None:
                     status, code, message = req.error
                     self.write(error_response(status, code, message))

@@ -7,6 +7,7 @@ client, chunk encoding, and the small JSON error responses.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -72,6 +73,10 @@ class RequestHead:
     upgrade: bool
     chunked: bool
     content_length: int | None
+    # picked out while the head is checked, so the proxy does not scan the headers again
+    host: bytes | None = None
+    expect: bytes | None = None
+    request_id: bytes | None = None
 
     def header(self, name: bytes) -> bytes | None:
         for k, v in self.headers:
@@ -122,6 +127,9 @@ def framing_of(headers: Sequence[tuple[bytes, bytes]]) -> tuple[bool, int | None
     codings: list[bytes] | None = None
     length: int | None = None
     for k, v in headers:
+        n = len(k)
+        if n != 17 and n != 14:
+            continue  # neither name: skip the lower() (this runs for every message)
         lk = k.lower()
         if lk == b"transfer-encoding":
             # several lines form one list (RFC 9110 §5.3)
@@ -165,17 +173,35 @@ def _extra_connection_tokens(value: bytes, into: set[bytes] | None) -> set[bytes
     return into
 
 
+#: forwarding blocks are cached for inputs up to this size (1024 entries: ~1 MiB at most)
+FORWARD_CACHE_MAX_INPUT = 512
+
+
+@functools.lru_cache(maxsize=1024)
+def _forwarding_block(
+    client_ip: str,
+    proto_s: str,
+    host: bytes,
+    xff: bytes | None,
+    fwd_prior: bytes | None,
+    via_prior: bytes | None,
+) -> bytes:
+    """X-Forwarded-*, Forwarded (RFC 7239) and Via lines, appended to prior values. The same
+    client sends the same values request after request: cached."""
+    return b"\r\n".join(_forwarding_lines(client_ip, proto_s, host, xff, fwd_prior, via_prior))
+
+
 def _forwarding_lines(
-    fwd: ForwardInfo,
+    client_ip: str,
+    proto_s: str,
     host: bytes,
     xff: bytes | None,
     fwd_prior: bytes | None,
     via_prior: bytes | None,
 ) -> list[bytes]:
-    """X-Forwarded-*, Forwarded (RFC 7239), Via and X-Request-ID, appended to prior values."""
     lines: list[bytes] = []
-    client = fwd.client_ip.encode()
-    proto = fwd.proto.encode()
+    client = client_ip.encode()
+    proto = proto_s.encode()
     lines.append(b"X-Forwarded-For: " + (client if xff is None else xff + b", " + client))
     lines.append(b"X-Forwarded-Proto: " + proto)
     if host:
@@ -189,7 +215,6 @@ def _forwarding_lines(
             elem += b';host="' + host.replace(b'"', b"") + b'"'
     lines.append(b"Forwarded: " + (elem if fwd_prior is None else fwd_prior + b", " + elem))
     lines.append(b"Via: " + (VIA_TOKEN if via_prior is None else via_prior + b", " + VIA_TOKEN))
-    lines.append(b"X-Request-ID: " + fwd.request_id)
     return lines
 
 
@@ -236,7 +261,12 @@ def build_request_head(
             upgrade = v
     if extra:
         lines = [ln for ln, n in zip(lines, names, strict=True) if n not in extra]
-    lines.extend(_forwarding_lines(fwd, host, xff, fwd_prior, via_prior))
+    prior = len(host) + len(xff or b"") + len(fwd_prior or b"") + len(via_prior or b"")
+    if prior <= FORWARD_CACHE_MAX_INPUT:
+        lines.append(_forwarding_block(fwd.client_ip, fwd.proto, host, xff, fwd_prior, via_prior))
+    else:  # big prior values are not worth a cache slot (and would bloat it)
+        lines.extend(_forwarding_lines(fwd.client_ip, fwd.proto, host, xff, fwd_prior, via_prior))
+    lines.append(b"X-Request-ID: " + fwd.request_id)
     if req.upgrade:
         lines.append(b"Connection: Upgrade")
         lines.append(b"Upgrade: " + upgrade)

@@ -375,16 +375,25 @@ class UpstreamPool:
         assert self._ssl is not None
         return self._ssl
 
+    def take_idle(
+        self, target: Target, server_name: str | None = None
+    ) -> UpstreamConnection | None:
+        """A pooled keep-alive connection to ``target``, if one is idle (no await needed)."""
+        dq = self._idle.get((target, server_name if target.scheme == "https" else None))
+        while dq:
+            conn = dq.pop()
+            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
+                return conn
+        return None
+
     async def acquire(
         self, target: Target, connect_timeout: float, server_name: str | None = None
     ) -> tuple[UpstreamConnection, bool]:
         """An idle connection to ``target`` (reused=True) or a new one."""
         key = (target, server_name if target.scheme == "https" else None)
-        dq = self._idle.get(key)
-        while dq:
-            conn = dq.pop()
-            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
-                return conn, True
+        conn = self.take_idle(target, server_name)
+        if conn is not None:
+            return conn, True
         loop = asyncio.get_running_loop()
         ctx = self.ssl_context() if target.scheme == "https" else None
         async with asyncio.timeout(connect_timeout):
