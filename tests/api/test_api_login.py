@@ -73,3 +73,35 @@ async def test_hashing_runs_off_the_loop_bounded_and_sheds_a_flood(api_factory, 
         assert [status for status, _ in results] == [200] * 4
         assert hasher.max_active == 2
         assert threading.main_thread().ident not in hasher.threads
+
+
+async def _login(api, username: str, password: str = "wrong-password") -> int:
+    body = {"username": username, "password": password}
+    status, _ = await api.call("POST", "/api/v1/auth/login", body, token="")
+    return status
+
+
+async def test_one_client_spraying_usernames_is_limited(api_factory, pg_url) -> None:
+    async with api_factory(pg_url, login_max_failures=3, login_max_failures_per_client=4) as api:
+        assert [await _login(api, f"spray-{i}") for i in range(4)] == [401] * 4
+        status, body = await api.call(
+            "POST", "/api/v1/auth/login", {"username": "spray-new", "password": "x"}, token=""
+        )
+        assert status == 429 and body["error"] == "rate_limited"
+        # the address is blocked for every username, the right password included, and a
+        # success never resets the address bucket
+        assert await _login(api, "admin", ADMIN_PASSWORD) == 429
+
+
+async def test_full_limiter_evicts_the_oldest_entry_only(api_factory, pg_url) -> None:
+    async with api_factory(
+        pg_url, login_max_failures=2, login_max_failures_per_client=1000, login_max_keys=3
+    ) as api:
+        assert [await _login(api, "victim") for _ in range(3)] == [401, 401, 429]
+        assert await _login(api, "u1") == 401
+        assert await _login(api, "u2") == 401  # table full: the oldest entry (victim) goes
+        # u1's count survived the eviction: its second failure blocks it
+        assert await _login(api, "u1") == 401
+        assert await _login(api, "u1") == 429
+        # while victim's block went with its entry
+        assert await _login(api, "victim") == 401

@@ -96,7 +96,10 @@ def create_app(settings: ApiSettings) -> web.Application:
         settings.password_hash_threads, settings.password_hash_queue
     )
     app[login_limiter_key] = LoginLimiter(
-        max_failures=settings.login_max_failures, window=settings.login_window_seconds
+        max_failures=settings.login_max_failures,
+        window=settings.login_window_seconds,
+        max_failures_per_client=settings.login_max_failures_per_client,
+        max_keys=settings.login_max_keys,
     )
     endpoints = all_endpoints()
     app[system_handlers.openapi_key] = build_openapi(endpoints, system_handlers.API_VERSION)

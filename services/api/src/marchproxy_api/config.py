@@ -40,6 +40,10 @@ class ApiSettings(CommonSettings):
     #: failed logins allowed per (username, client) per window
     login_max_failures: int = Field(default=5, ge=1, le=1000)
     login_window_seconds: float = Field(default=60.0, gt=0, le=3600)
+    #: failed logins allowed per client address over all usernames per window
+    login_max_failures_per_client: int = Field(default=50, ge=1, le=100_000)
+    #: failure counters kept; beyond this the least recently failed are evicted
+    login_max_keys: int = Field(default=100_000, ge=2, le=10_000_000)
     #: argon2 runs in a pool of this many threads; more than password_hash_queue hashes
     #: running or waiting at once are refused with 503
     password_hash_threads: int = Field(default=2, ge=1, le=64)

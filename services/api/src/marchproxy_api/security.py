@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -140,16 +141,24 @@ def decode_token(secret: str, token: str, kind: str) -> dict[str, Any]:
 
 @dataclass
 class LoginLimiter:
-    """Fixed-window count of failed logins per key (username + client address)."""
+    """Fixed-window counts of failed logins in two buckets: per (username, client address),
+    so one account cannot be guessed at, and per client address over every username, so one
+    client cannot spray many usernames. Either bucket over its limit blocks until its window
+    ends; a successful login clears only the first, so a known account cannot be used to
+    reset the address bucket. At ``max_keys`` entries the least recently failed is evicted."""
 
     max_failures: int
     window: float
+    max_failures_per_client: int = 50
     clock: Callable[[], float] = time.monotonic
     max_keys: int = 100_000
-    _fails: dict[str, tuple[float, int]] = field(default_factory=dict)
+    _fails: OrderedDict[str, tuple[float, int]] = field(default_factory=OrderedDict)
 
-    def retry_after(self, key: str) -> float:
-        """Seconds until ``key`` may try again, 0 when allowed now."""
+    @staticmethod
+    def _keys(username: str, client: str) -> tuple[str, str]:
+        return f"u|{client}|{username}", f"c|{client}"
+
+    def _left(self, key: str, limit: int) -> float:
         entry = self._fails.get(key)
         if entry is None:
             return 0.0
@@ -158,16 +167,31 @@ class LoginLimiter:
         if left <= 0:
             del self._fails[key]
             return 0.0
-        return left if count >= self.max_failures else 0.0
+        return left if count >= limit else 0.0
 
-    def failed(self, key: str) -> None:
+    def retry_after(self, username: str, client: str) -> float:
+        """Seconds until ``username`` from ``client`` may try again, 0 when allowed now."""
+        user_key, client_key = self._keys(username, client)
+        return max(
+            self._left(user_key, self.max_failures),
+            self._left(client_key, self.max_failures_per_client),
+        )
+
+    def _count(self, key: str) -> None:
         now = self.clock()
-        start, count = self._fails.get(key, (now, 0))
+        start, count = self._fails.pop(key, (now, 0))
         if now - start >= self.window:
             start, count = now, 0
-        if len(self._fails) >= self.max_keys and key not in self._fails:
-            self._fails.clear()
+        while len(self._fails) >= self.max_keys:
+            self._fails.popitem(last=False)
         self._fails[key] = (start, count + 1)
 
-    def succeeded(self, key: str) -> None:
-        self._fails.pop(key, None)
+    def failed(self, username: str, client: str) -> None:
+        for key in self._keys(username, client):
+            self._count(key)
+
+    def succeeded(self, username: str, client: str) -> None:
+        self._fails.pop(self._keys(username, client)[0], None)
+
+    def __len__(self) -> int:
+        return len(self._fails)

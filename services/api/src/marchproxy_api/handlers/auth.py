@@ -63,8 +63,7 @@ async def login(ctx: Ctx) -> TokenOut:
     body: LoginIn = ctx.body
     limiter = ctx.app[login_limiter_key]
     peer = ctx.request.remote or "?"
-    key = f"{body.username}|{peer}"
-    wait = limiter.retry_after(key)
+    wait = limiter.retry_after(body.username, peer)
     if wait > 0:
         err = ApiError(429, "rate_limited", "too many failed logins", retry_after=round(wait, 1))
         err.headers["Retry-After"] = str(int(wait) + 1)
@@ -76,10 +75,10 @@ async def login(ctx: Ctx) -> TokenOut:
             user.password_hash if user else None, body.password
         )
     if not ok or user is None or not user.is_active:
-        limiter.failed(key)
+        limiter.failed(body.username, peer)
         ctx.app[metrics_key].login_failures.inc()
         raise ApiError(401, "unauthorized", "invalid username or password")
-    limiter.succeeded(key)
+    limiter.succeeded(body.username, peer)
     return _tokens(ctx, user.id, user.username, user.role)
 
 
