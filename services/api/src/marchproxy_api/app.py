@@ -66,7 +66,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         check_interval=settings.state_check_interval,
     )
     app[publisher_key] = publisher
-    clients = ModuleClientManager(settings.effective_cluster_api_key, settings.grpc_timeout)
+    clients = ModuleClientManager(
+        settings.effective_cluster_api_key, settings.grpc_timeout, settings.grpc_max_channels
+    )
     app[grpc_clients_key] = clients
     app[module_locks_key] = ModuleLocks(engine)
     rollouts = app[rollouts_key] = Rollouts()

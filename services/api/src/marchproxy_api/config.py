@@ -37,6 +37,8 @@ class ApiSettings(CommonSettings):
     #: promote/rollback wait this long for another one of the same module, then answer 409
     module_lock_wait: float = Field(default=5.0, ge=0, le=600)
     grpc_timeout: float = Field(default=3.0, gt=0, le=60)
+    #: pooled gRPC channels to modules; the least recently used is closed beyond this
+    grpc_max_channels: int = Field(default=1024, ge=1, le=100_000)
     #: failed logins allowed per (username, client) per window
     login_max_failures: int = Field(default=5, ge=1, le=1000)
     login_window_seconds: float = Field(default=60.0, gt=0, le=3600)
