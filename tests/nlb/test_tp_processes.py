@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import re
+import signal
 import urllib.request
 import uuid
 from pathlib import Path
@@ -113,5 +114,144 @@ async def test_a_cluster_rate_limit_is_shared_by_two_nlb_processes_through_redis
         # each process decided some of them: the budget really was shared
         assert metric(a[3], "nlb_ratelimit_allowed_total", bucket="global") >= 1
         assert metric(b[3], "nlb_ratelimit_allowed_total", bucket="global") >= 1
+    finally:
+        await backend.stop()
+
+
+async def echo(port: int, payload: bytes) -> bool:
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    try:
+        writer.write(payload)
+        async with asyncio.timeout(5):
+            return await reader.readexactly(len(payload)) == payload
+    except (OSError, asyncio.IncompleteReadError, TimeoutError):
+        return False
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def instances(grpc_port: int) -> list[types_pb2.ModuleInstance]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+        resp = await nlb_pb2_grpc.NLBServiceStub(ch).ListModules(
+            nlb_pb2.ListModulesRequest(include_draining=True), metadata=META, timeout=5
+        )
+    return list(resp.instances)
+
+
+async def test_sigkilled_instance_under_load_gets_no_connection_after_the_heartbeat_timeout(
+    procs: ProcessGroup,
+) -> None:
+    timeout = 2.0
+    listen, grpc_port, admin = free_port(), free_port(), free_port()
+    procs.python(
+        "nlb",
+        "marchproxy_nlb",
+        {
+            "CLUSTER_API_KEY": KEY,
+            "NLB_LISTENERS": f"{listen}=tcp",
+            "NLB_GRPC_PORT": str(grpc_port),
+            "NLB_ADMIN_PORT": str(admin),
+            "HEARTBEAT_TIMEOUT": str(timeout),
+            "NLB_EXPIRY_INTERVAL": "0.1",
+            # one attempt: a connection the NLB sends to the dead instance fails visibly
+            "NLB_CONNECT_ATTEMPTS": "1",
+        },
+    )
+    wait_port(grpc_port)
+    modules = [
+        procs.python(
+            f"echo-{i}",
+            "marchproxy_common.module.example",
+            {
+                "CLUSTER_API_KEY": KEY,
+                "NLB_ADDR": f"127.0.0.1:{grpc_port}",
+                "HEARTBEAT_INTERVAL": "0.3",
+                "INSTANCE_ID": f"echo-{i}",
+                "DATA_PORT": "0",
+                "GRPC_PORT": "0",
+                "ADMIN_PORT": "0",
+            },
+        )
+        for i in (1, 2)
+    ]
+    async with asyncio.timeout(30):
+        while len(await instances(grpc_port)) < 2:
+            await asyncio.sleep(0.1)
+    loop = asyncio.get_running_loop()
+    outcomes: list[tuple[float, bool]] = []  # (started at, echoed)
+    stop = asyncio.Event()
+
+    async def client() -> None:
+        for i in range(5000):  # bounded in count and time
+            if stop.is_set():
+                return
+            started = loop.time()
+            outcomes.append((started, await echo(listen, f"n{i}".encode())))
+
+    load = asyncio.gather(client(), client())
+    try:
+        await asyncio.sleep(1.0)
+        killed_at = loop.time()
+        modules[0].signal(signal.SIGKILL)
+        await asyncio.sleep(timeout + 2.0)
+        stop.set()
+        await load
+    finally:
+        stop.set()
+        await load
+    before = [ok for t, ok in outcomes if t < killed_at]
+    # the NLB expires it within HEARTBEAT_TIMEOUT (+ its 0.1 s expiry sweep)
+    after = [ok for t, ok in outcomes if t > killed_at + timeout + 0.3]
+    assert before and all(before)
+    assert len(after) >= 10 and all(after), [t - killed_at for t, ok in outcomes if not ok]
+    assert [i.instance_id for i in await instances(grpc_port)] == ["echo-2"]
+
+
+async def test_sigterm_drains_open_connections_refuses_new_ones_and_exits_zero(
+    procs: ProcessGroup,
+) -> None:
+    backend = await ProxiedEchoBackend("web").start()
+    try:
+        nlb, listen, grpc_port, _ = start_nlb(procs, "nlb", DRAIN_TIMEOUT="30")
+        await register(grpc_port, "web-1", backend.port)
+        held = []
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", listen)
+            writer.write(REQUEST)
+            async with asyncio.timeout(10):
+                await reader.readuntil(b"|")
+                await reader.readuntil(b"|")
+            held.append((reader, writer))
+        nlb.signal(signal.SIGTERM)
+        async with asyncio.timeout(10):  # the listener closes...
+            while True:
+                try:
+                    _, w = await asyncio.open_connection("127.0.0.1", listen)
+                except ConnectionRefusedError:
+                    break
+                w.close()
+                await asyncio.sleep(0.05)
+        with pytest.raises(ConnectionRefusedError):  # ...and stays closed
+            await asyncio.open_connection("127.0.0.1", listen)
+        assert nlb.proc.poll() is None  # still draining the three
+        for i, (reader, writer) in enumerate(held):  # they work to their natural end
+            writer.write(f"after SIGTERM {i}".encode())
+            async with asyncio.timeout(10):
+                got = b""
+                while f"after SIGTERM {i}".encode() not in got:
+                    got += await reader.read(1024)
+            writer.write_eof()
+            async with asyncio.timeout(10):
+                await reader.read()
+            writer.close()
+        loop = asyncio.get_running_loop()
+        closed_at = loop.time()
+        assert await asyncio.to_thread(nlb.wait, 20) == 0
+        assert loop.time() - closed_at < 10  # it left when the last one ended, not at 30 s
     finally:
         await backend.stop()
