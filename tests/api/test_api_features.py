@@ -146,13 +146,17 @@ async def test_errors_have_seed002_shape(api) -> None:
         "POST", "/api/v1/modules", {"name": "nul", "type": "ALB", "description": "a\x00b"}
     )
     assert status == 422
-    await _module(api, "dup-mod")
+    mod = await _module(api, "dup-mod")
     status, body = await api.call("POST", "/api/v1/modules", {"name": "dup-mod", "type": "ALB"})
     assert status == 409
-    status, body = await api.call(
-        "POST", "/api/v1/modules/1/scaling", {"min_instances": 5, "max_instances": 2}
-    )
-    assert status in (404, 422)
+    bad_policy = {"min_instances": 5, "max_instances": 2}
+    status, body = await api.call("POST", f"/api/v1/modules/{mod['id']}/scaling", bad_policy)
+    assert status == 422 and body["error"] == "validation_error"
+    assert body["details"]["fields"][0]["loc"] == ["body"]
+    assert "min_instances must not exceed max_instances" in body["details"]["fields"][0]["msg"]
+    # the body is validated before the module is looked up: a valid one for no module is 404
+    status, body = await api.call("POST", "/api/v1/modules/999999/scaling", {"max_instances": 2})
+    assert status == 404 and body["error"] == "not_found"
 
 
 async def test_incremental_promote_rolls_back_on_failed_health(api, module_server) -> None:
