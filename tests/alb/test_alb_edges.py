@@ -77,6 +77,27 @@ async def test_garbage_upstream_is_502(alb) -> None:
         assert resp.status_code == 502
 
 
+async def test_huge_upstream_header_in_pieces_is_502_early(alb) -> None:
+    """A response head is bounded as it arrives, not when a header completes (httptools keeps
+    a partial header value to itself)."""
+
+    async def h(r, w):
+        await read_head(r)
+        w.write(b"HTTP/1.1 200 OK\r\nX-Big: ")
+        for _ in range(64):  # up to 1 MiB, one piece at a time
+            w.write(b"v" * 16384)
+            await w.drain()
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(30)
+
+    async with RawBackend(h) as be:
+        await alb.configure([route("all", be.url, backend={"timeout": 25, "retries": 0})])
+        async with httpx.AsyncClient(timeout=10) as c:
+            r = await c.get(alb.url + "/x")
+    assert r.status_code == 502
+    assert "head too large" in r.json()["message"]
+
+
 async def test_upstream_dies_mid_body_cuts_the_client(alb, backends) -> None:
     async def h(r, w):
         await read_head(r)

@@ -13,7 +13,7 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import structlog
@@ -297,8 +297,7 @@ class DataPlane:
         """Serve one request; returns whether the client connection stays open."""
         head = req.head
         assert head is not None and req.body is not None
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
+        t0 = down.loop.time()
         rid = _request_id(head)
         raw_path, query = split_target(head.target)
         path = normalize_path(raw_path)
@@ -563,7 +562,7 @@ class _Exchange:
             self.target = target
             pool.begin(target)
             try:
-                left = deadline - asyncio.get_running_loop().time()
+                left = deadline - self.down.loop.time()
                 if left <= 0:
                     raise TimeoutError
                 conn = plane.upstreams.take_idle(target, b.tls_server_name)
@@ -610,7 +609,7 @@ class _Exchange:
                     self._pump_body(conn, route), name=f"alb body {self.down.conn_id}"
                 )
             try:
-                return await self._await_head(conn, b.header_timeout, b.timeout, deadline)
+                return await self._head_waiter(conn, b.header_timeout, b.timeout, deadline)
             except UpstreamError as exc:
                 idempotent = head.method in IDEMPOTENT_METHODS and not head.has_body
                 self._drop_upstream()
@@ -645,6 +644,20 @@ class _Exchange:
         if self.head.chunked:
             return encode_chunk(data) + LAST_CHUNK
         return data
+
+    def _head_waiter(
+        self, conn: UpstreamConnection, header_timeout: float, total: float, deadline: float
+    ) -> Awaitable[ResponseHead]:
+        """What to await for the response head: the head future itself when the request is
+        already sent (the common case: no coroutine), else :meth:`_await_head`."""
+        fut = conn.head_future
+        assert fut is not None
+        if self.pump is not None:
+            return self._await_head(conn, header_timeout, total, deadline)
+        if header_timeout < total:
+            deadline = min(deadline, conn.loop.time() + header_timeout)
+        conn.expect_head_by(deadline)
+        return fut
 
     async def _await_head(
         self, conn: UpstreamConnection, header_timeout: float, total: float, deadline: float
@@ -740,7 +753,16 @@ class _Exchange:
         if framing == "close" or framing == "tunnel":
             keep = False
         self.started = True
-        await self._copy_body(conn, data, framing)
+        if conn.response_complete and not down.flow.paused and framing != "chunked":
+            # the whole response is already here (small responses): one write, no awaiting
+            rest = conn.body.read_nowait()
+            if rest:
+                self.bytes_out += len(rest)
+                if framing != "none":
+                    data += rest
+            down.write(data)
+        else:
+            await self._copy_body(conn, data, framing)
         pump = self.pump
         if pump is not None:
             if not pump.done():
@@ -924,7 +946,7 @@ class _Exchange:
 
     def finish(self, path: str) -> None:
         plane = self.plane
-        dur = asyncio.get_running_loop().time() - self.t0
+        dur = self.down.loop.time() - self.t0
         status = self.status or 499
         route = self.route.name if self.route is not None else ""
         plane.requests_total += 1

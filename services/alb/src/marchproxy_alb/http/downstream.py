@@ -80,6 +80,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self, plane: DataPlane, *, scheme: str = "http", client: tuple[str, int] | None = None
     ) -> None:
         self.plane = plane
+        self.loop = asyncio.get_running_loop()  # protocols are made by the loop, inside it
         self._client = client
         self.scheme = scheme
         self.conn_id = next(_conn_ids)
@@ -330,7 +331,7 @@ class DownstreamProtocol(asyncio.Protocol):
     # ------------------------------------------------------------------ timers
 
     def _arm_timer(self, delay: float) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         now = loop.time()
         self._deadline = now + delay
         if self._timer is None or self._timer_at > self._deadline:
@@ -352,7 +353,7 @@ class DownstreamProtocol(asyncio.Protocol):
             return
         if self._deadline == 0.0:
             return
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         now = loop.time()
         if now < self._deadline:
             self._schedule(loop, now)
@@ -472,7 +473,7 @@ class DownstreamProtocol(asyncio.Protocol):
                 while not self._pending:  # wait for the next request (or the end)
                     if self.closed or self._eof:
                         return
-                    self._waiter = asyncio.get_running_loop().create_future()
+                    self._waiter = self.loop.create_future()
                     await self._waiter
                 req = self._pending.popleft()
                 if req.error is not None:

@@ -218,6 +218,22 @@ def _forwarding_lines(
     return lines
 
 
+def _copied_request_lines(
+    req: RequestHead, request_line: bytes, host_override: bytes | None, drop: set[bytes]
+) -> list[bytes]:
+    """build_request_head's copy of the end-to-end headers, without those named in ``drop``."""
+    lines = [request_line]
+    if host_override is not None:
+        lines.append(b"Host: " + host_override)
+    for k, v in req.headers:
+        lk = k.lower()
+        if lk in drop:
+            continue
+        if lk not in _REQ_SPECIAL or (lk == b"host" and host_override is None):
+            lines.append(k + b": " + v)
+    return lines
+
+
 def build_request_head(
     req: RequestHead,
     fwd: ForwardInfo,
@@ -228,27 +244,26 @@ def build_request_head(
 
     One pass over the headers (this runs for every request): hop-by-hop headers and those
     named in Connection are dropped, forwarding headers merged, the rest copied in order."""
-    lines: list[bytes] = [req.method.encode() + b" " + req.target + b" HTTP/1.1"]
-    names: list[bytes] = [b""]
+    request_line = req.method.encode() + b" " + req.target + b" HTTP/1.1"
+    lines: list[bytes] = [request_line]
+    append = lines.append
     if host_override is not None:
-        lines.append(b"Host: " + host_override)
-        names.append(b"host")
+        append(b"Host: " + host_override)
     host = b""
     xff: bytes | None = None
     fwd_prior: bytes | None = None
     via_prior: bytes | None = None
     upgrade = b""
     extra: set[bytes] | None = None
+    special = _REQ_SPECIAL
     for k, v in req.headers:
         lk = k.lower()
-        if lk not in _REQ_SPECIAL:
-            lines.append(k + b": " + v)
-            names.append(lk)
+        if lk not in special:
+            append(k + b": " + v)
         elif lk == b"host":
             host = v
             if host_override is None:
-                lines.append(k + b": " + v)
-                names.append(lk)
+                append(k + b": " + v)
         elif lk == b"x-forwarded-for":
             xff = v if xff is None else xff + b", " + v
         elif lk == b"forwarded":
@@ -259,8 +274,8 @@ def build_request_head(
             extra = _extra_connection_tokens(v, extra)
         elif lk == b"upgrade" and not upgrade:
             upgrade = v
-    if extra:
-        lines = [ln for ln, n in zip(lines, names, strict=True) if n not in extra]
+    if extra:  # rare: Connection names end-to-end headers, drop them too (second pass)
+        lines = _copied_request_lines(req, request_line, host_override, extra)
     prior = len(host) + len(xff or b"") + len(fwd_prior or b"") + len(via_prior or b"")
     if prior <= FORWARD_CACHE_MAX_INPUT:
         lines.append(_forwarding_block(fwd.client_ip, fwd.proto, host, xff, fwd_prior, via_prior))
@@ -310,23 +325,30 @@ def build_response_head(
         return _serialize(b"HTTP/1.1 101 " + (resp.reason or b"Switching Protocols"), headers), (
             "tunnel"
         )
-    lines: list[bytes] = [
-        b"HTTP/1.1 %d %s" % (resp.status, resp.reason or REASONS.get(resp.status, b"Unknown"))
-    ]
-    names: list[bytes] = [b""]
+    status_line = b"HTTP/1.1 %d %s" % (
+        resp.status,
+        resp.reason or REASONS.get(resp.status, b"Unknown"),
+    )
+    lines: list[bytes] = [status_line]
+    append = lines.append
     via_prior: bytes | None = None
     extra_tokens: set[bytes] | None = None
+    special = _RESP_SPECIAL
     for k, v in resp.headers:
         lk = k.lower()
-        if lk not in _RESP_SPECIAL:
-            lines.append(k + b": " + v)
-            names.append(lk)
+        if lk not in special:
+            append(k + b": " + v)
         elif lk == b"via":
             via_prior = v if via_prior is None else via_prior + b", " + v
         elif lk == b"connection":
             extra_tokens = _extra_connection_tokens(v, extra_tokens)
-    if extra_tokens:
-        lines = [ln for ln, n in zip(lines, names, strict=True) if n not in extra_tokens]
+    if extra_tokens:  # rare: Connection names end-to-end headers, drop them too (second pass)
+        lines = [status_line]
+        append = lines.append
+        for k, v in resp.headers:
+            lk = k.lower()
+            if lk not in special and lk not in extra_tokens:
+                append(k + b": " + v)
     lines.append(b"Via: " + (via_prior + b", " + VIA_TOKEN if via_prior else VIA_TOKEN))
     lines.append(b"X-Request-ID: " + request_id)
     for k, v in extra:

@@ -45,6 +45,7 @@ class UpstreamConnection(asyncio.Protocol):
         server_name: str | None = None,
     ) -> None:
         self.target = target
+        self.loop = asyncio.get_running_loop()  # protocols are made by the loop, inside it
         self.server_name = server_name
         self._on_closed = on_closed
         self.transport: asyncio.Transport | None = None
@@ -65,7 +66,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_future: asyncio.Future[ResponseHead] | None = None
         self.body: BodyChannel | None = None
         self._headers: list[tuple[bytes, bytes]] = []
-        self._header_bytes = 0
         self._reason = b""
         self._skip_informational = False
         self.response_complete = False
@@ -139,6 +139,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.response_bytes += len(data)
         try:
             self._parser.feed_data(data)
+            if self.response_bytes > MAX_RESPONSE_HEADER_BYTES and not self.head_future.done():
+                # everything so far is (interim or final) head: httptools would keep buffering
+                self._fail("upstream response head too large")
         except httptools.HttpParserUpgrade as exc:
             self.upgrade_rest = data[int(exc.args[0]) :]
         except httptools.HttpParserCallbackError as exc:
@@ -156,7 +159,7 @@ class UpstreamConnection(asyncio.Protocol):
         """Arm for the response to a request we are about to write."""
         self.idle_deadline = 0.0
         self.head_deadline = 0.0
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         self._method = method
         self.head_future = loop.create_future()
         self.body = BodyChannel(pause, resume)
@@ -174,20 +177,20 @@ class UpstreamConnection(asyncio.Protocol):
             if h is not None:
                 h.cancel()
             self._head_handle_at = when
-            self._head_handle = asyncio.get_running_loop().call_at(when, self._head_check)
+            self._head_handle = self.loop.call_at(when, self._head_check)
 
     def _head_check(self) -> None:
         self._head_handle = None
         hf = self.head_future
         if self.closed or hf is None or hf.done() or self.head_deadline == 0.0:
             return
-        if asyncio.get_running_loop().time() < self.head_deadline:
+        if self.loop.time() < self.head_deadline:
             self.expect_head_by(self.head_deadline)
         else:
             hf.set_exception(TimeoutError("no response head in time"))
 
     def arm_idle(self, idle_timeout: float) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         self.idle_deadline = loop.time() + idle_timeout
         if self.idle_handle is None:
             self.idle_handle = loop.call_at(self.idle_deadline, self._idle_check)
@@ -196,7 +199,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_handle = None
         if self.closed or self.idle_deadline == 0.0:
             return  # in use again (begin() cleared the deadline)
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         if loop.time() < self.idle_deadline:
             self.idle_handle = loop.call_at(self.idle_deadline, self._idle_check)
         else:
@@ -260,20 +263,17 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._headers = []
-        self._header_bytes = 0
         self._reason = b""
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value) + 4
-        self._headers.append((name, value))
-        if (
-            self._header_bytes > MAX_RESPONSE_HEADER_BYTES
-            or len(self._headers) > MAX_RESPONSE_HEADERS
-        ):
-            raise FramingError(502, "upstream response head too large")
+        # bytes are bounded in data_received (which also sees a header still in pieces)
+        headers = self._headers
+        headers.append((name, value))
+        if len(headers) > MAX_RESPONSE_HEADERS:
+            raise FramingError(502, "upstream response has too many headers")
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -424,7 +424,10 @@ class UpstreamPool:
             else:
                 conn.close()
             return
-        dq = self._idle.setdefault((conn.target, conn.server_name), deque())
+        key = (conn.target, conn.server_name)
+        dq = self._idle.get(key)
+        if dq is None:
+            dq = self._idle[key] = deque()
         if len(dq) >= self.max_idle_per_target:
             conn.close()
             return
