@@ -51,3 +51,27 @@ async def test_routing_matrix_through_the_proxy(
     assert out.startswith(b"HTTP/1.1 200 "), out[:200]
     by_port = {str(p): name for name, p in ports_backend.items()}
     assert by_port[out.split(b"\r\n\r\n", 1)[1].decode()] == want
+
+
+async def test_remembered_matches_follow_a_new_table(alb, backends) -> None:
+    """Tables without header/query rules remember matches by host, path and method; a new
+    table starts afresh, and hosts or paths too long to remember still route."""
+    b1, b2 = await backends("b1"), await backends("b2")
+    routes = [
+        {"name": "a", "match_rules": {"path": "/a"}, "backend_config": {"target": b1.url}},
+        {"name": "b", "match_rules": {"path": "/b"}, "backend_config": {"target": b2.url}},
+    ]
+    await alb.configure(routes)
+    assert alb.hooks.plane._route_cache is not None
+
+    async def who(path: str, host: str = "h") -> bytes:
+        req = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+        out = await raw_exchange(alb.port, req)
+        return out.split(b"\r\n\r\n", 1)[1] if out.startswith(b"HTTP/1.1 200") else out[:12]
+
+    assert [await who(p) for p in ("/a", "/a", "/b/x", "/b/x")] == [b"b1", b"b1", b"b2", b"b2"]
+    assert await who("/nope") == b"HTTP/1.1 404"
+    assert await who("/a/" + "x" * 600) == b"b1"  # too long to remember: matched every time
+    routes[0]["backend_config"]["target"], routes[1]["backend_config"]["target"] = b2.url, b1.url
+    await alb.configure(routes)
+    assert [await who(p) for p in ("/a", "/b/x")] == [b"b2", b"b1"]

@@ -14,7 +14,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 
 import structlog
 
@@ -51,6 +50,9 @@ MAX_REQUEST_ID_LEN = 200
 MAX_STALE_RETRIES = 2  # re-sends after a pooled keep-alive connection turned out closed
 LATENCY_SAMPLES = 2048
 COALESCE_LIMIT = 64 * 1024  # join small pieces into one write up to this size
+ROUTE_CACHE_SIZE = 4096  # remembered matches (cleared when full)
+ROUTE_CACHE_MAX_KEY = 512  # longer host + path are matched without the cache
+_MISS = object()
 REFUSAL_LOG_INTERVAL = 1.0  # seconds: at most one alb_refused line per reason in this time
 
 
@@ -131,6 +133,7 @@ class DataPlane:
         self.clock = clock
         self.table = RoutingTable()
         self._needs_headers = False
+        self._route_cache: dict[tuple[bytes | None, str, str], Route | None] | None = None
         self.pools: dict[str, BackendPool] = {}
         self.limiters: dict[str, TokenBucket] = {}
         self.upstreams = UpstreamPool(on_open=self._upstream_opened, on_close=self._upstream_closed)
@@ -236,6 +239,8 @@ class DataPlane:
             )
         self.table = table
         self._needs_headers = table.needs_headers
+        # host + path + method → route, for tables where nothing else matters
+        self._route_cache = {} if table.cacheable else None
         self.pools = pools
         self.limiters = limiters
         self._restart_health_checks()
@@ -308,11 +313,21 @@ class DataPlane:
             if self._needs_headers
             else {}
         )
-        view = RequestView(host.decode("latin-1") if host else "", path, head.method, hdrs, query)
-        route = table.match(view)
+        cache = self._route_cache
+        if cache is not None and len(path) + len(host or b"") <= ROUTE_CACHE_MAX_KEY:
+            key = (host, path, head.method)
+            route = cache.get(key, _MISS)
+            if route is _MISS:
+                route = table.match(self._view(head, host, path, hdrs, query))
+                if len(cache) >= ROUTE_CACHE_SIZE:
+                    cache.clear()
+                cache[key] = route
+        else:
+            route = table.match(self._view(head, host, path, hdrs, query))
         ambiguous = (
             ambiguous_separators(path)
-            and table.match(replace(view, path=decoded_separators(path))) is not route
+            and table.match(self._view(head, host, decoded_separators(path), hdrs, query))
+            is not route
         )
         if path != raw_path:
             # forward what was matched (RFC 3986 §6.2.2 normalization)
@@ -335,6 +350,12 @@ class DataPlane:
             ex.cleanup()
         ex.finish(path)
         return keep
+
+    @staticmethod
+    def _view(
+        head: RequestHead, host: bytes | None, path: str, hdrs: dict[str, str], query: str
+    ) -> RequestView:
+        return RequestView(host.decode("latin-1") if host else "", path, head.method, hdrs, query)
 
 
 class _Exchange:

@@ -219,6 +219,12 @@ class RoutingTable:
         """Whether any route looks at headers (else the I/O side may skip building them)."""
         return any(r.headers or r.backend.hash_header or r.backend.hash_cookie for r in self.routes)
 
+    @property
+    def cacheable(self) -> bool:
+        """Whether host, path and method alone decide the match (no header or query rules),
+        so the I/O side may remember matches."""
+        return not any(r.headers or r.query for r in self.routes)
+
     def match(self, req: RequestView) -> Route | None:
         host = normalize_host(req.host)
         qs: dict[str, str] | None = None
