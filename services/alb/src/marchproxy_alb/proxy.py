@@ -305,7 +305,7 @@ class DataPlane:
         t0 = down.loop.time()
         rid = _request_id(head)
         raw_path, query = split_target(head.target)
-        path = normalize_path(raw_path)
+        path = normalize_path(raw_path) if "%" in raw_path or "/." in raw_path else raw_path
         host = head.host
         table = self.table
         hdrs: dict[str, str] = (
@@ -325,7 +325,8 @@ class DataPlane:
         else:
             route = table.match(self._view(head, host, path, hdrs, query))
         ambiguous = (
-            ambiguous_separators(path)
+            ("%" in path or "\\" in path)
+            and ambiguous_separators(path)
             and table.match(self._view(head, host, decoded_separators(path), hdrs, query))
             is not route
         )

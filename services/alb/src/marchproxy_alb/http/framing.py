@@ -11,7 +11,7 @@ import functools
 import json
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -98,10 +98,9 @@ class ResponseHead:
     keep_alive: bool
     chunked: bool
     content_length: int | None
-    extra: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every request, and frozen init is slow
 class ForwardInfo:
     client_ip: str
     proto: str  # "http" | "https"
@@ -442,6 +441,9 @@ def absolute_form(target: bytes) -> tuple[bytes, bytes] | None:
 
 def split_target(target: bytes) -> tuple[str, str]:
     """(path, query) from a request target in origin or absolute form."""
+    if target[:1] == b"/":  # origin form: what reaches the proxy (absolute form is rewritten)
+        path_b, _, query_b = target.partition(b"?")
+        return path_b.decode("latin-1"), query_b.decode("latin-1")
     t = target.decode("latin-1")
     if t.startswith(("http://", "https://")):
         rest = t.split("://", 1)[1]

@@ -281,14 +281,15 @@ class UpstreamConnection(asyncio.Protocol):
             self._skip_informational = True  # RFC 9110 §15.2: drop interim responses
             return
         chunked, length = framing_of(self._headers)
+        p = self._parser
         head = ResponseHead(
-            status=status,
-            reason=self._reason,
-            version=self._parser.get_http_version(),
-            headers=self._headers,
-            keep_alive=self._parser.should_keep_alive(),
-            chunked=chunked,
-            content_length=length,
+            status,
+            self._reason,
+            p.get_http_version(),
+            self._headers,
+            p.should_keep_alive(),
+            chunked,
+            length,
         )
         self.keep_alive = head.keep_alive
         hf = self.head_future
