@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from marchproxy_common.ratelimit import MAX_LOCAL_BUCKETS, ClusterLimiter, Decision
 from marchproxy_nlb.traffic.routing import ConnInfo
@@ -59,7 +59,7 @@ class LimitRule:
         return f"protocol:{protocol_name}" if self.target == protocol_name else None
 
 
-def _number(value: object) -> bool:
+def _number(value: object) -> TypeGuard[float]:
     # JSON true is a Python int: a boolean is never a rate
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -136,7 +136,7 @@ class ConnectionLimits:
     ) -> tuple[str | None, list[str]]:
         """Draw one token from every bucket that applies. Returns (denied bucket or None,
         buckets allowed)."""
-        allowed = []
+        allowed: list[str] = []
         for rule in self.rules:
             key = rule.key(c, protocol_name, route)
             if key is None:
