@@ -31,6 +31,8 @@ ROLES = {
     "mp_md5": ("md5", "s3cret-md5", "md5"),
     "mp_clear": ("scram-sha-256", "s3cret-clear", "password"),
 }
+#: runs auth_query (reading pg_authid needs a superuser)
+AUTH_USER, AUTH_PASSWORD = "mp_auth", "s3cret-auth"
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,8 @@ def private_pg() -> Iterator[PrivatePostgres]:
                 ).fetchone()
                 assert row is not None and row[0]
                 pg.stored[role] = str(row[0])
+            conn.execute("set password_encryption = 'scram-sha-256'")
+            conn.execute(f"create role {AUTH_USER} login superuser password '{AUTH_PASSWORD}'")
         yield pg
     finally:
         if started:
@@ -215,3 +219,59 @@ async def test_passthrough_against_the_real_server(private_pg: PrivatePostgres, 
             got = await _whoami(h.port, "app", user=role, password=ROLES[role][1])
             assert got == (role, 42)
         assert h.auth_failures == 1
+
+
+def _auth_query_config(pg: PrivatePostgres, auth_type: str, **kw: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "auth_type": auth_type,
+        "auth_user": AUTH_USER,
+        "users": {AUTH_USER: {"password": AUTH_PASSWORD}},
+        "default_pool_size": 2,
+        "databases": {"*": {"host": "127.0.0.1", "port": pg.port, "dbname": "postgres"}},
+    }
+    cfg.update(kw)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("auth_type", "role"),
+    [
+        ("scram-sha-256", "mp_scram"),  # SCRAM verifier: server login with the client's keys
+        ("md5", "mp_md5"),  # md5 hash: server login with the hash
+        ("md5", "mp_scram"),  # a SCRAM secret with auth_type md5: SCRAM is used
+    ],
+)
+async def test_auth_query_authenticates_against_the_servers_secret(
+    private_pg: PrivatePostgres, auth_type: str, role: str
+) -> None:
+    password = ROLES[role][1]
+    async with running_dblb(_auth_query_config(private_pg, auth_type)) as h:
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            await _whoami(h.port, "app", user=role, password="wrong")
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            await _whoami(h.port, "app", user="mp_nobody", password="x")
+        assert await _whoami(h.port, "app", user=role, password=password) == (role, 42)
+        # two transactions at once: a second server login, again without the password
+        conninfo = f"host=127.0.0.1 port={h.port} user={role} dbname=app password={password}"
+        a = await psycopg.AsyncConnection.connect(conninfo)
+        b = await psycopg.AsyncConnection.connect(conninfo)
+        try:
+            for c in (a, b):
+                cur = await c.execute("select current_user")
+                assert await cur.fetchone() == (role,)
+            pool = h.manager.pools[("app", role)]
+            assert len(pool.servers) == 2 and pool.stats.server_login_errors == 0
+            # the proxy never saw the password: it logged in with the hash or the SCRAM keys
+            assert pool.server_password in (None, private_pg.stored[role])
+            assert (pool.scram_keys is not None) is private_pg.stored[role].startswith("SCRAM")
+        finally:
+            await a.close()
+            await b.close()
+        assert h.auth_failures == 2
+
+
+async def test_auth_query_that_cannot_run_is_reported(private_pg: PrivatePostgres) -> None:
+    cfg = _auth_query_config(private_pg, "scram-sha-256", users={AUTH_USER: {"password": "bad"}})
+    async with running_dblb(cfg) as h:
+        with pytest.raises(psycopg.OperationalError, match="auth_query failed"):
+            await _whoami(h.port, "app", user="mp_scram", password=ROLES["mp_scram"][1])

@@ -30,6 +30,7 @@ from marchproxy_common.wire.postgres.auth import (
 from marchproxy_common.wire.postgres.decoder import (
     FRONTEND_MESSAGE_TYPES,
     parse_bind,
+    parse_data_row,
     parse_describe_or_close,
     parse_fields,
     parse_parameter_status,
@@ -361,6 +362,62 @@ def test_scram_handshake(password: str, wrong: str) -> None:
         with pytest.raises(RemoteProtocolError) as info:
             server2.verify_final(bad.client_final(first))
         assert info.value.sqlstate == "28P01"
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.text(min_size=1, max_size=20))
+def test_scram_pass_through_with_the_client_key_a_server_recovered(password: str) -> None:
+    """A proxy that verified a client (ServerKey from the verifier, ClientKey from the proof)
+    can log in to a server holding the same verifier without knowing the password."""
+    verifier = ScramVerifier.from_password(password, iterations=64)
+    client, proxy = ScramClient(password), ScramServer(verifier)
+    proxy.verify_final(client.client_final(proxy.server_first(client.client_first())))
+    assert proxy.client_key is not None
+    keys = (proxy.client_key, verifier.server_key)
+    upstream = ScramServer(verifier)
+    relay = ScramClient("", keys=keys)
+    final = upstream.verify_final(relay.client_final(upstream.server_first(relay.client_first())))
+    relay.verify_server_final(final)
+    # the same bytes as a client that knows the password (same nonces)
+    a, b = ScramClient(password, nonce="n0nce"), ScramClient("", nonce="n0nce", keys=keys)
+    first = ScramServer(verifier, nonce="srv").server_first(a.client_first())
+    assert a.client_final(first) == b.client_final(first)
+
+
+values_or_null = st.one_of(st.none(), st.binary(max_size=40))
+
+
+@SETTINGS
+@given(st.lists(values_or_null, max_size=12))
+def test_data_row_round_trip(values: list[bytes | None]) -> None:
+    raw = enc.data_row(values)
+    (msg,) = BackendDecoder().feed(raw)
+    assert parse_data_row(msg.body) == values
+
+
+@SETTINGS
+@given(st.binary(max_size=80))
+def test_data_row_garbage_only_raises_our_error(body: bytes) -> None:
+    try:
+        values = parse_data_row(body)
+    except RemoteProtocolError:
+        return
+    assert enc.data_row(values)[5:] == body  # whatever parses is a valid DataRow
+
+
+@SETTINGS
+@given(names, names, st.lists(values_or_null, max_size=6))
+def test_bind_and_execute_encode_what_the_decoder_reads(
+    portal: str, statement: str, params: list[bytes | None]
+) -> None:
+    raw = enc.bind(statement.encode(), params, portal=portal.encode()) + enc.execute(b"", 5)
+    bind_msg, execute_msg = FrontendDecoder().feed(enc.startup_message({"user": "u"}) + raw)[1:]
+    assert isinstance(bind_msg, Message) and isinstance(execute_msg, Message)
+    got_portal, got_statement, offset = parse_bind(bind_msg.body)
+    assert (got_portal, got_statement) == (portal.encode(), statement.encode())
+    rest = bind_msg.body[offset:]
+    assert rest[:4] == struct.pack("!hh", 0, len(params))
+    assert execute_msg.body == b"\x00" + struct.pack("!i", 5)
 
 
 @SETTINGS

@@ -14,6 +14,12 @@ from marchproxy_common.wire.postgres.messages import DEFAULT_MAX_MESSAGE
 PoolMode = Literal["session", "transaction"]
 AuthType = Literal["trust", "cleartext", "md5", "scram-sha-256", "passthrough"]
 DEFAULT_MODULE_ID = "dblb"
+#: PgBouncer's default auth_query (reading pg_authid needs a superuser, or a SECURITY DEFINER
+#: function in its place)
+DEFAULT_AUTH_QUERY = (
+    "SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END "
+    "FROM pg_authid WHERE rolname = $1 AND rolcanlogin"
+)
 ADMIN_DATABASES = frozenset({"pgbouncer", "marchproxy"})
 
 
@@ -81,9 +87,16 @@ class DblbConfig(_Strict):
     server_idle_timeout: float = Field(default=600.0, gt=0)
     server_lifetime: float = Field(default=3600.0, gt=0)
     server_reset_query: str = "DISCARD ALL"
+    #: auth_query (as PgBouncer): a client user not in ``users`` is authenticated against the
+    #: secret (md5 hash or SCRAM verifier) that ``auth_query`` returns for it ($1 = user name;
+    #: second column = secret), run as ``auth_user`` (its password from ``users``) in the
+    #: client's database. The pool then logs in with that md5 hash, or with the SCRAM keys
+    #: recovered from the client's proof. Secrets are cached for ``auth_cache_ttl``.
+    auth_user: str = ""
+    auth_query: str = DEFAULT_AUTH_QUERY
     #: passthrough auth: seconds a password the server accepted is trusted without asking
     #: the server again (0: ask every time); forgotten at once when a server login of the
-    #: pool fails authentication (the password changed)
+    #: pool fails authentication (the password changed). The same for auth_query secrets.
     auth_cache_ttl: float = Field(default=300.0, ge=0)
     max_packet_size: int = Field(default=DEFAULT_MAX_MESSAGE, ge=1024)
     #: TLS to clients: certificate and key files (PEM); ``client_tls_mode`` says whether a

@@ -29,6 +29,7 @@ from marchproxy_common.wire.postgres.auth import ScramClient, md5_response
 from marchproxy_common.wire.postgres.decoder import (
     parse_authentication,
     parse_backend_key_data,
+    parse_data_row,
     parse_fields,
     parse_parameter_status,
     parse_sasl_mechanisms,
@@ -80,6 +81,13 @@ _Z = B_READY_FOR_QUERY
 _IDLE = ord("I")
 
 
+class QueryFailed(Exception):
+    def __init__(self, sqlstate: str, message: str) -> None:
+        super().__init__(f"{sqlstate}: {message}")
+        self.sqlstate = sqlstate
+        self.message = message
+
+
 class Expect:
     """Items in the per-link queue of responses we must align: Parse and Sync boundaries."""
 
@@ -108,7 +116,7 @@ _server_ids = itertools.count(1)
 
 
 class ServerConnection(asyncio.Protocol):
-    def __init__(self, pool: Pool, password: str | None = None) -> None:
+    def __init__(self, pool: Pool, password: str | None = None, *, keep_rows: bool = False) -> None:
         self.pool = pool
         #: logging in with a client's password to check it (passthrough), not as the pool
         self.verifying = password is not None
@@ -135,8 +143,11 @@ class ServerConnection(asyncio.Protocol):
         self.linked_at = 0.0
         self._decoder = BackendDecoder(
             max_message_len=pool.config.max_packet_size,
-            skip_bodies=frozenset({B_DATA_ROW, B_COPY_DATA}),
+            skip_bodies=frozenset({B_COPY_DATA} if keep_rows else {B_DATA_ROW, B_COPY_DATA}),
         )
+        self._query_done: asyncio.Future[list[list[bytes | None]]] | None = None
+        self._query_rows: list[list[bytes | None]] = []
+        self._query_error: tuple[str, str] | None = None
         self._scram: ScramClient | None = None
         self._ssl_answer: asyncio.Future[bytes] | None = None
         self.tls = False
@@ -169,6 +180,8 @@ class ServerConnection(asyncio.Protocol):
             self._ssl_answer.set_exception(ConnectionError("server closed the connection"))
         if self._login_done is not None and not self._login_done.done():
             self._login_done.set_exception(ConnectionError("server closed the connection"))
+        if self._query_done is not None and not self._query_done.done():
+            self._query_done.set_exception(ConnectionError("server closed the connection"))
         self.pool.on_server_closed(self, was)
 
     def pause_writing(self) -> None:
@@ -211,6 +224,8 @@ class ServerConnection(asyncio.Protocol):
                 self._relay(data)
             elif self.state == "reset":
                 self._reset_received(data)
+            elif self.state == "query":
+                self._query_received(data)
             else:
                 # idle servers must be silent except for async notices; drop them
                 msgs = self._decoder.feed(data)
@@ -250,6 +265,17 @@ class ServerConnection(asyncio.Protocol):
         code, data = parse_authentication(m.body)
         password = self.password
         if code == AUTH_OK:
+            return
+        keys = self.pool.scram_keys if not self.verifying else None
+        if code == AUTH_SASL and keys is not None:
+            # auth_query: no password, but the keys recovered from a client's SCRAM proof
+            if "SCRAM-SHA-256" not in parse_sasl_mechanisms(data):
+                self._fail_login("28000", "server offers no supported SASL mechanism")
+                return
+            self._scram = ScramClient("", keys=keys)
+            self.transport.write(
+                enc.sasl_initial_response("SCRAM-SHA-256", self._scram.client_first())
+            )
             return
         if password is None and code in (AUTH_CLEARTEXT, AUTH_MD5, AUTH_SASL):
             self._fail_login("28P01", "server asked for a password and none is configured")
@@ -310,6 +336,37 @@ class ServerConnection(asyncio.Protocol):
             self.tls = True
         elif self.pool.config.server_tls_mode == "require":
             raise ConnectionError("server does not support TLS (server_tls_mode = require)")
+
+    # ---- a query of our own (auth_query) -----------------------------------------------------
+
+    async def fetch_rows(self, sql: str, params: list[bytes | None]) -> list[list[bytes | None]]:
+        """Run one statement with text parameters (extended protocol) on this idle server."""
+        assert self.transport is not None and self.state == "idle"
+        self.state = "query"
+        self._query_done = asyncio.get_running_loop().create_future()
+        self.transport.write(
+            enc.parse(b"", sql.encode("utf-8"), b"\x00\x00")
+            + enc.bind(b"", params)
+            + enc.execute()
+            + enc.sync()
+        )
+        rows = await self._query_done
+        if self._query_error is not None:
+            code, message = self._query_error
+            raise QueryFailed(code, message)
+        return rows
+
+    def _query_received(self, data: bytes) -> None:
+        for m in self._decoder.feed(data):
+            if m.type == B_DATA_ROW:
+                self._query_rows.append(parse_data_row(m.body))
+            elif m.type == B_ERROR:
+                fields = parse_fields(m.body)
+                self._query_error = (fields.get("C", "XX000"), fields.get("M", "query failed"))
+            elif m.type == _Z:
+                self.state = "idle"
+                if self._query_done is not None and not self._query_done.done():
+                    self._query_done.set_result(self._query_rows)
 
     # ---- linked to a client -----------------------------------------------------------------
 
@@ -569,8 +626,10 @@ class Pool:
     #: passthrough auth: keyed digest of a password the server accepted -> when
     verified_passwords: dict[bytes, float] = field(default_factory=dict)
     _digest_key: bytes = field(default_factory=lambda: secrets.token_bytes(16))
-    #: ``server_password`` was learnt from a client (passthrough), not configured
+    #: ``server_password`` was learnt from a client (passthrough, auth_query), not configured
     password_learnt: bool = False
+    #: auth_query with a SCRAM verifier: (ClientKey, ServerKey) recovered from a client's proof
+    scram_keys: tuple[bytes, bytes] | None = None
     #: server statement names some server of this pool parsed successfully
     known_statements: set[bytes] = field(default_factory=set)
     #: replaced by a config change: serves the clients it has until they leave or move on,
@@ -711,6 +770,20 @@ class Pool:
         if self.password_learnt:
             self.server_password = None
             self.password_learnt = False
+        self.scram_keys = None
+        self.manager.forget_secret(self.database, self.user)
+
+    def learn_credentials(
+        self, password: str | None, scram_keys: tuple[bytes, bytes] | None
+    ) -> None:
+        """auth_query: what the client's authentication gave us to log in as that user."""
+        if self.server_password is not None and not self.password_learnt:
+            return  # a configured password wins
+        if password is not None:
+            self.server_password = password
+            self.password_learnt = True
+        if scram_keys is not None:
+            self.scram_keys = scram_keys
 
     def _link(self, server: ServerConnection, client: PostgresClient) -> None:
         server.link(client)
@@ -852,6 +925,8 @@ class PoolManager:
         self.replica_pools: dict[tuple[str, str, int], Pool] = {}
         #: pools replaced by a config change that still have clients or servers
         self.retired: set[Pool] = set()
+        #: auth_query answers: (database, user) -> (secret or None, when fetched)
+        self._secrets: dict[tuple[str, str], tuple[str | None, float]] = {}
         self.server_logins = 0
         self.clients: dict[int, PostgresClient] = {}
         self.client_count = 0
@@ -1003,6 +1078,38 @@ class PoolManager:
             pool.server_password = primary.server_password  # passthrough: follow the primary
             pool.password_learnt = True
         return pool
+
+    async def lookup_secret(self, database: str, user: str) -> str | None:
+        """auth_query: the stored secret of ``user`` (None: no such login role), cached for
+        ``auth_cache_ttl``. Raises OSError/ConnectionError/TimeoutError/QueryFailed."""
+        cfg = self.config
+        key = (database, user)
+        cached = self._secrets.get(key)
+        if cached is not None and time.monotonic() - cached[1] < cfg.auth_cache_ttl:
+            return cached[0]
+        probe = self.new_pool(database, cfg.auth_user, {})
+        if probe is None:
+            return None
+        probe.server_user = cfg.auth_user
+        auth = cfg.users.get(cfg.auth_user)
+        probe.server_password = auth.password if auth is not None and auth.password else None
+        server = ServerConnection(probe, keep_rows=True)
+        try:
+            await server.login(cfg.server_connect_timeout)
+            async with asyncio.timeout(cfg.server_connect_timeout):
+                rows = await server.fetch_rows(cfg.auth_query, [user.encode("utf-8")])
+        finally:
+            server.close()
+        secret = None
+        if rows and len(rows[0]) >= 2 and rows[0][1]:
+            secret = rows[0][1].decode("utf-8", "replace")
+        if len(self._secrets) >= MAX_VERIFIED_PASSWORDS * 16:
+            self._secrets.clear()
+        self._secrets[key] = (secret, time.monotonic())
+        return secret
+
+    def forget_secret(self, database: str, user: str) -> None:
+        self._secrets.pop((database, user), None)
 
     def has_replicas(self, pool: Pool) -> bool:
         resolved = self.config.database(pool.database)

@@ -62,6 +62,7 @@ from marchproxy_dblb.pool import (
     Expect,
     Pool,
     PoolManager,
+    QueryFailed,
     ServerConnection,
     TooManyPools,
     send_cancel,
@@ -111,6 +112,11 @@ class PostgresClient(asyncio.Protocol):
         self._auth_step = ""
         self._salt = b""
         self._scram: ScramServer | None = None
+        self._scram_server_key: bytes | None = None
+        #: auth_query: the secret fetched for this user, and what its login gave us for the
+        #: server login: (password or md5 hash, SCRAM (ClientKey, ServerKey))
+        self._looked_up: str | None = None
+        self._learnt: tuple[str | None, tuple[bytes, bytes] | None] | None = None
         self._admin: AdminConsole | None = None
         self._registered = False
         self._auth_ok_pending = False
@@ -318,24 +324,32 @@ class PostgresClient(asyncio.Protocol):
         self._begin_auth()
 
     def _secret(self) -> str | None:
+        if self._looked_up is not None:
+            return self._looked_up
         u = self.manager.config.users.get(self.user)
         return u.password if u is not None and u.password else None
 
     def _begin_auth(self) -> None:
-        auth = self.manager.config.auth_type
+        cfg = self.manager.config
+        auth = cfg.auth_type
         self.state = "auth"
+        secret = self._secret()
         if auth == "trust":
             self._auth_ok()
         elif auth == "passthrough" and not self.is_admin:
             # the client's cleartext password is checked by logging in to the server with it
             self._auth_step = "passthrough"
             self.write(enc.authentication_cleartext())
-        elif self._secret() is None:
+        elif secret is None and cfg.auth_user and not self.is_admin and self._looked_up is None:
+            self._auth_step = "lookup"
+            spawn(self._lookup_secret(), name=f"dblb auth_query {self.id}")
+        elif secret is None:
             self.fail("28P01", f'password authentication failed for user "{self.user}"')
         elif auth == "cleartext":
             self._auth_step = "cleartext"
             self.write(enc.authentication_cleartext())
-        elif auth == "md5":
+        elif auth == "md5" and not secret.startswith("SCRAM-SHA-256$"):
+            # (a SCRAM secret cannot check an md5 answer: SCRAM is used then, as PgBouncer)
             self._auth_step = "md5"
             self._salt = secrets.token_bytes(4)
             self.write(enc.authentication_md5(self._salt))
@@ -343,12 +357,32 @@ class PostgresClient(asyncio.Protocol):
             self._auth_step = "sasl-initial"
             self.write(enc.authentication_sasl(["SCRAM-SHA-256"]))
 
+    async def _lookup_secret(self) -> None:
+        """auth_query: fetch this user's secret from the server, then authenticate with it."""
+        try:
+            secret = await self.manager.lookup_secret(self.database, self.user)
+        except (OSError, TimeoutError, ConnectionError, RemoteProtocolError, QueryFailed) as exc:
+            _log.warning("auth_query_failed", client=self.id, error=str(exc))
+            if not self.closed:
+                self.fail("08006", f"auth_query failed: {exc}")
+            return
+        if self.closed:
+            return
+        if secret is None:  # no such login role (or its password expired)
+            self.hooks.auth_failures += 1
+            self.fail("28P01", f'password authentication failed for user "{self.user}"')
+            return
+        self._looked_up = secret
+        self._begin_auth()
+
     def _password(self, m: Message) -> None:
         secret = self._secret() or ""
         step = self._auth_step
         ok = False
         if step == "cleartext" or (step == "passthrough" and self.is_admin):
-            ok = _check_cleartext(self.user, secret, parse_password(m.body))
+            given = parse_password(m.body)
+            ok = _check_cleartext(self.user, secret, given)
+            self._learnt = (given, None)
         elif step == "passthrough":
             self._auth_step = "verifying"
             spawn(
@@ -360,11 +394,14 @@ class PostgresClient(asyncio.Protocol):
             ok = not secret.startswith("SCRAM-SHA-256$") and hmac.compare_digest(
                 md5_response(self.user, secret, self._salt), parse_password(m.body)
             )
+            self._learnt = (secret, None)  # an md5 hash (or plain text) logs in to md5 servers
         elif step == "sasl-initial":
             mech, data = parse_sasl_initial_response(m.body)
             if mech != "SCRAM-SHA-256":
                 raise RemoteProtocolError("unsupported SASL mechanism", sqlstate="28000")
-            self._scram = ScramServer(self.hooks.scram_verifier(self.user, secret))
+            verifier = self.hooks.scram_verifier(self.user, secret)
+            self._scram = ScramServer(verifier)
+            self._scram_server_key = verifier.server_key
             self.write(enc.authentication_sasl_continue(self._scram.server_first(data)))
             self._auth_step = "sasl-final"
             return
@@ -377,6 +414,8 @@ class PostgresClient(asyncio.Protocol):
             else:
                 self.write(enc.authentication_sasl_final(final))
                 ok = True
+                if self._scram.client_key is not None and self._scram_server_key is not None:
+                    self._learnt = (None, (self._scram.client_key, self._scram_server_key))
         if not ok:
             self.hooks.auth_failures += 1
             self.fail("28P01", f'password authentication failed for user "{self.user}"')
@@ -427,6 +466,10 @@ class PostgresClient(asyncio.Protocol):
             self.fail("3D000", f'no such database: "{self.database}"')
             return
         self.pool.clients += 1
+        if self._looked_up is not None and self._learnt and self.pool.server_user == self.user:
+            # auth_query: log in to the server as this user with what its login gave us
+            self.pool.learn_credentials(*self._learnt)
+        self._learnt = None
         if self.pool.server_params is not None:
             self._welcome(self.pool.server_params)
             self.state = "ready"

@@ -120,6 +120,9 @@ class ScramServer:
         self._server_first = ""
         self._nonce = ""
         self._gs2 = ""
+        #: the client's ClientKey, recovered from a valid proof: with the verifier's ServerKey
+        #: it lets a proxy log in to a server holding the same verifier (SCRAM pass-through)
+        self.client_key: bytes | None = None
 
     def server_first(self, client_first: bytes) -> bytes:
         text = _decode(client_first)
@@ -158,6 +161,7 @@ class ScramServer:
         client_key = _xor(proof, signature)
         if not hmac.compare_digest(hashlib.sha256(client_key).digest(), self._v.stored_key):
             raise RemoteProtocolError("password authentication failed", sqlstate="28P01")
+        self.client_key = client_key
         server_sig = _hmac(self._v.server_key, auth_message.encode("utf-8"))
         return f"v={_b64(server_sig)}".encode("ascii")
 
@@ -165,10 +169,20 @@ class ScramServer:
 class ScramClient:
     """Authenticate to a server: client_first() -> client_final(server_first) -> verify."""
 
-    def __init__(self, password: str, *, nonce: str | None = None, username: str = "") -> None:
+    def __init__(
+        self,
+        password: str,
+        *,
+        nonce: str | None = None,
+        username: str = "",
+        keys: tuple[bytes, bytes] | None = None,
+    ) -> None:
         """``username`` goes into client-first; Postgres ignores it (the startup packet names
-        the user), so the default is empty, as libpq sends."""
+        the user), so the default is empty, as libpq sends. ``keys`` = (ClientKey, ServerKey)
+        replace the password (SCRAM pass-through): they are what the salted password would
+        give for the server's own salt and iteration count."""
         self._password = password
+        self._keys = keys
         self._client_nonce = nonce or _b64(secrets.token_bytes(SCRAM_NONCE_BYTES))
         saslname = username.replace("=", "=3D").replace(",", "=2C")  # RFC 5802 section 5.1
         self._client_first_bare = f"n={saslname},r={self._client_nonce}"
@@ -190,13 +204,18 @@ class ScramClient:
         if not 1 <= iterations <= SCRAM_MAX_ITERATIONS:
             raise RemoteProtocolError("SCRAM iteration count out of range", sqlstate="28000")
         salt = _unb64(salt_text)
-        salted = hashlib.pbkdf2_hmac("sha256", self._password.encode("utf-8"), salt, iterations)
-        client_key = _hmac(salted, b"Client Key")
+        if self._keys is not None:
+            client_key, server_key = self._keys
+        else:
+            password = self._password.encode("utf-8")
+            salted = hashlib.pbkdf2_hmac("sha256", password, salt, iterations)
+            client_key = _hmac(salted, b"Client Key")
+            server_key = _hmac(salted, b"Server Key")
         stored_key = hashlib.sha256(client_key).digest()
         without_proof = f"c={_b64(_GS2_HEADER.encode('ascii'))},r={nonce}"
         auth_message = ",".join((self._client_first_bare, text, without_proof)).encode("utf-8")
         proof = _xor(client_key, _hmac(stored_key, auth_message))
-        self._server_sig = _hmac(_hmac(salted, b"Server Key"), auth_message)
+        self._server_sig = _hmac(server_key, auth_message)
         return f"{without_proof},p={_b64(proof)}".encode("ascii")
 
     def verify_server_final(self, server_final: bytes) -> None:

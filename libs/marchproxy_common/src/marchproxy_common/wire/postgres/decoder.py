@@ -340,6 +340,32 @@ def parse_describe_or_close(body: bytes) -> tuple[int, bytes]:
     return body[0], name
 
 
+def parse_data_row(body: bytes) -> list[bytes | None]:
+    """DataRow: the column values (None for NULL), as sent (text or binary)."""
+    if len(body) < 2:
+        raise RemoteProtocolError("truncated DataRow")
+    (count,) = struct.unpack_from("!h", body, 0)
+    if count < 0:
+        raise RemoteProtocolError("negative DataRow column count")
+    values: list[bytes | None] = []
+    pos = 2
+    for _ in range(count):
+        if pos + 4 > len(body):
+            raise RemoteProtocolError("truncated DataRow")
+        (length,) = struct.unpack_from("!i", body, pos)
+        pos += 4
+        if length == -1:
+            values.append(None)
+            continue
+        if length < 0 or pos + length > len(body):
+            raise RemoteProtocolError("bad DataRow value length")
+        values.append(body[pos : pos + length])
+        pos += length
+    if pos != len(body):
+        raise RemoteProtocolError("trailing bytes after DataRow values")
+    return values
+
+
 def parse_fields(body: bytes) -> dict[str, str]:
     """ErrorResponse / NoticeResponse fields: code letter -> value."""
     fields: dict[str, str] = {}

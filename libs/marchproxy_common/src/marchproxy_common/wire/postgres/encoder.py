@@ -170,6 +170,19 @@ def parse(name: bytes, query_text: bytes, param_types: bytes = b"\x00\x00") -> b
     return message(b"P", name + b"\x00" + query_text + b"\x00" + param_types)
 
 
+def bind(statement: bytes, params: Sequence[bytes | None], portal: bytes = b"") -> bytes:
+    """Bind with text-format parameters (None is NULL) and text-format results."""
+    body = [portal + b"\x00", statement + b"\x00", struct.pack("!hh", 0, len(params))]
+    for p in params:
+        body.append(struct.pack("!i", -1) if p is None else struct.pack("!i", len(p)) + p)
+    body.append(struct.pack("!h", 0))
+    return message(b"B", b"".join(body))
+
+
+def execute(portal: bytes = b"", max_rows: int = 0) -> bytes:
+    return message(b"E", portal + b"\x00" + struct.pack("!i", max_rows))
+
+
 def close_statement(name: bytes) -> bytes:
     return message(b"C", b"S" + name + b"\x00")
 
