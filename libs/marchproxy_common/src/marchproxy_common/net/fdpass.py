@@ -34,6 +34,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final, Protocol
 
 __all__ = [
+    "HANDOFF_ACK",
+    "HANDOFF_REQUEST",
     "MAX_FDS_PER_MESSAGE",
     "MAX_META_BYTES",
     "FdPassError",

@@ -7,7 +7,9 @@ API (stable):
   ``pick_upstream(client_addr) -> (host, port) | None`` is called once per new client address
   (``None`` drops the datagram and counts it in ``dropped_no_upstream``).
 - ``await relay.start(host, port) -> (host, port)`` binds the listening socket (port 0 allowed)
-  and returns the bound address; ``relay.close()`` closes it and every session.
+  and returns the bound address; ``await relay.start(sock=s)`` serves on an already bound
+  socket instead (one inherited in a hitless restart). ``relay.listening_socket`` is the listening socket
+  (to hand it on); ``relay.close()`` closes it and every session.
 - Each session is a connected UDP socket towards the chosen upstream; replies are sent back to
   the client from the listening socket. Datagrams that arrive while the session's upstream
   socket is being created are queued (up to ``max_pending``, then dropped).
@@ -22,6 +24,7 @@ API (stable):
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 from typing import Final, cast
 
@@ -121,11 +124,25 @@ class UdpRelay:
     def sessions(self) -> int:
         return len(self._sessions)
 
-    async def start(self, host: str, port: int) -> Addr:
+    @property
+    def listening_socket(self) -> socket.socket | None:
+        """The listening socket while the relay runs."""
+        if self._listener is None:
+            return None
+        sock: socket.socket | None = self._listener.get_extra_info("socket")
+        return sock
+
+    async def start(
+        self, host: str = "", port: int = 0, *, sock: socket.socket | None = None
+    ) -> Addr:
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Listener(self), local_addr=(host, port)
-        )
+        if sock is not None:
+            sock.setblocking(False)
+            transport, _ = await loop.create_datagram_endpoint(lambda: _Listener(self), sock=sock)
+        else:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _Listener(self), local_addr=(host, port)
+            )
         self._listener = transport
         self._sweeper = loop.call_later(self._sweep_interval(), self._sweep, loop)
         addr = transport.get_extra_info("sockname")

@@ -21,6 +21,7 @@ import structlog
 from marchproxy.v1 import nlb_pb2, types_pb2
 from marchproxy_common.net.listener import stop_serving
 from marchproxy_common.net.relay import Relay, RelayStats
+from marchproxy_common.net.udp import UdpRelay
 from marchproxy_common.ratelimit import Decision
 from marchproxy_common.wire.proxy_protocol import build_v1, build_v2
 from marchproxy_common.wire.sniff import (
@@ -57,7 +58,6 @@ from marchproxy_nlb.traffic.routing import (
     make_rule,
     rules_from_snapshot,
 )
-from marchproxy_nlb.traffic.udp import HandoverUdpRelay, bind_udp
 
 _log = structlog.get_logger("marchproxy.nlb.traffic")
 
@@ -150,10 +150,10 @@ class DataPlane:
         name = f"{spec.transport}:{host}:{spec.port}"
         sock = self.inherited.pop(name, None)
         if spec.transport == "udp":
-            relay = HandoverUdpRelay(
+            relay = UdpRelay(
                 partial(self._pick_udp, spec), idle_timeout=self.settings.nlb_udp_idle_timeout
             )
-            bound = await relay.start_on(sock if sock is not None else bind_udp(host, spec.port))
+            bound = await relay.start(host, spec.port, sock=sock)
             self._servers[spec.key] = (spec, relay)
         else:
             factory = partial(SniffingProtocol, self, spec, self.settings.nlb_sniff_timeout)
@@ -187,7 +187,7 @@ class DataPlane:
         out = []
         for spec, server in self._servers.values():
             name = f"{spec.transport}:{spec.host or self.settings.nlb_data_host}:{spec.port}"
-            sock = server.sock if spec.transport == "udp" else server.sockets[0]
+            sock = server.listening_socket if spec.transport == "udp" else server.sockets[0]
             if sock is not None:
                 out.append((name, sock))
         return out
