@@ -575,8 +575,26 @@ class Gateway:
         # the answer is in: the deployment is done and the tokens are spent, whatever the
         # client does next (it may go away now and cancel this task; the settle runs on)
         self.routed.router.succeeded(st, up, tokens.prompt + tokens.completion)
-        await self._shielded(self._settle(key, st, tokens, is_estimate, ctx, hold), "ailb settle")
+        await self._settle_protected(key, st, tokens, is_estimate, ctx, hold)
         return result, st
+
+    async def _settle_protected(
+        self,
+        key: KeyInfo,
+        st: DeploymentState,
+        tokens: Tokens,
+        estimated: bool,
+        ctx: _Ctx,
+        hold: Hold | None,
+    ) -> None:
+        """Settle so that a client going away cannot interrupt it. Without Redis the settle
+        never suspends (unless the usage log is full), and a cancel can only land at a
+        suspension point: it is awaited directly, saving a task per request."""
+        settle = self._settle(key, st, tokens, estimated, ctx, hold)
+        if self.redis is None and not self.usage.may_wait():
+            await settle
+        else:
+            await self._shielded(settle, "ailb settle")
 
     async def _settle(
         self,
@@ -689,7 +707,7 @@ class Gateway:
             est = tokens is None
             if tokens is None:
                 tokens = Tokens(estimated, -(-tally.completion_chars // CHARS_PER_TOKEN))
-            await self._shielded(self._settle(key, st, tokens, est, ctx, hold), "ailb settle")
+            await self._settle_protected(key, st, tokens, est, ctx, hold)
             self.metrics.requests.labels(ctx.group, provider, status).inc()
             elapsed = time.perf_counter() - ctx.t0
             self.metrics.latency.labels(ctx.group, provider).observe(elapsed)

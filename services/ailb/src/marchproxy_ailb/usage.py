@@ -237,6 +237,10 @@ class UsageStore:
         """The Redis hash of one key's totals (``cost_nusd`` is its spend)."""
         return f"{self._prefix}usage:{key_id}"
 
+    def may_wait(self) -> bool:
+        """Whether recording could suspend now (Redis aside): the usage log is full."""
+        return self._log is not None and self._log.full
+
     def local_spend(self, key_id: str) -> int:
         return self._local.get(key_id, {}).get("cost_nusd", 0)
 

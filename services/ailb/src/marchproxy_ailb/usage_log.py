@@ -1,11 +1,12 @@
 """The append-only JSONL usage log, written off the event loop by one writer thread.
 
-Requests hand their record to a bounded queue and go on; the writer thread takes what has
-piled up, writes it as one batch and flushes it to the OS (a process crash loses nothing that
-was flushed; an OS crash may lose the last batches: there is no fsync per batch). When the
-queue is full, recording waits for room (back-pressure, never a dropped record). Closing the
-log writes everything still queued before it returns (bounded by a timeout, so a dead disk
-cannot hang a shutdown forever).
+Requests hand their record over and go on; every 10 ms at most the records collected so far
+go to the writer thread as one batch (one wake-up per batch, not per request), which writes it
+and flushes it to the OS (a process crash loses nothing that was flushed; an OS crash may lose
+the last batches: there is no fsync per batch). When 100k records are not written yet,
+recording waits for room (back-pressure, never a dropped record). Closing the log writes
+everything still queued before it returns (bounded by a timeout, so a dead disk cannot hang a
+shutdown forever).
 
 Rotation keeps the disk use bounded without losing totals: when the file passes ``max_bytes``
 the writer starts a new file whose first line is a *checkpoint* of the totals so far
@@ -32,15 +33,14 @@ import structlog
 
 _log = structlog.get_logger("marchproxy.ailb")
 
-#: records waiting for the writer before recording waits for room
+#: records not yet written before recording waits for room
 MAX_PENDING = 100_000
-#: records written per batch at most
-MAX_BATCH = 4096
+#: records are handed to the writer at most this long after they came in (one batch)
+BATCH_DELAY_S = 0.01
 #: how long closing waits for the writer to finish
 CLOSE_TIMEOUT_S = 10.0
 
 Totals = dict[str, dict[str, int]]
-_STOP = object()
 
 
 def add_record(totals: Totals, fields: Sequence[str], rec: dict[str, Any]) -> None:
@@ -88,19 +88,27 @@ class UsageLog:
         max_bytes: int = 0,
         backups: int = 4,
         max_pending: int = MAX_PENDING,
+        batch_delay_s: float = BATCH_DELAY_S,
         on_error: Callable[[Exception], None] | None = None,
     ) -> None:
         self.path = path
         self._fields = tuple(fields)
         self._max_bytes = max_bytes
         self._backups = backups
+        self._max_pending = max_pending
+        self._batch_delay_s = batch_delay_s
         self._on_error = on_error
-        self._queue: queue.Queue[Any] = queue.Queue(max_pending)
+        #: batches (lists of records) for the writer; bounded by ``_backlog`` below
+        self._queue: queue.SimpleQueue[list[dict[str, Any]] | None] = queue.SimpleQueue()
+        #: records collected on the loop for the next batch
+        self._pending: list[dict[str, Any]] = []
+        self._handoff_timer: asyncio.TimerHandle | None = None
+        #: records appended but not yet written (pending + queued + being written)
+        self._backlog = 0
         self._totals: Totals = {}
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._room: asyncio.Event | None = None
-        self._waiting = False
         self._done: asyncio.Future[None] | None = None
         #: records written so far (by the writer thread)
         self.written = 0
@@ -118,50 +126,65 @@ class UsageLog:
         )
         self._thread.start()
 
+    @property
+    def full(self) -> bool:
+        """Whether :meth:`append` would wait for room now."""
+        return self._backlog >= self._max_pending
+
     async def append(self, rec: dict[str, Any]) -> None:
-        """Queue one record; waits only while the queue is full."""
+        """Queue one record; waits only while ``max_pending`` records are not written yet.
+        Records go to the writer in batches, at most ``batch_delay_s`` after they came in:
+        one wake-up of the writer thread per batch, not per request."""
         assert self._room is not None and self._done is not None, "UsageLog.start() first"
-        while True:
-            if self._done.done():
-                return  # the writer is gone (its error was logged and counted)
-            try:
-                self._queue.put_nowait(rec)
-                return
-            except queue.Full:
-                self._waiting = True
-                self._room.clear()
-                if not self._queue.full():
-                    continue
-                await self._room.wait()
+        while self._backlog >= self._max_pending and not self._done.done():
+            self._room.clear()
+            await self._room.wait()
+        if self._done.done():
+            return  # the writer is gone (its error was logged and counted)
+        self._pending.append(rec)
+        self._backlog += 1
+        if self._handoff_timer is None:
+            assert self._loop is not None
+            self._handoff_timer = self._loop.call_later(self._batch_delay_s, self._handoff)
+
+    def _handoff(self) -> None:
+        self._handoff_timer = None
+        if self._pending:
+            batch, self._pending = self._pending, []
+            self._queue.put(batch)
 
     async def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
         """Write what is queued, then stop the writer."""
         if self._thread is None or self._done is None:
             return
+        if self._handoff_timer is not None:
+            self._handoff_timer.cancel()
+        self._handoff()
+        self._queue.put(None)
         try:
-            async with asyncio.timeout(timeout_s):
-                await self.append(_STOP)  # type: ignore[arg-type]
-                await asyncio.shield(self._done)
+            await asyncio.wait_for(asyncio.shield(self._done), timeout_s)
         except TimeoutError:
-            left = self._queue.qsize()
+            left = self._backlog
             _log.error("ailb_usage_log_stuck", path=self.path, unwritten=left, waited=timeout_s)
         self._thread = None
 
     # -- the writer thread -------------------------------------------------------------------
 
-    def _notify(self, fn: Callable[[], None]) -> None:
+    def _notify(self, fn: Callable[..., None], *args: Any) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(fn)
+                loop.call_soon_threadsafe(fn, *args)
 
     def _finished(self) -> None:
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
-        self._room_made()  # wake anyone waiting for room: there will be none
-
-    def _room_made(self) -> None:
         if self._room is not None:
+            self._room.set()  # wake anyone waiting for room: there will be none
+
+    def _written(self, count: int) -> None:
+        self._backlog -= count
+        if self._room is not None and self._backlog < self._max_pending:
             self._room.set()
 
     def _open(self) -> tuple[IO[str], bool]:
@@ -171,22 +194,19 @@ class UsageLog:
 
     def _run(self, fh: IO[str], regular: bool) -> None:
         try:
-            while True:
-                batch = [self._queue.get()]
-                while len(batch) < MAX_BATCH:
+            stop = False
+            while not stop:
+                batches = [self._queue.get()]
+                while True:
                     try:
-                        batch.append(self._queue.get_nowait())
+                        batches.append(self._queue.get_nowait())
                     except queue.Empty:
                         break
-                if self._waiting:
-                    self._waiting = False
-                    self._notify(self._room_made)
-                stop = any(r is _STOP for r in batch)
-                records = [r for r in batch if r is not _STOP]
+                stop = None in batches
+                records = [r for batch in batches if batch is not None for r in batch]
                 if records:
                     fh = self._write(fh, records, regular)
-                if stop:
-                    break
+                    self._notify(self._written, len(records))
         except Exception as exc:  # a bug, or the log could not be reopened
             self._error(exc)
         finally:
