@@ -12,10 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
+import subprocess
 import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -54,18 +57,20 @@ class FakeUpstream:
         self.streams_completed = 0
         self._runner: web.AppRunner | None = None
         self.port = 0
+        self.scheme = "http"
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def app(self) -> web.Application:
         raise NotImplementedError
 
-    async def start(self) -> FakeUpstream:
+    async def start(self, ssl_context: ssl.SSLContext | None = None) -> FakeUpstream:
         self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=ssl_context)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.scheme = "https" if ssl_context is not None else "http"
         return self
 
     async def close(self) -> None:
@@ -75,7 +80,7 @@ class FakeUpstream:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     @property
     def open_connections(self) -> int:
@@ -769,3 +774,24 @@ class _HeldPipe:
         for data in self.held:
             self.up.write(data)
         self.held.clear()
+
+
+def make_pki(d: Path, name: str = "ailb-test") -> tuple[Path, ssl.SSLContext]:
+    """A throw-away CA (``ca.pem``) and a server context whose certificate it signed, valid
+    for 127.0.0.1 and localhost (openssl CLI)."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+    d.mkdir(parents=True, exist_ok=True)
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+            "ca.pem", "-days", "2", "-subj", f"/CN={name}-ca")  # fmt: skip
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
+            "server.csr", "-subj", f"/CN={name}")  # fmt: skip
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.pem", "-days", "2",
+            "-extfile", "san.ext")  # fmt: skip
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(d / "server.pem", d / "server.key")
+    return d / "ca.pem", ctx

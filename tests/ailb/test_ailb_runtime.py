@@ -17,7 +17,7 @@ from marchproxy_ailb.config import AilbSettings
 from marchproxy_ailb.module import AilbHooks
 from marchproxy_common.module.runtime import run_module
 from tests.ailb.conftest import AilbFactory, three_provider_config
-from tests.ailb.fakes import FakeAnthropic, FakeOllama, FakeOpenAI
+from tests.ailb.fakes import FakeAnthropic, FakeOllama, FakeOpenAI, make_pki
 from tests.conftest import ProcessGroup, free_port, wait_port
 
 
@@ -167,3 +167,55 @@ async def test_proxy_protocol_header_from_nlb(ailb: AilbFactory, fake_openai: Fa
         await writer.wait_closed()
     assert raw.startswith(b"HTTP/1.1 200")
     assert b"Hello from openai: pp" in raw
+
+
+@pytest.mark.integration
+async def test_https_upstreams_are_verified(tmp_path: Path, procs: ProcessGroup) -> None:
+    """Two https upstreams signed by a CA the AILB trusts (SSL_CERT_FILE) answer through one
+    shared TLS context; one signed by an unknown CA is refused (502), not trusted blindly."""
+    ca, server_ctx = make_pki(tmp_path / "trusted")
+    _, rogue_ctx = make_pki(tmp_path / "rogue", name="rogue")
+    fakes = [FakeOpenAI(), FakeOpenAI(), FakeOpenAI()]
+    for fake, ctx in zip(fakes, (server_ctx, server_ctx, rogue_ctx), strict=True):
+        await fake.start(ssl_context=ctx)
+    try:
+        config = {
+            "model_list": [
+                {"model_name": name, "base_url": fake.url + "/v1"}
+                for name, fake in zip(("a", "b", "rogue"), fakes, strict=True)
+            ]
+        }
+        cfg = tmp_path / "ailb.yaml"
+        cfg.write_text(yaml.safe_dump({"modules": [{"name": "ailb", "config": config}]}))
+        port = free_port()
+        procs.python(
+            "ailb",
+            "marchproxy_ailb",
+            {
+                "CONFIG_FILE": str(cfg),
+                "DATA_PORT": str(port),
+                "GRPC_PORT": "0",
+                "ADMIN_PORT": "0",
+                "REGISTER_WITH_NLB": "false",
+                "REDIS_URL": "",
+                "API_URL": "",
+                "SSL_CERT_FILE": str(ca),
+            },
+        )
+        await asyncio.to_thread(wait_port, port)
+        url = f"http://127.0.0.1:{port}/v1"
+        async with openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0) as client:
+            for model in ("a", "b", "a"):
+                r = await client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": "tls"}]
+                )
+                assert r.choices[0].message.content == "Hello from openai: tls"
+            with pytest.raises(openai.APIStatusError) as exc:
+                await client.chat.completions.create(
+                    model="rogue", messages=[{"role": "user", "content": "tls"}]
+                )
+            assert exc.value.status_code == 502
+        assert [len(f.requests) for f in fakes] == [2, 1, 0]
+    finally:
+        for fake in fakes:
+            await fake.close()

@@ -27,6 +27,17 @@ MAX_IDLE_PER_UPSTREAM = 128
 #: largest response head (status line + headers) accepted
 MAX_HEAD_BYTES = 64 * 1024
 
+_tls_context: ssl.SSLContext | None = None
+
+
+def tls_context() -> ssl.SSLContext:
+    """One verifying client context for every https upstream, made on first use: each one
+    loads the system CA store (~1 MiB and ~30 ms), and contexts are meant to be shared."""
+    global _tls_context
+    if _tls_context is None:
+        _tls_context = ssl.create_default_context()
+    return _tls_context
+
 
 class _Conn(asyncio.Protocol):
     def __init__(self, pool: UpstreamPool) -> None:
@@ -251,7 +262,7 @@ class UpstreamPool:
         self.prefix = parts.path.rstrip("/")
         default_port = (self.tls and self.port == 443) or (not self.tls and self.port == 80)
         self.host_header = self.host if default_port else f"{self.host}:{self.port}"
-        self._ssl = ssl.create_default_context() if self.tls else None
+        self._ssl = tls_context() if self.tls else None
         self._idle: deque[_Conn] = deque()
         self._all: set[_Conn] = set()
         #: no deployment uses this upstream any more: connections close instead of idling
