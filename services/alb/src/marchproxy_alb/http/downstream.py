@@ -399,7 +399,7 @@ class DownstreamProtocol(asyncio.Protocol):
             chunked, length = framing_of(self._headers)
         except FramingError as exc:
             raise _Refused(exc.status, "bad_framing", str(exc)) from None
-        absolute = absolute_form(self._url)
+        absolute = None if self._url[:1] == b"/" else absolute_form(self._url)
         if absolute is not None:
             # RFC 9112 §3.2.2: the authority of an absolute-form target replaces Host
             authority, self._url = absolute

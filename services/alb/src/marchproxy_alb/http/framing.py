@@ -163,6 +163,8 @@ _STD_CONNECTION_TOKENS = frozenset({b"keep-alive", b"close", b"upgrade", b"te", 
 
 
 def _extra_connection_tokens(value: bytes, into: set[bytes] | None) -> set[bytes] | None:
+    if value.lower() in _STD_CONNECTION_TOKENS:
+        return into  # "keep-alive" or "close" alone: the usual case
     for t in value.split(b","):
         t = t.strip().lower()
         if t not in _STD_CONNECTION_TOKENS:
