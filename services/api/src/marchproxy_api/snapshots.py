@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import math
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -78,118 +81,159 @@ def _route(r: Any, module_name: str) -> dict[str, Any]:
     }
 
 
-RouteMemo = dict[int, tuple[Any, str, dict[str, Any]]]
+_dumps = functools.partial(json.dumps, separators=(",", ":"))
+#: the stamp ``stamp_text`` puts after the component and ``content_of`` takes off again
+_STAMP = re.compile(r'^(\{"component":"[a-z]+",)"version":\d+,"generated_at":"[^"]*",')
 
 
-def _route_cached(r: Any, module_name: str, memo: RouteMemo) -> dict[str, Any]:
-    """Compiled route dict, reused while the row's ``updated_at`` and module name are unchanged."""
-    hit = memo.get(r.id)
-    stamp_ = getattr(r, "updated_at", None)
-    if hit is not None and hit[0] == stamp_ and hit[1] == module_name and stamp_ is not None:
-        return hit[2]
-    out = _route(r, module_name)
-    memo[r.id] = (stamp_, module_name, out)
-    return out
+def _deployment(d: Any, module_name: str) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "module": module_name,
+        "version": d.version,
+        "image": d.image,
+        "config": d.config,
+        "traffic_weight": d.traffic_weight,
+        "status": d.status,
+    }
 
 
-def compile_snapshots(
-    src: dict[str, list[Any]], memo: RouteMemo | None = None
-) -> dict[str, dict[str, Any]]:
-    """Component -> snapshot body without ``version``/``generated_at``.
+def _nlb_extras(src: dict[str, list[Any]], names: dict[int, str]) -> dict[str, Any]:
+    return {
+        "listeners": [
+            {
+                "name": li.name,
+                "port": li.port,
+                "protocols": li.protocols,
+                "default_protocol": li.default_protocol,
+                "transport": li.transport,
+            }
+            for li in src["listeners"]
+        ],
+        "rate_limits": [
+            {
+                "target": rl.target,
+                "requests_per_second": rl.requests_per_second,
+                "burst": rl.burst,
+                "scope": rl.scope,
+            }
+            for rl in src["rate_limits"]
+        ],
+        "scaling_policies": [
+            {
+                "module": names[p.module_id],
+                "min_instances": p.min_instances,
+                "max_instances": p.max_instances,
+                "scale_up_threshold": p.scale_up_threshold,
+                "scale_down_threshold": p.scale_down_threshold,
+                "cooldown_seconds": p.cooldown_seconds,
+                "metric": p.metric,
+                "enabled": p.enabled,
+            }
+            for p in src["policies"]
+            if p.module_id in names
+        ],
+        "services": [
+            {
+                "name": s.name,
+                "host": s.host,
+                "port": s.port,
+                "protocol": s.protocol,
+                "module": s.module,
+                "tls_enabled": s.tls_enabled,
+                "health_check_path": s.health_check_path,
+                "enabled": s.enabled,
+                "tags": s.tags,
+            }
+            for s in src["services"]
+        ],
+    }
 
-    ``memo`` (kept by the caller across calls) avoids rebuilding unchanged route dicts; the
-    returned structures share those dicts, so callers must treat them as read-only.
+
+class SnapshotCompiler:
+    """Component -> snapshot *content* (the document without ``version``/``generated_at``) as
+    canonical JSON text, exactly ``json.dumps(body, separators=(",", ":"))``.
+
+    Routes dominate a snapshot (1,000 routes are ~300 KB), so the encoded JSON of each route is
+    kept and reused while the row's ``updated_at`` and its module's name are unchanged: a write
+    re-encodes what it changed and joins strings for the rest. Comparing the texts tells which
+    components changed.
     """
-    memo = {} if memo is None else memo
-    live_ids = {r.id for r in src["routes"]}
-    for stale in [i for i in memo if i not in live_ids]:
-        del memo[stale]
-    names = {m.id: m.name for m in src["modules"]}
-    compiled_routes = [
-        (r.module_id, _route_cached(r, names[r.module_id], memo))
-        for r in src["routes"]
-        if r.module_id in names
-    ]
-    comp_of_module = {m.id: component_of(m.type) for m in src["modules"]}
-    out: dict[str, dict[str, Any]] = {}
-    for comp in COMPONENTS:
-        if comp == "nlb":
-            wanted = set(names)
-        else:
-            wanted = {mid for mid, c in comp_of_module.items() if c == comp}
-        body: dict[str, Any] = {
-            "component": comp,
-            "modules": [_module(m) for m in src["modules"] if m.id in wanted],
-            "routes": [route for mid, route in compiled_routes if mid in wanted],
-            "deployments": [
-                {
-                    "id": d.id,
-                    "module": names[d.module_id],
-                    "version": d.version,
-                    "image": d.image,
-                    "config": d.config,
-                    "traffic_weight": d.traffic_weight,
-                    "status": d.status,
-                }
-                for d in src["deployments"]
-                if d.module_id in wanted and d.status in ("ACTIVE", "ROLLING_OUT")
-            ],
-        }
-        if comp == "nlb":
-            body["listeners"] = [
-                {
-                    "name": li.name,
-                    "port": li.port,
-                    "protocols": li.protocols,
-                    "default_protocol": li.default_protocol,
-                    "transport": li.transport,
-                }
-                for li in src["listeners"]
+
+    def __init__(self) -> None:
+        self._routes: dict[int, tuple[Any, str, str]] = {}
+
+    def _route_json(self, r: Any, module_name: str) -> str:
+        stamp_ = getattr(r, "updated_at", None)
+        hit = self._routes.get(r.id)
+        if hit is not None and stamp_ is not None and hit[0] == stamp_ and hit[1] == module_name:
+            return hit[2]
+        text = _dumps(_route(r, module_name))
+        self._routes[r.id] = (stamp_, module_name, text)
+        return text
+
+    def compile(self, src: dict[str, list[Any]]) -> dict[str, str]:
+        names = {m.id: m.name for m in src["modules"]}
+        comp_of = {m.id: component_of(m.type) for m in src["modules"]}
+        live = {r.id for r in src["routes"]}
+        if len(self._routes) > len(live):
+            for gone in [i for i in self._routes if i not in live]:
+                del self._routes[gone]
+        routes: dict[str, list[str]] = {comp: [] for comp in COMPONENTS}
+        for r in src["routes"]:
+            comp = comp_of.get(r.module_id)
+            if comp is None:
+                continue
+            text = self._route_json(r, names[r.module_id])
+            routes["nlb"].append(text)
+            if comp != "nlb":
+                routes[comp].append(text)
+        modules: dict[str, list[dict[str, Any]]] = {comp: [] for comp in COMPONENTS}
+        for m in src["modules"]:
+            body = _module(m)
+            modules["nlb"].append(body)
+            if comp_of[m.id] != "nlb":
+                modules[comp_of[m.id]].append(body)
+        deployments: dict[str, list[dict[str, Any]]] = {comp: [] for comp in COMPONENTS}
+        for d in src["deployments"]:
+            if d.module_id not in names or d.status not in ("ACTIVE", "ROLLING_OUT"):
+                continue
+            body = _deployment(d, names[d.module_id])
+            deployments["nlb"].append(body)
+            if comp_of[d.module_id] != "nlb":
+                deployments[comp_of[d.module_id]].append(body)
+        out = {}
+        for comp in COMPONENTS:
+            parts = [
+                '{"component":',
+                _dumps(comp),
+                ',"modules":',
+                _dumps(modules[comp]),
+                ',"routes":[',
+                ",".join(routes[comp]),
+                '],"deployments":',
+                _dumps(deployments[comp]),
             ]
-            body["rate_limits"] = [
-                {
-                    "target": rl.target,
-                    "requests_per_second": rl.requests_per_second,
-                    "burst": rl.burst,
-                    "scope": rl.scope,
-                }
-                for rl in src["rate_limits"]
-            ]
-            body["scaling_policies"] = [
-                {
-                    "module": names[p.module_id],
-                    "min_instances": p.min_instances,
-                    "max_instances": p.max_instances,
-                    "scale_up_threshold": p.scale_up_threshold,
-                    "scale_down_threshold": p.scale_down_threshold,
-                    "cooldown_seconds": p.cooldown_seconds,
-                    "metric": p.metric,
-                    "enabled": p.enabled,
-                }
-                for p in src["policies"]
-            ]
-            body["services"] = [
-                {
-                    "name": s.name,
-                    "host": s.host,
-                    "port": s.port,
-                    "protocol": s.protocol,
-                    "module": s.module,
-                    "tls_enabled": s.tls_enabled,
-                    "health_check_path": s.health_check_path,
-                    "enabled": s.enabled,
-                    "tags": s.tags,
-                }
-                for s in src["services"]
-            ]
-        out[comp] = body
-    return out
+            if comp == "nlb":
+                for key, value in _nlb_extras(src, names).items():
+                    parts += [f',"{key}":', _dumps(value)]
+            parts.append("}")
+            out[comp] = "".join(parts)
+        return out
 
 
-def content(snapshot: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in snapshot.items() if k not in VOLATILE_KEYS}
+def stamp_text(content: str, version: int, now: datetime | None = None) -> str:
+    """The stored/published snapshot: ``content`` with version and generated_at after the
+    component, the same bytes as dumping ``{"component", "version", "generated_at", ...}``."""
+    at = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    cut = content.index(",") + 1  # after '{"component":"<name>",'
+    return f'{content[:cut]}"version":{version},"generated_at":"{at}",{content[cut:]}'
 
 
-def stamp(body: dict[str, Any], version: int) -> dict[str, Any]:
-    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return {"component": body["component"], "version": version, "generated_at": now, **body}
+def content_of(stored: str) -> str:
+    """Inverse of :func:`stamp_text`; re-encodes documents that were not stamped by it."""
+    m = _STAMP.match(stored)
+    if m is not None:
+        return m.group(1) + stored[m.end() :]
+    doc = json.loads(stored)
+    return _dumps({k: v for k, v in doc.items() if k not in VOLATILE_KEYS})

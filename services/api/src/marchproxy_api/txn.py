@@ -5,7 +5,6 @@ them to the publisher."""
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from marchproxy_api.db.models import AuditLog, RegistrationEvent
 from marchproxy_api.keys import compiled_cache_key, metrics_key, publisher_key, sessionmaker_key
 from marchproxy_api.repos import state as state_repo
 from marchproxy_api.schemas import COMPONENTS
-from marchproxy_api.snapshots import RouteMemo, compile_snapshots, content, stamp
+from marchproxy_api.snapshots import SnapshotCompiler, content_of, stamp_text
 
 _log = structlog.get_logger("marchproxy.api.state")
 
@@ -64,34 +63,43 @@ class Tx:
 
 
 class CompiledCache:
-    """Source rows plus the content of the last snapshot stored per component (by version), so
-    change detection does not re-read large snapshot bodies from the database."""
+    """Source rows, the per-route JSON of the compiler, and the content of the last snapshot
+    stored per component (by version), so change detection does not re-read large snapshot
+    bodies from the database."""
 
     def __init__(self) -> None:
         self.sources = state_repo.SourceCache()
-        self.content: dict[str, tuple[int, dict[str, Any]]] = {}
-        self.route_memo: RouteMemo = {}
+        self.compiler = SnapshotCompiler()
+        self.content: dict[str, tuple[int, str]] = {}
 
 
 async def compile_and_store(
-    session: AsyncSession, version: int, force: bool, cache: CompiledCache
+    session: AsyncSession,
+    version: int,
+    force: bool,
+    cache: CompiledCache,
+    touched: state_repo.Touched | None = None,
 ) -> dict[str, tuple[int, str]]:
-    bodies = compile_snapshots(await cache.sources.load(session), cache.route_memo)
-    versions = await state_repo.stored_versions(session)
+    """Compile every component from the (cached) sources, store the ones whose content
+    changed under ``version``; ``touched`` names the rows this transaction wrote."""
+    sources, versions = await cache.sources.load_for_write(session, touched)
+    texts = cache.compiler.compile(sources)
     changed: dict[str, tuple[int, str]] = {}
-    for comp, body in bodies.items():
+    for comp, text in texts.items():
         if not force and comp in versions:
             cached = cache.content.get(comp)
             if cached is None or cached[0] != versions[comp]:
                 row = await state_repo.snapshot(session, comp)
-                cached = (versions[comp], content(json.loads(row.body)) if row else {})
+                cached = (versions[comp], content_of(row.body) if row else "")
                 cache.content[comp] = cached
-            if cached[1] == body:
+            if cached[1] == text:
                 continue
-        text = json.dumps(stamp(body, version), separators=(",", ":"))
-        await state_repo.put_snapshot(session, comp, version, text)
-        cache.content[comp] = (version, body)
-        changed[comp] = (version, text)
+        cache.content[comp] = (version, text)
+        changed[comp] = (version, stamp_text(text, version))
+    if changed:
+        await state_repo.put_snapshots(
+            session, [(c, v, body) for c, (v, body) in changed.items()], set(versions)
+        )
     return changed
 
 
@@ -101,6 +109,7 @@ async def write_tx(
 ) -> AsyncIterator[Tx]:
     async with app[sessionmaker_key]() as session, session.begin():
         tx = Tx(session=session, actor=actor, config=config, force_publish=force_publish)
+        touched = state_repo.track_writes(session) if config else None
         if config:
             # First statement: bumping config_version takes its row lock (on SQLite the write
             # lock), so config writes are serialised from here to the commit and every check
@@ -111,7 +120,7 @@ async def write_tx(
         await session.flush()
         if tx.config and tx.version is not None:
             tx.changed = await compile_and_store(
-                session, tx.version, tx.force_publish, app[compiled_cache_key]
+                session, tx.version, tx.force_publish, app[compiled_cache_key], touched
             )
         for a in tx.audits:
             session.add(AuditLog(actor=actor, config_version=tx.version, **a))
