@@ -28,6 +28,8 @@ class DblbSettings(ModuleSettings):
 
     #: Second listener for MySQL clients (0 = any free port; -1 = disabled).
     mysql_port: int = Field(default=-1, ge=-1, le=65535)
+    #: Processes serving the Postgres port (SO_REUSEPORT; pool limits are split among them).
+    workers: int = Field(default=1, ge=1, le=8)
 
 
 class _Strict(BaseModel):

@@ -78,32 +78,26 @@ class DblbCollector(Collector):
                 "marchproxy_dblb_server_bytes_sent", "Bytes to servers", labels=labels
             ),
         }
-        pools = [
-            ([p.database, p.user, p.mode, p.role], p.counts(), p.size, p.stats)
-            for p in h.manager.all_pools()
-        ]
-        pools += [
-            ([m["database"], m["user"], "session", "mysql"], m, h.mysql_pool_size, m["stats"])
-            for m in h.mysql_pool_rows()
-        ]
-        for lv, c, size, s in pools:
+        # every pool: ours, MySQL's and, with several workers, theirs (summed by labels)
+        for row in h.pool_report():
+            lv, c, size, st = row["labels"], row["counts"], row["size"], row["stats"]
             g_clients.add_metric([*lv, "active"], c["cl_active"])
             g_clients.add_metric([*lv, "waiting"], c["cl_waiting"])
             for state in ("active", "idle", "used", "login"):
                 g_servers.add_metric([*lv, state], c[f"sv_{state}"])
             g_size.add_metric(lv, size)
             g_maxwait.add_metric(lv, c["cl_waiting"])
-            counters["xact"].add_metric(lv, s.xact_count)
-            counters["query"].add_metric(lv, s.query_count)
-            counters["xact_time"].add_metric(lv, s.xact_time)
-            counters["query_time"].add_metric(lv, s.query_time)
-            counters["wait"].add_metric(lv, s.wait_count)
-            counters["wait_time"].add_metric(lv, s.wait_time)
-            counters["wait_timeouts"].add_metric(lv, s.wait_timeouts)
-            counters["logins"].add_metric(lv, s.server_logins)
-            counters["login_errors"].add_metric(lv, s.server_login_errors)
-            counters["rx"].add_metric(lv, s.bytes_received)
-            counters["tx"].add_metric(lv, s.bytes_sent)
+            counters["xact"].add_metric(lv, st.get("xact_count", 0))
+            counters["query"].add_metric(lv, st.get("query_count", 0))
+            counters["xact_time"].add_metric(lv, st.get("xact_time", 0))
+            counters["query_time"].add_metric(lv, st.get("query_time", 0))
+            counters["wait"].add_metric(lv, st.get("wait_count", 0))
+            counters["wait_time"].add_metric(lv, st.get("wait_time", 0))
+            counters["wait_timeouts"].add_metric(lv, st.get("wait_timeouts", 0))
+            counters["logins"].add_metric(lv, st.get("server_logins", 0))
+            counters["login_errors"].add_metric(lv, st.get("server_login_errors", 0))
+            counters["rx"].add_metric(lv, st.get("bytes_received", 0))
+            counters["tx"].add_metric(lv, st.get("bytes_sent", 0))
         yield g_clients
         yield g_servers
         yield g_size

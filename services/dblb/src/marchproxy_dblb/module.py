@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
+import hmac
 import itertools
+import shutil
 import ssl
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,12 +20,13 @@ from marchproxy.v1 import types_pb2
 from marchproxy_common.module.hooks import BaseModuleHooks, BoundAddress, LoadReport
 from marchproxy_common.net.listener import stop_serving
 from marchproxy_common.net.proxied import client_address, wrap_proxy_protocol
+from marchproxy_common.tasks import spawn
 from marchproxy_common.wire.postgres.auth import ScramVerifier
 
 from .config import DEFAULT_MODULE_ID, DblbConfig, DblbSettings, module_config_from_snapshot
 from .frontends.postgres import PostgresClient
 from .metrics import DblbCollector
-from .pool import PoolManager
+from .pool import PoolManager, send_cancel
 
 _log = structlog.get_logger("marchproxy.dblb")
 #: Distinct prepared-statement texts remembered for pool-wide names before starting over.
@@ -43,11 +48,27 @@ class DblbHooks(BaseModuleHooks):
     protocols = (types_pb2.PROTOCOL_POSTGRESQL, types_pb2.PROTOCOL_MYSQL)
     default_module_id = DEFAULT_MODULE_ID
 
-    def __init__(self, settings: DblbSettings, config: DblbConfig | None = None) -> None:
+    def __init__(
+        self,
+        settings: DblbSettings,
+        config: DblbConfig | None = None,
+        *,
+        worker_index: int = 0,
+        peer_dir: str = "",
+    ) -> None:
         self.settings = settings
         self.module_id = settings.module_id or DEFAULT_MODULE_ID
         self.config = config or DblbConfig()
-        self.manager = PoolManager(self.config)
+        self.manager = PoolManager(
+            self.config, worker_index=worker_index, worker_count=settings.workers
+        )
+        #: several workers: this one's index, the directory of their cancel sockets
+        self.worker_index = worker_index
+        self.peer_dir = peer_dir
+        self._own_peer_dir = False
+        self._peer_server: asyncio.AbstractServer | None = None
+        self._supervisor: Any = None
+        self._supervisor_seq = 0
         self.manager.on_reload = self._reload
         self.metrics_registry = CollectorRegistry(auto_describe=False)
         self.metrics_registry.register(DblbCollector(self))
@@ -77,10 +98,17 @@ class DblbHooks(BaseModuleHooks):
         factory: Any = lambda: PostgresClient(self)  # noqa: E731
         if self.settings.proxy_protocol != "off":
             factory = wrap_proxy_protocol(factory, mode=self.settings.proxy_protocol)
+        workers = self.settings.workers
         self._server = await loop.create_server(
-            factory, self.settings.data_host, self.settings.data_port, backlog=1024
+            factory,
+            self.settings.data_host,
+            self.settings.data_port,
+            backlog=1024,
+            reuse_port=True if workers > 1 else None,
         )
         self.manager.start()
+        if workers > 1:
+            await self._start_workers()
         if self.settings.mysql_port >= 0:
             from .frontends.mysql import MysqlFrontend
 
@@ -92,10 +120,35 @@ class DblbHooks(BaseModuleHooks):
         _log.info("dblb_listening", host=host, port=port)
         return BoundAddress(host, port)
 
-    async def apply_config(self, snapshot: Mapping[str, Any]) -> list[str]:
-        return self._apply_snapshot(snapshot)
+    async def _start_workers(self) -> None:
+        """SO_REUSEPORT workers: our cancel socket, then (main process) the other workers."""
+        from . import workers as w
 
-    def _apply_snapshot(self, snapshot: Mapping[str, Any]) -> list[str]:
+        assert self._server is not None
+        if not self.peer_dir:
+            self.peer_dir = tempfile.mkdtemp(prefix="marchproxy-dblb-")
+            self._own_peer_dir = True
+        self._peer_server = await w.serve_peer_cancels(
+            self, w.peer_socket(self.peer_dir, self.worker_index)
+        )
+        if self.worker_index == 0:
+            host, port = self._server.sockets[0].getsockname()[:2]
+            supervisor = w.WorkerSupervisor(self, host, port, self.settings.workers, self.peer_dir)
+            try:
+                await supervisor.start(self._last_snapshot)
+            except BaseException:
+                await self.close()  # our listener, cancel socket and directory
+                raise
+            self._supervisor = supervisor
+
+    async def apply_config(self, snapshot: Mapping[str, Any]) -> list[str]:
+        errors = self.apply_snapshot(snapshot)
+        if not errors and self._supervisor is not None:
+            # the workers validate the same snapshot; wait until they all run it
+            errors = await self._supervisor.wait_applied(self._supervisor_seq)
+        return errors
+
+    def apply_snapshot(self, snapshot: Mapping[str, Any]) -> list[str]:
         config, errors = module_config_from_snapshot(snapshot, self.module_id)
         if errors or config is None:
             return errors
@@ -109,6 +162,8 @@ class DblbHooks(BaseModuleHooks):
         if self._mysql is not None:
             self._mysql.apply(config)
         self._last_snapshot = snapshot
+        if self._supervisor is not None:
+            self._supervisor_seq = self._supervisor.broadcast(snapshot)
         return []
 
     def load(self) -> LoadReport:
@@ -172,6 +227,8 @@ class DblbHooks(BaseModuleHooks):
 
     async def close(self) -> None:
         await self.stop_accepting()
+        if self._supervisor is not None:
+            await self._supervisor.stop()
         for client in list(self.manager.clients.values()):
             if client.transport is not None:
                 client.transport.close()
@@ -180,6 +237,11 @@ class DblbHooks(BaseModuleHooks):
             await self._mysql.close()
         if self._server is not None:
             await self._server.wait_closed()
+        if self._peer_server is not None:
+            self._peer_server.close()
+            await self._peer_server.wait_closed()
+        if self._own_peer_dir:
+            shutil.rmtree(self.peer_dir, ignore_errors=True)
 
     async def check_health(self, deep: bool) -> dict[str, str]:
         result = {"data_plane": "ok" if self._server is not None else "not started"}
@@ -195,6 +257,82 @@ class DblbHooks(BaseModuleHooks):
         return result
 
     # ---- helpers for the frontends ------------------------------------------------------------
+
+    def cancel(self, pid: int, key: int) -> None:
+        """A CancelRequest: ours, or (several workers) forwarded to the worker that owns it."""
+        if pid in self.manager.clients or self.manager.worker_count == 1:
+            self.cancel_local(pid, key)
+            return
+        from . import workers as w
+
+        owner = w.worker_of(pid)
+        if owner != self.worker_index and owner < self.manager.worker_count and self.peer_dir:
+            spawn(
+                w.forward_cancel(w.peer_socket(self.peer_dir, owner), pid, key),
+                name=f"dblb cancel to worker {owner}",
+            )
+
+    def cancel_local(self, pid: int, key: int) -> None:
+        target = self.manager.clients.get(pid)
+        if target is None or not hmac.compare_digest(
+            target.backend_key[1].to_bytes(4, "big", signed=True),
+            key.to_bytes(4, "big", signed=True),
+        ):
+            return
+        server = target.server
+        if server is not None and server.backend_pid:
+            self.cancels_forwarded += 1
+            spawn(
+                send_cancel(
+                    server.pool.host, server.pool.port, server.backend_pid, server.backend_key
+                ),
+                name=f"dblb cancel for client {target.id}",
+            )
+
+    def local_pool_report(self) -> list[dict[str, Any]]:
+        """This process's Postgres pools, in the form workers send to the main process."""
+        return [
+            {
+                "labels": [p.database, p.user, p.mode, p.role],
+                "counts": p.counts(),
+                "size": p.size,
+                "stats": dataclasses.asdict(p.stats),
+            }
+            for p in self.manager.all_pools()
+        ]
+
+    def pool_report(self) -> list[dict[str, Any]]:
+        """Every pool for the metrics: ours, MySQL's and (several workers) theirs, summed by
+        labels."""
+        rows = self.local_pool_report()
+        rows += [
+            {
+                "labels": [m["database"], m["user"], "session", "mysql"],
+                "counts": _counts(m),
+                "size": self.mysql_pool_size,
+                "stats": dataclasses.asdict(m["stats"]),
+            }
+            for m in self.mysql_pool_rows()
+        ]
+        if self._supervisor is not None:
+            rows += self._supervisor.worker_reports()
+        merged: dict[tuple[str, ...], dict[str, Any]] = {}
+        for row in rows:
+            key = tuple(str(v) for v in row["labels"])
+            into = merged.get(key)
+            if into is None:
+                merged[key] = {
+                    "labels": list(key),
+                    "counts": dict(row["counts"]),
+                    "size": row["size"],
+                    "stats": dict(row["stats"]),
+                }
+                continue
+            into["size"] += row["size"]
+            for part in ("counts", "stats"):
+                for k, v in row[part].items():
+                    into[part][k] = into[part].get(k, 0) + v
+        return list(merged.values())
 
     def client_total(self) -> int:
         """Clients of both frontends (max_client_conn counts them together, as PgBouncer)."""
@@ -252,7 +390,14 @@ class DblbHooks(BaseModuleHooks):
             snapshot = self._last_snapshot
         else:
             return ["not applicable: no config file, and no desired state has been applied yet"]
-        errors = self._apply_snapshot(snapshot)
+        errors = self.apply_snapshot(snapshot)
         if errors:
             _log.warning("reload_rejected", errors=errors)
         return errors
+
+
+_COUNT_KEYS = ("cl_active", "cl_waiting", "sv_active", "sv_idle", "sv_used", "sv_login")
+
+
+def _counts(row: Mapping[str, Any]) -> dict[str, int]:
+    return {k: int(row[k]) for k in _COUNT_KEYS}

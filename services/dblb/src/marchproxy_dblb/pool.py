@@ -919,8 +919,11 @@ class TooManyPools(Exception):
 class PoolManager:
     """Every pool, the client registry (for cancel requests), PAUSE/RESUME and janitor."""
 
-    def __init__(self, config: DblbConfig) -> None:
+    def __init__(self, config: DblbConfig, *, worker_index: int = 0, worker_count: int = 1) -> None:
         self.config = config
+        #: this process's share of the limits when several workers serve the port
+        self.worker_index = worker_index
+        self.worker_count = worker_count
         self.pools: dict[tuple[str, str], Pool] = {}
         self.replica_pools: dict[tuple[str, str, int], Pool] = {}
         #: pools replaced by a config change that still have clients or servers
@@ -1011,9 +1014,9 @@ class PoolManager:
             else:
                 db = resolved[0]
                 pool.config = config
-                pool.size = db.pool_size or config.default_pool_size
-                pool.min_size = (
-                    db.min_pool_size if db.min_pool_size is not None else config.min_pool_size
+                pool.size = self.share_of(db.pool_size or config.default_pool_size)
+                pool.min_size = self.share_of(
+                    db.min_pool_size if db.min_pool_size is not None else config.min_pool_size, 0
                 )
                 pool.mode = config.pool_mode_for(db, pool.user)
         # clients that waited for a server of a retired pool ask again, now for the new target
@@ -1156,10 +1159,11 @@ class PoolManager:
             server_user=server_user,
             server_password=password,
             mode=self.config.pool_mode_for(db, user),
-            size=db.pool_size or self.config.default_pool_size,
-            min_size=db.min_pool_size
-            if db.min_pool_size is not None
-            else self.config.min_pool_size,
+            size=self.share_of(db.pool_size or self.config.default_pool_size),
+            min_size=self.share_of(
+                db.min_pool_size if db.min_pool_size is not None else self.config.min_pool_size,
+                0,
+            ),
             config=self.config,
             startup_params={k: v for k, v in client_params.items() if k in TRACKED_PARAMETERS},
         )
@@ -1179,9 +1183,19 @@ class PoolManager:
         self.pools[key] = candidate
         return candidate
 
+    def share_of(self, total: int, minimum: int = 1) -> int:
+        """This worker's part of a limit (all of it with one worker)."""
+        if self.worker_count == 1:
+            return total
+        base, extra = divmod(total, self.worker_count)
+        return max(minimum, base + (1 if self.worker_index < extra else 0))
+
     def new_backend_key(self) -> tuple[int, int]:
-        pid = next(self._pid_counter) & 0x7FFFFFFF
-        return pid, secrets.randbits(31)
+        """The fake BackendKeyData; with several workers the low 3 bits name ours."""
+        counter = next(self._pid_counter)
+        if self.worker_count > 1:
+            counter = (counter << 3) | self.worker_index
+        return counter & 0x7FFFFFFF, secrets.randbits(31)
 
     def check_paused(self) -> None:
         if not self._pause_waiters:

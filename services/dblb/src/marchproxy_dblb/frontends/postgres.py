@@ -65,7 +65,6 @@ from marchproxy_dblb.pool import (
     QueryFailed,
     ServerConnection,
     TooManyPools,
-    send_cancel,
 )
 
 if TYPE_CHECKING:
@@ -245,23 +244,9 @@ class PostgresClient(asyncio.Protocol):
                 raise RemoteProtocolError("unexpected message during authentication")
 
     def _cancel(self, ev: CancelRequest) -> None:
-        target = self.manager.clients.get(ev.process_id)
         if self.transport is not None:
             self.transport.close()
-        if target is None or not hmac.compare_digest(
-            target.backend_key[1].to_bytes(4, "big", signed=True),
-            ev.secret_key.to_bytes(4, "big", signed=True),
-        ):
-            return
-        server = target.server
-        if server is not None and server.backend_pid:
-            self.hooks.cancels_forwarded += 1
-            spawn(
-                send_cancel(
-                    server.pool.host, server.pool.port, server.backend_pid, server.backend_key
-                ),
-                name=f"dblb cancel for client {target.id}",
-            )
+        self.hooks.cancel(ev.process_id, ev.secret_key)
 
     def _upgrade_tls(self, ctx: ssl.SSLContext) -> None:
         """Switch this connection to TLS (server side) right after answering 'S'."""
@@ -301,7 +286,7 @@ class PostgresClient(asyncio.Protocol):
         if minor > 0 or options:
             self.write(enc.negotiate_protocol_version(0, options))
         cfg = self.manager.config
-        if self.hooks.client_total() >= cfg.max_client_conn:
+        if self.hooks.client_total() >= self.manager.share_of(cfg.max_client_conn):
             self.fail("53300", "no more connections allowed (max_client_conn)")
             return
         self.backend_key = self.manager.new_backend_key()

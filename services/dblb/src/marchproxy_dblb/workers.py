@@ -1,0 +1,252 @@
+"""Several DBLB processes on one port (SO_REUSEPORT), so the pooler uses more than one core.
+
+The main process (worker 0) runs the module runtime and its own data plane; it starts
+``workers - 1`` worker processes (``python -m marchproxy_dblb.workers``) that run only a data
+plane on the same port. The kernel spreads new connections over the listeners.
+
+- **Limits are shared by splitting them**: each worker gets its part of every pool size,
+  ``min_pool_size`` and ``max_client_conn`` (:meth:`PoolManager.share_of`).
+- **Config**: the main process sends each snapshot it applies to every worker (JSON lines on
+  the worker's stdin); a worker exits when its stdin closes (the main process stopped).
+- **Stats**: workers report their pools every second (JSON lines on stdout); ``/metrics`` of
+  the main process sums them with its own. The admin console shows the worker it landed on.
+- **Cancel requests**: the fake backend pid carries the worker index in its low bits; a
+  CancelRequest that reaches another worker is forwarded to the owner's unix socket (what
+  PgBouncer's peering does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from marchproxy_common.tasks import spawn
+from marchproxy_common.wire.postgres import CancelRequest, FrontendDecoder, RemoteProtocolError
+from marchproxy_common.wire.postgres import encoder as enc
+
+if TYPE_CHECKING:
+    from .module import DblbHooks
+
+_log = structlog.get_logger("marchproxy.dblb.workers")
+#: Low bits of a fake backend pid that name the worker (so at most 8 workers).
+WORKER_BITS = 3
+MAX_WORKERS = 1 << WORKER_BITS
+#: Seconds a worker has to bind its listener and say it is ready.
+WORKER_START_TIMEOUT = 30.0
+#: Seconds a worker has to exit after its stdin closed, before it is killed.
+WORKER_STOP_TIMEOUT = 10.0
+#: Seconds between pool reports from a worker.
+REPORT_INTERVAL = 1.0
+#: Largest line on a worker pipe (a config snapshot or a pool report).
+MAX_PIPE_LINE = 64 << 20
+#: Seconds to deliver a CancelRequest to a peer worker.
+PEER_CANCEL_TIMEOUT = 5.0
+#: Seconds apply_config waits for every worker to acknowledge a snapshot.
+APPLY_TIMEOUT = 10.0
+
+
+def worker_of(pid: int) -> int:
+    return pid & (MAX_WORKERS - 1)
+
+
+def peer_socket(peer_dir: str, index: int) -> str:
+    return os.path.join(peer_dir, f"w{index}.sock")
+
+
+async def serve_peer_cancels(hooks: DblbHooks, path: str) -> asyncio.AbstractServer:
+    """This worker's unix socket: CancelRequests forwarded by the other workers."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(PEER_CANCEL_TIMEOUT):
+                data = await reader.readexactly(16)
+            events = FrontendDecoder().feed(data)
+            if len(events) == 1 and isinstance(events[0], CancelRequest):
+                hooks.cancel_local(events[0].process_id, events[0].secret_key)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, RemoteProtocolError) as exc:
+            _log.info("peer_cancel_bad", error=str(exc))
+        finally:
+            writer.close()
+
+    return await asyncio.start_unix_server(handle, path)
+
+
+async def forward_cancel(path: str, pid: int, key: int) -> None:
+    try:
+        async with asyncio.timeout(PEER_CANCEL_TIMEOUT):
+            _, writer = await asyncio.open_unix_connection(path)
+            writer.write(enc.cancel_request(pid, key))
+            await writer.drain()
+            writer.close()
+            await writer.wait_closed()
+    except (OSError, TimeoutError) as exc:
+        _log.info("peer_cancel_failed", path=path, error=str(exc))
+
+
+class WorkerSupervisor:
+    """The main process's side: start the workers, feed them config, collect their reports."""
+
+    def __init__(self, hooks: DblbHooks, host: str, port: int, count: int, peer_dir: str) -> None:
+        self.hooks = hooks
+        self.host, self.port, self.count, self.peer_dir = host, port, count, peer_dir
+        self.procs: list[asyncio.subprocess.Process] = []
+        #: worker index -> its latest pool report
+        self.reports: dict[int, list[dict[str, Any]]] = {}
+        self._readers: list[asyncio.Task[None]] = []
+        self._seq = 0
+        #: worker index -> the last snapshot sequence number it applied (and its errors)
+        self.applied: dict[int, tuple[int, list[str]]] = {}
+        self._changed = asyncio.Event()
+
+    async def start(self, snapshot: Mapping[str, Any] | None) -> None:
+        for index in range(1, self.count):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "marchproxy_dblb.workers",
+                str(index),
+                str(self.count),
+                self.host,
+                str(self.port),
+                self.peer_dir,
+                self.hooks.settings.proxy_protocol,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                limit=MAX_PIPE_LINE,
+            )
+            self.procs.append(proc)
+        try:
+            async with asyncio.timeout(WORKER_START_TIMEOUT):
+                for proc in self.procs:
+                    assert proc.stdout is not None
+                    line = b"-"
+                    while line and not line.startswith(b'{"ready"'):
+                        line = await proc.stdout.readline()
+                    if not line:
+                        raise RuntimeError(f"DBLB worker exited at start ({proc.returncode})")
+        except BaseException:
+            await self.stop()
+            raise
+        for index, proc in enumerate(self.procs, start=1):
+            self._readers.append(spawn(self._read(index, proc), name=f"dblb worker {index}"))
+        if snapshot is not None:
+            await self.wait_applied(self.broadcast(snapshot))
+
+    async def _read(self, index: int, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while True:
+            try:
+                line = await proc.stdout.readline()
+            except ValueError:  # a line over MAX_PIPE_LINE: skip it
+                continue
+            if not line:
+                _log.warning("dblb_worker_exited", worker=index, returncode=proc.returncode)
+                self.reports.pop(index, None)
+                return
+            with contextlib.suppress(ValueError):
+                msg = json.loads(line)
+                if isinstance(msg, dict) and isinstance(msg.get("pools"), list):
+                    self.reports[index] = msg["pools"]
+                elif isinstance(msg, dict) and isinstance(msg.get("applied"), int):
+                    self.applied[index] = (msg["applied"], list(msg.get("errors") or []))
+                    self._changed.set()
+
+    def broadcast(self, snapshot: Mapping[str, Any]) -> int:
+        """Send ``snapshot`` to every worker; returns its sequence number."""
+        self._seq += 1
+        line = json.dumps({"snapshot": snapshot, "seq": self._seq}, default=str).encode() + b"\n"
+        for proc in self.procs:
+            if proc.stdin is not None and proc.returncode is None:
+                with contextlib.suppress(ConnectionError):
+                    proc.stdin.write(line)
+        return self._seq
+
+    async def wait_applied(self, seq: int) -> list[str]:
+        """Until every running worker applied snapshot ``seq``; their errors (or a timeout)."""
+        try:
+            async with asyncio.timeout(APPLY_TIMEOUT):
+                while True:
+                    running = [i for i, p in enumerate(self.procs, 1) if p.returncode is None]
+                    done = [i for i in running if self.applied.get(i, (0, []))[0] >= seq]
+                    if len(done) == len(running):
+                        break
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            return [f"workers did not apply the config within {APPLY_TIMEOUT:g}s"]
+        return [f"worker {i}: {e}" for i in sorted(self.applied) for e in self.applied[i][1]]
+
+    def worker_reports(self) -> list[dict[str, Any]]:
+        return [row for rows in self.reports.values() for row in rows]
+
+    async def stop(self) -> None:
+        for proc in self.procs:
+            if proc.stdin is not None:
+                with contextlib.suppress(ConnectionError):
+                    proc.stdin.close()
+        for proc in self.procs:
+            try:
+                async with asyncio.timeout(WORKER_STOP_TIMEOUT):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        for task in self._readers:
+            task.cancel()
+
+
+async def _worker_main(argv: list[str]) -> int:
+    from .config import DblbSettings
+    from .module import DblbHooks
+
+    index, count, host, port, peer_dir, proxy_protocol = argv
+    settings = DblbSettings(
+        data_host=host,
+        data_port=int(port),
+        register_with_nlb=False,
+        proxy_protocol=proxy_protocol,  # type: ignore[arg-type]
+        mysql_port=-1,
+        workers=int(count),
+    )
+    hooks = DblbHooks(settings, worker_index=int(index), peer_dir=peer_dir)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=MAX_PIPE_LINE)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    # stdout is the channel to the main process: keep it on its own descriptor and send
+    # whatever else writes to stdout (the log) to stderr
+    control = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    out, _ = await loop.connect_write_pipe(asyncio.BaseProtocol, control)
+    await hooks.start_data_plane()
+    out.write(json.dumps({"ready": int(index)}).encode() + b"\n")
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(REPORT_INTERVAL)
+            out.write(json.dumps({"pools": hooks.local_pool_report()}).encode() + b"\n")
+
+    reporter = spawn(report(), name=f"dblb worker {index} report")
+    try:
+        while line := await reader.readline():
+            msg = json.loads(line)
+            if isinstance(msg, dict) and isinstance(msg.get("snapshot"), dict):
+                errors = hooks.apply_snapshot(msg["snapshot"])
+                if errors:
+                    _log.warning("worker_config_rejected", worker=index, errors=errors)
+                ack = {"applied": msg.get("seq", 0), "errors": errors}
+                out.write(json.dumps(ack).encode() + b"\n")
+    finally:
+        reporter.cancel()
+        await hooks.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(_worker_main(sys.argv[1:])))

@@ -1,0 +1,179 @@
+"""Several DBLB worker processes on one port (SO_REUSEPORT): limits, config, stats, cancels."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import Any
+
+import psycopg
+import pytest
+from prometheus_client import generate_latest
+
+from marchproxy_common.wire.postgres import BackendDecoder
+from marchproxy_common.wire.postgres import encoder as enc
+from marchproxy_dblb.workers import worker_of
+from tests.dblb.dblb_helpers import DIRECT_DSN, dsn, pg_config, running_dblb, unique
+
+pytestmark = pytest.mark.integration
+WORKERS = 2
+
+
+def _cfg(dbname: str = "test", **kw: Any) -> dict[str, Any]:
+    return pg_config(
+        default_pool_size=4,
+        query_wait_timeout=30,
+        databases={"app": {"host": "127.0.0.1", "port": 5432, "dbname": dbname}},
+        **kw,
+    )
+
+
+async def _connect_many(port: int, n: int, app: str) -> list[psycopg.AsyncConnection[Any]]:
+    return [
+        await psycopg.AsyncConnection.connect(
+            dsn(port, dbname="app", application_name=app), autocommit=True
+        )
+        for _ in range(n)
+    ]
+
+
+async def test_workers_share_the_port_the_pool_limits_and_the_stats() -> None:
+    app = unique("mp_dblb_workers")
+    async with running_dblb(_cfg(), workers=WORKERS) as h:
+        conns = await _connect_many(h.port, 16, app)
+        try:
+            owners = {worker_of(c.info.backend_pid) for c in conns}
+            assert owners == set(range(WORKERS))  # the kernel spread them over both workers
+
+            async def work(c: psycopg.AsyncConnection[Any]) -> None:
+                for _ in range(3):
+                    async with c.transaction():
+                        await c.execute("select pg_sleep(0.02)")
+
+            async with asyncio.timeout(60):
+                await asyncio.gather(*[work(c) for c in conns])
+            async with await psycopg.AsyncConnection.connect(DIRECT_DSN, autocommit=True) as d:
+                cur = await d.execute(
+                    "select count(*) from pg_stat_activity where application_name = %s", (app,)
+                )
+                row = await cur.fetchone()
+            # pool_size 4 split over 2 workers: never more than 4 servers, both workers used
+            assert row is not None and 2 <= row[0] <= 4
+            # the main process's /metrics sum every worker's pools (reports come each second)
+            pattern = 'marchproxy_dblb_transactions_total{database="app",pool_mode="transaction"'
+            local = h.manager.pools[("app", "postgres")].stats.xact_count
+            total = 0.0
+            async with asyncio.timeout(15):
+                while total < 16 * 3:
+                    await asyncio.sleep(0.2)
+                    text = generate_latest(h.metrics_registry).decode()
+                    line = next(x for x in text.splitlines() if x.startswith(pattern))
+                    total = float(line.rsplit(" ", 1)[1])
+            assert total > local
+            assert 'marchproxy_dblb_pool_size{database="app"' in text
+            size_line = next(
+                x for x in text.splitlines() if x.startswith("marchproxy_dblb_pool_size{")
+            )
+            assert size_line.endswith(" 4.0")  # 2 + 2
+        finally:
+            for c in conns:
+                await c.close()
+
+
+async def test_config_updates_reach_every_worker() -> None:
+    async with running_dblb(_cfg("test"), workers=WORKERS) as h:
+        errors = await h.apply_config({"modules": [{"name": "dblb", "config": _cfg("postgres")}]})
+        assert errors == []
+        conns = await _connect_many(h.port, 12, unique("mp_dblb_wcfg"))
+        try:
+            assert {worker_of(c.info.backend_pid) for c in conns} == set(range(WORKERS))
+            for c in conns:
+                cur = await c.execute("select current_database()")
+                assert await cur.fetchone() == ("postgres",)
+        finally:
+            for c in conns:
+                await c.close()
+        bad = {"modules": [{"name": "dblb", "config": {"pool_mode": "bogus"}}]}
+        assert await h.apply_config(bad)
+        procs = list(h._supervisor.procs)
+    assert all(p.returncode is not None for p in procs)  # workers stop with the module
+
+
+async def _raw_client_on_worker(port: int, worker: int) -> tuple[Any, Any, int, int]:
+    """A raw protocol client that landed on ``worker``: (reader, writer, pid, secret key)."""
+    for _ in range(64):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(enc.startup_message({"user": "postgres", "database": "app"}))
+        decoder, msgs = BackendDecoder(), []
+        while not msgs or msgs[-1].type != ord("Z"):
+            chunk = await reader.read(65536)
+            assert chunk
+            msgs += decoder.feed(chunk)
+        key = next(m for m in msgs if m.type == ord("K"))
+        pid, secret = struct.unpack("!ii", key.body)
+        if worker_of(pid) == worker:
+            return reader, writer, pid, secret
+        writer.close()
+    raise AssertionError(f"no connection landed on worker {worker}")
+
+
+async def test_cancel_requests_reach_the_worker_that_owns_the_client() -> None:
+    async with running_dblb(_cfg(), workers=WORKERS) as h:
+        async with asyncio.timeout(60):
+            reader, writer, pid, secret = await _raw_client_on_worker(h.port, 1)
+            try:
+                writer.write(enc.query("select pg_sleep(30)"))
+                async with await psycopg.AsyncConnection.connect(DIRECT_DSN, autocommit=True) as d:
+                    for _ in range(200):
+                        cur = await d.execute(
+                            "select count(*) from pg_stat_activity "
+                            "where query = 'select pg_sleep(30)' and state = 'active'"
+                        )
+                        row = await cur.fetchone()
+                        if row and row[0]:
+                            break
+                        await asyncio.sleep(0.05)
+                # the main process (worker 0) gets the CancelRequest: it must forward it
+                assert pid not in h.manager.clients
+                h.cancel(pid, secret)
+                reply = b""
+                while b"Z\x00\x00\x00\x05I" not in reply:
+                    chunk = await reader.read(65536)
+                    assert chunk
+                    reply += chunk
+                assert b"C57014\x00" in reply  # canceling statement due to user request
+            finally:
+                writer.close()
+            # and through the port, as psql does: whichever worker the cancel lands on
+            conns = await _connect_many(h.port, 6, unique("mp_dblb_wcancel"))
+            try:
+                for c in conns:
+                    sleeper = asyncio.ensure_future(c.execute("select pg_sleep(30)"))
+                    await asyncio.sleep(0.3)
+                    await c.cancel_safe(timeout=10)
+                    with pytest.raises(psycopg.errors.QueryCanceled):
+                        await sleeper
+            finally:
+                for c in conns:
+                    await c.close()
+
+
+async def test_workers_that_fail_to_start_leave_nothing_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import glob
+    import os
+    import tempfile
+
+    import marchproxy_dblb.workers as workers_module
+    from marchproxy_dblb.module import DblbHooks
+    from tests.dblb.dblb_helpers import settings
+
+    pattern = os.path.join(tempfile.gettempdir(), "marchproxy-dblb-*")
+    before = set(glob.glob(pattern))
+    monkeypatch.setattr(workers_module.sys, "executable", "/bin/false")  # exits at once
+    hooks = DblbHooks(settings(workers=WORKERS))
+    with pytest.raises(RuntimeError, match="DBLB worker exited at start"):
+        await hooks.start_data_plane()
+    assert set(glob.glob(pattern)) == before
+    assert hooks._server is not None and not hooks._server.is_serving()
