@@ -84,7 +84,7 @@ async def test_config_updates_reach_every_worker() -> None:
     async with running_dblb(_cfg("test"), workers=WORKERS) as h:
         errors = await h.apply_config({"modules": [{"name": "dblb", "config": _cfg("postgres")}]})
         assert errors == []
-        conns = await _connect_many(h.port, 12, unique("mp_dblb_wcfg"))
+        conns = await _connect_many(h.port, 16, unique("mp_dblb_wcfg"))
         try:
             assert {worker_of(c.info.backend_pid) for c in conns} == set(range(WORKERS))
             for c in conns:
@@ -97,6 +97,21 @@ async def test_config_updates_reach_every_worker() -> None:
         assert await h.apply_config(bad)
         procs = list(h._supervisor.procs)
     assert all(p.returncode is not None for p in procs)  # workers stop with the module
+
+
+async def _wait_sleeping(app: str) -> None:
+    async with await psycopg.AsyncConnection.connect(DIRECT_DSN, autocommit=True) as d:
+        for _ in range(400):
+            cur = await d.execute(
+                "select count(*) from pg_stat_activity where application_name = %s "
+                "and query = 'select pg_sleep(30)' and state = 'active'",
+                (app,),
+            )
+            row = await cur.fetchone()
+            if row and row[0]:
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError("the query never started")
 
 
 async def _raw_client_on_worker(port: int, worker: int) -> tuple[Any, Any, int, int]:
@@ -145,11 +160,12 @@ async def test_cancel_requests_reach_the_worker_that_owns_the_client() -> None:
             finally:
                 writer.close()
             # and through the port, as psql does: whichever worker the cancel lands on
-            conns = await _connect_many(h.port, 6, unique("mp_dblb_wcancel"))
+            app = unique("mp_dblb_wcancel")
+            conns = await _connect_many(h.port, 6, app)
             try:
                 for c in conns:
                     sleeper = asyncio.ensure_future(c.execute("select pg_sleep(30)"))
-                    await asyncio.sleep(0.3)
+                    await _wait_sleeping(app)
                     await c.cancel_safe(timeout=10)
                     with pytest.raises(psycopg.errors.QueryCanceled):
                         await sleeper
