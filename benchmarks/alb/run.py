@@ -2,6 +2,7 @@
 mode http (1 thread), all in front of the same nginx static-file backend.
 
     uv run --frozen python benchmarks/alb/run.py [--duration 4] [--rounds 3] [--connections 50]
+        [--proxies nginx,haproxy,alb]
         [--loop asyncio|uvloop]
 
 Never run in CI. Prints one line per proxy and the ratios ALB/nginx and ALB/HAProxy.
@@ -24,11 +25,8 @@ from pathlib import Path
 
 import yaml
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
+from tests.conftest import free_port  # below the ephemeral range: no port races
 
 
 def wait_port(port: int, timeout: float = 20) -> None:
@@ -119,7 +117,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop"])
+    ap.add_argument(
+        "--proxies",
+        default="nginx,haproxy,alb",
+        help="comma-separated subset of nginx,haproxy,alb (e.g. alb alone while profiling)",
+    )
     args = ap.parse_args()
+    wanted = [p for p in args.proxies.split(",") if p]
+    if not set(wanted) <= {"nginx", "haproxy", "alb"} or not wanted:
+        sys.exit("--proxies takes a subset of nginx,haproxy,alb")
     for tool in ("nginx", "haproxy", "wrk"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
             sys.exit(f"{tool} not found")
@@ -180,7 +186,11 @@ def main() -> None:
                 for f in d.glob("*.log"):
                     print(f, f.read_text()[-2000:], file=sys.stderr)
                 raise
-        targets = {"nginx": p_nginx, "haproxy": p_haproxy, "alb": p_alb}
+        targets = {
+            name: port
+            for name, port in (("nginx", p_nginx), ("haproxy", p_haproxy), ("alb", p_alb))
+            if name in wanted
+        }
         for port in (backend, *targets.values()):
             wrk(f"http://127.0.0.1:{port}/index.html", 1, args.connections)  # warm-up
         rps, p99, _ = wrk(f"http://127.0.0.1:{backend}/index.html", args.duration, args.connections)
@@ -198,8 +208,10 @@ def main() -> None:
             results[name] = (rps, p99)
             each = ", ".join(f"{r[0]:.0f}" for r in rs)
             print(f"{name:8s} {rps:10.0f} req/s   p99 {p99:8.2f} ms   (runs: {each})", flush=True)
-        alb_rps, alb_p99 = results["alb"]
+        alb_rps, alb_p99 = results.get("alb", (0.0, 0.0))
         for peer in ("nginx", "haproxy"):
+            if peer not in results or "alb" not in results:
+                continue
             rps, p99 = results[peer]
             print(
                 f"alb/{peer}: req/s x{alb_rps / rps:.2f}   p99 x{alb_p99 / p99:.2f}"
