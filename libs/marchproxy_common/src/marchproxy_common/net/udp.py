@@ -8,8 +8,8 @@ API (stable):
   (``None`` drops the datagram and counts it in ``dropped_no_upstream``).
 - ``await relay.start(host, port) -> (host, port)`` binds the listening socket (port 0 allowed)
   and returns the bound address; ``await relay.start(sock=s)`` serves on an already bound
-  socket instead (one inherited in a hitless restart). ``relay.listening_socket`` is the listening socket
-  (to hand it on); ``relay.close()`` closes it and every session.
+  socket instead (one inherited in a hitless restart). ``relay.listening_socket`` is that
+  socket (to hand it on); ``relay.close()`` closes it and every session.
 - Each session is a connected UDP socket towards the chosen upstream; replies are sent back to
   the client from the listening socket. Datagrams that arrive while the session's upstream
   socket is being created are queued (up to ``max_pending``, then dropped).
