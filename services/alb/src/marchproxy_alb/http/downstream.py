@@ -36,6 +36,8 @@ log = structlog.get_logger("marchproxy.alb.downstream")
 DOWNSTREAM_WRITE_HIGH_WATER = 256 * 1024
 LINGER_TIMEOUT = 2.0  # nginx lingering_timeout-like: read and drop input after an early answer
 LINGER_MAX_BYTES = 1 << 20
+#: len() of host, expect, x-request-id, content-length, transfer-encoding
+_NOTED_NAME_LENGTHS = frozenset({4, 6, 12, 14, 17})
 _conn_ids = itertools.count(1)
 
 
@@ -107,6 +109,9 @@ class DownstreamProtocol(asyncio.Protocol):
         self._messages = 0  # on_message_begin calls, to tell whether a read started a head
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        #: headers whose name has the length of Host, Expect, X-Request-ID, Content-Length or
+        #: Transfer-Encoding: the only ones on_headers_complete has to look at
+        self._noted: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
         self._current: PendingRequest | None = None
         self._last_fed: PendingRequest | None = None
@@ -376,6 +381,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self._messages += 1
         self._url = b""
         self._headers = []
+        self._noted = []
         self._header_bytes = 0
         # the keep-alive wait is over; the head itself must now arrive in time
         self._arm_timer(self.plane.limits.header_timeout)
@@ -387,7 +393,10 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
-        self._header_bytes += len(name) + len(value) + 4
+        n = len(name)
+        if n in _NOTED_NAME_LENGTHS:  # maybe one the proxy looks at: sorted out once complete
+            self._noted.append((name, value))
+        self._header_bytes += n + len(value) + 4
         lim = self.plane.limits
         if self._header_bytes > lim.max_header_bytes or len(self._headers) > lim.max_headers:
             raise _Refused(431, "headers_too_large", "request headers too large")
@@ -395,8 +404,9 @@ class DownstreamProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         p = self._parser
+        noted = self._noted
         try:
-            chunked, length = framing_of(self._headers)
+            chunked, length = framing_of(noted)
         except FramingError as exc:
             raise _Refused(exc.status, "bad_framing", str(exc)) from None
         absolute = None if self._url[:1] == b"/" else absolute_form(self._url)
@@ -405,9 +415,11 @@ class DownstreamProtocol(asyncio.Protocol):
             authority, self._url = absolute
             self._headers = [(k, v) for k, v in self._headers if k.lower() != b"host"]
             self._headers.append((b"Host", authority))
+            noted = [(k, v) for k, v in noted if k.lower() != b"host"]
+            noted.append((b"Host", authority))
         hosts = 0
         host = expect = rid = None
-        for k, v in self._headers:  # one pass for the few headers the proxy looks at
+        for k, v in noted:  # the few headers the proxy looks at
             n = len(k)
             if n == 4 and k.lower() == b"host":
                 hosts += 1

@@ -66,6 +66,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_future: asyncio.Future[ResponseHead] | None = None
         self.body: BodyChannel | None = None
         self._headers: list[tuple[bytes, bytes]] = []
+        self._framing_headers: list[tuple[bytes, bytes]] = []
         self._reason = b""
         self._skip_informational = False
         self.response_complete = False
@@ -263,6 +264,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._headers = []
+        self._framing_headers = []
         self._reason = b""
 
     def on_status(self, status: bytes) -> None:
@@ -272,6 +274,9 @@ class UpstreamConnection(asyncio.Protocol):
         # bytes are bounded in data_received (which also sees a header still in pieces)
         headers = self._headers
         headers.append((name, value))
+        n = len(name)
+        if n == 14 or n == 17:  # maybe Content-Length / Transfer-Encoding: for framing_of
+            self._framing_headers.append((name, value))
         if len(headers) > MAX_RESPONSE_HEADERS:
             raise FramingError(502, "upstream response has too many headers")
 
@@ -280,7 +285,7 @@ class UpstreamConnection(asyncio.Protocol):
         if 100 <= status < 200 and status != 101:
             self._skip_informational = True  # RFC 9110 §15.2: drop interim responses
             return
-        chunked, length = framing_of(self._headers)
+        chunked, length = framing_of(self._framing_headers)
         p = self._parser
         head = ResponseHead(
             status,
