@@ -262,8 +262,9 @@ async def test_cancel_reaches_the_right_query(mode: str) -> None:
         a = await psycopg.AsyncConnection.connect(dsn(h.port), autocommit=True)
         b = await psycopg.AsyncConnection.connect(dsn(h.port), autocommit=True)
         try:
-            sleeper_a = asyncio.ensure_future(a.execute("select pg_sleep(30)"))
-            sleeper_b = asyncio.ensure_future(b.execute("select pg_sleep(1.5), 'b'"))
+            m = unique("mp_dblb_cancel")  # other tests sleep too: count only these two
+            sleeper_a = asyncio.ensure_future(a.execute(f"select pg_sleep(30), '{m}a'"))
+            sleeper_b = asyncio.ensure_future(b.execute(f"select pg_sleep(1.5), '{m}b'"))
             async with asyncio.timeout(20):
                 while True:  # wait until both run on servers
                     async with await psycopg.AsyncConnection.connect(
@@ -271,7 +272,8 @@ async def test_cancel_reaches_the_right_query(mode: str) -> None:
                     ) as d:
                         cur = await d.execute(
                             "select count(*) from pg_stat_activity "
-                            "where query like 'select pg_sleep(%%' and state = 'active'"
+                            "where query like %s and state = 'active'",
+                            (f"select pg_sleep(%, '{m}_'",),
                         )
                         row = await cur.fetchone()
                     if row is not None and row[0] >= 2:
@@ -281,7 +283,7 @@ async def test_cancel_reaches_the_right_query(mode: str) -> None:
                 with pytest.raises(psycopg.errors.QueryCanceled):
                     await sleeper_a
                 cur_b = await sleeper_b
-                assert await cur_b.fetchone() == ("", "b")
+                assert await cur_b.fetchone() == ("", f"{m}b")
             assert h.cancels_forwarded == 1
         finally:
             await a.close()

@@ -136,18 +136,23 @@ async def test_cancel_requests_reach_the_worker_that_owns_the_client() -> None:
     async with running_dblb(_cfg(), workers=WORKERS) as h:
         async with asyncio.timeout(60):
             reader, writer, pid, secret = await _raw_client_on_worker(h.port, 1)
+            # other tests sleep too: wait for this very query before cancelling it
+            sql = f"select pg_sleep(30), '{unique('mp_dblb_raw')}'"
             try:
-                writer.write(enc.query("select pg_sleep(30)"))
+                writer.write(enc.query(sql))
                 async with await psycopg.AsyncConnection.connect(DIRECT_DSN, autocommit=True) as d:
-                    for _ in range(200):
+                    for _ in range(400):
                         cur = await d.execute(
                             "select count(*) from pg_stat_activity "
-                            "where query = 'select pg_sleep(30)' and state = 'active'"
+                            "where query = %s and state = 'active'",
+                            (sql,),
                         )
                         row = await cur.fetchone()
                         if row and row[0]:
                             break
                         await asyncio.sleep(0.05)
+                    else:
+                        raise AssertionError("the query never started")
                 # the main process (worker 0) gets the CancelRequest: it must forward it
                 assert pid not in h.manager.clients
                 h.cancel(pid, secret)
