@@ -58,6 +58,18 @@ def test_production_without_key_stops_with_one_line() -> None:
     assert "CLUSTER_API_KEY" in lines[0]
 
 
+def test_proxy_trusted_sources(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every module reads PROXY_TRUSTED_SOURCES the same way: loopback by default, "*" all,
+    "" nobody, and a bad entry is named."""
+    assert ModuleSettings().proxy_trusted_networks() == ("127.0.0.0/8", "::1/128")
+    assert ModuleSettings(proxy_trusted_sources="*").proxy_trusted_networks() is None
+    assert ModuleSettings(proxy_trusted_sources="").proxy_trusted_networks() == ()
+    monkeypatch.setenv("PROXY_TRUSTED_SOURCES", " 10.1.2.0/16 , fd00::/8")
+    assert ModuleSettings().proxy_trusted_networks() == ("10.1.0.0/16", "fd00::/8")
+    with pytest.raises(ValueError, match="not-a-cidr"):
+        ModuleSettings(proxy_trusted_sources="10.0.0.0/8,not-a-cidr")
+
+
 def test_loop_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     async def loop_type() -> str:
         return type(asyncio.get_running_loop()).__module__

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import ipaddress
 import json
 import re
 import tomllib
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from marchproxy_common.config import CommonSettings
+from marchproxy_common.config import CommonSettings, ModuleSettings
 from tests.deploy.conftest import DEPLOY, ROOT, compose_config, find_tool, run_tool
 
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "marchproxy-overview.json"
@@ -277,6 +278,23 @@ def test_compose_ports_follow_the_convention(compose: dict[str, Any]) -> None:
     assert listeners <= _dockerfile_exposed(_dockerfile("nlb"))
 
 
+@pytest.mark.integration
+def test_compose_modules_believe_proxy_headers_only_from_their_network(
+    compose: dict[str, Any],
+) -> None:
+    """The NLB reaches the modules over the compose network, so its PROXY headers must be
+    trusted (or every client address is lost); nobody outside may reach a module port."""
+    (ipam,) = compose["networks"]["marchproxy"]["ipam"]["config"]
+    subnet = ipaddress.ip_network(ipam["subnet"])
+    for module in MODULES:
+        svc = compose["services"][module]
+        settings = ModuleSettings(proxy_trusted_sources=svc["environment"]["PROXY_TRUSTED_SOURCES"])
+        trusted = settings.proxy_trusted_networks()
+        assert trusted is not None, f"{module} trusts every peer"
+        assert any(subnet.subnet_of(ipaddress.ip_network(t)) for t in trusted), module
+        assert "ports" not in svc, f"{module} publishes a port past the NLB"
+
+
 # ---------------------------------------------------------------- Kubernetes
 
 
@@ -331,6 +349,11 @@ def test_k8s_env_is_what_the_code_reads(
     every = set().union(*known_env.values())
     assert set(config) <= every, set(config) - every
     assert set(secret) <= every, set(secret) - every
+    # the pods' addresses (private ranges) may send PROXY headers; the internet may not
+    trusted = ModuleSettings(
+        proxy_trusted_sources=config["PROXY_TRUSTED_SOURCES"]
+    ).proxy_trusted_networks()
+    assert trusted and all(ipaddress.ip_network(t).is_private for t in trusted)
     for name, dep in _objects(k8s, "Deployment").items():
         env = _container_env(dep)
         unknown = set(env) - known_env[name]

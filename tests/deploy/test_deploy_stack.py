@@ -127,7 +127,8 @@ def _exchange(port: int, request: bytes) -> bytes:
 def _http_answer(port: int) -> bool:
     """Any HTTP response: the NLB closes what it cannot route, so an answer came from the ALB."""
     reply = _exchange(port, b"GET /deploy-check HTTP/1.1\r\nHost: deploy.test\r\n\r\n")
-    return reply.startswith(b"HTTP/1.1 ")
+    # a 400 would be the NLB's PROXY header read as HTTP: the ALB did not trust the NLB
+    return reply.startswith(b"HTTP/1.1 ") and not reply.startswith(b"HTTP/1.1 400")
 
 
 def _postgres_answer(port: int) -> bool:
@@ -161,6 +162,8 @@ def _localise(env: dict[str, str], ports: dict[str, int]) -> dict[str, str]:
             out[key] = str(ports.setdefault(key, free_port()))
         elif key.endswith("_HOST"):
             out[key] = "127.0.0.1"
+    if "PROXY_TRUSTED_SOURCES" in out:  # the compose network is loopback here
+        out["PROXY_TRUSTED_SOURCES"] = "127.0.0.0/8"
     return out
 
 

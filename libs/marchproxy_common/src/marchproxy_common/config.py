@@ -7,19 +7,23 @@ stops start-up with one line naming the variable.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import sys
 import uuid
 from typing import Literal, TypeVar
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_CLUSTER_API_KEY = "marchproxy-dev-cluster-key"
 DEV_SECRET_KEY = "marchproxy-dev-secret-key-change-me"
 
 S = TypeVar("S", bound="CommonSettings")
+
+#: peers allowed to send a PROXY header by default: an NLB on the same host
+DEFAULT_PROXY_TRUSTED_SOURCES = "127.0.0.0/8,::1"
 
 
 class CommonSettings(BaseSettings):
@@ -84,11 +88,37 @@ class ModuleSettings(CommonSettings):
     config_file: str = ""
     register_with_nlb: bool = True
     proxy_protocol: Literal["off", "optional", "required"] = "optional"
+    #: comma-separated CIDRs allowed to send a PROXY header (the NLB's addresses); "*" trusts
+    #: every peer, "" nobody. Anyone else's header is not parsed, so a client that connects
+    #: directly cannot claim another address.
+    proxy_trusted_sources: str = DEFAULT_PROXY_TRUSTED_SOURCES
+
+    @field_validator("proxy_trusted_sources")
+    @classmethod
+    def _check_cidrs(cls, v: str) -> str:
+        if v.strip() != "*":
+            for cidr in _split_cidrs(v):
+                try:
+                    ipaddress.ip_network(cidr, strict=False)
+                except ValueError:
+                    raise ValueError(f"not a CIDR: {cidr!r}") from None
+        return v
+
+    def proxy_trusted_networks(self) -> tuple[str, ...] | None:
+        """The trusted CIDRs, normalized; None = every peer."""
+        v = self.proxy_trusted_sources.strip()
+        if v == "*":
+            return None
+        return tuple(str(ipaddress.ip_network(c, strict=False)) for c in _split_cidrs(v))
 
     def resolved_instance_id(self, module_id: str) -> str:
         if self.instance_id:
             return self.instance_id
         return f"{module_id}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def _split_cidrs(v: str) -> list[str]:
+    return [c.strip() for c in v.split(",") if c.strip()]
 
 
 def load_settings(cls: type[S], **overrides: object) -> S:

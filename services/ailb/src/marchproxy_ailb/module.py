@@ -108,7 +108,11 @@ class AilbHooks(BaseModuleHooks):
         )
         self._listener = await loop.create_server(
             # PROXY v1/v2 from the NLB is stripped before aiohttp sees the bytes
-            wrap_proxy_protocol(self._server, mode=self.settings.proxy_protocol),
+            wrap_proxy_protocol(
+                self._server,
+                mode=self.settings.proxy_protocol,
+                trusted_sources=self.settings.proxy_trusted_networks(),
+            ),
             host=self.settings.data_host,
             port=self.settings.data_port,
             backlog=LISTEN_BACKLOG,

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from marchproxy_common.config import ModuleSettings
 
@@ -19,8 +18,6 @@ HEADER_TIMEOUT = 10.0  # slowloris guard: whole request head must arrive within 
 KEEPALIVE_TIMEOUT = 75.0  # nginx keepalive_timeout default
 MAX_CONNECTIONS = 10_000
 MAX_BODY_SIZE = 1 << 40
-#: peers allowed to send a PROXY header by default: an NLB on the same host
-DEFAULT_PROXY_TRUSTED_SOURCES = "127.0.0.0/8,::1"
 
 
 class AlbSettings(ModuleSettings):
@@ -37,33 +34,6 @@ class AlbSettings(ModuleSettings):
     alb_ratelimit_prefix: str = "marchproxy:rl:alb:"
     #: TLS listener port (0 = ephemeral); -1 disables it. Certificates come from module config.
     alb_tls_port: int = Field(default=-1, ge=-1, le=65535)
-    #: comma-separated CIDRs allowed to send a PROXY header (the NLB's addresses); "*" trusts
-    #: every peer, "" none. Anyone else's bytes are read as plain HTTP, so a client that
-    #: connects directly cannot claim another address (X-Forwarded-For, ip_hash).
-    alb_proxy_trusted_sources: str = DEFAULT_PROXY_TRUSTED_SOURCES
-
-    @field_validator("alb_proxy_trusted_sources")
-    @classmethod
-    def _check_cidrs(cls, v: str) -> str:
-        if v.strip() != "*":
-            for c in v.split(","):
-                if c.strip():
-                    try:
-                        ipaddress.ip_network(c.strip(), strict=False)
-                    except ValueError:
-                        raise ValueError(
-                            f"not a CIDR in ALB_PROXY_TRUSTED_SOURCES: {c!r}"
-                        ) from None
-        return v
-
-    def proxy_trusted_networks(self) -> tuple[str, ...] | None:
-        """The trusted CIDRs, normalized; None = every peer."""
-        v = self.alb_proxy_trusted_sources.strip()
-        if v == "*":
-            return None
-        return tuple(
-            str(ipaddress.ip_network(c.strip(), strict=False)) for c in v.split(",") if c.strip()
-        )
 
 
 @dataclass(frozen=True, slots=True)

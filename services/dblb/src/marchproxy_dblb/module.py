@@ -97,7 +97,11 @@ class DblbHooks(BaseModuleHooks):
         loop = asyncio.get_running_loop()
         factory: Any = lambda: PostgresClient(self)  # noqa: E731
         if self.settings.proxy_protocol != "off":
-            factory = wrap_proxy_protocol(factory, mode=self.settings.proxy_protocol)
+            factory = wrap_proxy_protocol(
+                factory,
+                mode=self.settings.proxy_protocol,
+                trusted_sources=self.settings.proxy_trusted_networks(),
+            )
         workers = self.settings.workers
         self._server = await loop.create_server(
             factory,

@@ -117,6 +117,7 @@ class WorkerSupervisor:
                 str(self.port),
                 self.peer_dir,
                 self.hooks.settings.proxy_protocol,
+                self.hooks.settings.proxy_trusted_sources,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 limit=MAX_PIPE_LINE,
@@ -206,12 +207,13 @@ async def _worker_main(argv: list[str]) -> int:
     from .config import DblbSettings
     from .module import DblbHooks
 
-    index, count, host, port, peer_dir, proxy_protocol = argv
+    index, count, host, port, peer_dir, proxy_protocol, proxy_trusted_sources = argv
     settings = DblbSettings(
         data_host=host,
         data_port=int(port),
         register_with_nlb=False,
         proxy_protocol=proxy_protocol,  # type: ignore[arg-type]
+        proxy_trusted_sources=proxy_trusted_sources,
         mysql_port=-1,
         workers=int(count),
     )

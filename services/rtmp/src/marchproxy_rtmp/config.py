@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import ipaddress
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,30 +18,9 @@ class RtmpSettings(ModuleSettings):
     """Environment: the ModuleSettings variables plus RTMP_* defaults for the module config."""
 
     rtmp_handshake_timeout: float = Field(default=10.0, gt=0, le=300)
-    #: comma-separated CIDRs allowed to send a PROXY header (the NLB's addresses). A header
-    #: from any other peer is not parsed (so it cannot fake its address, or the ``addr`` sent
-    #: to on_publish). Default: loopback only; ``*`` = every peer; empty = nobody.
-    rtmp_proxy_trusted_sources: str = "127.0.0.0/8,::1/128"
     #: HTTP port serving HLS (/hls/<app>/<stream>.m3u8); -1 disables it, 0 picks a free port
     rtmp_hls_host: str = "127.0.0.1"
     rtmp_hls_port: int = Field(default=-1, ge=-1, le=65535)
-
-    @field_validator("rtmp_proxy_trusted_sources")
-    @classmethod
-    def _networks(cls, v: str) -> str:
-        if v.strip() != "*":
-            for cidr in _split_cidrs(v):
-                ipaddress.ip_network(cidr, strict=False)  # ValueError names the bad entry
-        return v
-
-    def proxy_trusted_networks(self) -> list[str] | None:
-        """The CIDRs allowed to send a PROXY header; None = every peer."""
-        v = self.rtmp_proxy_trusted_sources
-        return None if v.strip() == "*" else _split_cidrs(v)
-
-
-def _split_cidrs(v: str) -> list[str]:
-    return [c.strip() for c in v.split(",") if c.strip()]
 
 
 def _check_rtmp_url(url: str) -> str:

@@ -86,7 +86,7 @@ class RtmpServer:
             "rtmp_listening",
             address=f"{h}:{p}",
             proxy_protocol=self.settings.proxy_protocol,
-            proxy_trusted_sources=self.settings.rtmp_proxy_trusted_sources,
+            proxy_trusted_sources=self.settings.proxy_trusted_sources,
         )
         return BoundAddress(h, p)
 

@@ -63,7 +63,12 @@ class EchoHooks(BaseModuleHooks):
     async def start_data_plane(self) -> BoundAddress:
         loop = asyncio.get_running_loop()
         # Connections from the NLB start with a PROXY v2 header carrying the client address.
-        factory = wrap_proxy_protocol(lambda: _EchoProtocol(self), self.settings.proxy_protocol)
+        # Only PROXY_TRUSTED_SOURCES (loopback by default) may send one.
+        factory = wrap_proxy_protocol(
+            lambda: _EchoProtocol(self),
+            self.settings.proxy_protocol,
+            trusted_sources=self.settings.proxy_trusted_networks(),
+        )
         self._server = await loop.create_server(
             factory, self.settings.data_host, self.settings.data_port
         )

@@ -515,7 +515,12 @@ class MysqlFrontend:
         if mode != "off":
             # the server speaks first: wait only briefly for a PROXY header (the NLB sends it at
             # once), so direct clients get their greeting after PROXY_HEADER_WAIT at most
-            factory = wrap_proxy_protocol(factory, mode=mode, header_timeout=PROXY_HEADER_WAIT)
+            factory = wrap_proxy_protocol(
+                factory,
+                mode=mode,
+                header_timeout=PROXY_HEADER_WAIT,
+                trusted_sources=self.hooks.settings.proxy_trusted_networks(),
+            )
         self._server = await loop.create_server(factory, host, port)
         self._janitor = spawn(self._janitor_loop(), name="dblb mysql janitor")
         h, prt = self._server.sockets[0].getsockname()[:2]
