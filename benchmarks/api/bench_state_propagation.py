@@ -35,6 +35,7 @@ from marchproxy_api.config import ApiSettings
 from marchproxy_api.db.models import ModuleRoute
 from marchproxy_api.keys import publisher_key, sessionmaker_key
 from marchproxy_common.logs import configure_logging
+from marchproxy_common.loop import freeze_startup_heap
 from marchproxy_common.state import StateClient
 
 PG = "postgresql://postgres@127.0.0.1:5432"
@@ -63,6 +64,7 @@ async def client_main(comp: str, redis_url: str, api_url: str, prefix: str) -> N
     """Child process: one data plane's state client; prints ``version monotonic_ns`` lines."""
     c = make_client(comp, redis_url, api_url, prefix)
     await c.start()
+    freeze_startup_heap()  # as every service's entry point does once started
     try:
         seen = -1
         while True:
@@ -213,6 +215,7 @@ async def run(writes: int, routes: int, use_redis: bool, in_process: bool) -> No
             ) as r:
                 route = await r.json()
             publisher = app[publisher_key]
+            freeze_startup_heap()  # as marchproxy-api does once listening
             clients, readers = await start_clients(
                 applied, settings.redis_url, "" if use_redis else url, prefix, in_process
             )

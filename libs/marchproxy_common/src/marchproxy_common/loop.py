@@ -7,6 +7,7 @@ aborted under connection churn (DESIGN.md section 5), so it stays opt-in.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -32,3 +33,19 @@ def run(main: Coroutine[Any, Any, T]) -> T:
             return runner.run(main)
     with asyncio.Runner() as runner:
         return runner.run(main)
+
+
+def freeze_startup_heap() -> int:
+    """Move every object alive after start-up out of the cyclic collector's sight.
+
+    Imported modules, grpc, protobuf, pydantic and the first config live as long as the
+    process, yet each full (generation 2) collection walks them all: with ~150k objects that
+    is a 70 ms pause here, taken every few config applies (each applied snapshot of 1,000 routes
+    adds tens of thousands of survivors). Frozen objects are still freed by reference counting;
+    only reference cycles among them are never collected, a one-off start-up cost. Call it
+    once, from a process's entry point after start-up (process-wide: not from library code
+    that may run inside another program). Returns the number of objects frozen.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()

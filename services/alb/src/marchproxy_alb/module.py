@@ -94,12 +94,8 @@ class AlbHooks(BaseModuleHooks):
             h, p = tls_server.sockets[0].getsockname()[:2]
             self.tls_address = BoundAddress(h, p)
         log.info("alb_listening", data=f"{host}:{port}", tls=self.tls_address)
-        # Everything allocated so far (imported modules, grpc, protobuf, pydantic) lives for the
-        # whole process: move it out of the collector's sight so full collections stay short
-        # and do not show up as latency spikes on the data path.
+        # (the runtime freezes the start-up heap once started, see freeze_startup_heap)
         if self.tune_gc:  # process-wide, so only when we own the process (__main__)
-            gc.collect()
-            gc.freeze()
             gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
         return self.data_address
 

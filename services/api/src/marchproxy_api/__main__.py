@@ -14,7 +14,7 @@ from marchproxy_api.config import ApiSettings
 from marchproxy_api.db.session import make_engine, migrate
 from marchproxy_common.config import load_settings
 from marchproxy_common.logs import configure_logging
-from marchproxy_common.loop import run
+from marchproxy_common.loop import freeze_startup_heap, run
 
 _log = structlog.get_logger("marchproxy.api")
 SHUTDOWN_TIMEOUT = 10.0
@@ -27,6 +27,7 @@ async def serve(settings: ApiSettings) -> None:
     site = web.TCPSite(runner, settings.api_host, settings.api_port)
     await site.start()
     _log.info("api_listening", host=settings.api_host, port=settings.api_port)
+    freeze_startup_heap()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

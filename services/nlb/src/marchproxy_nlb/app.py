@@ -12,6 +12,7 @@ import structlog
 from marchproxy.v1 import nlb_pb2_grpc
 from marchproxy_common.admin_http import AdminServer
 from marchproxy_common.grpc_server import GrpcServer, TlsFiles
+from marchproxy_common.loop import freeze_startup_heap
 from marchproxy_common.net.fdpass import ListenerHandoffServer
 from marchproxy_common.tasks import cancel_and_wait, spawn
 from marchproxy_nlb.config import NlbSettings
@@ -261,6 +262,7 @@ class NlbApp:
             _log.error("handoff_failed", error=str(exc))
             await self.stop()
             raise SystemExit(1) from None
+        freeze_startup_heap()  # run() owns the process: keep full collections short
         try:
             await self.wait()
         finally:

@@ -34,6 +34,7 @@ from marchproxy_common.config import ModuleSettings, load_settings
 from marchproxy_common.configfile import ConfigFileError, load_config_file
 from marchproxy_common.grpc_server import GrpcServer, TlsFiles
 from marchproxy_common.logs import configure_logging
+from marchproxy_common.loop import freeze_startup_heap
 from marchproxy_common.loop import run as run_on_loop
 from marchproxy_common.module.hooks import BoundAddress, ModuleHooks
 from marchproxy_common.module.routes import validate_routes
@@ -243,6 +244,7 @@ class ModuleRuntime:
             loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
         try:
             await self.start()
+            freeze_startup_heap()  # we own the process: keep full collections short
             await self.wait()
         finally:
             await self.stop()
