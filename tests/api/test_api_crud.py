@@ -281,11 +281,31 @@ async def test_nlb_listeners_list_get_put_delete(api, published) -> None:
         {"name": "edge", "port": 7443, "protocols": ["tls", "http"], "default_protocol": "tls"},
         201,
     )
-    await _ok(api, "POST", base, {"name": "dns", "port": 7053, "transport": "udp"}, 201)
+    dns = {"name": "dns", "port": 7053, "protocols": ["udp"], "transport": "udp"}
+    await _ok(api, "POST", base, dns, 201)
+    # what the NLB would refuse (and with it the whole snapshot) is refused here
+    for bad in (
+        {"protocols": []},
+        {"protocols": ["gopher"]},
+        {"protocols": ["http"], "default_protocol": "tls"},
+        {"proxy_protocol": "v3"},
+    ):
+        status, body = await api.call("POST", base, {**dns, "name": "x", "port": 7202, **bad})
+        assert status == 422, (bad, body)
+    raw = {"name": "raw", "port": 7201, "protocols": ["tcp"], "proxy_protocol": "none"}
+    raw_made = await _ok(api, "POST", base, raw, 201)
     page = await _ok(api, "GET", base + "?limit=1")
-    assert page["total"] == 2 and len(page["items"]) == 1
+    assert page["total"] == 3 and len(page["items"]) == 1
     got = await _ok(api, "GET", f"{base}/{made['id']}")
     assert got["protocols"] == ["tls", "http"] and got["transport"] == "tcp"
+    assert got["proxy_protocol"] == "v2"  # modules expect the client address first
+    snap = await published.get("nlb")
+    assert {li["name"]: li["proxy_protocol"] for li in snap["listeners"]} == {
+        "edge": "v2",
+        "dns": "v2",
+        "raw": "none",
+    }
+    await _ok(api, "DELETE", f"{base}/{raw_made['id']}", want=204)
 
     new = {"name": "edge", "port": 8443, "protocols": ["tls"], "default_protocol": "tls"}
     put = await _ok(api, "PUT", f"{base}/{made['id']}", new)

@@ -160,11 +160,38 @@ async def test_write_reaches_nlb_and_alb_through_redis_then_long_poll_then_fail_
         ) as r:
             assert r.status == 201, await r.text()
         v1 = await version()
-        await wait_json(http, nlb_status, applied, v1, "NLB applies v1", procs)
+        nlb_http = free_port()  # a listener the NLB opens because the API says so
+        async with http.post(
+            f"{api}/nlb/listeners",
+            headers=auth,
+            json={"name": "web", "port": nlb_http, "protocols": ["http"]},
+        ) as r:
+            assert r.status == 201, await r.text()
+        v1_nlb = await version()  # a listener changes the NLB's state only
+        assert v1_nlb > v1
+        body = await wait_json(http, nlb_status, applied, v1_nlb, "NLB applies v1", procs)
+        (web_listener,) = body["status"]["listeners"]
+        assert web_listener["address"] == f"127.0.0.1:{nlb_http}"
+        assert web_listener["proxy_protocol"] == "v2"
         await wait_json(http, alb_status, applied, v1, "ALB applies v1", procs)
         async with http.get(f"http://127.0.0.1:{alb_data}/hello/world") as r:
             assert r.status == 200
             assert await r.text() == "backend saw /hello/world"
+
+        async def through_nlb(path: str) -> str:
+            async with http.get(f"http://127.0.0.1:{nlb_http}{path}") as r:
+                assert r.status == 200, await r.text()
+                return await r.text()
+
+        deadline = time.monotonic() + 30  # until the ALB has registered with the NLB
+        while True:
+            try:
+                assert await through_nlb("/hello/nlb") == "backend saw /hello/nlb"
+                break
+            except (aiohttp.ClientError, AssertionError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
 
         # 2. Redis stops; the next write arrives through the API long poll.
         private_redis.stop()

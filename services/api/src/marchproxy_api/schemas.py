@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator, model_validator
 
+from marchproxy_common.listeners import LISTENER_PROTOCOLS
+
 MAX_NAME = 128
 MAX_TEXT = 4096
 MAX_ID = 2**31 - 1
@@ -348,9 +350,32 @@ class ReloadOut(BaseModel):
 class ListenerIn(Strict):
     name: str = name_field()
     port: int = Field(ge=1, le=65535)
-    protocols: list[str] = Field(default=[], max_length=32)
+    #: what the listener accepts (sniffed on the first bytes when there are several)
+    protocols: list[str] = Field(min_length=1, max_length=32)
     default_protocol: str = Field(default="", max_length=32)
     transport: Literal["tcp", "udp"] = "tcp"
+    #: what the NLB sends an instance before the client's bytes: a PROXY v2 or v1 header
+    #: (modules), or nothing (plain TCP backends that do not speak PROXY)
+    proxy_protocol: Literal["v2", "v1", "none"] = "v2"
+
+    @field_validator("protocols")
+    @classmethod
+    def _known_protocols(cls, v: list[str]) -> list[str]:
+        names = [p.strip().lower() for p in v]
+        unknown = sorted(set(names) - LISTENER_PROTOCOLS)
+        if unknown:
+            raise ValueError(
+                f"unknown protocols {unknown}; known: {', '.join(sorted(LISTENER_PROTOCOLS))}"
+            )
+        return names
+
+    @model_validator(mode="after")
+    def _default_is_listed(self) -> ListenerIn:
+        default = self.default_protocol.strip().lower()
+        if default and default not in self.protocols:
+            raise ValueError(f"default_protocol {default!r} is not one of protocols")
+        self.default_protocol = default
+        return self
 
 
 class ListenerOut(Out):
@@ -360,6 +385,7 @@ class ListenerOut(Out):
     protocols: list[Any]
     default_protocol: str
     transport: str
+    proxy_protocol: str
     created_at: datetime
     updated_at: datetime
 
@@ -368,7 +394,8 @@ class RateLimitIn(Strict):
     target: str = Field(min_length=1, max_length=255)
     requests_per_second: float = Field(gt=0, le=1e9)
     burst: int = Field(ge=1, le=10**9)
-    scope: Literal["local", "global"] = "local"
+    #: local: per NLB process; cluster (= global): shared by every NLB through Redis
+    scope: Literal["local", "cluster", "global"] = "local"
 
 
 class RateLimitOut(Out):

@@ -107,6 +107,7 @@ def _nlb_extras(src: dict[str, list[Any]], names: dict[int, str]) -> dict[str, A
                 "protocols": li.protocols,
                 "default_protocol": li.default_protocol,
                 "transport": li.transport,
+                "proxy_protocol": li.proxy_protocol,
             }
             for li in src["listeners"]
         ],

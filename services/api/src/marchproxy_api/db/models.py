@@ -137,6 +137,7 @@ class Listener(Timestamps, Base):
     protocols: Mapped[list[Any]] = mapped_column(default=list)
     default_protocol: Mapped[str] = mapped_column(String(32), default="")
     transport: Mapped[str] = mapped_column(String(8), default="tcp")
+    proxy_protocol: Mapped[str] = mapped_column(String(8), default="v2", server_default="v2")
 
 
 class RateLimit(Timestamps, Base):

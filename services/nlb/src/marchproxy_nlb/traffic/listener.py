@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
+from marchproxy_common.listeners import LISTENER_PROTOCOLS, PROXY_HEADER_MODES
 from marchproxy_common.tasks import spawn
 from marchproxy_common.wire.sniff import MAX_SNIFF_BYTES, NeedMore, Verdict, classify
 
@@ -32,10 +33,7 @@ SERVER_FIRST = frozenset({"mysql"})
 DESCRIBED_BY_FIRST_BYTES = frozenset(
     {"http", "https", "tls", "http2", "grpc", "websocket", "postgresql"}
 )
-KNOWN_PROTOCOLS = frozenset(
-    {"http", "https", "http2", "grpc", "websocket", "tls", "postgresql", "mysql", "rtmp",
-     "redis", "tcp", "udp", "mongodb", "rtsp"}
-)  # fmt: skip
+KNOWN_PROTOCOLS = LISTENER_PROTOCOLS
 
 _conn_ids = itertools.count(1)
 
@@ -69,7 +67,7 @@ class ListenerSpec:
         return not (len(self.protocols) == 1 and self.default_protocol in self.protocols)
 
 
-PROXY_PROTOCOLS = ("v2", "v1", "none")
+PROXY_PROTOCOLS = PROXY_HEADER_MODES
 
 
 def make_listener(
