@@ -318,9 +318,13 @@ async def measure(
     lat, ttft = await sequential(url, args.sequential)
     res.p50_ms, res.p99_ms, res.ttft_p50_ms = pct(lat, 0.5), pct(lat, 0.99), pct(ttft, 0.5)
     cpu0 = cpu_seconds(proc.pid) if proc is not None else 0.0
+    warm, warm_requests = 0.0, 0
     res.rps, res.requests, res.errors = await asyncio.to_thread(wrk, url, args.duration)
     if proc is not None and res.requests:
         res.cpu_us_per_req = (cpu_seconds(proc.pid) - cpu0) / res.requests * 1e6
+        # warmed up (buffers, pools, allocator arenas at 32 connections): growth after this
+        # point is growth per request
+        warm, warm_requests = rss_mib(proc.pid), res.requests
     res.rps_stream, n, e = await asyncio.to_thread(
         wrk, url, args.duration / 2, 32, "post_stream.lua"
     )
@@ -341,6 +345,11 @@ async def measure(
             res.notes.append(f"rss after {res.requests} requests (100k would take {more:.0f}s)")
     if proc is not None:
         res.rss_after = rss_mib(proc.pid)
+        if res.requests > warm_requests:
+            res.notes.append(
+                f"rss {warm:.1f} MiB after {warm_requests} requests, {res.rss_after:.1f} MiB "
+                f"after {res.requests}"
+            )
     return res
 
 
