@@ -28,8 +28,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from marchproxy_ailb.keys import KeyInfo
-from marchproxy_ailb.usage import UsageStore
+from .keys import KeyInfo
+from .usage import UsageStore
 
 #: expired leases reaped per reserve call (the rest go on the next call)
 REAP_BATCH = 256

@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from marchproxy_ailb.schema import CacheSettings
+from .schema import CacheSettings
 
 
 def cache_scope(settings: CacheSettings, key_id: str, team: str) -> str:

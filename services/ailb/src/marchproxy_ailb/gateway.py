@@ -19,18 +19,20 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from marchproxy_ailb.budget import BudgetLedger, Hold
-from marchproxy_ailb.cache import ResponseCache, cache_key, cache_scope, cacheable
-from marchproxy_ailb.errors import GatewayError, UpstreamError, upstream_to_gateway
-from marchproxy_ailb.keys import NANO, KeyInfo, KeyStore
-from marchproxy_ailb.limits import Admission, Limiter, rate_headers, refusal
-from marchproxy_ailb.providers import PROVIDERS, Provider
-from marchproxy_ailb.providers.base import DEFAULT_MAX_UPSTREAM_BODY
-from marchproxy_ailb.routing import DeploymentState, Router
-from marchproxy_ailb.schema import AilbConfig, Deployment
-from marchproxy_ailb.tokens import CHARS_PER_TOKEN, completion_cap, count_prompt, count_text
-from marchproxy_ailb.upstream_http import UpstreamPool
-from marchproxy_ailb.usage import (
+from marchproxy_common.tasks import spawn
+
+from .budget import BudgetLedger, Hold
+from .cache import ResponseCache, cache_key, cache_scope, cacheable
+from .errors import GatewayError, UpstreamError, upstream_to_gateway
+from .keys import NANO, KeyInfo, KeyStore
+from .limits import Admission, Limiter, rate_headers, refusal
+from .providers import PROVIDERS, Provider
+from .providers.base import DEFAULT_MAX_UPSTREAM_BODY
+from .routing import DeploymentState, Router
+from .schema import AilbConfig, Deployment
+from .tokens import CHARS_PER_TOKEN, completion_cap, count_prompt, count_text
+from .upstream_http import UpstreamPool
+from .usage import (
     Metrics,
     Tokens,
     UsageRecord,
@@ -38,8 +40,7 @@ from marchproxy_ailb.usage import (
     cost_nusd,
     worst_case_nusd,
 )
-from marchproxy_ailb.validation import validate_body
-from marchproxy_common.tasks import spawn
+from .validation import validate_body
 
 _log = structlog.get_logger("marchproxy.ailb")
 T = TypeVar("T")

@@ -6,8 +6,8 @@ import fnmatch
 import hashlib
 from dataclasses import dataclass
 
-from marchproxy_ailb.errors import GatewayError
-from marchproxy_ailb.schema import VirtualKey
+from .errors import GatewayError
+from .schema import VirtualKey
 
 #: nano-USD per USD: spend is kept as integers so totals add up exactly
 NANO = 1_000_000_000

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from marchproxy_ailb.errors import GatewayError
-from marchproxy_ailb.keys import KeyInfo
+from .errors import GatewayError
+from .keys import KeyInfo
 
 WINDOW_S = 60
 #: Redis counters outlive their window by one more, then expire

@@ -12,13 +12,14 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from marchproxy.v1 import types_pb2
-from marchproxy_ailb.config import AilbSettings
-from marchproxy_ailb.gateway import Gateway
-from marchproxy_ailb.schema import AilbConfig
-from marchproxy_ailb.usage import Metrics, UsageStore
 from marchproxy_common.module.hooks import BaseModuleHooks, BoundAddress, LoadReport
 from marchproxy_common.net.listener import stop_serving
 from marchproxy_common.net.proxied import wrap_proxy_protocol
+
+from .config import AilbSettings
+from .gateway import Gateway
+from .schema import AilbConfig
+from .usage import Metrics, UsageStore
 
 _log = structlog.get_logger("marchproxy.ailb")
 

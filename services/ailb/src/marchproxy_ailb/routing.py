@@ -13,7 +13,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from marchproxy_ailb.schema import AilbConfig, Deployment, RouterSettings
+from .schema import AilbConfig, Deployment, RouterSettings
 
 #: width of the window that per-deployment rpm/tpm count in
 DEPLOYMENT_WINDOW_S = 60.0

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from marchproxy_ailb.errors import UpstreamError
+from .errors import UpstreamError
 
 #: body bytes buffered before the socket is paused (a slow client slows its upstream)
 READ_HIGH_WATER = 256 * 1024

@@ -20,8 +20,8 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from marchproxy_ailb.schema import Price
-from marchproxy_ailb.usage_log import Totals, UsageLog, add_record, replay
+from .schema import Price
+from .usage_log import Totals, UsageLog, add_record, replay
 
 _log = structlog.get_logger("marchproxy.ailb")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from marchproxy_ailb.errors import GatewayError
+from .errors import GatewayError
 
 #: most choices one request may ask for
 MAX_N = 128

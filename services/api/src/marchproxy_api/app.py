@@ -7,13 +7,15 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from marchproxy_api import bootstrap
-from marchproxy_api.config import ApiSettings
-from marchproxy_api.db.session import make_engine, make_sessionmaker
-from marchproxy_api.endpoints import Endpoint, add_routes
-from marchproxy_api.grpc_clients import ModuleClientManager
-from marchproxy_api.handlers import auth, deployments, modules, routes, scaling, services, state
-from marchproxy_api.handlers import system as system_handlers
-from marchproxy_api.keys import (
+from marchproxy_common.tasks import cancel_and_wait, spawn
+
+from .config import ApiSettings
+from .db.session import make_engine, make_sessionmaker
+from .endpoints import Endpoint, add_routes
+from .grpc_clients import ModuleClientManager
+from .handlers import auth, deployments, modules, routes, scaling, services, state
+from .handlers import system as system_handlers
+from .keys import (
     compiled_cache_key,
     engine_key,
     grpc_clients_key,
@@ -27,14 +29,13 @@ from marchproxy_api.keys import (
     sessionmaker_key,
     settings_key,
 )
-from marchproxy_api.metrics import ApiMetrics
-from marchproxy_api.middlewares import error_middleware
-from marchproxy_api.openapi import build_openapi
-from marchproxy_api.publisher import StatePublisher
-from marchproxy_api.rollouts import ModuleLocks, Rollouts
-from marchproxy_api.security import LoginLimiter, PasswordHashing
-from marchproxy_api.txn import CompiledCache
-from marchproxy_common.tasks import cancel_and_wait, spawn
+from .metrics import ApiMetrics
+from .middlewares import error_middleware
+from .openapi import build_openapi
+from .publisher import StatePublisher
+from .rollouts import ModuleLocks, Rollouts
+from .security import LoginLimiter, PasswordHashing
+from .txn import CompiledCache
 
 CLIENT_MAX_SIZE = 4 * 1024 * 1024
 #: at shutdown, running rollouts get this long to stop at their next step (seconds)

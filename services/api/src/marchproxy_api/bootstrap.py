@@ -12,16 +12,16 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import web
 
-from marchproxy_api.db.session import migrate
-from marchproxy_api.keys import (
+from .db.session import migrate
+from .keys import (
     engine_key,
     password_hashing_key,
     readiness_key,
     sessionmaker_key,
     settings_key,
 )
-from marchproxy_api.repos.entities import UserRepo
-from marchproxy_api.txn import republish_all, watch_stored_versions, write_tx
+from .repos.entities import UserRepo
+from .txn import republish_all, watch_stored_versions, write_tx
 
 _log = structlog.get_logger("marchproxy.api")
 #: back-off between start-up attempts (seconds); the maximum comes from the settings

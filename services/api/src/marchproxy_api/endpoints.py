@@ -17,10 +17,10 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from marchproxy_api.errors import ApiError
-from marchproxy_api.keys import readiness_key, settings_key
-from marchproxy_api.schemas import MAX_ID
-from marchproxy_api.security import (
+from .errors import ApiError
+from .keys import readiness_key, settings_key
+from .schemas import MAX_ID
+from .security import (
     CLUSTER_PRINCIPAL,
     AuthError,
     Principal,

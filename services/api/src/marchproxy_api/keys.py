@@ -7,16 +7,16 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from marchproxy_api.config import ApiSettings
-from marchproxy_api.grpc_clients import ModuleClientManager
-from marchproxy_api.metrics import ApiMetrics
-from marchproxy_api.publisher import StatePublisher
-from marchproxy_api.security import LoginLimiter, PasswordHashing
+from .config import ApiSettings
+from .grpc_clients import ModuleClientManager
+from .metrics import ApiMetrics
+from .publisher import StatePublisher
+from .security import LoginLimiter, PasswordHashing
 
 if TYPE_CHECKING:
-    from marchproxy_api.bootstrap import Readiness
-    from marchproxy_api.rollouts import ModuleLocks, Rollouts
-    from marchproxy_api.txn import CompiledCache
+    from .bootstrap import Readiness
+    from .rollouts import ModuleLocks, Rollouts
+    from .txn import CompiledCache
 
 settings_key = web.AppKey("settings", ApiSettings)
 engine_key = web.AppKey("engine", AsyncEngine)

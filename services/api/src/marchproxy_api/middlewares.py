@@ -11,8 +11,8 @@ from aiohttp import web
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from marchproxy_api.errors import ApiError
-from marchproxy_api.keys import metrics_key
+from .errors import ApiError
+from .keys import metrics_key
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _log = structlog.get_logger("marchproxy.api")

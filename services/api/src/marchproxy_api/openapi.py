@@ -7,8 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from marchproxy_api.endpoints import Endpoint
-from marchproxy_api.schemas import MAX_ID, ErrorOut
+from .endpoints import Endpoint
+from .schemas import MAX_ID, ErrorOut
 
 REF = "#/components/schemas/{model}"
 SWAGGER_UI_VERSION = "5.17.14"

@@ -21,8 +21,9 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from marchproxy_api.metrics import ApiMetrics
 from marchproxy_common.tasks import cancel_and_wait, spawn
+
+from .metrics import ApiMetrics
 
 _log = structlog.get_logger("marchproxy.api.publisher")
 

@@ -9,7 +9,7 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from marchproxy_api.schemas import COMPONENTS
+from .schemas import COMPONENTS
 
 #: module type -> component whose data plane runs it; the NLB snapshot carries every module
 TYPE_COMPONENT = {

@@ -15,11 +15,11 @@ from aiohttp import web
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from marchproxy_api.db.models import AuditLog, RegistrationEvent
-from marchproxy_api.keys import compiled_cache_key, metrics_key, publisher_key, sessionmaker_key
-from marchproxy_api.repos import state as state_repo
-from marchproxy_api.schemas import COMPONENTS
-from marchproxy_api.snapshots import SnapshotCompiler, content_of, stamp_text
+from .db.models import AuditLog, RegistrationEvent
+from .keys import compiled_cache_key, metrics_key, publisher_key, sessionmaker_key
+from .repos import state as state_repo
+from .schemas import COMPONENTS
+from .snapshots import SnapshotCompiler, content_of, stamp_text
 
 _log = structlog.get_logger("marchproxy.api.state")
 

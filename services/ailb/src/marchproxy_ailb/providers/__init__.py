@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from marchproxy_ailb.providers.anthropic import AnthropicProvider
-from marchproxy_ailb.providers.base import ChunkStream, Provider
-from marchproxy_ailb.providers.ollama import OllamaProvider
-from marchproxy_ailb.providers.openai import OpenAIProvider
+from .anthropic import AnthropicProvider
+from .base import ChunkStream, Provider
+from .ollama import OllamaProvider
+from .openai import OpenAIProvider
 
 PROVIDERS: dict[str, type[Provider]] = {
     "openai": OpenAIProvider,

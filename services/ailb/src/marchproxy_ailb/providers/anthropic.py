@@ -14,7 +14,8 @@ import json
 from typing import Any
 
 from marchproxy_ailb.errors import GatewayError, UpstreamError
-from marchproxy_ailb.providers.base import (
+
+from .base import (
     ChunkStream,
     Provider,
     SseStreamDecoder,

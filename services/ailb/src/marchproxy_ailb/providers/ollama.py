@@ -10,7 +10,8 @@ import uuid
 from typing import Any
 
 from marchproxy_ailb.errors import UpstreamError
-from marchproxy_ailb.providers.base import (
+
+from .base import (
     ChunkStream,
     Provider,
     StreamDecoder,

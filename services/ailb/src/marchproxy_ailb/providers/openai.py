@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from marchproxy_ailb.errors import UpstreamError
-from marchproxy_ailb.providers.base import (
+
+from .base import (
     ChunkStream,
     Provider,
     RawReply,

@@ -8,7 +8,6 @@ from contextlib import contextmanager
 from marchproxy_api.db.models import AuditLog
 from marchproxy_api.endpoints import Ctx, Endpoint
 from marchproxy_api.errors import ApiError, conflict, not_found
-from marchproxy_api.handlers.common import changes, page, read_session, row
 from marchproxy_api.keys import (
     login_limiter_key,
     metrics_key,
@@ -31,6 +30,8 @@ from marchproxy_api.schemas import (
 )
 from marchproxy_api.security import AuthError, HashingBusy, decode_token, issue_token
 from marchproxy_api.txn import write_tx
+
+from .common import changes, page, read_session, row
 
 
 def _tokens(ctx: Ctx, user_id: int, username: str, role: str) -> TokenOut:

@@ -15,7 +15,6 @@ from marchproxy_api.db.models import Deployment, Module
 from marchproxy_api.endpoints import Ctx, Endpoint
 from marchproxy_api.errors import ApiError, conflict, not_found
 from marchproxy_api.grpc_clients import HealthResult
-from marchproxy_api.handlers.common import changes, module_or_404, page, read_session, row
 from marchproxy_api.keys import (
     grpc_clients_key,
     module_locks_key,
@@ -36,6 +35,8 @@ from marchproxy_api.schemas import (
     RollbackIn,
 )
 from marchproxy_api.txn import Tx, write_tx
+
+from .common import changes, module_or_404, page, read_session, row
 
 D = "/api/v1/modules/{module_id}/deployments"
 FULL = 100.0

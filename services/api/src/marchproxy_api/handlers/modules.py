@@ -7,8 +7,6 @@ from datetime import UTC, datetime
 from marchproxy_api.db.models import Module, RegistrationEvent
 from marchproxy_api.endpoints import Ctx, Endpoint
 from marchproxy_api.errors import conflict
-from marchproxy_api.handlers.common import changes, module_or_404, page, read_session, row
-from marchproxy_api.handlers.routes import check_module_move
 from marchproxy_api.keys import grpc_clients_key
 from marchproxy_api.repos import state as state_repo
 from marchproxy_api.repos.entities import DeploymentRepo, HistoryRepo, ModuleRepo
@@ -26,6 +24,9 @@ from marchproxy_api.schemas import (
     RouteMetricsOut,
 )
 from marchproxy_api.txn import write_tx
+
+from .common import changes, module_or_404, page, read_session, row
+from .routes import check_module_move
 
 M = "/api/v1/modules"
 

@@ -10,7 +10,6 @@ from marchproxy_api.conflicts import RouteKey, find_conflicts, first_clash, rout
 from marchproxy_api.db.models import Module, ModuleRoute
 from marchproxy_api.endpoints import Ctx, Endpoint
 from marchproxy_api.errors import ApiError, conflict, not_found
-from marchproxy_api.handlers.common import changes, module_or_404, page, read_session, row
 from marchproxy_api.keys import compiled_cache_key
 from marchproxy_api.repos.entities import RouteRepo
 from marchproxy_api.schemas import (
@@ -24,6 +23,8 @@ from marchproxy_api.schemas import (
 )
 from marchproxy_api.snapshots import component_of
 from marchproxy_api.txn import write_tx
+
+from .common import changes, module_or_404, page, read_session, row
 
 R = "/api/v1/modules/{module_id}/routes"
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from marchproxy_api.endpoints import Ctx, Endpoint
 from marchproxy_api.errors import conflict, not_found
-from marchproxy_api.handlers.common import module_or_404, read_session, row
 from marchproxy_api.repos.entities import ScalingRepo
 from marchproxy_api.schemas import ScalingIn, ScalingOut
 from marchproxy_api.txn import write_tx
+
+from .common import module_or_404, read_session, row
 
 S = "/api/v1/modules/{module_id}/scaling"
 

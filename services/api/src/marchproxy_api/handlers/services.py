@@ -9,7 +9,6 @@ from pydantic import BaseModel
 from marchproxy_api.db.models import FeatureFlag, Listener, RateLimit, Service
 from marchproxy_api.endpoints import Ctx, Endpoint
 from marchproxy_api.errors import conflict, not_found
-from marchproxy_api.handlers.common import page, read_session, row
 from marchproxy_api.repos.base import Repo
 from marchproxy_api.repos.entities import (
     FeatureFlagRepo,
@@ -36,6 +35,8 @@ from marchproxy_api.schemas import (
     ServiceQuery,
 )
 from marchproxy_api.txn import write_tx
+
+from .common import page, read_session, row
 
 
 class _Crud:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from aiohttp import web
 
 from marchproxy_api.endpoints import Ctx, Endpoint
-from marchproxy_api.handlers.common import read_session
 from marchproxy_api.keys import publisher_key, settings_key
 from marchproxy_api.repos import state as state_repo
 from marchproxy_api.schemas import (
@@ -21,6 +20,8 @@ from marchproxy_api.schemas import (
     StateStatusOut,
 )
 from marchproxy_api.txn import write_tx
+
+from .common import read_session
 
 ENUMS = {"component": COMPONENTS}
 

@@ -11,11 +11,12 @@ from sqlalchemy import func, select, text
 from marchproxy_api.db.models import Module
 from marchproxy_api.endpoints import Ctx, Endpoint, not_ready
 from marchproxy_api.errors import ApiError
-from marchproxy_api.handlers.common import read_session
 from marchproxy_api.keys import metrics_key, publisher_key, readiness_key
 from marchproxy_api.openapi import SWAGGER_HTML
 from marchproxy_api.repos import state as state_repo
 from marchproxy_api.schemas import HealthzOut, ReadyOut, RootOut, SystemHealthOut
+
+from .common import read_session
 
 API_VERSION = "0.1.0"
 openapi_key = web.AppKey("openapi", dict)

@@ -17,7 +17,8 @@ from marchproxy_api.db.models import (
     Service,
     User,
 )
-from marchproxy_api.repos.base import Repo
+
+from .base import Repo
 
 
 class UserRepo(Repo[User]):
