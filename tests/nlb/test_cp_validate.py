@@ -8,10 +8,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from marchproxy.v1 import types_pb2
 from marchproxy_nlb.grpc.validate import (
     InvalidArgument,
     check_host,
     format_address,
+    health_name,
+    module_type_name,
+    protocol_name,
     split_seed_address,
 )
 
@@ -80,3 +84,15 @@ def test_any_address_parses_or_is_invalid(address: str, port: int) -> None:
     assert check_host("x", host) == host
     if ":" in host:
         ipaddress.IPv6Address(host)
+
+
+def test_enum_names_for_known_and_unknown_numbers() -> None:
+    """/status and the metric labels name every number, even one the enum lacks (a route rule's
+    protocol or a newer module's health is a plain int)."""
+    assert protocol_name(types_pb2.PROTOCOL_POSTGRESQL) == "postgresql"
+    assert protocol_name(0) == "unspecified"
+    assert protocol_name(999) == "unknown"
+    assert module_type_name(types_pb2.MODULE_TYPE_DBLB) == "DBLB"
+    assert module_type_name(-1) == "UNKNOWN"
+    assert health_name(types_pb2.HEALTH_STATUS_DRAINING) == "draining"
+    assert health_name(999) == "unknown"

@@ -242,7 +242,7 @@ class NlbCore:
         out.collected_at.GetCurrentTime()
         return out
 
-    def health(self) -> int:
+    def health(self) -> types_pb2.HealthStatus.ValueType:
         if any(i.routable for i in self.registry.all()) or not len(self.registry):
             return types_pb2.HEALTH_STATUS_HEALTHY
         return types_pb2.HEALTH_STATUS_DEGRADED

@@ -21,13 +21,13 @@ def instance_pb(inst: Instance, now: float) -> types_pb2.ModuleInstance:
     return types_pb2.ModuleInstance(
         instance_id=inst.instance_id,
         module_id=inst.module_id,
-        module_type=inst.module_type,  # type: ignore[arg-type]
+        module_type=inst.module_type,
         data_address=types_pb2.Address(host=inst.data_host, port=inst.data_port),
         grpc_address=types_pb2.Address(host=inst.grpc_host, port=inst.grpc_port),
-        health=inst.health,  # type: ignore[arg-type]
+        health=inst.health,
         active_connections=inst.active_connections,
         version=inst.version,
-        protocols=sorted(inst.protocols),  # type: ignore[arg-type]
+        protocols=sorted(inst.protocols),
         weight=inst.weight,
         capacity=inst.capacity,
         labels=inst.labels,
@@ -40,7 +40,7 @@ def instance_pb(inst: Instance, now: float) -> types_pb2.ModuleInstance:
         applied_config_version=inst.applied_config_version,
         protocol_addresses=[
             types_pb2.ProtocolAddress(
-                protocol=p,  # type: ignore[arg-type]
+                protocol=p,
                 address=types_pb2.Address(host=host, port=port),
             )
             for p, (host, port) in sorted(inst.addresses.items())

@@ -424,12 +424,12 @@ class NlbServicer(nlb_pb2_grpc.NLBServiceServicer):
         self, request: nlb_pb2.CheckHealthRequest, context: Ctx[Any, Any]
     ) -> nlb_pb2.CheckHealthResponse:
         resp = nlb_pb2.CheckHealthResponse(
-            status=self.core.health(),  # type: ignore[arg-type]
+            status=self.core.health(),
             message=f"{sum(1 for i in self.registry.all() if i.routable)} routable instances",
         )
         if request.include_modules:
             for inst in self.registry.all():
-                resp.module_health[inst.instance_id] = inst.health  # type: ignore[assignment]
+                resp.module_health[inst.instance_id] = inst.health
         return resp
 
     @rpc

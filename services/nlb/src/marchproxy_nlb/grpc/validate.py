@@ -110,8 +110,10 @@ def check_port(field: str, port: int, *, allow_zero: bool = False) -> int:
     return port
 
 
-def check_protocols(values: Iterable[int], names: str = "") -> frozenset[int]:
-    protocols = set()
+def check_protocols(
+    values: Iterable[types_pb2.Protocol.ValueType], names: str = ""
+) -> frozenset[types_pb2.Protocol.ValueType]:
+    protocols: set[types_pb2.Protocol.ValueType] = set()
     for v in values:
         if v not in types_pb2.Protocol.values() or v == types_pb2.PROTOCOL_UNSPECIFIED:
             raise InvalidArgument(f"protocols contains an unknown protocol value {v}")
@@ -127,7 +129,9 @@ def check_protocols(values: Iterable[int], names: str = "") -> frozenset[int]:
     return frozenset(protocols)
 
 
-def check_module_type(value: int, *, required: bool) -> int:
+def check_module_type(
+    value: types_pb2.ModuleType.ValueType, *, required: bool
+) -> types_pb2.ModuleType.ValueType:
     if value not in types_pb2.ModuleType.values():
         raise InvalidArgument(f"module_type {value} is not a known module type")
     if required and value == types_pb2.MODULE_TYPE_UNSPECIFIED:
@@ -172,7 +176,9 @@ def check_number(field: str, value: float, low: float, high: float) -> float:
     return value
 
 
-def check_health(field: str, value: int, *, allow_unspecified: bool) -> int:
+def check_health(
+    field: str, value: types_pb2.HealthStatus.ValueType, *, allow_unspecified: bool
+) -> types_pb2.HealthStatus.ValueType:
     if value not in types_pb2.HealthStatus.values():
         raise InvalidArgument(f"{field} {value} is not a known health status")
     if value == types_pb2.HEALTH_STATUS_UNSPECIFIED and not allow_unspecified:
@@ -181,21 +187,26 @@ def check_health(field: str, value: int, *, allow_unspecified: bool) -> int:
 
 
 def protocol_name(value: int) -> str:
+    """``"http"`` for ``PROTOCOL_HTTP``; ``"unknown"`` for a number the enum does not define.
+    Takes any ``int`` (a route rule's protocol is one), as do the two functions below."""
     try:
-        return types_pb2.Protocol.Name(value).removeprefix("PROTOCOL_").lower()
+        name = types_pb2.Protocol.Name(types_pb2.Protocol.ValueType(value))
     except ValueError:
         return "unknown"
+    return name.removeprefix("PROTOCOL_").lower()
 
 
 def module_type_name(value: int) -> str:
     try:
-        return types_pb2.ModuleType.Name(value).removeprefix("MODULE_TYPE_")
+        name = types_pb2.ModuleType.Name(types_pb2.ModuleType.ValueType(value))
     except ValueError:
         return "UNKNOWN"
+    return name.removeprefix("MODULE_TYPE_")
 
 
 def health_name(value: int) -> str:
     try:
-        return types_pb2.HealthStatus.Name(value).removeprefix("HEALTH_STATUS_").lower()
+        name = types_pb2.HealthStatus.Name(types_pb2.HealthStatus.ValueType(value))
     except ValueError:
         return "unknown"
+    return name.removeprefix("HEALTH_STATUS_").lower()

@@ -35,8 +35,8 @@ class RegistryFull(Exception):
 class Instance:
     instance_id: str
     module_id: str
-    module_type: int
-    protocols: frozenset[int]
+    module_type: types_pb2.ModuleType.ValueType
+    protocols: frozenset[types_pb2.Protocol.ValueType]
     data_host: str
     data_port: int
     grpc_host: str = ""
@@ -46,8 +46,8 @@ class Instance:
     capacity: int = 0
     labels: dict[str, str] = field(default_factory=dict)
     #: data addresses for particular protocols; every other protocol uses data_host/data_port
-    addresses: dict[int, tuple[str, int]] = field(default_factory=dict)
-    health: int = HEALTHY
+    addresses: dict[types_pb2.Protocol.ValueType, tuple[str, int]] = field(default_factory=dict)
+    health: types_pb2.HealthStatus.ValueType = HEALTHY
     draining: bool = False
     registered_at: float = 0.0
     last_heartbeat: float = 0.0
@@ -79,7 +79,7 @@ class Instance:
     def data_address(self) -> tuple[str, int]:
         return (self.data_host, self.data_port)
 
-    def address_for(self, protocols: Iterable[int]) -> tuple[str, int]:
+    def address_for(self, protocols: Iterable[types_pb2.Protocol.ValueType]) -> tuple[str, int]:
         """The data address for the first of ``protocols`` with its own, else the default."""
         for p in protocols:
             found = self.addresses.get(p)
@@ -145,8 +145,8 @@ class InstanceRegistry:
         self,
         *,
         module_id: str,
-        module_type: int,
-        protocols: Iterable[int],
+        module_type: types_pb2.ModuleType.ValueType,
+        protocols: Iterable[types_pb2.Protocol.ValueType],
         data_host: str,
         data_port: int,
         instance_id: str = "",
@@ -156,7 +156,7 @@ class InstanceRegistry:
         weight: int = DEFAULT_WEIGHT,
         capacity: int = 0,
         labels: Mapping[str, str] | None = None,
-        addresses: Mapping[int, tuple[str, int]] | None = None,
+        addresses: Mapping[types_pb2.Protocol.ValueType, tuple[str, int]] | None = None,
     ) -> tuple[Instance, bool]:
         """Add or refresh an instance. Returns ``(instance, created)``.
 
@@ -202,7 +202,7 @@ class InstanceRegistry:
         self,
         instance_id: str,
         *,
-        health: int = 0,
+        health: types_pb2.HealthStatus.ValueType = types_pb2.HEALTH_STATUS_UNSPECIFIED,
         reported_connections: int = 0,
         requests_total: int = 0,
         cpu_percent: float = 0.0,
@@ -245,7 +245,9 @@ class InstanceRegistry:
             self._changed("health", inst)
         return inst
 
-    def set_health(self, key: str, health: int, reason: str = "") -> list[Instance]:
+    def set_health(
+        self, key: str, health: types_pb2.HealthStatus.ValueType, reason: str = ""
+    ) -> list[Instance]:
         """Seed 002 UpdateHealth: ``key`` is an instance id or a module id."""
         if health not in KNOWN_HEALTH:
             raise ValueError(f"unknown health status {health}")

@@ -63,7 +63,7 @@ _log = structlog.get_logger("marchproxy.nlb.traffic")
 
 P = types_pb2
 # A sniffed protocol → the registered protocols that may take it, in order of preference.
-ACCEPTORS: dict[str, tuple[int, ...]] = {
+ACCEPTORS: dict[str, tuple[P.Protocol.ValueType, ...]] = {
     "http": (P.PROTOCOL_HTTP,),
     "tls": (P.PROTOCOL_TLS, P.PROTOCOL_HTTPS),
     "https": (P.PROTOCOL_HTTPS, P.PROTOCOL_TLS),
@@ -81,7 +81,7 @@ ACCEPTORS: dict[str, tuple[int, ...]] = {
 }
 # With no route rule naming a module, a protocol goes to its owning module type when one is
 # registered (HTTP to the ALB, not to the AILB that also speaks HTTP but is reached by rule).
-OWNER_TYPE: dict[str, int] = {
+OWNER_TYPE: dict[str, P.ModuleType.ValueType] = {
     "http": P.MODULE_TYPE_ALB,
     "tls": P.MODULE_TYPE_ALB,
     "https": P.MODULE_TYPE_ALB,
@@ -358,7 +358,7 @@ class DataPlane:
                 database, user = d.database or "", d.user or ""
         if (not name or isinstance(verdict, Unknown)) and conn.spec.default_protocol:
             name = conn.spec.default_protocol
-        protocol = ACCEPTORS.get(name, (0,))[0]
+        protocol = ACCEPTORS.get(name, (P.PROTOCOL_UNSPECIFIED,))[0]
         info = ConnInfo(
             protocol=protocol,
             listener_port=conn.local[1],
@@ -693,7 +693,7 @@ class DataPlane:
             pb = types_pb2.Route(
                 route_id=rule.name,
                 name=rule.name,
-                protocol=rule.protocol,  # type: ignore[arg-type]
+                protocol=P.Protocol.ValueType(rule.protocol),  # a Route.protocol, or 0 (any)
                 destination_pattern=rule.host,
                 ports=sorted(rule.ports),
                 priority=rule.priority,
