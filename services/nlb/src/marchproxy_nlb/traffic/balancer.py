@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeGuard, TypeVar
 
 Strategy = Literal["least_conn", "round_robin", "hash"]
-STRATEGIES: tuple[str, ...] = ("least_conn", "round_robin", "hash")
+STRATEGIES: tuple[Strategy, ...] = ("least_conn", "round_robin", "hash")
+
+
+def is_strategy(name: str) -> TypeGuard[Strategy]:
+    return name in STRATEGIES
 
 
 class Candidate(Protocol):
@@ -18,6 +22,10 @@ class Candidate(Protocol):
     def weight(self) -> int: ...
     @property
     def active_connections(self) -> int: ...
+
+
+#: the caller's own candidate type (the registry's ``Instance``) comes back from ``pick``
+C = TypeVar("C", bound=Candidate)
 
 
 class SmoothWeighted:
@@ -55,7 +63,7 @@ class Balancer:
         self.strategy = strategy
         self._rr = SmoothWeighted()
 
-    def pick(self, candidates: Sequence[Candidate], client_ip: str = "") -> Candidate | None:
+    def pick(self, candidates: Sequence[C], client_ip: str = "") -> C | None:
         if not candidates:
             return None
         if len(candidates) == 1:

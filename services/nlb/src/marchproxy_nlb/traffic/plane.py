@@ -37,7 +37,7 @@ from marchproxy_nlb.grpc.convert import balance_score, instance_pb, load_info_pb
 from marchproxy_nlb.grpc.validate import protocol_name
 from marchproxy_nlb.metrics import NlbMetrics
 from marchproxy_nlb.registry.table import Instance, InstanceRegistry
-from marchproxy_nlb.traffic.balancer import STRATEGIES, Balancer
+from marchproxy_nlb.traffic.balancer import Balancer, is_strategy
 from marchproxy_nlb.traffic.bluegreen import BlueGreen
 from marchproxy_nlb.traffic.limits import ConnectionLimits, LimitRule, parse_rules
 from marchproxy_nlb.traffic.listener import (
@@ -110,8 +110,8 @@ class DataPlane:
         self.settings = settings
         self.registry = registry
         self.metrics = metrics
-        strategy = settings.nlb_balance if settings.nlb_balance in STRATEGIES else "least_conn"
-        self.balancer = Balancer(strategy)  # type: ignore[arg-type]
+        strategy = settings.nlb_balance if is_strategy(settings.nlb_balance) else "least_conn"
+        self.balancer = Balancer(strategy)
         self.bluegreen = BlueGreen(rollback_error_rate=settings.nlb_rollback_error_rate)
         self.limits = ConnectionLimits(
             settings.redis_url,
@@ -521,7 +521,7 @@ class DataPlane:
             if version is not None:
                 candidates = [i for i in candidates if i.version == version]
         chosen = self.balancer.pick(candidates, info.client_ip)
-        return chosen, version  # type: ignore[return-value]
+        return chosen, version
 
     def _pick_udp(self, spec: ListenerSpec, client: tuple[str, int]) -> tuple[str, int] | None:
         info = ConnInfo(protocol=P.PROTOCOL_UDP, listener_port=spec.port, client_ip=client[0])
