@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Mapped
 
 from marchproxy_api.db.models import Base
 
-M = TypeVar("M", bound=Base)
+
+class IdModel(Protocol):
+    """A mapped model with an integer primary key ``id``: what Repo needs (``Base`` itself
+    declares no columns)."""
+
+    id: Mapped[int]
+
+    def __init__(self, **kw: Any) -> None: ...
+
+
+M = TypeVar("M", bound=IdModel)
 
 
 class Repo(Generic[M]):
@@ -21,7 +32,7 @@ class Repo(Generic[M]):
 
     async def get(self, ident: int, *, lock: bool = False) -> M | None:
         if lock:
-            stmt = select(self.model).where(self.model.id == ident).with_for_update()  # type: ignore[attr-defined]
+            stmt = select(self.model).where(self.model.id == ident).with_for_update()
             return (await self.session.execute(stmt)).scalar_one_or_none()
         return await self.session.get(self.model, ident)
 
@@ -37,14 +48,12 @@ class Repo(Generic[M]):
         total = (
             await self.session.execute(select(func.count()).select_from(base.subquery()))
         ).scalar_one()
-        order_by = order if order is not None else self.model.id  # type: ignore[attr-defined]
+        order_by = order if order is not None else self.model.id
         rows = await self.session.execute(base.order_by(order_by).limit(limit).offset(offset))
         return list(rows.scalars()), int(total)
 
     async def all(self, *where: ColumnElement[bool]) -> list[M]:
-        rows = await self.session.execute(
-            select(self.model).where(*where).order_by(self.model.id)  # type: ignore[attr-defined]
-        )
+        rows = await self.session.execute(select(self.model).where(*where).order_by(self.model.id))
         return list(rows.scalars())
 
     async def add(self, values: Mapping[str, Any]) -> M:
