@@ -160,7 +160,7 @@ class SourceCache:
     ) -> tuple[dict[str, tuple[int, int]] | None, dict[str, int] | None]:
         """Postgres: (table -> fingerprint, component -> stored snapshot version) in one query;
         (None, None) elsewhere."""
-        if session.bind.dialect.name != "postgresql":
+        if session.get_bind().dialect.name != "postgresql":
             return None, None
         parts = []
         for name in names:
