@@ -90,7 +90,7 @@ async def read_capped(resp: UpstreamResponse, cap: int) -> bytes:
     if length.isdigit() and int(length) > cap:
         resp.close()
         raise _too_large(cap)
-    body = await resp.read(cap + 1)  # closes the connection when the limit is reached
+    body: bytes = await resp.read(cap + 1)  # closes the connection when the limit is reached
     if len(body) > cap:
         raise _too_large(cap)
     return body

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import cast
 
 from marchproxy_api.db.models import AuditLog
 from marchproxy_api.endpoints import Ctx, Endpoint
@@ -22,6 +23,7 @@ from marchproxy_api.schemas import (
     ListQuery,
     LoginIn,
     RefreshIn,
+    RoleName,
     TokenOut,
     UserCreate,
     UserOut,
@@ -56,7 +58,8 @@ def _tokens(ctx: Ctx, user_id: int, username: str, role: str) -> TokenOut:
             ttl_seconds=s.refresh_token_days * 86400,
         ),
         expires_in=int(access_ttl),
-        role=role,  # type: ignore[arg-type]
+        # users.role is only ever written from RoleName-validated input (and admin at bootstrap)
+        role=cast(RoleName, role),
     )
 
 
@@ -95,7 +98,8 @@ def _busy_is_503() -> Iterator[None]:
 
 async def _hash(ctx: Ctx, password: str) -> str:
     with _busy_is_503():
-        return await ctx.app[password_hashing_key].hash(password)
+        hashed: str = await ctx.app[password_hashing_key].hash(password)
+        return hashed
 
 
 async def refresh(ctx: Ctx) -> TokenOut:

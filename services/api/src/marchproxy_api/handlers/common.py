@@ -24,7 +24,8 @@ def page(model: type[P], out: type[BaseModel], rows: list[Any], total: int, q: A
 
 
 def read_session(ctx: Ctx) -> AsyncSession:
-    return ctx.app[sessionmaker_key]()
+    session: AsyncSession = ctx.app[sessionmaker_key]()
+    return session
 
 
 async def module_or_404(session: AsyncSession, module_id: int, *, lock: bool = False) -> Module:

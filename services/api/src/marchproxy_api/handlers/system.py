@@ -88,7 +88,8 @@ async def system_health(ctx: Ctx) -> SystemHealthOut:
 
 
 async def openapi_json(ctx: Ctx) -> dict[str, Any]:
-    return ctx.app[openapi_key]
+    spec: dict[str, Any] = ctx.app[openapi_key]
+    return spec
 
 
 async def docs(ctx: Ctx) -> web.StreamResponse:
