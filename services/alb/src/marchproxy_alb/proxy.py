@@ -8,12 +8,14 @@ no healthy target → 503, upstream refused/reset/garbled → 502, upstream time
 from __future__ import annotations
 
 import asyncio
+import enum
 import itertools
 import math
 import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Final
 
 import structlog
 
@@ -52,8 +54,17 @@ LATENCY_SAMPLES = 2048
 COALESCE_LIMIT = 64 * 1024  # join small pieces into one write up to this size
 ROUTE_CACHE_SIZE = 4096  # remembered matches (cleared when full)
 ROUTE_CACHE_MAX_KEY = 512  # longer host + path are matched without the cache
-_MISS = object()
 REFUSAL_LOG_INTERVAL = 1.0  # seconds: at most one alb_refused line per reason in this time
+
+
+class _Miss(enum.Enum):
+    """A route cache miss; ``None`` in the cache is a remembered "no route". An enum member, not
+    ``object()``, so that ``route is _MISS`` narrows the cached value back to ``Route | None``."""
+
+    MISS = enum.auto()
+
+
+_MISS: Final = _Miss.MISS
 
 
 class _Reply(Exception):
