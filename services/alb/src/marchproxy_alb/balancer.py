@@ -14,7 +14,7 @@ import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from marchproxy_alb.routing import HealthCheckConfig, OutlierConfig, Target
+from .routing import HealthCheckConfig, OutlierConfig, Target
 
 VNODES_PER_WEIGHT = 64
 MAX_VNODES = 100_000

@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 import structlog
 
-from marchproxy_alb.balancer import BackendPool
-from marchproxy_alb.metrics import AlbMetrics
-from marchproxy_alb.routing import Target
+from .balancer import BackendPool
+from .metrics import AlbMetrics
+from .routing import Target
 
 log = structlog.get_logger("marchproxy.alb.health")
 

@@ -13,17 +13,18 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from marchproxy.v1 import types_pb2
-from marchproxy_alb.config import AlbSettings, Limits
-from marchproxy_alb.http.downstream import DownstreamProtocol
-from marchproxy_alb.http.tlsaccept import TlsAcceptor
-from marchproxy_alb.http.upstream import UpstreamPool
-from marchproxy_alb.metrics import AlbMetrics
-from marchproxy_alb.proxy import DataPlane
-from marchproxy_alb.routing import compile_table
-from marchproxy_alb.tls import SniSelector, SniTable, TlsConfigError
 from marchproxy_common.module.hooks import BaseModuleHooks, BoundAddress, LoadReport
 from marchproxy_common.net.listener import stop_serving
 from marchproxy_common.net.proxied import wrap_proxy_protocol
+
+from .config import AlbSettings, Limits
+from .http.downstream import DownstreamProtocol
+from .http.tlsaccept import TlsAcceptor
+from .http.upstream import UpstreamPool
+from .metrics import AlbMetrics
+from .proxy import DataPlane
+from .routing import compile_table
+from .tls import SniSelector, SniTable, TlsConfigError
 
 log = structlog.get_logger("marchproxy.alb.module")
 

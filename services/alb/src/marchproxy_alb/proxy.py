@@ -19,11 +19,14 @@ from typing import Final
 
 import structlog
 
-from marchproxy_alb.balancer import BackendPool
-from marchproxy_alb.config import Limits
-from marchproxy_alb.health import run_health_checks
-from marchproxy_alb.http.downstream import ClientGone, DownstreamProtocol, PendingRequest
-from marchproxy_alb.http.framing import (
+from marchproxy_common.ratelimit import ClusterLimiter, Decision, TokenBucket
+from marchproxy_common.tasks import cancel_and_wait, spawn
+
+from .balancer import BackendPool
+from .config import Limits
+from .health import run_health_checks
+from .http.downstream import ClientGone, DownstreamProtocol, PendingRequest
+from .http.framing import (
     CONTINUE_100,
     IDEMPOTENT_METHODS,
     LAST_CHUNK,
@@ -39,11 +42,9 @@ from marchproxy_alb.http.framing import (
     normalize_path,
     split_target,
 )
-from marchproxy_alb.http.upstream import UpstreamConnection, UpstreamError, UpstreamPool
-from marchproxy_alb.metrics import AlbMetrics
-from marchproxy_alb.routing import RequestView, Route, RoutingTable, Target
-from marchproxy_common.ratelimit import ClusterLimiter, Decision, TokenBucket
-from marchproxy_common.tasks import cancel_and_wait, spawn
+from .http.upstream import UpstreamConnection, UpstreamError, UpstreamPool
+from .metrics import AlbMetrics
+from .routing import RequestView, Route, RoutingTable, Target
 
 log = structlog.get_logger("marchproxy.alb")
 access_log = structlog.get_logger("marchproxy.alb.access")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from marchproxy_alb.http.framing import normalize_path
+from .http.framing import normalize_path
 
 MAX_ROUTES = 10_000
 MAX_TARGETS_PER_ROUTE = 1_000

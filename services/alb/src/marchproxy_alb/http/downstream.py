@@ -17,16 +17,17 @@ from typing import TYPE_CHECKING, cast
 import httptools
 import structlog
 
-from marchproxy_alb.http.flow import BodyChannel, WriteFlow
-from marchproxy_alb.http.framing import (
+from marchproxy_common.net.proxied import client_address
+from marchproxy_common.tasks import spawn
+
+from .flow import BodyChannel, WriteFlow
+from .framing import (
     FramingError,
     RequestHead,
     absolute_form,
     error_response,
     framing_of,
 )
-from marchproxy_common.net.proxied import client_address
-from marchproxy_common.tasks import spawn
 
 if TYPE_CHECKING:
     from marchproxy_alb.proxy import DataPlane

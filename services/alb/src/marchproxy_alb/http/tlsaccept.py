@@ -14,8 +14,9 @@ from asyncio import sslproto
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
-from marchproxy_alb.http.downstream import DownstreamProtocol
 from marchproxy_common.net.proxied import client_address
+
+from .downstream import DownstreamProtocol
 
 if TYPE_CHECKING:
     from marchproxy_alb.proxy import DataPlane

@@ -12,9 +12,10 @@ from typing import cast
 import httptools
 import structlog
 
-from marchproxy_alb.http.flow import BodyChannel, WriteFlow
-from marchproxy_alb.http.framing import FramingError, ResponseHead, framing_of
 from marchproxy_alb.routing import Target
+
+from .flow import BodyChannel, WriteFlow
+from .framing import FramingError, ResponseHead, framing_of
 
 log = structlog.get_logger("marchproxy.alb.upstream")
 
