@@ -15,15 +15,16 @@ from marchproxy_common.grpc_server import GrpcServer, TlsFiles
 from marchproxy_common.loop import freeze_startup_heap
 from marchproxy_common.net.fdpass import ListenerHandoffServer
 from marchproxy_common.tasks import cancel_and_wait, spawn
-from marchproxy_nlb.config import NlbSettings
-from marchproxy_nlb.core import NlbCore
-from marchproxy_nlb.grpc.servicer import NlbServicer
-from marchproxy_nlb.hotrestart import HandoverFailed, Takeover, take_over
-from marchproxy_nlb.metrics import NlbMetrics
-from marchproxy_nlb.registry.table import InstanceRegistry
-from marchproxy_nlb.traffic.autoscaler import Autoscaler, Executor
-from marchproxy_nlb.traffic.executors import DockerExecutor, KubernetesExecutor, ProcessExecutor
-from marchproxy_nlb.traffic.plane import DataPlane
+
+from .config import NlbSettings
+from .core import NlbCore
+from .grpc.servicer import NlbServicer
+from .hotrestart import HandoverFailed, Takeover, take_over
+from .metrics import NlbMetrics
+from .registry.table import InstanceRegistry
+from .traffic.autoscaler import Autoscaler, Executor
+from .traffic.executors import DockerExecutor, KubernetesExecutor, ProcessExecutor
+from .traffic.plane import DataPlane
 
 _log = structlog.get_logger("marchproxy.nlb")
 

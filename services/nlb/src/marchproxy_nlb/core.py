@@ -13,15 +13,16 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from marchproxy.v1 import nlb_pb2, types_pb2
-from marchproxy_nlb.config import NlbSettings
-from marchproxy_nlb.grpc.validate import (
+
+from .config import NlbSettings
+from .grpc.validate import (
     format_address,
     health_name,
     module_type_name,
     protocol_name,
 )
-from marchproxy_nlb.metrics import NlbMetrics
-from marchproxy_nlb.registry.table import Instance, InstanceRegistry
+from .metrics import NlbMetrics
+from .registry.table import Instance, InstanceRegistry
 
 MAX_REPORTED_METRICS = 1_000  # data points kept per instance from ReportMetrics
 MAX_HISTORY = 200  # registration events kept for /status

@@ -33,8 +33,9 @@ import structlog
 from marchproxy.v1 import nlb_pb2, nlb_pb2_grpc
 from marchproxy_common.grpc_server import API_KEY_HEADER
 from marchproxy_common.net.fdpass import HANDOFF_ACK, HANDOFF_REQUEST, FdPassError, recv_sockets
-from marchproxy_nlb.config import NlbSettings
-from marchproxy_nlb.registry.table import InstanceRegistry
+
+from .config import NlbSettings
+from .registry.table import InstanceRegistry
 
 _log = structlog.get_logger("marchproxy.nlb.hotrestart")
 

@@ -15,9 +15,10 @@ from grpc.aio import ServicerContext as Ctx
 
 from marchproxy.v1 import nlb_pb2, nlb_pb2_grpc, types_pb2
 from marchproxy_nlb.core import MAX_REPORTED_METRICS, DataPlaneLike, NlbCore
-from marchproxy_nlb.grpc import validate as v
-from marchproxy_nlb.grpc.convert import balance_score, instance_pb, load_info_pb, stats_pb
 from marchproxy_nlb.registry.table import RegistryFull
+
+from . import validate as v
+from .convert import balance_score, instance_pb, load_info_pb, stats_pb
 
 _log = structlog.get_logger("marchproxy.nlb.grpc")
 

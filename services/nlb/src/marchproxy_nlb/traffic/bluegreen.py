@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from marchproxy_nlb.traffic.balancer import SmoothWeighted
+from .balancer import SmoothWeighted
 
 DEFAULT_ROLLBACK_ERROR_RATE = 0.5
 DEFAULT_MIN_SAMPLES = 20

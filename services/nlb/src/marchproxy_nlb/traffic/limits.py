@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 from marchproxy_common.ratelimit import MAX_LOCAL_BUCKETS, ClusterLimiter, Decision
-from marchproxy_nlb.traffic.routing import ConnInfo
+
+from .routing import ConnInfo
 
 MAX_RULES = 1_000
 MAX_RATE = 1e9

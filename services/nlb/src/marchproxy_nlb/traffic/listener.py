@@ -18,7 +18,7 @@ from marchproxy_common.tasks import spawn
 from marchproxy_common.wire.sniff import MAX_SNIFF_BYTES, NeedMore, Verdict, classify
 
 if TYPE_CHECKING:
-    from marchproxy_nlb.traffic.plane import DataPlane
+    from .plane import DataPlane
 
 DEFAULT_SNIFF_TIMEOUT = 0.1  # seconds: server-speaks-first protocols wait this long
 # Bytes a client may send after the routing decision, while the upstream connects. Reading is

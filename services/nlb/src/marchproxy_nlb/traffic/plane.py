@@ -37,10 +37,11 @@ from marchproxy_nlb.grpc.convert import balance_score, instance_pb, load_info_pb
 from marchproxy_nlb.grpc.validate import protocol_name
 from marchproxy_nlb.metrics import NlbMetrics
 from marchproxy_nlb.registry.table import Instance, InstanceRegistry
-from marchproxy_nlb.traffic.balancer import Balancer, is_strategy
-from marchproxy_nlb.traffic.bluegreen import BlueGreen
-from marchproxy_nlb.traffic.limits import ConnectionLimits, LimitRule, parse_rules
-from marchproxy_nlb.traffic.listener import (
+
+from .balancer import Balancer, is_strategy
+from .bluegreen import BlueGreen
+from .limits import ConnectionLimits, LimitRule, parse_rules
+from .listener import (
     DESCRIBED_BY_FIRST_BYTES,
     Connection,
     ListenerSpec,
@@ -49,7 +50,7 @@ from marchproxy_nlb.traffic.listener import (
     make_listener,
     parse_listeners_env,
 )
-from marchproxy_nlb.traffic.routing import (
+from .routing import (
     ConnInfo,
     RouteRule,
     RoutingTable,
