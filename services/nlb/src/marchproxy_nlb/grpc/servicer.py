@@ -307,39 +307,47 @@ class NlbServicer(nlb_pb2_grpc.NLBServiceServicer):
     async def UpdateRouting(
         self, request: nlb_pb2.UpdateRoutingRequest, context: Ctx[Any, Any]
     ) -> nlb_pb2.UpdateRoutingResponse:
-        return await self._dp().update_routing(request)
+        resp: nlb_pb2.UpdateRoutingResponse = await self._dp().update_routing(request)
+        return resp
 
     @rpc
     async def GetRoutingTable(
         self, request: nlb_pb2.GetRoutingTableRequest, context: Ctx[Any, Any]
     ) -> nlb_pb2.GetRoutingTableResponse:
-        return await self._dp().get_routing_table(request)
+        resp: nlb_pb2.GetRoutingTableResponse = await self._dp().get_routing_table(request)
+        return resp
 
     @rpc
     async def RouteRequest(
         self, request: nlb_pb2.RouteRequestRequest, context: Ctx[Any, Any]
     ) -> nlb_pb2.RouteRequestResponse:
         v.check_protocols([request.protocol])
-        return await self._dp().route_request(request)
+        resp: nlb_pb2.RouteRequestResponse = await self._dp().route_request(request)
+        return resp
 
     @rpc
     async def ValidateRoute(
         self, request: nlb_pb2.ValidateRouteRequest, context: Ctx[Any, Any]
     ) -> nlb_pb2.ValidateRouteResponse:
-        return await self._dp().validate_route(request)
+        resp: nlb_pb2.ValidateRouteResponse = await self._dp().validate_route(request)
+        return resp
 
     @rpc
     async def RebalanceLoad(
         self, request: nlb_pb2.RebalanceLoadRequest, context: Ctx[Any, Any]
     ) -> nlb_pb2.RebalanceLoadResponse:
-        return await self._dp().rebalance_load(request)
+        resp: nlb_pb2.RebalanceLoadResponse = await self._dp().rebalance_load(request)
+        return resp
 
     @rpc
     async def GetLoadDistribution(
         self, request: nlb_pb2.GetLoadDistributionRequest, context: Ctx[Any, Any]
     ) -> nlb_pb2.GetLoadDistributionResponse:
         if self.core.dataplane is not None:
-            return await self.core.dataplane.get_load_distribution(request)
+            resp: nlb_pb2.GetLoadDistributionResponse = (
+                await self.core.dataplane.get_load_distribution(request)
+            )
+            return resp
         instances = [
             i
             for i in self.registry.all()
@@ -357,7 +365,8 @@ class NlbServicer(nlb_pb2_grpc.NLBServiceServicer):
         self, request: nlb_pb2.TriggerScalingRequest, context: Ctx[Any, Any]
     ) -> nlb_pb2.TriggerScalingResponse:
         v.check_id("module_id", request.module_id)
-        return await self._dp().trigger_scaling(request)
+        resp: nlb_pb2.TriggerScalingResponse = await self._dp().trigger_scaling(request)
+        return resp
 
     def _dp(self) -> DataPlaneLike:
         if self.core.dataplane is None:

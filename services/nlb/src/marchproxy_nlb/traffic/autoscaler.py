@@ -78,6 +78,7 @@ class Decision:
 def metric_value(metric: str, instances: Sequence[Instance]) -> float:
     if not instances:
         return 0.0
+    values: list[float]
     if metric == "cpu":
         values = [i.cpu_percent for i in instances]
     elif metric == "memory":

@@ -531,7 +531,8 @@ class DataPlane:
             self.metrics.routing_errors.labels("udp", "no_module").inc()
             return None
         inst.routed_total += 1
-        return inst.address_for((P.PROTOCOL_UDP,))
+        address: tuple[str, int] = inst.address_for((P.PROTOCOL_UDP,))
+        return address
 
     # -- status --------------------------------------------------------------------------------
 
