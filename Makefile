@@ -37,10 +37,10 @@ fmt: install ## format
 	$(PY) ruff format libs services tests benchmarks scripts
 	$(PY) ruff check --fix libs services tests benchmarks scripts
 
-lint: install ## ruff lint + format check, mypy
+lint: install ## ruff lint + format check, mypy (strict on the common library, typed services)
 	$(PY) ruff check libs services tests benchmarks scripts
 	$(PY) ruff format --check libs services tests benchmarks scripts
-	$(PY) mypy libs/marchproxy_common/src/marchproxy_common
+	$(PY) mypy libs/marchproxy_common/src/marchproxy_common $(foreach s,$(SERVICES),services/$(s)/src/marchproxy_$(s))
 
 typecheck: lint
 
