@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import time
 from pathlib import Path
@@ -234,6 +235,55 @@ async def test_udp_listeners_are_handed_over_and_unclaimed_sockets_closed(
         assert "inherited_listeners_closed" in new.output()
     finally:
         udp_backend.close()
+        await backend.stop()
+
+
+async def test_update_nlb_config_values_survive_the_hand_over(
+    procs: ProcessGroup, tmp_path: Path
+) -> None:
+    """Rate limits, traffic split and heartbeat timeout set with UpdateNLBConfig live in no
+    desired state: the new process takes them from the old one (GetNLBConfig)."""
+    backend = await ProxiedEchoBackend("web").start()
+    tcp, grpc_port, admin = free_port(), free_port(), free_port()
+    env = nlb_env(tmp_path, f"{tcp}=http", grpc_port, admin)
+    old = procs.python("nlb-old", "marchproxy_nlb", env)
+    limit = {"target": f"listener:{tcp}", "requests_per_second": 0.001, "burst": 1}
+    split = [{"module": "web", "version": "1.0.0", "traffic_weight": 100}]
+    wanted = {"heartbeat_timeout": 77, "rate_limits": [limit], "traffic_split": split}
+    try:
+        wait_port(grpc_port)
+        wait_port(tcp)
+        await register(
+            grpc_port,
+            module_id="web",
+            instance_id="web-1",
+            module_type=types_pb2.MODULE_TYPE_ALB,
+            protocols=[types_pb2.PROTOCOL_HTTP],
+            version="1.0.0",
+            data_address=types_pb2.Address(host="127.0.0.1", port=backend.port),
+        )
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+            resp = await nlb_pb2_grpc.NLBServiceStub(ch).UpdateNLBConfig(
+                nlb_pb2.UpdateNLBConfigRequest(config_json=json.dumps(wanted)),
+                metadata=(("x-cluster-api-key", KEY),),
+                timeout=10,
+            )
+        assert resp.success, resp.validation_errors
+        new = procs.python("nlb-new", "marchproxy_nlb", env)
+        await wait_output(old, "listeners_handed_over", procs)
+        assert await asyncio.to_thread(old.wait, 30) == 0, procs.dump()
+        assert "handoff_dynamic_config_applied" in new.output(), procs.dump()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+            cfg = await nlb_pb2_grpc.NLBServiceStub(ch).GetNLBConfig(
+                nlb_pb2.GetNLBConfigRequest(), metadata=(("x-cluster-api-key", KEY),), timeout=10
+            )
+        dynamic = json.loads(cfg.config_json)["dynamic"]
+        assert dynamic == wanted
+        # the limit works in the new process: its own bucket, one connection, then refused
+        assert await one_request(tcp)
+        with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
+            await one_request(tcp)
+    finally:
         await backend.stop()
 
 

@@ -18,7 +18,7 @@ from marchproxy_common.tasks import cancel_and_wait, spawn
 
 from .config import NlbSettings
 from .core import NlbCore
-from .grpc.servicer import NlbServicer
+from .grpc.servicer import DATAPLANE_CONFIG_KEYS, NlbServicer
 from .hotrestart import HandoverFailed, Takeover, take_over
 from .metrics import NlbMetrics
 from .registry.table import InstanceRegistry
@@ -80,6 +80,7 @@ class NlbApp:
             takeover = await take_over(s, self.registry)
             if takeover is not None:
                 self.dataplane.inherited = takeover.sockets
+                self._carry_over(takeover)
         try:
             await self._start_servers()
             await self._start_state_within(takeover)
@@ -111,6 +112,25 @@ class NlbApp:
             admin_port=self.admin.port,
             heartbeat_timeout=self.registry.heartbeat_timeout,
         )
+
+    def _carry_over(self, takeover: Takeover) -> None:
+        """Put the old process's UpdateNLBConfig values in force here, as if set by the RPC on
+        top of the desired state it had applied."""
+        update = takeover.dynamic_config
+        if not update:
+            return
+        assert self.dataplane is not None
+        errors = self.dataplane.validate_dynamic(update)
+        if errors:
+            _log.warning("handoff_dynamic_config_dropped", errors=errors)
+            return
+        if "heartbeat_timeout" in update:
+            self.registry.heartbeat_timeout = float(update["heartbeat_timeout"])
+        self.core.dynamic_config.update(
+            {k: v for k, v in update.items() if k not in DATAPLANE_CONFIG_KEYS}
+        )
+        self.dataplane.carry_over(update, takeover.config_version)
+        _log.info("handoff_dynamic_config_applied", keys=sorted(update))
 
     async def _start_servers(self) -> None:
         s = self.settings

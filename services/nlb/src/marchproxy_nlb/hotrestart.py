@@ -2,7 +2,9 @@
 ``expose-fd listeners`` / Envoy's hot restart).
 
 1. The new process copies the old one's instance registry over gRPC (``ListModules``), so it can
-   route from its first accepted connection instead of waiting for modules to re-register.
+   route from its first accepted connection instead of waiting for modules to re-register, and
+   the values set with UpdateNLBConfig (``GetNLBConfig``: rate limits, traffic split, heartbeat
+   timeout), which live in no desired state and would otherwise be lost.
 2. It asks for the listening sockets (TCP and UDP) on ``NLB_HANDOFF_PATH`` (SCM_RIGHTS, see
    ``marchproxy_common.net.fdpass``) and keeps that connection open while it finishes its own
    start-up: listeners on the inherited sockets, gRPC, admin, desired state. Only then does it
@@ -23,9 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import grpc
 import structlog
@@ -35,6 +39,7 @@ from marchproxy_common.grpc_server import API_KEY_HEADER
 from marchproxy_common.net.fdpass import HANDOFF_ACK, HANDOFF_REQUEST, FdPassError, recv_sockets
 
 from .config import NlbSettings
+from .grpc.servicer import validate_dynamic_config
 from .registry.table import InstanceRegistry
 
 _log = structlog.get_logger("marchproxy.nlb.hotrestart")
@@ -103,13 +108,43 @@ async def copy_registry(settings: NlbSettings, registry: InstanceRegistry) -> in
     return len(resp.instances)
 
 
+async def copy_dynamic_config(settings: NlbSettings) -> tuple[dict[str, Any], int]:
+    """The running NLB's UpdateNLBConfig values still in force (under their RPC names) and the
+    desired-state version it had applied when it reported them. Values that would not pass the
+    RPC's own validation are left behind."""
+    async with await old_process_channel(settings) as ch:
+        resp = await nlb_pb2_grpc.NLBServiceStub(ch).GetNLBConfig(
+            nlb_pb2.GetNLBConfigRequest(),
+            metadata=((API_KEY_HEADER, settings.effective_cluster_api_key),),
+            timeout=HANDOFF_DEADLINE,
+        )
+    dynamic = json.loads(resp.config_json).get("dynamic") or {}
+    raw = json.dumps(dynamic)
+    errors = validate_dynamic_config(raw) if dynamic else []
+    if errors:
+        _log.warning("handoff_dynamic_config_dropped", errors=errors)
+        return {}, resp.config_version
+    return dict(dynamic), resp.config_version
+
+
 class Takeover:
     """The new process's half of a hand-over: the inherited sockets, and the open connection
     to the old process on which :meth:`acknowledge` tells it to let go."""
 
-    def __init__(self, path: str, conn: socket.socket, sockets: dict[str, socket.socket]) -> None:
+    def __init__(
+        self,
+        path: str,
+        conn: socket.socket,
+        sockets: dict[str, socket.socket],
+        dynamic_config: dict[str, Any] | None = None,
+        config_version: int = 0,
+    ) -> None:
         self.path = path
         self.sockets = sockets
+        #: the old process's UpdateNLBConfig values, set on top of desired state version
+        #: ``config_version``
+        self.dynamic_config = dynamic_config or {}
+        self.config_version = config_version
         self._conn: socket.socket | None = conn
         self._asked_at = asyncio.get_running_loop().time()
 
@@ -185,9 +220,15 @@ async def take_over(settings: NlbSettings, registry: InstanceRegistry) -> Takeov
         return None
     try:
         copied = await copy_registry(settings, registry)
+        dynamic, version = await copy_dynamic_config(settings)
         conn, sockets = await _fetch(path)
-    except (OSError, FdPassError, TimeoutError, grpc.aio.AioRpcError) as exc:
+    except (OSError, FdPassError, TimeoutError, grpc.aio.AioRpcError, ValueError) as exc:
         _log.warning("handoff_unavailable", path=path, error=repr(exc))
         return None
-    _log.info("handoff_received", listeners=sorted(sockets), instances=copied)
-    return Takeover(path, conn, sockets)
+    _log.info(
+        "handoff_received",
+        listeners=sorted(sockets),
+        instances=copied,
+        dynamic_config=sorted(dynamic),
+    )
+    return Takeover(path, conn, sockets, dynamic, version)

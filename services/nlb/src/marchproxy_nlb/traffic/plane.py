@@ -138,6 +138,9 @@ class DataPlane:
         # field -> value: from the last applied snapshot, and set by UpdateNLBConfig
         self._state_values: dict[str, list[Any]] = {}
         self._rpc_values: dict[str, list[Any]] = {}
+        #: after a hand-over: the desired-state version the old process's RPC values were set
+        #: on top of (see carry_over)
+        self._carried_version: int | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -252,6 +255,12 @@ class DataPlane:
             errors += self.autoscaler.validate(policies)
         if errors:
             return errors
+        if self._carried_version is not None:
+            if int(snapshot.get("version", -1)) == self._carried_version:
+                # the very snapshot the old process's RPC values were set on top of: not a
+                # change, so they stay in force
+                self._state_values.update(rate_limits=state_limits, deployments=state_deployments)
+            self._carried_version = None
         self.state_rules = tuple(rules)
         self._rebuild_table()
         self._set_limit_rules(parse_rules(self._from_state("rate_limits", state_limits))[0])
@@ -289,6 +298,13 @@ class DataPlane:
             self._rpc_values["deployments"] = list(update["traffic_split"])
             self.bluegreen.load(update["traffic_split"], keep_rollbacks=False)
             self._publish_split_metrics()
+
+    def carry_over(self, update: Mapping[str, Any], config_version: int) -> None:
+        """A hand-over's RPC values (validated), set by the old process on top of desired state
+        ``config_version``: in force at once, and after this process's first snapshot if that is
+        the same version (a different one may have changed the fields: the usual rule then)."""
+        self.apply_dynamic(update)
+        self._carried_version = config_version
 
     def rpc_overrides(self) -> dict[str, Any]:
         """UpdateNLBConfig values still in force, under their RPC names."""
