@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -102,3 +103,24 @@ async def self_signed_cert(directory: Path) -> tuple[Path, Path]:
             proc.kill()
             await proc.wait()
     return cert, key
+
+
+PSQL_ENV = {**os.environ, "PGCONNECT_TIMEOUT": "10"}
+
+
+async def psql(port: int, *sql: str, user: str = "postgres") -> tuple[int, str]:
+    """psql -c for each of ``sql`` on the admin console; (exit code, output)."""
+    args = ["psql", "-h", "127.0.0.1", "-p", str(port), "-U", user, "pgbouncer", "-At"]
+    for s in sql:
+        args += ["-c", s]
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=PSQL_ENV
+    )
+    try:
+        async with asyncio.timeout(30):
+            out, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return proc.returncode or 0, out.decode()

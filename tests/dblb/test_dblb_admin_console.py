@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import ssl
 from pathlib import Path
@@ -14,31 +13,20 @@ import pytest
 
 from marchproxy_common.wire.postgres import encoder as enc
 from marchproxy_dblb.module import DblbHooks
-from tests.dblb.dblb_helpers import dsn, pg_config, running_dblb, self_signed_cert, settings
+from tests.dblb.dblb_helpers import (
+    dsn,
+    pg_config,
+    psql,
+    running_dblb,
+    self_signed_cert,
+    settings,
+)
 
 pytestmark = pytest.mark.integration
-ENV = {**os.environ, "PGCONNECT_TIMEOUT": "10"}
 TWO_DATABASES = {
     "a": {"host": "127.0.0.1", "port": 5432, "dbname": "test"},
     "b": {"host": "127.0.0.1", "port": 5432, "dbname": "test"},
 }
-
-
-async def psql(port: int, *sql: str, user: str = "postgres") -> tuple[int, str]:
-    args = ["psql", "-h", "127.0.0.1", "-p", str(port), "-U", user, "pgbouncer", "-At"]
-    for s in sql:
-        args += ["-c", s]
-    proc = await asyncio.create_subprocess_exec(
-        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=ENV
-    )
-    try:
-        async with asyncio.timeout(30):
-            out, _ = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    return proc.returncode or 0, out.decode()
 
 
 async def test_without_admin_users_the_console_is_read_only() -> None:

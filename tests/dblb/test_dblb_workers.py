@@ -13,7 +13,7 @@ from prometheus_client import generate_latest
 from marchproxy_common.wire.postgres import BackendDecoder
 from marchproxy_common.wire.postgres import encoder as enc
 from marchproxy_dblb.workers import worker_of
-from tests.dblb.dblb_helpers import DIRECT_DSN, dsn, pg_config, running_dblb, unique
+from tests.dblb.dblb_helpers import DIRECT_DSN, dsn, pg_config, psql, running_dblb, unique
 
 pytestmark = pytest.mark.integration
 WORKERS = 2
@@ -198,3 +198,25 @@ async def test_workers_that_fail_to_start_leave_nothing_behind(
         await hooks.start_data_plane()
     assert set(glob.glob(pattern)) == before
     assert hooks._server is not None and not hooks._server.is_serving()
+
+
+async def test_pause_and_resume_on_the_console_reach_every_worker() -> None:
+    """PAUSE lands on one worker (the kernel picks) but holds queries on all of them, as an
+    operator about to fail the database over needs; RESUME releases them everywhere."""
+    async with running_dblb(_cfg(admin_users=["postgres"]), workers=WORKERS) as h:
+        conns = await _connect_many(h.port, 16, unique("mp_dblb_wpause"))
+        try:
+            assert {worker_of(c.info.backend_pid) for c in conns} == set(range(WORKERS))
+            rc, out = await psql(h.port, "PAUSE")
+            assert rc == 0, out
+            queries = [asyncio.ensure_future(c.execute("select 1")) for c in conns]
+            done, _ = await asyncio.wait(queries, timeout=1.5)
+            assert not done, f"{len(done)} of {len(queries)} queries ran while paused"
+            rc, out = await psql(h.port, "RESUME")
+            assert rc == 0, out
+            async with asyncio.timeout(20):
+                for q in queries:
+                    assert await (await q).fetchone() == (1,)
+        finally:
+            for c in conns:
+                await c.close()

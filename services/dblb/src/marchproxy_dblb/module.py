@@ -24,6 +24,7 @@ from marchproxy_common.tasks import spawn
 from marchproxy_common.wire.postgres.auth import ScramVerifier
 
 from .config import DEFAULT_MODULE_ID, DblbConfig, DblbSettings, module_config_from_snapshot
+from .frontends.admin import PAUSE_TIMEOUT
 from .frontends.postgres import PostgresClient
 from .metrics import DblbCollector
 from .pool import PoolManager, send_cancel
@@ -132,9 +133,8 @@ class DblbHooks(BaseModuleHooks):
         if not self.peer_dir:
             self.peer_dir = tempfile.mkdtemp(prefix="marchproxy-dblb-")
             self._own_peer_dir = True
-        self._peer_server = await w.serve_peer_cancels(
-            self, w.peer_socket(self.peer_dir, self.worker_index)
-        )
+        own = w.peer_socket(self.peer_dir, self.worker_index)
+        self._peer_server = await w.serve_peer(self, own)
         if self.worker_index == 0:
             host, port = self._server.sockets[0].getsockname()[:2]
             supervisor = w.WorkerSupervisor(self, host, port, self.settings.workers, self.peer_dir)
@@ -275,6 +275,31 @@ class DblbHooks(BaseModuleHooks):
                 w.forward_cancel(w.peer_socket(self.peer_dir, owner), pid, key),
                 name=f"dblb cancel to worker {owner}",
             )
+
+    async def admin_everywhere(self, command: Mapping[str, Any]) -> bool:
+        """An admin console PAUSE/RESUME on this process and on every other worker; True when
+        all of them did it (PAUSE: within PAUSE_TIMEOUT)."""
+        from . import workers as w
+
+        peers = [
+            w.admin_on_peer(w.peer_socket(self.peer_dir, i), command, PAUSE_TIMEOUT + 5.0)
+            for i in range(self.manager.worker_count)
+            if i != self.worker_index and self.peer_dir
+        ]
+        results = await asyncio.gather(self.admin_local(command), *peers)
+        return all(results)
+
+    async def admin_local(self, command: Mapping[str, Any]) -> bool:
+        """PAUSE/RESUME (``{"command": ..., "database": name or None}``) on this process."""
+        database = command.get("database")
+        if database is not None and not isinstance(database, str):
+            return False
+        if command.get("command") == "PAUSE":
+            return await self.manager.pause(PAUSE_TIMEOUT, database)
+        if command.get("command") == "RESUME":
+            self.manager.resume(database)
+            return True
+        return False
 
     def cancel_local(self, pid: int, key: int) -> None:
         target = self.manager.clients.get(pid)

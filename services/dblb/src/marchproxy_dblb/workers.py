@@ -9,10 +9,13 @@ plane on the same port. The kernel spreads new connections over the listeners.
 - **Config**: the main process sends each snapshot it applies to every worker (JSON lines on
   the worker's stdin); a worker exits when its stdin closes (the main process stopped).
 - **Stats**: workers report their pools every second (JSON lines on stdout); ``/metrics`` of
-  the main process sums them with its own. The admin console shows the worker it landed on.
+  the main process sums them with its own. The admin console's SHOW shows the worker it landed
+  on.
 - **Cancel requests**: the fake backend pid carries the worker index in its low bits; a
   CancelRequest that reaches another worker is forwarded to the owner's unix socket (what
   PgBouncer's peering does).
+- **PAUSE / RESUME** on the admin console act on every worker: the worker that took the
+  command runs it on each other one through the same unix sockets and answers once all did.
 """
 
 from __future__ import annotations
@@ -60,22 +63,57 @@ def peer_socket(peer_dir: str, index: int) -> str:
     return os.path.join(peer_dir, f"w{index}.sock")
 
 
-async def serve_peer_cancels(hooks: DblbHooks, path: str) -> asyncio.AbstractServer:
-    """This worker's unix socket: CancelRequests forwarded by the other workers."""
+async def serve_peer(hooks: DblbHooks, path: str) -> asyncio.AbstractServer:
+    """This worker's unix socket, for the other workers: a CancelRequest (16 bytes, as on the
+    wire) for one of our clients, or an admin command as one JSON line (``{"command": "PAUSE",
+    "database": null}``) answered with ``{"ok": true|false}``."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(PEER_CANCEL_TIMEOUT):
-                data = await reader.readexactly(16)
+                first = await reader.readexactly(1)
+                if first == b"{":
+                    line = first + await reader.readline()
+            if first == b"{":
+                ok = await hooks.admin_local(json.loads(line))
+                writer.write(json.dumps({"ok": ok}).encode() + b"\n")
+                await writer.drain()
+                return
+            async with asyncio.timeout(PEER_CANCEL_TIMEOUT):
+                data = first + await reader.readexactly(15)
             events = FrontendDecoder().feed(data)
             if len(events) == 1 and isinstance(events[0], CancelRequest):
                 hooks.cancel_local(events[0].process_id, events[0].secret_key)
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, RemoteProtocolError) as exc:
-            _log.info("peer_cancel_bad", error=str(exc))
+        except (
+            OSError,
+            TimeoutError,
+            ValueError,  # bad JSON, or a line over the reader's limit
+            asyncio.IncompleteReadError,
+            RemoteProtocolError,
+        ) as exc:
+            _log.info("peer_request_bad", error=str(exc))
         finally:
             writer.close()
 
     return await asyncio.start_unix_server(handle, path)
+
+
+async def admin_on_peer(path: str, command: Mapping[str, Any], wait_s: float) -> bool:
+    """Run an admin command (PAUSE/RESUME) on the worker behind ``path``; False when it
+    failed, timed out or could not be reached."""
+    try:
+        async with asyncio.timeout(wait_s):
+            reader, writer = await asyncio.open_unix_connection(path)
+            try:
+                writer.write(json.dumps(command).encode() + b"\n")
+                await writer.drain()
+                answer = json.loads(await reader.readline())
+            finally:
+                writer.close()
+        return isinstance(answer, dict) and answer.get("ok") is True
+    except (OSError, TimeoutError, ValueError) as exc:
+        _log.warning("peer_admin_failed", path=path, command=command, error=str(exc))
+        return False
 
 
 async def forward_cancel(path: str, pid: int, key: int) -> None:

@@ -55,10 +55,14 @@ class AdminConsole:
         sql = parse_query(m.body).strip().rstrip(";").strip()
         words = sql.split()
         try:
-            if words and words[0].upper() == "PAUSE":
-                self._check_may_change("PAUSE")
+            command = words[0].upper() if words else ""
+            if command in ("PAUSE", "RESUME"):
+                self._check_may_change(command)
                 database = self._database_arg(words)
-                spawn(self._pause(database), name=f"dblb admin pause {self.client.id}")
+                spawn(
+                    self._everywhere(command, database),
+                    name=f"dblb admin {command.lower()} {self.client.id}",
+                )
                 return
             body = self._run(words)
         except RemoteProtocolError as exc:
@@ -88,22 +92,21 @@ class AdminConsole:
             raise RemoteProtocolError(f'no such database: "{name}"', sqlstate="3D000")
         return name
 
-    async def _pause(self, database: str | None) -> None:
-        ok = await self.manager.pause(PAUSE_TIMEOUT, database)
+    async def _everywhere(self, command: str, database: str | None) -> None:
+        """PAUSE/RESUME on every worker process (one, unless WORKERS > 1)."""
+        ok = await self.client.hooks.admin_everywhere({"command": command, "database": database})
         if ok:
-            body = enc.command_complete("PAUSE")
-        else:
+            body = enc.command_complete(command)
+        elif command == "PAUSE":
             body = enc.error_response("57014", "PAUSE timed out waiting for active servers")
+        else:
+            body = enc.error_response("58000", "RESUME did not reach every worker")
         self.client.write(body + enc.ready_for_query())
 
     def _run(self, words: list[str]) -> bytes:
         if not words:
             return enc.empty_query_response()
         cmd = words[0].upper()
-        if cmd == "RESUME":
-            self._check_may_change("RESUME")
-            self.manager.resume(self._database_arg(words))
-            return enc.command_complete("RESUME")
         if cmd == "RELOAD" and len(words) == 1:
             self._check_may_change("RELOAD")
             errors = self.manager.on_reload() if self.manager.on_reload is not None else []
