@@ -317,7 +317,10 @@ class DataPlane:
         t0 = down.loop.time()
         rid = _request_id(head)
         raw_path, query = split_target(head.target)
-        path = normalize_path(raw_path) if "%" in raw_path or "/." in raw_path else raw_path
+        if "%" in raw_path or "/." in raw_path or "//" in raw_path:
+            path = normalize_path(raw_path)
+        else:
+            path = raw_path
         host = head.host
         table = self.table
         hdrs: dict[str, str] = (

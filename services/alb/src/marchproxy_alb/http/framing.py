@@ -458,6 +458,7 @@ def split_target(target: bytes) -> tuple[str, str]:
 #: RFC 3986 §2.3
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _PCT_ENCODED = re.compile(r"%[0-9A-Fa-f]{2}")
+_SLASHES = re.compile(r"/{2,}")
 
 
 def _pct_normal(m: re.Match[str]) -> str:
@@ -467,12 +468,19 @@ def _pct_normal(m: re.Match[str]) -> str:
 
 def normalize_path(path: str) -> str:
     """The path routing matches on and the upstream receives (RFC 3986 §6.2.2): percent-encoded
-    unreserved characters decoded (so ``%2e`` is a dot), other escapes upper-cased, then dot
-    segments removed (§5.2.4). ``/public/../admin`` is ``/admin``. Encoded slashes stay
-    encoded: see :func:`ambiguous_separators`. Paths not starting with ``/`` (``*``) are kept."""
+    unreserved characters decoded (so ``%2e`` is a dot), other escapes upper-cased, runs of
+    slashes merged into one (nginx's ``merge_slashes``, on by default there: ``//admin`` must
+    not slip past a ``/admin`` route to a backend that merges them itself), then dot segments
+    removed (§5.2.4). ``/public/../admin`` and ``/a//../admin`` are ``/admin``. Encoded slashes
+    stay encoded: see :func:`ambiguous_separators`. Paths not starting with ``/`` (``*``) are
+    kept."""
     if "%" in path:
         path = _PCT_ENCODED.sub(_pct_normal, path)
-    if "/." not in path or not path.startswith("/"):
+    if not path.startswith("/"):
+        return path
+    if "//" in path:
+        path = _SLASHES.sub("/", path)
+    if "/." not in path:
         return path
     segs = path.split("/")
     out: list[str] = []
