@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from marchproxy.v1 import nlb_pb2, nlb_pb2_grpc, types_pb2
+from marchproxy_nlb.hotrestart import set_by_rpc
 from tests.conftest import ProcessGroup, ProxiedEchoBackend, ServiceProcess, free_port, wait_port
 from tests.nlb.pki import make_pki
 
@@ -285,6 +286,18 @@ async def test_update_nlb_config_values_survive_the_hand_over(
             await one_request(tcp)
     finally:
         await backend.stop()
+
+
+def test_only_rpc_set_values_are_carried() -> None:
+    static = {"heartbeat_timeout": 120.0}
+    split = [{"module": "web", "version": "1", "traffic_weight": 100}]
+    # the old process's own HEARTBEAT_TIMEOUT stays behind: the new one's env decides
+    assert set_by_rpc({"static": static, "dynamic": {"heartbeat_timeout": 120.0}}) == {}
+    got = set_by_rpc(
+        {"static": static, "dynamic": {"heartbeat_timeout": 30, "traffic_split": split}}
+    )
+    assert got == {"heartbeat_timeout": 30, "traffic_split": split}
+    assert set_by_rpc({"static": static}) == {} and set_by_rpc([]) == {}
 
 
 async def test_old_process_keeps_serving_when_the_new_one_dies_during_start_up(

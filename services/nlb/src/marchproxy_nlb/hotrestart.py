@@ -118,13 +118,28 @@ async def copy_dynamic_config(settings: NlbSettings) -> tuple[dict[str, Any], in
             metadata=((API_KEY_HEADER, settings.effective_cluster_api_key),),
             timeout=HANDOFF_DEADLINE,
         )
-    dynamic = json.loads(resp.config_json).get("dynamic") or {}
-    raw = json.dumps(dynamic)
-    errors = validate_dynamic_config(raw) if dynamic else []
+    dynamic = set_by_rpc(json.loads(resp.config_json))
+    errors = validate_dynamic_config(json.dumps(dynamic)) if dynamic else []
     if errors:
         _log.warning("handoff_dynamic_config_dropped", errors=errors)
         return {}, resp.config_version
-    return dict(dynamic), resp.config_version
+    return dynamic, resp.config_version
+
+
+def set_by_rpc(config: Any) -> dict[str, Any]:
+    """From a GetNLBConfig document, the dynamic values an RPC changed. The heartbeat timeout
+    is always listed; it is the old process's setting unless it differs from its static one,
+    and then this process's own HEARTBEAT_TIMEOUT must win (a restart may be meant to change
+    it)."""
+    if not isinstance(config, dict) or not isinstance(config.get("dynamic"), dict):
+        return {}
+    dynamic = dict(config["dynamic"])
+    static = config.get("static")
+    if not isinstance(static, dict):
+        static = {}
+    if dynamic.get("heartbeat_timeout") == static.get("heartbeat_timeout"):
+        dynamic.pop("heartbeat_timeout", None)
+    return dynamic
 
 
 class Takeover:
