@@ -47,16 +47,13 @@ import grpc
 
 from marchproxy.v1 import nlb_pb2, nlb_pb2_grpc, types_pb2
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
+from tests.conftest import free_port  # below the ephemeral range: no port races
+
 KEY = "bench-key"
 IDLE_CONNECTIONS = 10_000
 FD_MARGIN = 400  # descriptors a proxy needs besides two per connection
 IDLE_BATCH = 100  # idle connections opened at a time
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 20) -> None:
