@@ -105,22 +105,30 @@ async def self_signed_cert(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-PSQL_ENV = {**os.environ, "PGCONNECT_TIMEOUT": "10"}
+CLIENT_ENV = {**os.environ, "PGCONNECT_TIMEOUT": "10"}
 
 
-async def psql(port: int, *sql: str, user: str = "postgres") -> tuple[int, str]:
-    """psql -c for each of ``sql`` on the admin console; (exit code, output)."""
-    args = ["psql", "-h", "127.0.0.1", "-p", str(port), "-U", user, "pgbouncer", "-At"]
-    for s in sql:
-        args += ["-c", s]
+async def run_client(*argv: str, timeout: float = 60) -> tuple[int, str]:
+    """Run a client program (psql, pgbench, ...); (exit code, stdout and stderr). It is killed
+    if it outlives ``timeout``."""
     proc = await asyncio.create_subprocess_exec(
-        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=PSQL_ENV
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=CLIENT_ENV
     )
     try:
-        async with asyncio.timeout(30):
+        async with asyncio.timeout(timeout):
             out, _ = await proc.communicate()
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
     return proc.returncode or 0, out.decode()
+
+
+async def psql(
+    port: int, *sql: str, user: str = "postgres", database: str = "pgbouncer"
+) -> tuple[int, str]:
+    """psql -c for each of ``sql`` (on the admin console by default); (exit code, output)."""
+    args = ["psql", "-h", "127.0.0.1", "-p", str(port), "-U", user, database, "-At"]
+    for s in sql:
+        args += ["-c", s]
+    return await run_client(*args, timeout=30)

@@ -17,17 +17,24 @@ from marchproxy_common.wire.postgres.auth import ScramVerifier, md5_hash
 from marchproxy_common.wire.proxy_protocol import build_v2
 from marchproxy_dblb.module import DblbHooks
 from tests.conftest import free_port
-from tests.dblb.dblb_helpers import DIRECT_DSN, dsn, pg_config, running_dblb, settings
+from tests.dblb.dblb_helpers import (
+    CLIENT_ENV,
+    DIRECT_DSN,
+    dsn,
+    pg_config,
+    run_client,
+    running_dblb,
+    settings,
+)
 
 pytestmark = pytest.mark.integration
-ENV = {**os.environ, "PGCONNECT_TIMEOUT": "10"}
 
 
 async def psql(port: int, db: str, *sql: str, password: str | None = None) -> tuple[int, str]:
     args = ["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", db, "-At"]
     for s in sql:
         args += ["-c", s]
-    env = dict(ENV)
+    env = dict(CLIENT_ENV)
     if password is not None:
         env["PGPASSWORD"] = password
     proc = await asyncio.create_subprocess_exec(
@@ -218,7 +225,9 @@ async def test_client_tls_with_psql_and_psycopg(tmp_path: Path) -> None:
     cfg = pg_config(client_tls_mode="require", client_tls_cert=str(cert), client_tls_key=str(key))
     async with running_dblb(cfg) as h:
         conninfo = f"host=127.0.0.1 port={h.port} user=postgres dbname=test sslmode=require"
-        rc, out = await psql_dsn(conninfo, "\\conninfo", "select 'over tls'")
+        rc, out = await run_client(
+            "psql", conninfo, "-At", "-c", "\\conninfo", "-c", "select 'over tls'", timeout=30
+        )
         assert rc == 0, out
         assert "SSL connection" in out and "over tls" in out
         async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as c:
@@ -227,23 +236,6 @@ async def test_client_tls_with_psql_and_psycopg(tmp_path: Path) -> None:
             assert await cur.fetchone() == (42,)
         with pytest.raises(psycopg.OperationalError, match="TLS is required"):
             await psycopg.AsyncConnection.connect(dsn(h.port, sslmode="disable"))
-
-
-async def psql_dsn(conninfo: str, *sql: str) -> tuple[int, str]:
-    args = ["psql", conninfo, "-At"]
-    for s in sql:
-        args += ["-c", s]
-    proc = await asyncio.create_subprocess_exec(
-        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=ENV
-    )
-    try:
-        async with asyncio.timeout(30):
-            out, _ = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    return proc.returncode or 0, out.decode()
 
 
 async def test_server_tls_to_a_tls_server_and_require_refusal(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from marchproxy_common.wire.mysql import PacketDecoder, encode_packet
 from marchproxy_common.wire.mysql import packets as p
 from marchproxy_common.wire.mysql.auth import CACHING_SHA2, caching_sha2_scramble, native_scramble
 from marchproxy_dblb.module import DblbHooks
-from tests.dblb.dblb_helpers import settings, unique
+from tests.dblb.dblb_helpers import psql, settings, unique
 
 pytestmark = pytest.mark.integration
 PASSWORD = "mp-pw-1"
@@ -257,21 +257,9 @@ def _server_sessions(user: str) -> int:
 
 
 async def _psql_admin(port: int, sql: str) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        *("psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "pgbouncer", "-Atc", sql),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "PGCONNECT_TIMEOUT": "10"},
-    )
-    try:
-        async with asyncio.timeout(30):
-            out, _ = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, out
-    return out.decode()
+    rc, out = await psql(port, sql)
+    assert rc == 0, out
+    return out
 
 
 async def test_mysql_pools_in_show_pools_show_stats_and_metrics(

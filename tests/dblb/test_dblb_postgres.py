@@ -13,34 +13,24 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.dblb.dblb_helpers import DIRECT_DSN, dsn, pg_config, running_dblb, unique
+from tests.dblb.dblb_helpers import (
+    CLIENT_ENV,
+    DIRECT_DSN,
+    dsn,
+    pg_config,
+    run_client,
+    running_dblb,
+    unique,
+)
 
 pytestmark = pytest.mark.integration
 MODES = ["transaction", "session"]
-ENV = {**os.environ, "PGCONNECT_TIMEOUT": "10"}
-
-
-async def run(*argv: str, timeout: float = 60) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env=ENV,
-    )
-    try:
-        async with asyncio.timeout(timeout):
-            out, _ = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    return proc.returncode or 0, out.decode()
 
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_psql_select(mode: str) -> None:
     async with running_dblb(pg_config(pool_mode=mode)) as h:
-        rc, out = await run(
+        rc, out = await run_client(
             "psql",
             "-h",
             "127.0.0.1",
@@ -54,7 +44,7 @@ async def test_psql_select(mode: str) -> None:
         )
         assert rc == 0, out
         assert out.strip() == "1"
-        rc, out = await run(
+        rc, out = await run_client(
             "psql",
             "-h",
             "127.0.0.1",
@@ -146,10 +136,10 @@ async def test_pgbench_all_protocols_both_modes() -> None:
             async with running_dblb(pg_config(pool_mode=mode, default_pool_size=3)) as h:
                 base = ["-h", "127.0.0.1", "-p", str(h.port), "-U", "postgres"]
                 if mode == "transaction":
-                    rc, out = await run("pgbench", *base, "-i", "-s", "1", "-q", db)
+                    rc, out = await run_client("pgbench", *base, "-i", "-s", "1", "-q", db)
                     assert rc == 0, out
                 for proto in ("simple", "extended", "prepared"):
-                    rc, out = await run(
+                    rc, out = await run_client(
                         "pgbench", *base, "-M", proto, "-c", "4", "-j", "2", "-t", "30", db
                     )
                     assert rc == 0, out
@@ -158,7 +148,7 @@ async def test_pgbench_all_protocols_both_modes() -> None:
                 if mode == "transaction":
                     # more clients per pgbench thread than servers: its synchronous PQprepare
                     # must not wait for a server another client of the same thread holds
-                    rc, out = await run(
+                    rc, out = await run_client(
                         "pgbench",
                         *base,
                         "-M",
@@ -320,7 +310,7 @@ async def test_psql_ctrl_c_cancels_through_dblb() -> None:
             f"select pg_sleep(30), '{marker}'",
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            env=ENV,
+            env=CLIENT_ENV,
         )
         try:
             async with asyncio.timeout(20):
@@ -656,7 +646,7 @@ async def test_read_write_split_is_opt_in_per_transaction() -> None:
         await c.execute("begin")
         assert await db("select current_database()") == "test"
         await c.execute("commit")
-        rc, out = await run(
+        rc, out = await run_client(
             "psql",
             "-h",
             "127.0.0.1",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
 from typing import Any
 
 import psycopg
@@ -14,9 +12,8 @@ from hypothesis import strategies as st
 from marchproxy_common.wire.postgres import Message
 from marchproxy_common.wire.postgres.messages import F_QUERY
 from marchproxy_dblb.frontends.postgres import _BARE_BEGIN, _wants_replica
-from tests.dblb.dblb_helpers import DIRECT_DSN, dsn, pg_config, running_dblb, unique
+from tests.dblb.dblb_helpers import DIRECT_DSN, dsn, pg_config, psql, running_dblb, unique
 
-ENV = {**os.environ, "PGCONNECT_TIMEOUT": "10"}
 #: the 'replica' is the same Postgres under another dbname, so current_database() shows the route
 SPLIT = pg_config(
     databases={
@@ -38,21 +35,9 @@ async def _db(c: psycopg.AsyncConnection[Any]) -> str:
 
 
 async def _psql(port: int, db: str, sql: str) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        *("psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", db, "-Atc", sql),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env=ENV,
-    )
-    try:
-        async with asyncio.timeout(30):
-            out, _ = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, out
-    return out.decode()
+    rc, out = await psql(port, sql, database=db)
+    assert rc == 0, out
+    return out
 
 
 MODES = ["ISOLATION LEVEL SERIALIZABLE", "ISOLATION LEVEL READ COMMITTED", "READ ONLY"]
