@@ -75,14 +75,15 @@ async def old_process_channel(settings: NlbSettings) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(target, creds)
 
 
-async def copy_registry(settings: NlbSettings, registry: InstanceRegistry) -> int:
+async def copy_registry(
+    settings: NlbSettings, old: nlb_pb2_grpc.NLBServiceStub, registry: InstanceRegistry
+) -> int:
     """Register every instance the running NLB knows; returns how many."""
-    async with await old_process_channel(settings) as ch:
-        resp = await nlb_pb2_grpc.NLBServiceStub(ch).ListModules(
-            nlb_pb2.ListModulesRequest(include_draining=True),
-            metadata=((API_KEY_HEADER, settings.effective_cluster_api_key),),
-            timeout=HANDOFF_DEADLINE,
-        )
+    resp = await old.ListModules(
+        nlb_pb2.ListModulesRequest(include_draining=True),
+        metadata=((API_KEY_HEADER, settings.effective_cluster_api_key),),
+        timeout=HANDOFF_DEADLINE,
+    )
     for inst in resp.instances:
         registry.register(
             module_id=inst.module_id,
@@ -108,16 +109,17 @@ async def copy_registry(settings: NlbSettings, registry: InstanceRegistry) -> in
     return len(resp.instances)
 
 
-async def copy_dynamic_config(settings: NlbSettings) -> tuple[dict[str, Any], int]:
+async def copy_dynamic_config(
+    settings: NlbSettings, old: nlb_pb2_grpc.NLBServiceStub
+) -> tuple[dict[str, Any], int]:
     """The running NLB's UpdateNLBConfig values still in force (under their RPC names) and the
     desired-state version it had applied when it reported them. Values that would not pass the
     RPC's own validation are left behind."""
-    async with await old_process_channel(settings) as ch:
-        resp = await nlb_pb2_grpc.NLBServiceStub(ch).GetNLBConfig(
-            nlb_pb2.GetNLBConfigRequest(),
-            metadata=((API_KEY_HEADER, settings.effective_cluster_api_key),),
-            timeout=HANDOFF_DEADLINE,
-        )
+    resp = await old.GetNLBConfig(
+        nlb_pb2.GetNLBConfigRequest(),
+        metadata=((API_KEY_HEADER, settings.effective_cluster_api_key),),
+        timeout=HANDOFF_DEADLINE,
+    )
     dynamic = set_by_rpc(json.loads(resp.config_json))
     errors = validate_dynamic_config(json.dumps(dynamic)) if dynamic else []
     if errors:
@@ -234,8 +236,10 @@ async def take_over(settings: NlbSettings, registry: InstanceRegistry) -> Takeov
     if not path or not await asyncio.to_thread(os.path.exists, path):
         return None
     try:
-        copied = await copy_registry(settings, registry)
-        dynamic, version = await copy_dynamic_config(settings)
+        async with await old_process_channel(settings) as ch:  # one channel for both copies
+            old = nlb_pb2_grpc.NLBServiceStub(ch)
+            copied = await copy_registry(settings, old, registry)
+            dynamic, version = await copy_dynamic_config(settings, old)
         conn, sockets = await _fetch(path)
     except (OSError, FdPassError, TimeoutError, grpc.aio.AioRpcError, ValueError) as exc:
         _log.warning("handoff_unavailable", path=path, error=repr(exc))
