@@ -108,11 +108,16 @@ async def self_signed_cert(directory: Path) -> tuple[Path, Path]:
 CLIENT_ENV = {**os.environ, "PGCONNECT_TIMEOUT": "10"}
 
 
-async def run_client(*argv: str, timeout: float = 60) -> tuple[int, str]:
-    """Run a client program (psql, pgbench, ...); (exit code, stdout and stderr). It is killed
-    if it outlives ``timeout``."""
+async def run_client(
+    *argv: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> tuple[int, str]:
+    """Run a client program (psql, pgbench, ...) with CLIENT_ENV plus ``env``; (exit code,
+    stdout and stderr). It is killed if it outlives ``timeout``."""
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=CLIENT_ENV
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**CLIENT_ENV, **(env or {})},
     )
     try:
         async with asyncio.timeout(timeout):
@@ -125,10 +130,15 @@ async def run_client(*argv: str, timeout: float = 60) -> tuple[int, str]:
 
 
 async def psql(
-    port: int, *sql: str, user: str = "postgres", database: str = "pgbouncer"
+    port: int,
+    *sql: str,
+    user: str = "postgres",
+    database: str = "pgbouncer",
+    password: str | None = None,
 ) -> tuple[int, str]:
     """psql -c for each of ``sql`` (on the admin console by default); (exit code, output)."""
     args = ["psql", "-h", "127.0.0.1", "-p", str(port), "-U", user, database, "-At"]
     for s in sql:
         args += ["-c", s]
-    return await run_client(*args, timeout=30)
+    env = {"PGPASSWORD": password} if password is not None else None
+    return await run_client(*args, timeout=30, env=env)

@@ -18,36 +18,16 @@ from marchproxy_common.wire.proxy_protocol import build_v2
 from marchproxy_dblb.module import DblbHooks
 from tests.conftest import free_port
 from tests.dblb.dblb_helpers import (
-    CLIENT_ENV,
     DIRECT_DSN,
     dsn,
     pg_config,
+    psql,
     run_client,
     running_dblb,
     settings,
 )
 
 pytestmark = pytest.mark.integration
-
-
-async def psql(port: int, db: str, *sql: str, password: str | None = None) -> tuple[int, str]:
-    args = ["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", db, "-At"]
-    for s in sql:
-        args += ["-c", s]
-    env = dict(CLIENT_ENV)
-    if password is not None:
-        env["PGPASSWORD"] = password
-    proc = await asyncio.create_subprocess_exec(
-        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env
-    )
-    try:
-        async with asyncio.timeout(30):
-            out, _ = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    return proc.returncode or 0, out.decode()
 
 
 async def test_admin_console_with_psql() -> None:
@@ -57,29 +37,29 @@ async def test_admin_console_with_psql() -> None:
     ):
         for _ in range(3):
             await c.execute("select 1")
-        rc, out = await psql(h.port, "pgbouncer", "SHOW POOLS", "SHOW STATS")
+        rc, out = await psql(h.port, "SHOW POOLS", "SHOW STATS")
         assert rc == 0, out
         pools = [line.split("|") for line in out.splitlines()]
         assert pools[0][:2] == ["test", "postgres"]
         assert pools[0][9] == "transaction"
         stats = pools[1]
         assert int(stats[2]) >= 3 and int(stats[3]) >= 3  # xacts and queries
-        rc, out = await psql(h.port, "marchproxy", "SHOW CLIENTS", "SHOW SERVERS")
+        rc, out = await psql(h.port, "SHOW CLIENTS", "SHOW SERVERS", database="marchproxy")
         assert rc == 0, out
         assert out.count("\nC|") + out.startswith("C|") >= 2  # this psql and the psycopg
         assert "|test|idle|127.0.0.1|5432|" in out
-        rc, out = await psql(h.port, "pgbouncer", "SHOW DATABASES", "SHOW VERSION", "RELOAD")
+        rc, out = await psql(h.port, "SHOW DATABASES", "SHOW VERSION", "RELOAD")
         assert rc == 0 and "MarchProxy DBLB" in out and "RELOAD" not in out.split("\n")[0]
-        rc, out = await psql(h.port, "pgbouncer", "SHOW NONSENSE")
+        rc, out = await psql(h.port, "SHOW NONSENSE")
         assert rc != 0 and "unsupported admin command" in out
 
         # PAUSE waits for active servers, new work queues until RESUME
-        rc, out = await psql(h.port, "pgbouncer", "PAUSE")
+        rc, out = await psql(h.port, "PAUSE")
         assert rc == 0, out
         blocked = asyncio.ensure_future(c.execute("select 'after resume'"))
         await asyncio.sleep(0.3)
         assert not blocked.done()
-        rc, out = await psql(h.port, "pgbouncer", "RESUME")
+        rc, out = await psql(h.port, "RESUME")
         assert rc == 0, out
         async with asyncio.timeout(10):
             cur = await blocked
@@ -131,7 +111,7 @@ async def test_client_auth_and_scram_server_login(front_auth: str, secret: str) 
                 assert await cur.fetchone() == ("through two",)
             with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
                 await psycopg.AsyncConnection.connect(dsn(outer.port, password="wrong"))
-            rc, out = await psql(outer.port, "test", "select 7", password="s3cret")
+            rc, out = await psql(outer.port, "select 7", password="s3cret", database="test")
             assert rc == 0 and out.strip() == "7", out
             assert outer.auth_failures == 1
 
@@ -158,7 +138,7 @@ async def test_proxy_protocol_v2_source_is_the_client_address() -> None:
                 chunk = await reader.read(65536)
                 assert chunk
                 data += chunk
-            rc, out = await psql(h.port, "pgbouncer", "SHOW CLIENTS")
+            rc, out = await psql(h.port, "SHOW CLIENTS")
             writer.close()
         assert rc == 0, out
         assert "|203.0.113.7|40000|" in out
@@ -334,7 +314,7 @@ async def test_main_with_static_yaml_config(tmp_path: Path) -> None:
                 except OSError:
                     assert proc.returncode is None, await proc.stderr.read()  # type: ignore[union-attr]
                     await asyncio.sleep(0.1)
-            rc, out = await psql(port, "app", "select current_database()")
+            rc, out = await psql(port, "select current_database()", database="app")
             assert rc == 0 and out.strip() == "test", out
             proc.terminate()
             assert await proc.wait() == 0
