@@ -184,14 +184,16 @@ async def test_rpc_values_hold_until_desired_state_changes_that_field(live: Live
 
 
 async def test_values_carried_over_a_hand_over_follow_the_same_rule(live: Live) -> None:
-    """After a hitless restart the new process holds the old one's RPC values (carry_over):
+    """After a hitless restart the new process holds the old one's RPC values (applied, then
+    keep_rpc_values_over the old process's snapshot version):
     its first snapshot keeps them when it is the version they were set on top of, and, being
     unable to tell what changed otherwise, treats any other version as the usual rule does."""
     dp = live.app.dataplane
     assert dp is not None
     state_split = split({"1.0.0": 100, "1.1.0": 0})
     rpc_split = split({"1.0.0": 0, "1.1.0": 100})
-    dp.carry_over({"traffic_split": rpc_split}, config_version=7)
+    dp.apply_dynamic({"traffic_split": rpc_split})
+    dp.keep_rpc_values_over(7)
     assert await tally(live.port, 5) == Counter({"green": 5})  # in force before any snapshot
     assert await dp.apply_config({"version": 7, "deployments": state_split}) == []
     assert await tally(live.port, 5) == Counter({"green": 5})
@@ -202,7 +204,8 @@ async def test_values_carried_over_a_hand_over_follow_the_same_rule(live: Live) 
     assert await dp.apply_config({"version": 9, "deployments": split({"1.0.0": 100})}) == []
     assert await tally(live.port, 5) == Counter({"blue": 5})
     # a first snapshot of another version with a split of its own: desired state wins
-    dp.carry_over({"traffic_split": rpc_split}, config_version=20)
+    dp.apply_dynamic({"traffic_split": rpc_split})
+    dp.keep_rpc_values_over(20)
     assert await dp.apply_config({"version": 21, "deployments": state_split}) == []
     assert await tally(live.port, 5) == Counter({"blue": 5})
     assert dp.rpc_overrides() == {}

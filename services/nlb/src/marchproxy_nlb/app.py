@@ -18,7 +18,7 @@ from marchproxy_common.tasks import cancel_and_wait, spawn
 
 from .config import NlbSettings
 from .core import NlbCore
-from .grpc.servicer import DATAPLANE_CONFIG_KEYS, NlbServicer
+from .grpc.servicer import NlbServicer
 from .hotrestart import HandoverFailed, Takeover, take_over
 from .metrics import NlbMetrics
 from .registry.table import InstanceRegistry
@@ -120,16 +120,12 @@ class NlbApp:
         if not update:
             return
         assert self.dataplane is not None
-        errors = self.dataplane.validate_dynamic(update)
+        errors = self.core.validate_dynamic(update)
         if errors:
             _log.warning("handoff_dynamic_config_dropped", errors=errors)
             return
-        if "heartbeat_timeout" in update:
-            self.registry.heartbeat_timeout = float(update["heartbeat_timeout"])
-        self.core.dynamic_config.update(
-            {k: v for k, v in update.items() if k not in DATAPLANE_CONFIG_KEYS}
-        )
-        self.dataplane.carry_over(update, takeover.config_version)
+        self.core.apply_dynamic(update)
+        self.dataplane.keep_rpc_values_over(takeover.config_version)
         _log.info("handoff_dynamic_config_applied", keys=sorted(update))
 
     async def _start_servers(self) -> None:

@@ -62,6 +62,11 @@ class DataPlaneLike(Protocol):
     ) -> nlb_pb2.TriggerScalingResponse: ...
 
 
+#: keys UpdateNLBConfig may change at run time; the data plane validates and applies these
+DATAPLANE_CONFIG_KEYS = frozenset({"rate_limits", "traffic_split"})
+DYNAMIC_CONFIG_KEYS = frozenset({"heartbeat_timeout", *DATAPLANE_CONFIG_KEYS})
+
+
 class NlbCore:
     def __init__(
         self,
@@ -84,6 +89,28 @@ class NlbCore:
         self.dynamic_config: dict[str, Any] = {"heartbeat_timeout": registry.heartbeat_timeout}
         self.on_config: Callable[[], Awaitable[None]] | None = None
         registry.subscribe(self._on_registry_event)
+
+    # -- UpdateNLBConfig values ----------------------------------------------------------------
+
+    def validate_dynamic(self, update: Mapping[str, Any]) -> list[str]:
+        """The data plane's checks of an update's ``rate_limits`` / ``traffic_split`` (the
+        keys and the heartbeat timeout are checked by ``validate_dynamic_config``)."""
+        keys = sorted(DATAPLANE_CONFIG_KEYS & update.keys())
+        if not keys:
+            return []
+        if self.dataplane is None:
+            return [f"{', '.join(keys)}: the data plane is not running here"]
+        return self.dataplane.validate_dynamic(update)
+
+    def apply_dynamic(self, update: Mapping[str, Any]) -> None:
+        """Put a validated update in force (from the RPC, or carried over a hand-over)."""
+        if "heartbeat_timeout" in update:
+            self.registry.heartbeat_timeout = float(update["heartbeat_timeout"])
+        if DATAPLANE_CONFIG_KEYS & update.keys() and self.dataplane is not None:
+            self.dataplane.apply_dynamic(update)
+        self.dynamic_config.update(
+            {k: v for k, v in update.items() if k not in DATAPLANE_CONFIG_KEYS}
+        )
 
     # -- registry events -----------------------------------------------------------------------
 

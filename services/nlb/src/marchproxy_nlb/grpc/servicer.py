@@ -14,7 +14,12 @@ import structlog
 from grpc.aio import ServicerContext as Ctx
 
 from marchproxy.v1 import nlb_pb2, nlb_pb2_grpc, types_pb2
-from marchproxy_nlb.core import MAX_REPORTED_METRICS, DataPlaneLike, NlbCore
+from marchproxy_nlb.core import (
+    DYNAMIC_CONFIG_KEYS,
+    MAX_REPORTED_METRICS,
+    DataPlaneLike,
+    NlbCore,
+)
 from marchproxy_nlb.registry.table import RegistryFull
 
 from . import validate as v
@@ -29,9 +34,6 @@ MAX_PAGE_SIZE = 1_000
 MAX_STREAM_INTERVAL = 60.0
 MIN_STREAM_INTERVAL = 0.1
 MAX_CONFIG_JSON = 64 * 1024
-#: keys UpdateNLBConfig may change at run time; the data plane validates and applies these
-DATAPLANE_CONFIG_KEYS = frozenset({"rate_limits", "traffic_split"})
-DYNAMIC_CONFIG_KEYS = frozenset({"heartbeat_timeout", *DATAPLANE_CONFIG_KEYS})
 #: seconds; below 1 s a module heartbeating every HEARTBEAT_INTERVAL (1 s at the least useful
 #: setting) would be expired between two heartbeats (the foundation issue: "down to 1 s")
 MIN_HEARTBEAT_TIMEOUT = 1.0
@@ -466,24 +468,14 @@ class NlbServicer(nlb_pb2_grpc.NLBServiceServicer):
     ) -> nlb_pb2.UpdateNLBConfigResponse:
         errors = validate_dynamic_config(request.config_json)
         update: dict[str, Any] = {} if errors else json.loads(request.config_json)
-        dataplane_keys = sorted(DATAPLANE_CONFIG_KEYS & update.keys())
-        if dataplane_keys and self.core.dataplane is None:
-            errors.append(f"{', '.join(dataplane_keys)}: the data plane is not running here")
-        elif dataplane_keys and self.core.dataplane is not None:
-            errors += self.core.dataplane.validate_dynamic(update)
+        errors += self.core.validate_dynamic(update)
         if errors:
             return nlb_pb2.UpdateNLBConfigResponse(
                 success=False, message="rejected", validation_errors=errors
             )
         if request.validate_only:
             return nlb_pb2.UpdateNLBConfigResponse(success=True, message="valid")
-        if "heartbeat_timeout" in update:
-            self.registry.heartbeat_timeout = float(update["heartbeat_timeout"])
-        if dataplane_keys and self.core.dataplane is not None:
-            self.core.dataplane.apply_dynamic(update)
-        self.core.dynamic_config.update(
-            {k: v for k, v in update.items() if k not in DATAPLANE_CONFIG_KEYS}
-        )
+        self.core.apply_dynamic(update)
         _log.info("nlb_config_updated", keys=sorted(update))
         return nlb_pb2.UpdateNLBConfigResponse(success=True, message="applied")
 

@@ -139,7 +139,7 @@ class DataPlane:
         self._state_values: dict[str, list[Any]] = {}
         self._rpc_values: dict[str, list[Any]] = {}
         #: after a hand-over: the desired-state version the old process's RPC values were set
-        #: on top of (see carry_over)
+        #: on top of (see keep_rpc_values_over)
         self._carried_version: int | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -299,11 +299,10 @@ class DataPlane:
             self.bluegreen.load(update["traffic_split"], keep_rollbacks=False)
             self._publish_split_metrics()
 
-    def carry_over(self, update: Mapping[str, Any], config_version: int) -> None:
-        """A hand-over's RPC values (validated), set by the old process on top of desired state
-        ``config_version``: in force at once, and after this process's first snapshot if that is
-        the same version (a different one may have changed the fields: the usual rule then)."""
-        self.apply_dynamic(update)
+    def keep_rpc_values_over(self, config_version: int) -> None:
+        """After a hand-over: the RPC values in force were set by the old process on top of
+        desired state ``config_version``, so they outlast this process's first snapshot if that
+        is the same version (a different one may have changed the fields: the usual rule)."""
         self._carried_version = config_version
 
     def rpc_overrides(self) -> dict[str, Any]:
