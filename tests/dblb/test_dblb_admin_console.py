@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from marchproxy_common.wire.postgres import BackendDecoder
 from marchproxy_common.wire.postgres import encoder as enc
 from marchproxy_dblb.module import DblbHooks
 from tests.dblb.dblb_helpers import (
@@ -176,3 +177,37 @@ async def test_show_stats_includes_replica_pools() -> None:
         rows: dict[str, Any] = {line.split("|")[-1]: line.split("|") for line in out.splitlines()}
         assert set(rows) == {"primary", "replica0"}
         assert int(rows["replica0"][3]) >= 1  # its query count
+
+
+async def test_pipelined_commands_are_answered_in_order() -> None:
+    """A client may send several queries before reading: a PAUSE (which waits for active
+    servers) is answered before the SHOW sent after it, and the queue of commands is bounded."""
+    async with running_dblb(pg_config(admin_users=["postgres"])) as h:
+        reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
+        try:
+            writer.write(enc.startup_message({"user": "postgres", "database": "pgbouncer"}))
+            decoder = BackendDecoder()
+
+            async def until_ready(n: int) -> list[Any]:
+                msgs: list[Any] = []
+                async with asyncio.timeout(30):
+                    while sum(m.type == ord("Z") for m in msgs) < n:
+                        chunk = await reader.read(65536)
+                        assert chunk
+                        msgs += decoder.feed(chunk)
+                return msgs
+
+            await until_ready(1)
+            writer.write(enc.query("PAUSE") + enc.query("SHOW VERSION") + enc.query("RESUME"))
+            msgs = await until_ready(3)
+            tags = [m.body.rstrip(b"\x00") for m in msgs if m.type == ord("C")]
+            assert tags == [b"PAUSE", b"SHOW", b"RESUME"], msgs
+            writer.write(enc.query("SHOW VERSION") * 200)  # far more than may queue
+            rest: list[Any] = []
+            async with asyncio.timeout(30):
+                while chunk := await reader.read(65536):  # until the DBLB closes
+                    rest += decoder.feed(chunk)
+            errors = [m for m in rest if m.type == ord("E")]
+            assert len(errors) == 1 and b"admin commands queued" in errors[0].body, rest[-3:]
+        finally:
+            writer.close()

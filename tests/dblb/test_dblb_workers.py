@@ -114,11 +114,13 @@ async def _wait_sleeping(app: str) -> None:
     raise AssertionError("the query never started")
 
 
-async def _raw_client_on_worker(port: int, worker: int) -> tuple[Any, Any, int, int]:
+async def _raw_client_on_worker(
+    port: int, worker: int, database: str = "app"
+) -> tuple[Any, Any, int, int]:
     """A raw protocol client that landed on ``worker``: (reader, writer, pid, secret key)."""
     for _ in range(64):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(enc.startup_message({"user": "postgres", "database": "app"}))
+        writer.write(enc.startup_message({"user": "postgres", "database": database}))
         decoder, msgs = BackendDecoder(), []
         while not msgs or msgs[-1].type != ord("Z"):
             chunk = await reader.read(65536)
@@ -220,3 +222,94 @@ async def test_pause_and_resume_on_the_console_reach_every_worker() -> None:
         finally:
             for c in conns:
                 await c.close()
+
+
+def _psql_rows(out: str) -> list[list[str]]:
+    return [line.split("|") for line in out.splitlines() if "|" in line]
+
+
+async def test_show_on_the_console_covers_every_worker() -> None:
+    """Whichever worker an admin connection lands on, SHOW POOLS and SHOW STATS sum every
+    worker's pools and SHOW CLIENTS / SHOW SERVERS list every worker's connections."""
+    app = unique("mp_dblb_wshow")
+    async with running_dblb(_cfg(), workers=WORKERS) as h:
+        conns = await _connect_many(h.port, 12, app)
+        try:
+            assert {worker_of(c.info.backend_pid) for c in conns} == set(range(WORKERS))
+            for c in conns:
+                await c.execute("select 1")
+            pids = {str(c.info.backend_pid) for c in conns}
+            seen_workers: set[str] = set()
+            for _ in range(6):  # several admin connections: they land on either worker
+                rc, out = await psql(
+                    h.port, "SHOW POOLS", "SHOW STATS", "SHOW CLIENTS", "SHOW SERVERS"
+                )
+                assert rc == 0, out
+                rows = _psql_rows(out)
+                pools = [r for r in rows if r[0] == "app" and len(r) == 12]
+                assert len(pools) == 1, rows  # one row for both workers' "app" pools
+                # cl_active + idle clients: the 12 clients plus none from other tests
+                assert pools[0][10] == "4"  # pool_size 2 + 2
+                stats = [r for r in rows if r[0] == "app" and len(r) == 11]
+                assert len(stats) == 1 and int(stats[0][2]) >= 12, stats  # total_xact_count
+                clients = [r for r in rows if r[0] == "C" and r[7] in pids]
+                assert {r[7] for r in clients} == pids, clients  # all 12, from both workers
+                assert {r[9] for r in clients} == {"0", "1"}
+                servers = [r for r in rows if r[0] == "S" and r[3] == "test"]
+                assert {r[11] for r in servers} == {"0", "1"}, servers
+                # the admin connection itself is listed by the worker it landed on
+                seen_workers |= {r[9] for r in rows if r[0] == "C" and r[2] == "pgbouncer"}
+            assert seen_workers, "the admin connections are not listed"
+        finally:
+            for c in conns:
+                await c.close()
+
+
+async def _admin_on_worker(port: int, worker: int, sql: str) -> list[Any]:
+    """Run ``sql`` on the admin console of ``worker``: the messages up to ReadyForQuery."""
+    reader, writer, _, _ = await _raw_client_on_worker(port, worker, "pgbouncer")
+    try:
+        writer.write(enc.query(sql))
+        decoder, msgs = BackendDecoder(), []
+        async with asyncio.timeout(30):
+            while not msgs or msgs[-1].type != ord("Z"):
+                chunk = await reader.read(65536)
+                assert chunk
+                msgs += decoder.feed(chunk)
+        return msgs
+    finally:
+        writer.close()
+
+
+async def test_reload_on_a_worker_rereads_the_file_for_every_worker(tmp_path: Any) -> None:
+    """Workers have no config file: a RELOAD that lands on one is done by the main process,
+    which re-reads the file and sends the result to every worker."""
+    import yaml
+
+    path = tmp_path / "dblb.yaml"
+
+    def write(dbname: str) -> None:
+        cfg = _cfg(dbname, admin_users=["postgres"])
+        path.write_text(yaml.safe_dump({"modules": [{"name": "dblb", "config": cfg}]}))
+
+    write("test")
+    async with running_dblb(
+        _cfg("test", admin_users=["postgres"]), workers=WORKERS, config_file=str(path)
+    ) as h:
+        for worker, expect in ((1, "postgres"), (0, "test"), (1, "postgres")):
+            write(expect)
+            msgs = await _admin_on_worker(h.port, worker, "RELOAD")
+            assert [m.type for m in msgs] == [ord("C"), ord("Z")], msgs
+            conns = await _connect_many(h.port, 12, unique("mp_dblb_wreload"))
+            try:
+                assert {worker_of(c.info.backend_pid) for c in conns} == set(range(WORKERS))
+                for c in conns:
+                    cur = await c.execute("select current_database()")
+                    assert await cur.fetchone() == (expect,)
+            finally:
+                for c in conns:
+                    await c.close()
+        path.write_text("modules: [{name: dblb, config: {pool_mode: bogus}}]")
+        msgs = await _admin_on_worker(h.port, 1, "RELOAD")
+        assert msgs[0].type == ord("E") and b"RELOAD failed" in msgs[0].body, msgs
+        assert b"pool_mode" in msgs[0].body

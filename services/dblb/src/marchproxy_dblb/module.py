@@ -70,7 +70,6 @@ class DblbHooks(BaseModuleHooks):
         self._peer_server: asyncio.AbstractServer | None = None
         self._supervisor: Any = None
         self._supervisor_seq = 0
-        self.manager.on_reload = self._reload
         self.metrics_registry = CollectorRegistry(auto_describe=False)
         self.metrics_registry.register(DblbCollector(self))
         self.total_connections = 0
@@ -276,30 +275,44 @@ class DblbHooks(BaseModuleHooks):
                 name=f"dblb cancel to worker {owner}",
             )
 
-    async def admin_everywhere(self, command: Mapping[str, Any]) -> bool:
-        """An admin console PAUSE/RESUME on this process and on every other worker; True when
-        all of them did it (PAUSE: within PAUSE_TIMEOUT)."""
+    async def admin_everywhere(self, command: Mapping[str, Any]) -> list[dict[str, Any] | None]:
+        """An admin console command (:meth:`admin_local`) on this process and on every other
+        worker: their answers in worker order, None for a worker that did not answer (PAUSE:
+        within PAUSE_TIMEOUT)."""
         from . import workers as w
 
-        peers = [
-            w.admin_on_peer(w.peer_socket(self.peer_dir, i), command, PAUSE_TIMEOUT + 5.0)
-            for i in range(self.manager.worker_count)
-            if i != self.worker_index and self.peer_dir
-        ]
-        results = await asyncio.gather(self.admin_local(command), *peers)
-        return all(results)
+        wait = PAUSE_TIMEOUT + 5.0 if command.get("command") == "PAUSE" else w.PEER_ADMIN_TIMEOUT
 
-    async def admin_local(self, command: Mapping[str, Any]) -> bool:
-        """PAUSE/RESUME (``{"command": ..., "database": name or None}``) on this process."""
+        async def on(index: int) -> dict[str, Any] | None:
+            if index == self.worker_index:
+                return await self.admin_local(command)
+            return await w.admin_on_peer(w.peer_socket(self.peer_dir, index), command, wait)
+
+        indexes = range(self.manager.worker_count) if self.peer_dir else [self.worker_index]
+        return list(await asyncio.gather(*(on(i) for i in indexes)))
+
+    async def admin_local(self, command: Mapping[str, Any]) -> dict[str, Any]:
+        """One admin command on this process: ``{"command": "PAUSE"|"RESUME", "database": name
+        or None}``, ``{"command": "RELOAD"}`` or ``{"command": "SHOW", "what": "POOLS"}``;
+        answers ``{"ok": bool}`` plus ``errors`` (RELOAD) or ``rows`` (SHOW)."""
+        from .frontends.admin import show_rows
+
         database = command.get("database")
         if database is not None and not isinstance(database, str):
-            return False
-        if command.get("command") == "PAUSE":
-            return await self.manager.pause(PAUSE_TIMEOUT, database)
-        if command.get("command") == "RESUME":
-            self.manager.resume(database)
-            return True
-        return False
+            return {"ok": False}
+        match command.get("command"):
+            case "PAUSE":
+                return {"ok": await self.manager.pause(PAUSE_TIMEOUT, database)}
+            case "RESUME":
+                self.manager.resume(database)
+                return {"ok": True}
+            case "RELOAD":
+                errors = await self.reload()
+                return {"ok": not errors, "errors": errors}
+            case "SHOW":
+                rows = show_rows(self, str(command.get("what")))
+                return {"ok": rows is not None, "rows": rows or []}
+        return {"ok": False}
 
     def cancel_local(self, pid: int, key: int) -> None:
         target = self.manager.clients.get(pid)
@@ -404,9 +417,26 @@ class DblbHooks(BaseModuleHooks):
             v = self._verifiers[key] = ScramVerifier.from_password(secret)
         return v
 
+    async def reload(self) -> list[str]:
+        """Admin RELOAD; why not (empty when done). With several workers the main process does
+        it, whichever worker took the command, and answers once every worker runs the result."""
+        if self.worker_index != 0:
+            from . import workers as w
+
+            answer = await w.admin_on_peer(
+                w.peer_socket(self.peer_dir, 0), {"command": "RELOAD"}, w.PEER_ADMIN_TIMEOUT
+            )
+            if answer is None:
+                return ["the main DBLB process did not answer"]
+            return [str(e) for e in answer.get("errors") or []]
+        errors = self._reload()
+        if not errors and self._supervisor is not None:
+            errors = await self._supervisor.wait_applied(self._supervisor_seq)
+        return errors
+
     def _reload(self) -> list[str]:
-        """Admin RELOAD: re-read the config file, or re-apply the last desired-state snapshot
-        (this re-reads the TLS certificate, key and CA files it names)."""
+        """Re-read the config file, or re-apply the last desired-state snapshot (this re-reads
+        the TLS certificate, key and CA files it names)."""
         if self.settings.config_file:
             from marchproxy_common.configfile import ConfigFileError, load_config_file
 

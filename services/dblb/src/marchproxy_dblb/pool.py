@@ -16,7 +16,6 @@ import itertools
 import secrets
 import ssl
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -942,8 +941,6 @@ class PoolManager:
         self._janitor: asyncio.Task[None] | None = None
         self.server_tls = server_tls_context(config)
         self._pid_counter = itertools.count(secrets.randbelow(1 << 20) + 1000)
-        #: RELOAD: re-apply the configuration; returns why not (empty when done)
-        self.on_reload: Callable[[], list[str]] | None = None
 
     def start(self) -> None:
         self._janitor = spawn(self._janitor_loop(), name="dblb pool janitor")

@@ -9,13 +9,15 @@ plane on the same port. The kernel spreads new connections over the listeners.
 - **Config**: the main process sends each snapshot it applies to every worker (JSON lines on
   the worker's stdin); a worker exits when its stdin closes (the main process stopped).
 - **Stats**: workers report their pools every second (JSON lines on stdout); ``/metrics`` of
-  the main process sums them with its own. The admin console's SHOW shows the worker it landed
-  on.
+  the main process sums them with its own.
 - **Cancel requests**: the fake backend pid carries the worker index in its low bits; a
   CancelRequest that reaches another worker is forwarded to the owner's unix socket (what
   PgBouncer's peering does).
-- **PAUSE / RESUME** on the admin console act on every worker: the worker that took the
-  command runs it on each other one through the same unix sockets and answers once all did.
+- **Admin console**: the worker that took a command runs it on each other one through the
+  same unix sockets and answers once all did: PAUSE / RESUME act on every worker, SHOW POOLS and
+  SHOW STATS sum the workers' rows, SHOW CLIENTS and SHOW SERVERS list them all (with a
+  ``worker`` column). RELOAD goes to the main process, which re-reads the config and sends it to
+  every worker (workers have no config file of their own).
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ MAX_PIPE_LINE = 64 << 20
 PEER_CANCEL_TIMEOUT = 5.0
 #: Seconds apply_config waits for every worker to acknowledge a snapshot.
 APPLY_TIMEOUT = 10.0
+#: Seconds a peer has to answer an admin command other than PAUSE (SHOW, RESUME, RELOAD).
+PEER_ADMIN_TIMEOUT = APPLY_TIMEOUT + 5.0
 
 
 def worker_of(pid: int) -> int:
@@ -66,7 +70,8 @@ def peer_socket(peer_dir: str, index: int) -> str:
 async def serve_peer(hooks: DblbHooks, path: str) -> asyncio.AbstractServer:
     """This worker's unix socket, for the other workers: a CancelRequest (16 bytes, as on the
     wire) for one of our clients, or an admin command as one JSON line (``{"command": "PAUSE",
-    "database": null}``) answered with ``{"ok": true|false}``."""
+    "database": null}``, ``{"command": "SHOW", "what": "POOLS"}``) answered with one JSON line
+    (:meth:`DblbHooks.admin_local`: ``{"ok": true, "rows": [...], "errors": [...]}``)."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -75,8 +80,8 @@ async def serve_peer(hooks: DblbHooks, path: str) -> asyncio.AbstractServer:
                 if first == b"{":
                     line = first + await reader.readline()
             if first == b"{":
-                ok = await hooks.admin_local(json.loads(line))
-                writer.write(json.dumps({"ok": ok}).encode() + b"\n")
+                answer = await hooks.admin_local(json.loads(line))
+                writer.write(json.dumps(answer).encode() + b"\n")
                 await writer.drain()
                 return
             async with asyncio.timeout(PEER_CANCEL_TIMEOUT):
@@ -98,22 +103,28 @@ async def serve_peer(hooks: DblbHooks, path: str) -> asyncio.AbstractServer:
     return await asyncio.start_unix_server(handle, path)
 
 
-async def admin_on_peer(path: str, command: Mapping[str, Any], wait_s: float) -> bool:
-    """Run an admin command (PAUSE/RESUME) on the worker behind ``path``; False when it
-    failed, timed out or could not be reached."""
+async def admin_on_peer(
+    path: str, command: Mapping[str, Any], wait_s: float
+) -> dict[str, Any] | None:
+    """Run an admin command on the worker behind ``path``: its answer, or None when it could
+    not be reached, timed out or answered nonsense."""
     try:
         async with asyncio.timeout(wait_s):
-            reader, writer = await asyncio.open_unix_connection(path)
+            # SHOW CLIENTS of a busy worker is one long line
+            reader, writer = await asyncio.open_unix_connection(path, limit=MAX_PIPE_LINE)
             try:
                 writer.write(json.dumps(command).encode() + b"\n")
                 await writer.drain()
                 answer = json.loads(await reader.readline())
             finally:
                 writer.close()
-        return isinstance(answer, dict) and answer.get("ok") is True
     except (OSError, TimeoutError, ValueError) as exc:
         _log.warning("peer_admin_failed", path=path, command=command, error=str(exc))
-        return False
+        return None
+    if not isinstance(answer, dict):
+        _log.warning("peer_admin_failed", path=path, command=command, error="not an object")
+        return None
+    return answer
 
 
 async def forward_cancel(path: str, pid: int, key: int) -> None:
