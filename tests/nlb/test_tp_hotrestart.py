@@ -241,11 +241,12 @@ async def test_udp_listeners_are_handed_over_and_unclaimed_sockets_closed(
         await backend.stop()
 
 
-async def test_update_nlb_config_values_survive_the_hand_over(
+async def test_rpc_config_values_and_routes_survive_the_hand_over(
     procs: ProcessGroup, tmp_path: Path
 ) -> None:
-    """Rate limits, traffic split and heartbeat timeout set with UpdateNLBConfig live in no
-    desired state: the new process takes them from the old one (GetNLBConfig)."""
+    """Rate limits, traffic split and heartbeat timeout set with UpdateNLBConfig, and route
+    rules set with UpdateRouting, live in no desired state: the new process takes them from
+    the old one (GetNLBConfig, GetRoutingTable)."""
     backend = await ProxiedEchoBackend("web").start()
     tcp, grpc_port, admin = free_port(), free_port(), free_port()
     env = nlb_env(tmp_path, f"{tcp}=http", grpc_port, admin)
@@ -271,7 +272,22 @@ async def test_update_nlb_config_values_survive_the_hand_over(
                 metadata=(("x-cluster-api-key", KEY),),
                 timeout=10,
             )
-        assert resp.success, resp.validation_errors
+            assert resp.success, resp.validation_errors
+            rule = types_pb2.Route(
+                name="carried",
+                module_id="web",
+                protocol=types_pb2.PROTOCOL_POSTGRESQL,
+                priority=7,
+                ports=[tcp],
+                match={"database": "orders", "user": "app"},
+                source_pattern="127.0.0.0/8",
+            )
+            routed = await nlb_pb2_grpc.NLBServiceStub(ch).UpdateRouting(
+                nlb_pb2.UpdateRoutingRequest(routes=[rule]),
+                metadata=(("x-cluster-api-key", KEY),),
+                timeout=10,
+            )
+            assert routed.success, routed.validation_errors
         new = procs.python("nlb-new", "marchproxy_nlb", env)
         await wait_output(old, "listeners_handed_over", procs)
         assert await asyncio.to_thread(old.wait, 30) == 0, procs.dump()
@@ -280,8 +296,23 @@ async def test_update_nlb_config_values_survive_the_hand_over(
             cfg = await nlb_pb2_grpc.NLBServiceStub(ch).GetNLBConfig(
                 nlb_pb2.GetNLBConfigRequest(), metadata=(("x-cluster-api-key", KEY),), timeout=10
             )
+            table = await nlb_pb2_grpc.NLBServiceStub(ch).GetRoutingTable(
+                nlb_pb2.GetRoutingTableRequest(), metadata=(("x-cluster-api-key", KEY),), timeout=10
+            )
         dynamic = json.loads(cfg.config_json)["dynamic"]
         assert dynamic == wanted
+        assert "handoff_rpc_routes_applied" in new.output(), procs.dump()
+        carried = [e.route for e in table.entries if e.route.name == "carried"]
+        assert len(carried) == 1, table
+        got = carried[0]
+        assert (got.module_id, got.protocol, got.priority, list(got.ports)) == (
+            "web",
+            types_pb2.PROTOCOL_POSTGRESQL,
+            7,
+            [tcp],
+        )
+        assert dict(got.match) == {"database": "orders", "user": "app"}
+        assert (got.source_pattern, got.metadata["origin"]) == ("127.0.0.0/8", "rpc")
         # the limit works in the new process: its own bucket, one connection, then refused
         assert await one_request(tcp)
         with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):

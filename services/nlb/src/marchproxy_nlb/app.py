@@ -114,12 +114,18 @@ class NlbApp:
         )
 
     def _carry_over(self, takeover: Takeover) -> None:
-        """Put the old process's UpdateNLBConfig values in force here, as if set by the RPC on
-        top of the desired state it had applied."""
+        """Put the old process's UpdateRouting rules and UpdateNLBConfig values in force here,
+        as if set by the RPCs on top of the desired state it had applied."""
+        assert self.dataplane is not None
+        if takeover.routes:
+            errors = self.dataplane.carry_rpc_routes(takeover.routes)
+            if errors:
+                _log.warning("handoff_rpc_routes_dropped", errors=errors)
+            else:
+                _log.info("handoff_rpc_routes_applied", routes=len(takeover.routes))
         update = takeover.dynamic_config
         if not update:
             return
-        assert self.dataplane is not None
         errors = self.core.validate_dynamic(update)
         if errors:
             _log.warning("handoff_dynamic_config_dropped", errors=errors)

@@ -4,7 +4,8 @@
 1. The new process copies the old one's instance registry over gRPC (``ListModules``), so it can
    route from its first accepted connection instead of waiting for modules to re-register, and
    the values set with UpdateNLBConfig (``GetNLBConfig``: rate limits, traffic split, heartbeat
-   timeout), which live in no desired state and would otherwise be lost.
+   timeout) and the route rules set with UpdateRouting (``GetRoutingTable``), which live in no
+   desired state and would otherwise be lost.
 2. It asks for the listening sockets (TCP and UDP) on ``NLB_HANDOFF_PATH`` (SCM_RIGHTS, see
    ``marchproxy_common.net.fdpass``) and keeps that connection open while it finishes its own
    start-up: listeners on the inherited sockets, gRPC, admin, desired state. Only then does it
@@ -34,7 +35,7 @@ from typing import Any
 import grpc
 import structlog
 
-from marchproxy.v1 import nlb_pb2, nlb_pb2_grpc
+from marchproxy.v1 import nlb_pb2, nlb_pb2_grpc, types_pb2
 from marchproxy_common.grpc_server import API_KEY_HEADER
 from marchproxy_common.net.fdpass import HANDOFF_ACK, HANDOFF_REQUEST, FdPassError, recv_sockets
 
@@ -128,6 +129,19 @@ async def copy_dynamic_config(
     return dynamic, resp.config_version
 
 
+async def copy_rpc_routes(
+    settings: NlbSettings, old: nlb_pb2_grpc.NLBServiceStub
+) -> list[types_pb2.Route]:
+    """The route rules the running NLB took from UpdateRouting (desired state's rules come
+    with the snapshot this process loads itself)."""
+    resp = await old.GetRoutingTable(
+        nlb_pb2.GetRoutingTableRequest(),
+        metadata=((API_KEY_HEADER, settings.effective_cluster_api_key),),
+        timeout=HANDOFF_DEADLINE,
+    )
+    return [e.route for e in resp.entries if e.route.metadata.get("origin") == "rpc"]
+
+
 def set_by_rpc(config: Any) -> dict[str, Any]:
     """From a GetNLBConfig document, the dynamic values an RPC changed. The heartbeat timeout
     is always listed; it is the old process's setting unless it differs from its static one,
@@ -155,6 +169,7 @@ class Takeover:
         sockets: dict[str, socket.socket],
         dynamic_config: dict[str, Any] | None = None,
         config_version: int = 0,
+        routes: list[types_pb2.Route] | None = None,
     ) -> None:
         self.path = path
         self.sockets = sockets
@@ -162,6 +177,8 @@ class Takeover:
         #: ``config_version``
         self.dynamic_config = dynamic_config or {}
         self.config_version = config_version
+        #: the old process's UpdateRouting rules
+        self.routes = routes or []
         self._conn: socket.socket | None = conn
         self._asked_at = asyncio.get_running_loop().time()
 
@@ -236,10 +253,11 @@ async def take_over(settings: NlbSettings, registry: InstanceRegistry) -> Takeov
     if not path or not await asyncio.to_thread(os.path.exists, path):
         return None
     try:
-        async with await old_process_channel(settings) as ch:  # one channel for both copies
+        async with await old_process_channel(settings) as ch:  # one channel for every copy
             old = nlb_pb2_grpc.NLBServiceStub(ch)
             copied = await copy_registry(settings, old, registry)
             dynamic, version = await copy_dynamic_config(settings, old)
+            routes = await copy_rpc_routes(settings, old)
         conn, sockets = await _fetch(path)
     except (OSError, FdPassError, TimeoutError, grpc.aio.AioRpcError, ValueError) as exc:
         _log.warning("handoff_unavailable", path=path, error=repr(exc))
@@ -249,5 +267,6 @@ async def take_over(settings: NlbSettings, registry: InstanceRegistry) -> Takeov
         listeners=sorted(sockets),
         instances=copied,
         dynamic_config=sorted(dynamic),
+        rpc_routes=len(routes),
     )
-    return Takeover(path, conn, sockets, dynamic, version)
+    return Takeover(path, conn, sockets, dynamic, version, routes)

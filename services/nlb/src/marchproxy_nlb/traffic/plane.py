@@ -674,16 +674,30 @@ class DataPlane:
             capable_instances=[instance_pb(i, now) for i in capable],
         )
 
-    async def update_routing(
-        self, req: nlb_pb2.UpdateRoutingRequest
-    ) -> nlb_pb2.UpdateRoutingResponse:
+    def _rules_from_pb(
+        self, routes: Sequence[types_pb2.Route]
+    ) -> tuple[list[RouteRule], list[str]]:
         errors: list[str] = []
         rules: list[RouteRule] = []
-        for i, route in enumerate(req.routes):
+        for i, route in enumerate(routes):
             try:
                 rules.append(self._rule_from_pb(route))
             except RuleError as exc:
                 errors.append(f"routes[{i}]: {exc}")
+        return rules, errors
+
+    def carry_rpc_routes(self, routes: Sequence[types_pb2.Route]) -> list[str]:
+        """After a hand-over: the old process's UpdateRouting rules, all or (errors) none."""
+        rules, errors = self._rules_from_pb(routes)
+        if not errors:
+            self.rpc_rules = {r.name: r for r in rules}
+            self._rebuild_table()
+        return errors
+
+    async def update_routing(
+        self, req: nlb_pb2.UpdateRoutingRequest
+    ) -> nlb_pb2.UpdateRoutingResponse:
+        rules, errors = self._rules_from_pb(req.routes)
         if errors:
             return nlb_pb2.UpdateRoutingResponse(
                 success=False, message="rejected", validation_errors=errors
@@ -720,6 +734,8 @@ class DataPlane:
             )
             if rule.database:
                 pb.match["database"] = rule.database
+            if rule.user:
+                pb.match["user"] = rule.user
             pb.metadata["origin"] = rule.origin
             hits, last = self.rule_hits.get(rule.name, (0, 0.0))
             entry = nlb_pb2.RoutingEntry(
