@@ -13,7 +13,7 @@ import pytest
 import uvloop
 
 from marchproxy_common.net.handoff import ConnectionHandoff, HandoffReceiver
-from marchproxy_common.net.proxied import client_address
+from marchproxy_common.net.proxied import client_address, proxy_info
 from marchproxy_common.tasks import spawn
 
 
@@ -115,3 +115,45 @@ async def test_send_fails_cleanly_when_no_module_listens() -> None:
             a.close()
             b.close()
             await handoff.close()
+
+
+class Named(asyncio.Protocol):
+    """Says which listener it stands for and whether the client address was known when the
+    connection was made (a module may read it in connection_made)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        known = proxy_info(transport) is not None
+        transport.write(f"{self.name} {known}\n".encode())  # type: ignore[attr-defined]
+
+
+async def test_the_port_picks_the_listener_protocol() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "module.sock")
+        receiver = HandoffReceiver(path, {8080: lambda: Named("plain"), 8443: lambda: Named("tls")})
+        await receiver.start()
+        handoff = ConnectionHandoff(path)
+        try:
+            for port, expect in ((8443, b"tls True\n"), (8080, b"plain True\n"), (9, b"")):
+                ours, theirs = socket.socketpair()
+                ours.setblocking(False)
+                try:
+                    await handoff.send(theirs, first_bytes=b"", client=("10.1.2.3", 5), port=port)
+                    theirs.close()  # as the NLB drops its copy
+                    loop = asyncio.get_running_loop()
+                    got = b""
+                    async with asyncio.timeout(10):
+                        while not got.endswith(b"\n"):
+                            chunk = await loop.sock_recv(ours, 100)
+                            if not chunk:
+                                break  # no listener for that port: closed
+                            got += chunk
+                    assert got == expect
+                finally:
+                    ours.close()
+            assert (receiver.adopted, receiver.errors) == (2, 1)
+        finally:
+            await handoff.close()
+            await receiver.close()

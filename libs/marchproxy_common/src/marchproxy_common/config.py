@@ -92,6 +92,10 @@ class ModuleSettings(CommonSettings):
     #: every peer, "" nobody. Anyone else's header is not parsed, so a client that connects
     #: directly cannot claim another address.
     proxy_trusted_sources: str = DEFAULT_PROXY_TRUSTED_SOURCES
+    #: a Unix socket path on which a co-located NLB may hand client connections over
+    #: (SCM_RIGHTS) instead of relaying them; "" (the default) for none. Modules that do not
+    #: support it say so at start-up and keep being relayed.
+    handoff_path: str = ""
 
     @field_validator("proxy_trusted_sources")
     @classmethod

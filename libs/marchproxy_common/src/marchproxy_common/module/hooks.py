@@ -95,7 +95,10 @@ class BaseModuleHooks:
     Optional beyond the protocol: ``extra_addresses() -> Mapping[int, BoundAddress]`` names data
     listeners for particular protocols (the DBLB's MySQL port) that the NLB must use instead of
     the main data address; ``metrics_registry`` adds the module's metrics to ``/metrics``;
-    ``servicer_class`` replaces the base ModuleService servicer.
+    ``servicer_class`` replaces the base ModuleService servicer; ``handoff_factories() ->
+    Mapping[int, protocol factory]`` (data port -> the factory of that listener's protocol,
+    without PROXY-header parsing) lets a co-located NLB hand connections over when
+    ``HANDOFF_PATH`` is set (``marchproxy_common.net.handoff``).
     """
 
     def extra_addresses(self) -> Mapping[int, BoundAddress]:

@@ -39,6 +39,7 @@ from marchproxy_common.loop import run as run_on_loop
 from marchproxy_common.module.hooks import BoundAddress, ModuleHooks
 from marchproxy_common.module.routes import validate_routes
 from marchproxy_common.module.servicer import BaseModuleServicer
+from marchproxy_common.net.handoff import HANDOFF_LABEL, HandoffReceiver
 from marchproxy_common.nlb_client import NlbClient
 from marchproxy_common.tasks import cancel_and_wait, spawn
 
@@ -135,6 +136,7 @@ class ModuleRuntime:
         self._started_at = time.monotonic()
         self._cpu_mark = (time.monotonic(), time.process_time())
         self._cpu_percent = 0.0
+        self._handoff: HandoffReceiver | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -142,6 +144,7 @@ class ModuleRuntime:
         s = self.settings
         await self._load_initial_config()
         self.data_address = await self.hooks.start_data_plane()
+        await self._start_handoff()
         servicer_cls = getattr(self.hooks, "servicer_class", BaseModuleServicer)
         self._grpc = GrpcServer(api_key=s.effective_cluster_api_key)
         self._grpc.add(
@@ -171,6 +174,21 @@ class ModuleRuntime:
             grpc=f"{self.grpc_address.host}:{self.grpc_address.port}",
             admin=f"{self.admin_address.host}:{self.admin_address.port}",
         )
+
+    async def _start_handoff(self) -> None:
+        """Take connections a co-located NLB hands over on HANDOFF_PATH (see net.handoff)."""
+        path = self.settings.handoff_path
+        if not path:
+            return
+        factories = getattr(self.hooks, "handoff_factories", None)
+        found = factories() if callable(factories) else {}
+        if not found:
+            _log.warning("handoff_unsupported", path=path, module_id=self.module_id)
+            return
+        receiver = HandoffReceiver(path, found)
+        await receiver.start()
+        self._handoff = receiver
+        _log.info("handoff_listening", path=path, ports=sorted(found))
 
     async def _load_initial_config(self) -> None:
         if not self.settings.config_file:
@@ -224,6 +242,8 @@ class ModuleRuntime:
         await self._unregister(graceful=True)
         if self._grpc is not None:
             await self._grpc.enter_graceful_shutdown()
+        if self._handoff is not None:  # the NLB relays (to nobody) instead: nothing new here
+            await self._handoff.close()
         await self.hooks.stop_accepting()
         deadline = asyncio.get_running_loop().time() + self._drain_timeout
         await self.hooks.drain(deadline)
@@ -275,7 +295,10 @@ class ModuleRuntime:
             version=s.module_version,
             weight=s.module_weight,
             capacity=s.module_capacity,
-            labels={"component": self.component},
+            labels={
+                "component": self.component,
+                **({HANDOFF_LABEL: self._handoff.path} if self._handoff is not None else {}),
+            },
             protocol_addresses=[
                 types_pb2.ProtocolAddress(
                     protocol=protocol,  # type: ignore[arg-type]
@@ -631,6 +654,11 @@ class ModuleRuntime:
                 "heartbeat_interval": self.heartbeat_interval,
             },
             "config": config,
+            "handoff": (
+                {"path": h.path, "adopted": h.adopted, "errors": h.errors}
+                if (h := self._handoff) is not None
+                else None
+            ),
             "load": asdict(self.hooks.load()),
             "weights": self.weights,
             **self.hooks.status(),

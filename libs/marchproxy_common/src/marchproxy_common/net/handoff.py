@@ -6,18 +6,22 @@ with ``loop.connect_accepted_socket`` and talks to the client directly.
 
 API (stable):
 
-- NLB side: ``ConnectionHandoff(path)``; ``await send(sock, first_bytes=..., client=(ip, port))``
-  (opens the channel on first use; one message at a time; raises ``FdPassError``/``OSError`` if
-  the module is gone, so the caller can fall back to relaying). ``sock`` is anything with
-  ``fileno()``, e.g. ``transport.get_extra_info("socket")``. Before sending, pause reading on the
-  transport and pass every byte read so far as ``first_bytes``; after ``send`` returns, drop the
-  NLB's copy with ``transport.abort()`` (the connection stays open: the module holds the other
+- NLB side: ``ConnectionHandoff(path)``; ``await send(sock, first_bytes=..., client=(ip, port),
+  port=N)`` (opens the channel on first use; one message at a time; raises ``FdPassError`` /
+  ``OSError`` if the module is gone, so the caller can fall back to relaying). ``port`` is the
+  module's data port the connection would have been relayed to: it picks the module's
+  listener (plain or TLS, say). ``sock`` is anything with ``fileno()``, e.g.
+  ``transport.get_extra_info("socket")``. Before sending, pause reading on the transport and
+  pass every byte read so far as ``first_bytes``; after ``send`` returns, drop the NLB's copy
+  with ``transport.abort()`` (the connection stays open: the module holds the other
   descriptor). ``await close()``.
-- Module side: ``HandoffReceiver(path, protocol_factory, *, on_adopted=None)``;
-  ``await start()`` / ``await close()``. Each adopted connection gets a fresh protocol; the
-  client address is recorded so ``net.proxied.client_address(transport)`` returns it, and
-  ``first_bytes`` are fed to the protocol before anything read from the socket.
-  ``adopted`` counts connections.
+- Module side: ``HandoffReceiver(path, factories)`` with one protocol factory, or a mapping
+  from data port to factory (a connection for a port not listed is closed and counted in
+  ``errors``); ``await start()`` / ``await close()``. Each adopted connection gets a fresh
+  protocol, given the factory's protocol as a PROXY-protocol-aware listener would: the client
+  address is recorded before its ``connection_made`` (``net.proxied.client_address(transport)``
+  returns it) and ``first_bytes`` are fed to it before anything read from the socket. The
+  factories must not strip a PROXY header themselves. ``adopted`` counts connections.
 """
 
 from __future__ import annotations
@@ -27,17 +31,23 @@ import base64
 import contextlib
 import os
 import socket
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Callable, Mapping
+from typing import Final, cast
+
+import structlog
 
 from marchproxy_common.net.fdpass import FdPassError, SupportsFileno, recv_sockets, send_sockets
 from marchproxy_common.net.proxied import _feed, remember_proxy_header
 from marchproxy_common.tasks import cancel_and_wait, spawn
 from marchproxy_common.wire.proxy_protocol import Command, Family, ProxyHeader, Transport
 
-__all__ = ["MAX_FIRST_BYTES", "ConnectionHandoff", "HandoffReceiver"]
+__all__ = ["HANDOFF_LABEL", "MAX_FIRST_BYTES", "ConnectionHandoff", "HandoffReceiver"]
+
+_log = structlog.get_logger("marchproxy.handoff")
 
 MAX_FIRST_BYTES: Final = 32 * 1024  # sniffed bytes carried with a hand-over (JSON, base64)
+#: registration label under which a module advertises its hand-over socket to the NLB
+HANDOFF_LABEL: Final = "handoff_path"
 
 
 class ConnectionHandoff:
@@ -61,13 +71,19 @@ class ConnectionHandoff:
         return conn
 
     async def send(
-        self, sock: SupportsFileno, *, first_bytes: bytes, client: tuple[str, int]
+        self,
+        sock: SupportsFileno,
+        *,
+        first_bytes: bytes,
+        client: tuple[str, int],
+        port: int = 0,
     ) -> None:
         if len(first_bytes) > MAX_FIRST_BYTES:
             raise FdPassError(f"more than {MAX_FIRST_BYTES} first bytes")
         meta = {
             "client": [client[0], client[1]],
             "first": base64.b64encode(first_bytes).decode("ascii"),
+            "port": port,
         }
         async with self._lock:
             if self._conn is None:
@@ -93,12 +109,12 @@ class HandoffReceiver:
     def __init__(
         self,
         path: str,
-        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        factories: ProtocolFactory | Mapping[int, ProtocolFactory],
         *,
         on_adopted: Callable[[asyncio.BaseTransport], None] | None = None,
     ) -> None:
         self.path = path
-        self._factory = protocol_factory
+        self._factories = factories
         self._on_adopted = on_adopted
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -138,6 +154,11 @@ class HandoffReceiver:
         finally:
             conn.close()
 
+    def _factory_for(self, port: object) -> ProtocolFactory | None:
+        if not isinstance(self._factories, Mapping):
+            return self._factories
+        return self._factories.get(port) if isinstance(port, int) else None
+
     async def _adopt(self, sock: socket.socket, meta: dict[str, object]) -> None:
         loop = asyncio.get_running_loop()
         try:
@@ -145,30 +166,23 @@ class HandoffReceiver:
             first_raw = meta.get("first", "")
             if not (isinstance(client, list) and len(client) == 2 and isinstance(first_raw, str)):
                 raise FdPassError("bad hand-over metadata")
+            factory = self._factory_for(meta.get("port"))
+            if factory is None:
+                raise FdPassError(f"no listener for port {meta.get('port')!r}")
             first = base64.b64decode(first_raw, validate=True)
+            address = (str(client[0]), int(str(client[1])))
             sock.setblocking(False)
-            transport, protocol = await loop.connect_accepted_socket(self._factory, sock)
-        except (OSError, ValueError, FdPassError):
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: _Adopted(factory, address, first), sock
+            )
+        except (OSError, ValueError, FdPassError) as exc:
             self.errors += 1
+            _log.warning("handoff_adopt_failed", path=self.path, error=str(exc))
             sock.close()
             return
-        local = transport.get_extra_info("sockname")
-        remember_proxy_header(
-            transport,
-            ProxyHeader(
-                2,
-                Command.PROXY,
-                Family.INET6 if ":" in str(client[0]) else Family.INET,
-                Transport.STREAM,
-                (str(client[0]), int(str(client[1]))),
-                (str(local[0]), int(local[1])) if isinstance(local, tuple) else None,
-            ),
-        )
         self.adopted += 1
         if self._on_adopted is not None:
             self._on_adopted(transport)
-        if first and not transport.is_closing():
-            _feed(protocol, first)
 
     async def close(self) -> None:
         tasks = list(self._tasks)
@@ -179,3 +193,34 @@ class HandoffReceiver:
             self._listener = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+
+ProtocolFactory = Callable[[], asyncio.BaseProtocol]
+
+
+class _Adopted(asyncio.Protocol):
+    """Stands in for the module's protocol only during ``connection_made``: records the client
+    address, then puts the real protocol on the transport and feeds it the first bytes (no
+    per-read cost afterwards, as with a PROXY header)."""
+
+    def __init__(self, factory: ProtocolFactory, client: tuple[str, int], first: bytes) -> None:
+        self._factory, self._client, self._first = factory, client, first
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        local = transport.get_extra_info("sockname")
+        remember_proxy_header(
+            transport,
+            ProxyHeader(
+                2,
+                Command.PROXY,
+                Family.INET6 if ":" in self._client[0] else Family.INET,
+                Transport.STREAM,
+                self._client,
+                (str(local[0]), int(local[1])) if isinstance(local, tuple) else None,
+            ),
+        )
+        inner = self._factory()
+        transport.set_protocol(inner)
+        inner.connection_made(transport)
+        if self._first and not cast(asyncio.Transport, transport).is_closing():
+            _feed(inner, self._first)
