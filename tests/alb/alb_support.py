@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -261,3 +262,19 @@ def make_cert(d: Path, name: str) -> tuple[str, str]:
         timeout=30,
     )
     return str(cert), str(key)
+
+
+async def tls_get(port: int, sni: str, cafile: str, path: str) -> tuple[str, bytes]:
+    ctx = ssl.create_default_context(cafile=cafile)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=sni)
+    try:
+        peer = writer.get_extra_info("peercert")
+        cn = dict(x[0] for x in peer["subject"])["commonName"]
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n".encode())
+        async with asyncio.timeout(10):
+            data = await reader.read()
+            while chunk := await reader.read(65536):
+                data += chunk
+        return cn, data
+    finally:
+        writer.close()

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from marchproxy_common.wire.proxy_protocol import build_v2
-from tests.alb.alb_support import make_cert, raw_exchange, route
+from tests.alb.alb_support import make_cert, raw_exchange, route, tls_get
 
 
 @pytest.fixture(scope="module")
@@ -20,22 +20,6 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, str]
         pytest.fail("openssl CLI is required for the TLS tests")
     d = tmp_path_factory.mktemp("alb-certs")
     return {n: make_cert(d, n) for n in ("a.example.com", "b.example.org")}
-
-
-async def tls_get(port: int, sni: str, cafile: str, path: str) -> tuple[str, bytes]:
-    ctx = ssl.create_default_context(cafile=cafile)
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=sni)
-    try:
-        peer = writer.get_extra_info("peercert")
-        cn = dict(x[0] for x in peer["subject"])["commonName"]
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n".encode())
-        async with asyncio.timeout(10):
-            data = await reader.read()
-            while chunk := await reader.read(65536):
-                data += chunk
-        return cn, data
-    finally:
-        writer.close()
 
 
 async def test_tls_sni_two_certificates(alb_factory, backends, certs) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import gc
 import ssl
 import statistics
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
@@ -35,7 +35,11 @@ GC_GEN0_THRESHOLD = 20_000
 
 class AlbHooks(BaseModuleHooks):
     module_type = types_pb2.MODULE_TYPE_ALB
-    protocols = (types_pb2.PROTOCOL_HTTP, types_pb2.PROTOCOL_HTTPS, types_pb2.PROTOCOL_WEBSOCKET)
+    protocols: tuple[int, ...] = (
+        types_pb2.PROTOCOL_HTTP,
+        types_pb2.PROTOCOL_HTTPS,
+        types_pb2.PROTOCOL_WEBSOCKET,
+    )
     default_module_id = "alb"
 
     def __init__(self, settings: AlbSettings, *, tune_gc: bool = False) -> None:
@@ -57,6 +61,8 @@ class AlbHooks(BaseModuleHooks):
         self.module_config: dict[str, Any] = {}
         self.data_address = BoundAddress("", 0)
         self.tls_address: BoundAddress | None = None
+        if settings.alb_tls_port < 0:  # no TLS listener: the NLB must not send us TLS
+            self.protocols = (types_pb2.PROTOCOL_HTTP, types_pb2.PROTOCOL_WEBSOCKET)
 
     @property
     def metrics_registry(self) -> CollectorRegistry:
@@ -99,6 +105,26 @@ class AlbHooks(BaseModuleHooks):
         if self.tune_gc:  # process-wide, so only when we own the process (__main__)
             gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
         return self.data_address
+
+    def extra_addresses(self) -> dict[int, BoundAddress]:
+        """The TLS listener, so the NLB sends TLS connections there (not to the plain port)."""
+        if self.tls_address is None:
+            return {}
+        return {
+            types_pb2.PROTOCOL_HTTPS: self.tls_address,
+            types_pb2.PROTOCOL_TLS: self.tls_address,
+        }
+
+    def handoff_factories(self) -> dict[int, Callable[[], asyncio.BaseProtocol]]:
+        """The listeners' protocols for connections a co-located NLB hands over (HANDOFF_PATH):
+        the client address comes with the hand-over, not in a PROXY header."""
+        plane, sni = self.plane, self.sni
+        found: dict[int, Callable[[], asyncio.BaseProtocol]] = {
+            self.data_address.port: lambda: DownstreamProtocol(plane, scheme="http")
+        }
+        if self.tls_address is not None:
+            found[self.tls_address.port] = lambda: TlsAcceptor(plane, lambda: sni.server_context)
+        return found
 
     async def apply_config(self, snapshot: Mapping[str, Any]) -> list[str]:
         module_cfg: Mapping[str, Any] = {}
