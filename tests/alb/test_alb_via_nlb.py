@@ -5,6 +5,7 @@ forwards the real client address."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import aiohttp
 import httpx
@@ -65,3 +66,100 @@ async def test_client_to_nlb_to_alb_to_backend(alb, backends) -> None:
         await nlb.stop_accepting()
         await nlb.drain(asyncio.get_running_loop().time() + 2)
     assert alb.hooks.plane.requests_total >= 2
+
+
+async def test_nlb_hands_connections_to_a_co_located_alb(backends, tmp_path) -> None:
+    """With HANDOFF_PATH set, the ALB's runtime advertises a hand-over socket; the NLB passes
+    the client socket there (SCM_RIGHTS) instead of relaying, so the ALB talks to the client
+    directly and sees its real address. When the hand-over fails the NLB relays as before."""
+    from prometheus_client import generate_latest
+
+    from marchproxy_alb.module import AlbHooks
+    from marchproxy_common.module.runtime import ModuleRuntime
+    from tests.alb.alb_support import Alb, alb_settings, make_cert, tls_get
+
+    b = await backends("origin")
+    cert, key = make_cert(tmp_path, "a.example.com")
+    settings = alb_settings(
+        handoff_path=str(tmp_path / "alb.sock"), grpc_port=0, admin_port=0, alb_tls_port=0
+    )
+    runtime = ModuleRuntime(settings, AlbHooks(settings))
+    await runtime.start()
+    nlb_settings = NlbSettings(
+        nlb_listeners="0=http,tls", nlb_sniff_timeout=0.2, nlb_connect_timeout=2.0, redis_url=""
+    )
+    registry = InstanceRegistry(heartbeat_timeout=30)
+    metrics = NlbMetrics()
+    nlb = NlbDataPlane(nlb_settings, registry, metrics)
+    await nlb.start()
+
+    def handoffs(result: str) -> float:
+        text = generate_latest(metrics.registry).decode()
+        prefix = f'nlb_handoffs_total{{module="alb",result="{result}"}} '
+        line = next((x for x in text.splitlines() if x.startswith(prefix)), prefix + "0")
+        return float(line.rsplit(" ", 1)[1])
+
+    try:
+        alb = Alb(runtime.hooks)  # type: ignore[arg-type]
+        tls = {"certificates": [{"server_names": ["a.example.com"], "cert_file": cert,
+                                 "key_file": key}]}  # fmt: skip
+        await alb.configure(
+            [
+                route("api", b.url, match={"host": "api.example.com"}),
+                route("secure", b.url, match={"host": "a.example.com"}),
+            ],
+            {"tls": tls},
+        )
+        request = runtime._register_request()
+        assert request.labels["handoff_path"] == settings.handoff_path
+        registry.register(
+            module_id="alb",
+            module_type=request.module_type,
+            protocols=tuple(request.protocols),
+            data_host=request.data_address.host,
+            data_port=request.data_address.port,
+            instance_id="alb-1",
+            version="1.0",
+            labels=dict(request.labels),
+            addresses={
+                pa.protocol: (pa.address.host, pa.address.port) for pa in request.protocol_addresses
+            },
+        )
+        port = nlb.listener_addresses()[0][1]
+        url = f"http://127.0.0.1:{port}/echo/handed"
+        headers = {"Host": "api.example.com"}
+        # a client on another loopback address: the NLB connects to modules from 127.0.0.1
+        connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0), limit=1)
+        async with aiohttp.ClientSession(connector=connector) as s:
+            for _ in range(3):  # one keep-alive connection, handed over once
+                async with s.get(url, headers=headers) as r:
+                    assert r.status == 200, await r.text()
+                    body = await r.json()
+                assert body["headers"]["X-Forwarded-For"] == "127.0.0.2"
+            assert handoffs("ok") == 1
+            assert not nlb._relays  # the NLB is not in the data path of the open connection
+            assert runtime.status()["handoff"]["adopted"] == 1
+        # TLS on the same NLB port goes to the ALB's TLS listener, which terminates it
+        cn, data = await tls_get(port, "a.example.com", cert, "/echo/tls")
+        assert cn == "a.example.com" and data.startswith(b"HTTP/1.1 200"), data[:200]
+        assert json.loads(data.split(b"\r\n\r\n", 1)[1])["headers"]["X-Forwarded-Proto"] == (
+            "https"
+        )
+        assert handoffs("ok") == 2
+        assert runtime._handoff is not None
+        await runtime._handoff.close()  # the module's hand-over socket is gone: relayed
+        connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0), force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as s:
+            for _ in range(2):
+                async with s.get(url, headers=headers) as r:
+                    assert r.status == 200, await r.text()
+                    body = await r.json()
+                assert body["headers"]["X-Forwarded-For"] == "127.0.0.2"  # PROXY header
+            cn, data = await tls_get(port, "a.example.com", cert, "/echo/tls-relayed")
+            assert cn == "a.example.com" and data.startswith(b"HTTP/1.1 200"), data[:200]
+        assert handoffs("failed") == 1  # then not tried again for a while
+        assert handoffs("ok") == 2
+    finally:
+        await nlb.stop_accepting()
+        await nlb.drain(asyncio.get_running_loop().time() + 2)
+        await runtime.stop()

@@ -29,6 +29,9 @@ class NlbSettings(CommonSettings):
     nlb_connect_timeout: float = Field(default=5.0, gt=0, le=120)
     #: instances tried for one connection before it is refused (connect failures only)
     nlb_connect_attempts: int = Field(default=3, ge=1, le=20)
+    #: hand connections to co-located module instances that advertise a hand-over socket
+    #: (label ``handoff_path``) instead of relaying them (the NLB leaves the data path)
+    nlb_module_handoff: bool = True
     #: close a relayed connection after this long without bytes either way (0: never)
     nlb_idle_timeout: float = Field(default=3600.0, ge=0)
     nlb_udp_idle_timeout: float = Field(default=60.0, gt=0)

@@ -27,6 +27,13 @@ class NlbMetrics:
             ["protocol", "error_type"],
             registry=r,
         )
+        self.handoffs = Counter(
+            "nlb_handoffs_total",
+            "Connections handed to a co-located module over its hand-over socket instead of "
+            "relayed, by module and result (ok, failed: relayed instead)",
+            ["module", "result"],
+            registry=r,
+        )
         self.active_connections = Gauge(
             "nlb_active_connections",
             "Connections currently relayed, per module",

@@ -19,6 +19,8 @@ from typing import Any
 import structlog
 
 from marchproxy.v1 import nlb_pb2, types_pb2
+from marchproxy_common.net.fdpass import FdPassError
+from marchproxy_common.net.handoff import HANDOFF_LABEL, MAX_FIRST_BYTES, ConnectionHandoff
 from marchproxy_common.net.listener import stop_serving
 from marchproxy_common.net.relay import Relay, RelayStats
 from marchproxy_common.net.udp import UdpRelay
@@ -63,6 +65,8 @@ from .routing import (
 _log = structlog.get_logger("marchproxy.nlb.traffic")
 
 P = types_pb2
+#: Seconds before a module's hand-over socket is tried again after a failure (relayed meanwhile).
+HANDOFF_RETRY_AFTER = 5.0
 # A sniffed protocol → the registered protocols that may take it, in order of preference.
 ACCEPTORS: dict[str, tuple[P.Protocol.ValueType, ...]] = {
     "http": (P.PROTOCOL_HTTP,),
@@ -133,6 +137,11 @@ class DataPlane:
         self._idle.set()
         self.failed_connections = 0
         self.retried_connections = 0
+        #: hand-over channels to co-located instances, by socket path; a path that failed is
+        #: not tried again before the time in ``_handoff_down``
+        self._handoffs: dict[str, ConnectionHandoff] = {}
+        self._handoff_down: dict[str, float] = {}
+        self.handed_off = 0
         self.autoscaler: Any = None
         self.inherited: dict[str, socket.socket] = {}
         # field -> value: from the last applied snapshot, and set by UpdateNLBConfig
@@ -208,6 +217,8 @@ class DataPlane:
             await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - loop.time()))
         for relay in list(self._relays):
             relay.abort("drain deadline")
+        for channel in self._handoffs.values():
+            await channel.close()
         await self.limits.close()
 
     # -- desired state -------------------------------------------------------------------------
@@ -420,9 +431,11 @@ class DataPlane:
                 self._refuse(conn, name, "connect_failed" if tried else "no_module")
                 return
             tried.add(inst.instance_id)
+            host, port = inst.address_for(ACCEPTORS.get(name, ()))
+            if await self._hand_off(conn, inst, version, name, port):
+                return
             relay = self._new_relay(inst, version, len(conn.sniffed))
             started = asyncio.get_running_loop().time()
-            host, port = inst.address_for(ACCEPTORS.get(name, ()))
             try:
                 await relay.connect_upstream(
                     host,
@@ -457,6 +470,45 @@ class DataPlane:
         relay.attach_downstream(conn.transport, buffered=bytes(conn.extra))
         if conn.eof:
             relay.downstream.eof_received()
+
+    async def _hand_off(
+        self, conn: Connection, inst: Instance, version: str | None, name: str, port: int
+    ) -> bool:
+        """Pass the client socket to ``inst`` when it is co-located and takes hand-overs (it
+        then talks to the client directly); False when it does not or the hand-over failed,
+        and the caller relays as usual."""
+        path = inst.labels.get(HANDOFF_LABEL)
+        if not path or not self.settings.nlb_module_handoff or conn.lost:
+            return False
+        first = bytes(conn.sniffed) + bytes(conn.extra)
+        loop = asyncio.get_running_loop()
+        if len(first) > MAX_FIRST_BYTES or self._handoff_down.get(path, 0.0) > loop.time():
+            return False
+        channel = self._handoffs.get(path)
+        if channel is None:
+            channel = self._handoffs[path] = ConnectionHandoff(path)
+        try:
+            async with asyncio.timeout(self.settings.nlb_connect_timeout):
+                await channel.send(
+                    conn.transport.get_extra_info("socket"),
+                    first_bytes=first,
+                    client=conn.peer,
+                    port=port,
+                )
+        except (OSError, FdPassError, TimeoutError) as exc:
+            self._handoff_down[path] = loop.time() + HANDOFF_RETRY_AFTER
+            self.metrics.child(self.metrics.handoffs, inst.module_id, "failed").inc()
+            _log.warning("handoff_failed", instance_id=inst.instance_id, path=path, error=repr(exc))
+            return False
+        self._handoff_down.pop(path, None)
+        self.handed_off += 1
+        inst.routed_total += 1
+        self.metrics.child(self.metrics.handoffs, inst.module_id, "ok").inc()
+        self.metrics.child(self.metrics.routed_connections, name, inst.module_id).inc()
+        self.metrics.child(self.metrics.bytes, "up").inc(len(first))
+        self._record_version(inst, version, failed=False)
+        conn.transport.abort()  # our descriptor only: the module holds the connection now
+        return True
 
     def _new_relay(self, inst: Instance, version: str | None, sniffed: int) -> Relay:
         def closed(stats: RelayStats) -> None:
