@@ -339,6 +339,18 @@ async def demo_traffic(stack: Stack) -> dict[str, Any]:
     raise SystemExit(f"devstack: no answer through the NLB at {url}: {last}")
 
 
+async def handed_over(stack: Stack) -> float:
+    """Connections the NLB handed to the ALB (nlb_handoffs_total) rather than relayed."""
+    url = f"http://127.0.0.1:{stack.ports['nlb_admin']}/metrics"
+    prefix = 'nlb_handoffs_total{module="alb",result="ok"} '
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http,
+        http.get(url) as r,
+    ):
+        text = await r.text()
+    return sum(float(x[len(prefix) :]) for x in text.splitlines() if x.startswith(prefix))
+
+
 async def demo_llm_through_nlb(stack: Stack) -> str:
     """A chat completion through the NLB (Host llm.localhost → AILB → demo upstream)."""
     url = f"http://127.0.0.1:{stack.ports['nlb_listener']}/v1/chat/completions"
@@ -425,6 +437,9 @@ async def main(check: bool, port_base: int | None = None) -> int:
         )
         await wait_http(stack, f"http://127.0.0.1:{ports['nlb_admin']}/healthz", "the NLB")
         for m in MODULES:
+            # the ALB runs next to the NLB: it takes its connections over (SCM_RIGHTS), so the
+            # NLB is not in the data path of HTTP traffic
+            handoff = str(RUN_DIR / f"{m}-{ports[f'{m}_data']}.sock") if m == "alb" else ""
             stack.spawn(
                 m,
                 f"marchproxy_{m}",
@@ -433,6 +448,7 @@ async def main(check: bool, port_base: int | None = None) -> int:
                     DATA_PORT=str(ports[f"{m}_data"]),
                     GRPC_PORT=str(ports[f"{m}_grpc"]),
                     ADMIN_PORT=str(ports[f"{m}_admin"]),
+                    HANDOFF_PATH=handoff,
                 ),
             )
         await wait_applied(stack, versions)
@@ -442,6 +458,8 @@ async def main(check: bool, port_base: int | None = None) -> int:
         if check:
             if answer.get("service") != "demo-http":
                 raise SystemExit(f"devstack: unexpected answer {answer}")
+            if not await handed_over(stack):
+                raise SystemExit("devstack: the NLB relayed HTTP instead of handing it over")
             print(f"LLM through the NLB: {await demo_llm_through_nlb(stack)}", flush=True)
             return 0
         stop = asyncio.Event()
