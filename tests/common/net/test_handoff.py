@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import uvloop
 
+from marchproxy_common.net.fdpass import FdPassError
 from marchproxy_common.net.handoff import ConnectionHandoff, HandoffReceiver
 from marchproxy_common.net.proxied import client_address, proxy_info
 from marchproxy_common.tasks import spawn
@@ -156,4 +157,31 @@ async def test_the_port_picks_the_listener_protocol() -> None:
             assert (receiver.adopted, receiver.errors) == (2, 1)
         finally:
             await handoff.close()
+            await receiver.close()
+
+
+async def test_a_channel_is_used_only_by_the_instance_it_expects() -> None:
+    """A path names a socket on the NLB's host: when another host's instance advertises the
+    same path, the module answering there is not it, and nothing is handed over."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "module.sock")
+        receiver = HandoffReceiver(path, ModuleEcho, identity=lambda: "alb-local")
+        await receiver.start()
+        other = ConnectionHandoff(path, expect="alb-elsewhere")
+        mine = ConnectionHandoff(path, expect="alb-local")
+        a, b = socket.socketpair()
+        try:
+            with pytest.raises(FdPassError, match="alb-local"):
+                await other.send(a, first_bytes=b"", client=("10.0.0.1", 1))
+            assert other.sent == 0
+            await mine.send(a, first_bytes=b"", client=("10.0.0.1", 1))
+            async with asyncio.timeout(10):
+                while receiver.adopted == 0:
+                    await asyncio.sleep(0.01)
+            assert mine.sent == 1 and receiver.errors == 0
+        finally:
+            a.close()
+            b.close()
+            await other.close()
+            await mine.close()
             await receiver.close()

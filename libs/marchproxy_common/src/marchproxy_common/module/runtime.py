@@ -185,7 +185,8 @@ class ModuleRuntime:
         if not found:
             _log.warning("handoff_unsupported", path=path, module_id=self.module_id)
             return
-        receiver = HandoffReceiver(path, found)
+        # greets each NLB channel with our (registered) instance id, which the NLB checks
+        receiver = HandoffReceiver(path, found, identity=lambda: self.instance_id)
         await receiver.start()
         self._handoff = receiver
         _log.info("handoff_listening", path=path, ports=sorted(found))

@@ -14,8 +14,11 @@ API (stable):
   ``transport.get_extra_info("socket")``. Before sending, pause reading on the transport and
   pass every byte read so far as ``first_bytes``; after ``send`` returns, drop the NLB's copy
   with ``transport.abort()`` (the connection stays open: the module holds the other
-  descriptor). ``await close()``.
-- Module side: ``HandoffReceiver(path, factories)`` with one protocol factory, or a mapping
+  descriptor). ``await close()``. With ``expect=ID`` the channel is used only when the module
+  that answers on ``path`` greets as instance ``ID`` (``FdPassError`` otherwise): a path names
+  a socket on the NLB's own host, and another host's instance may advertise the same path.
+- Module side: ``HandoffReceiver(path, factories, identity=...)`` (``identity``: a callable
+  returning the instance id it greets each new channel with) with one protocol factory, or a mapping
   from data port to factory (a connection for a port not listed is closed and counted in
   ``errors``); ``await start()`` / ``await close()``. Each adopted connection gets a fresh
   protocol, given the factory's protocol as a PROXY-protocol-aware listener would: the client
@@ -53,8 +56,9 @@ HANDOFF_LABEL: Final = "handoff_path"
 class ConnectionHandoff:
     """NLB side: one persistent channel to one module instance."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, expect: str | None = None) -> None:
         self.path = path
+        self.expect = expect
         self._conn: socket.socket | None = None
         self._lock = asyncio.Lock()
         self.sent = 0
@@ -65,6 +69,12 @@ class ConnectionHandoff:
         conn.setblocking(False)
         try:
             await loop.sock_connect(conn, self.path)
+            greeting, socks = await recv_sockets(conn)
+            for s in socks:
+                s.close()
+            instance = greeting.get("instance")
+            if self.expect is not None and instance != self.expect:
+                raise FdPassError(f"{self.path} is instance {instance!r}, not {self.expect!r}")
         except BaseException:
             conn.close()
             raise
@@ -111,10 +121,12 @@ class HandoffReceiver:
         path: str,
         factories: ProtocolFactory | Mapping[int, ProtocolFactory],
         *,
+        identity: Callable[[], str] = str,
         on_adopted: Callable[[asyncio.BaseTransport], None] | None = None,
     ) -> None:
         self.path = path
         self._factories = factories
+        self._identity = identity
         self._on_adopted = on_adopted
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -144,6 +156,10 @@ class HandoffReceiver:
 
     async def _channel(self, conn: socket.socket) -> None:
         try:
+            try:  # who answers on this path: the NLB checks it before sending a connection
+                await send_sockets(conn, [], {"instance": self._identity()})
+            except OSError:
+                return
             while True:
                 try:
                     meta, socks = await recv_sockets(conn)

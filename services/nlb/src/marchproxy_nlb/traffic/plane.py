@@ -25,6 +25,7 @@ from marchproxy_common.net.listener import stop_serving
 from marchproxy_common.net.relay import Relay, RelayStats
 from marchproxy_common.net.udp import UdpRelay
 from marchproxy_common.ratelimit import Decision
+from marchproxy_common.tasks import spawn
 from marchproxy_common.wire.proxy_protocol import build_v1, build_v2
 from marchproxy_common.wire.sniff import (
     HttpDetails,
@@ -137,10 +138,10 @@ class DataPlane:
         self._idle.set()
         self.failed_connections = 0
         self.retried_connections = 0
-        #: hand-over channels to co-located instances, by socket path; a path that failed is
-        #: not tried again before the time in ``_handoff_down``
-        self._handoffs: dict[str, ConnectionHandoff] = {}
-        self._handoff_down: dict[str, float] = {}
+        #: hand-over channels to co-located instances, by (socket path, instance id); one that
+        #: failed is not tried again before the time in ``_handoff_down``
+        self._handoffs: dict[tuple[str, str], ConnectionHandoff] = {}
+        self._handoff_down: dict[tuple[str, str], float] = {}
         self.handed_off = 0
         self.autoscaler: Any = None
         self.inherited: dict[str, socket.socket] = {}
@@ -480,13 +481,17 @@ class DataPlane:
         path = inst.labels.get(HANDOFF_LABEL)
         if not path or not self.settings.nlb_module_handoff or conn.lost:
             return False
+        key = (path, inst.instance_id)
         first = bytes(conn.sniffed) + bytes(conn.extra)
         loop = asyncio.get_running_loop()
-        if len(first) > MAX_FIRST_BYTES or self._handoff_down.get(path, 0.0) > loop.time():
+        if len(first) > MAX_FIRST_BYTES or self._handoff_down.get(key, 0.0) > loop.time():
             return False
-        channel = self._handoffs.get(path)
+        channel = self._handoffs.get(key)
         if channel is None:
-            channel = self._handoffs[path] = ConnectionHandoff(path)
+            self._forget_handoffs()
+            # the path is on our host: the module answering there must be this instance (another
+            # host's instance may advertise the same path)
+            channel = self._handoffs[key] = ConnectionHandoff(path, expect=inst.instance_id)
         try:
             async with asyncio.timeout(self.settings.nlb_connect_timeout):
                 await channel.send(
@@ -496,11 +501,11 @@ class DataPlane:
                     port=port,
                 )
         except (OSError, FdPassError, TimeoutError) as exc:
-            self._handoff_down[path] = loop.time() + HANDOFF_RETRY_AFTER
+            self._handoff_down[key] = loop.time() + HANDOFF_RETRY_AFTER
             self.metrics.child(self.metrics.handoffs, inst.module_id, "failed").inc()
             _log.warning("handoff_failed", instance_id=inst.instance_id, path=path, error=repr(exc))
             return False
-        self._handoff_down.pop(path, None)
+        self._handoff_down.pop(key, None)
         self.handed_off += 1
         inst.routed_total += 1
         self.metrics.child(self.metrics.handoffs, inst.module_id, "ok").inc()
@@ -509,6 +514,13 @@ class DataPlane:
         self._record_version(inst, version, failed=False)
         conn.transport.abort()  # our descriptor only: the module holds the connection now
         return True
+
+    def _forget_handoffs(self) -> None:
+        """Close the channels of instances that left the registry (restarted, removed)."""
+        live = {i.instance_id for i in self.registry.all()}
+        for key in [k for k in self._handoffs if k[1] not in live]:
+            self._handoff_down.pop(key, None)
+            spawn(self._handoffs.pop(key).close(), name=f"handoff-close {key[0]}")
 
     def _new_relay(self, inst: Instance, version: str | None, sniffed: int) -> Relay:
         def closed(stats: RelayStats) -> None:
