@@ -16,9 +16,9 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 API_KEY_HEADER = "x-cluster-api-key"
+REFLECTION_SERVICE = "grpc.reflection.v1alpha.ServerReflection"
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 # Services that answer without the cluster key: probes and discovery must work unauthenticated.
@@ -96,6 +96,30 @@ def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
     )
 
 
+class _LazyReflection(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """Server reflection, loaded on its first call: grpc_reflection pulls in protobuf's
+    descriptor_pb2 and its own protos (~4 MiB resident), which only ``grpcurl`` and the like
+    ever use."""
+
+    def __init__(self, service_names: tuple[str, ...]) -> None:
+        self._names = service_names
+        self._handler: grpc.RpcMethodHandler | None = None
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        if details.method != f"/{REFLECTION_SERVICE}/ServerReflectionInfo":
+            return None
+        if self._handler is None:
+            from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+            servicer = reflection.aio.ReflectionServicer(self._names)
+            self._handler = grpc.stream_stream_rpc_method_handler(
+                servicer.ServerReflectionInfo,
+                request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+            )
+        return self._handler
+
+
 class GrpcServer:
     """A grpc.aio server with auth, health and reflection; ``add`` servicers before ``start``."""
 
@@ -129,8 +153,8 @@ class GrpcServer:
         self._service_names.append(name)
 
     async def start(self, host: str, port: int, tls: TlsFiles | None = None) -> int:
-        names: Iterable[str] = (*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(tuple(names), self.server)
+        names: Iterable[str] = (*self._service_names, health.SERVICE_NAME, REFLECTION_SERVICE)
+        self.server.add_generic_rpc_handlers((_LazyReflection(tuple(names)),))
         addr = f"{host}:{port}"
         if tls is not None:
             self.port = self.server.add_secure_port(addr, server_credentials(tls))
