@@ -2,8 +2,10 @@
 
 Usage: uv run --frozen python benchmarks/dblb/bench_pgbench.py [--duration 15] [--pool-size 16]
 Runs `pgbench -S -c 16 -j 2 -T <duration>` and the same with `-C` (a new connection per
-transaction) against each pooler, then prints TPS and the DBLB/PgBouncer ratio. Needs the local
-Postgres on 127.0.0.1:5432 (trust) and /usr/sbin/pgbouncer. Never run in CI.
+transaction) against each pooler, then prints TPS, the DBLB/PgBouncer ratio and each pooler's
+CPU time per transaction (utime + stime of its processes from /proc, in microseconds): on a
+shared machine that is steadier than TPS. Needs the local Postgres on 127.0.0.1:5432 (trust)
+and /usr/sbin/pgbouncer. Never run in CI.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 PG = ["-h", "127.0.0.1", "-p", "5432", "-U", "postgres"]
@@ -48,7 +51,45 @@ def psql(sql: str, db: str = "test") -> None:
     subprocess.run(["psql", *PG, db, "-qc", sql], check=True, capture_output=True)
 
 
-def pgbench(port: int, db: str, duration: int, clients: int, reconnect: bool) -> float:
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` and its direct children (the DBLB's WORKERS), from /proc."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = task / "children"
+        if children.exists():
+            pids += [int(c) for c in children.read_text().split()]
+    ticks = 0
+    for p in pids:
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+        except FileNotFoundError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return ticks / _CLOCK_TICKS
+
+
+@dataclass
+class Run:
+    tps: float
+    xacts: int
+    cpu: float  # pooler CPU seconds during the run
+
+    @property
+    def cpu_us_per_xact(self) -> float:
+        return self.cpu / max(self.xacts, 1) * 1e6
+
+
+def measured(pid: int, port: int, db: str, args: argparse.Namespace, reconnect: bool) -> Run:
+    before = cpu_seconds(pid)
+    tps, xacts = pgbench(port, db, args.duration, args.clients, reconnect)
+    return Run(tps, xacts, cpu_seconds(pid) - before)
+
+
+def pgbench(port: int, db: str, duration: int, clients: int, reconnect: bool) -> tuple[float, int]:
     argv = ["pgbench", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-S", "-n"]
     argv += ["-c", str(clients), "-j", "2", "-T", str(duration)]
     if reconnect:
@@ -57,9 +98,10 @@ def pgbench(port: int, db: str, duration: int, clients: int, reconnect: bool) ->
     if out.returncode != 0:
         raise RuntimeError(out.stdout + out.stderr)
     m = re.search(r"tps = ([0-9.]+)", out.stdout)
-    if not m:
+    n = re.search(r"number of transactions actually processed: ([0-9]+)", out.stdout)
+    if not m or not n:
         raise RuntimeError(out.stdout)
-    return float(m.group(1))
+    return float(m.group(1)), int(n.group(1))
 
 
 def start_dblb(tmp: Path, db: str, pool_size: int) -> tuple[subprocess.Popen[bytes], int]:
@@ -134,6 +176,7 @@ def main() -> None:
     ap.add_argument(
         "--rounds", type=int, default=1, help="alternate DBLB/PgBouncer runs; report medians"
     )
+    ap.add_argument("--no-reconnect", action="store_true", help="skip the -C runs")
     args = ap.parse_args()
     db = f"mp_dblb_bench_{secrets.token_hex(4)}"
     psql(f"create database {db}")
@@ -151,18 +194,29 @@ def main() -> None:
                 f"pgbench -S -c {args.clients} -j 2 -T {args.duration}, transaction mode, "
                 f"pool size {args.pool_size}"
             )
-            print(f"{'run':<28}{'DBLB tps':>12}{'PgBouncer tps':>16}{'ratio':>8}")
+            print(
+                f"{'run':<28}{'DBLB tps':>10}{'PgB tps':>10}{'ratio':>7}"
+                f"{'DBLB us/xact':>14}{'PgB us/xact':>13}"
+            )
             loop = os.environ.get("MARCHPROXY_LOOP", "asyncio")
-            print(f"DBLB event loop: {loop}; {args.rounds} round(s), medians")
-            for reconnect in (False, True):
+            print(f"DBLB event loop: {loop}; {args.rounds} round(s), medians; us/xact is CPU")
+            for reconnect in (False, True) if not args.no_reconnect else (False,):
                 label = "-S -C (connect per xact)" if reconnect else "-S (persistent)"
-                ours_runs, theirs_runs = [], []
+                ours_runs: list[Run] = []
+                theirs_runs: list[Run] = []
                 for r in range(args.rounds):  # alternate who goes first: the box is shared
-                    pair = [(dblb_port, ours_runs), (bouncer_port, theirs_runs)]
-                    for port, runs in pair if r % 2 == 0 else reversed(pair):
-                        runs.append(pgbench(port, db, args.duration, args.clients, reconnect))
-                ours, theirs = statistics.median(ours_runs), statistics.median(theirs_runs)
-                print(f"{label:<28}{ours:>12.0f}{theirs:>16.0f}{ours / theirs:>8.2f}")
+                    pair = [(dblb, dblb_port, ours_runs), (bouncer, bouncer_port, theirs_runs)]
+                    for proc, port, runs in pair if r % 2 == 0 else reversed(pair):
+                        runs.append(measured(proc.pid, port, db, args, reconnect))
+                ours = statistics.median(x.tps for x in ours_runs)
+                theirs = statistics.median(x.tps for x in theirs_runs)
+                ours_cpu = statistics.median(x.cpu_us_per_xact for x in ours_runs)
+                theirs_cpu = statistics.median(x.cpu_us_per_xact for x in theirs_runs)
+                print(
+                    f"{label:<28}{ours:>10.0f}{theirs:>10.0f}{ours / theirs:>7.2f}"
+                    f"{ours_cpu:>14.1f}{theirs_cpu:>13.1f}",
+                    flush=True,
+                )
     finally:
         for proc in procs:
             stop(proc)
