@@ -54,39 +54,46 @@ def psql(sql: str, db: str = "test") -> None:
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` and its direct children (the DBLB's WORKERS), from /proc."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(utime, stime) of ``pid`` and its direct children (the DBLB's WORKERS), from /proc."""
     pids = [pid]
     for task in Path(f"/proc/{pid}/task").iterdir():
         children = task / "children"
         if children.exists():
             pids += [int(c) for c in children.read_text().split()]
-    ticks = 0
+    user = system = 0
     for p in pids:
         try:
             stat = Path(f"/proc/{p}/stat").read_text()
         except FileNotFoundError:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return ticks / _CLOCK_TICKS
+        user += int(fields[11])  # utime, stime: fields 14 and 15 of proc(5)
+        system += int(fields[12])
+    return user / _CLOCK_TICKS, system / _CLOCK_TICKS
 
 
 @dataclass
 class Run:
     tps: float
     xacts: int
-    cpu: float  # pooler CPU seconds during the run
+    user: float  # pooler CPU seconds during the run
+    system: float
 
     @property
     def cpu_us_per_xact(self) -> float:
-        return self.cpu / max(self.xacts, 1) * 1e6
+        return (self.user + self.system) / max(self.xacts, 1) * 1e6
+
+    @property
+    def sys_share(self) -> float:
+        return self.system / max(self.user + self.system, 1e-9)
 
 
 def measured(pid: int, port: int, db: str, args: argparse.Namespace, reconnect: bool) -> Run:
-    before = cpu_seconds(pid)
+    user, system = cpu_seconds(pid)
     tps, xacts = pgbench(port, db, args.duration, args.clients, reconnect)
-    return Run(tps, xacts, cpu_seconds(pid) - before)
+    user_after, system_after = cpu_seconds(pid)
+    return Run(tps, xacts, user_after - user, system_after - system)
 
 
 def pgbench(port: int, db: str, duration: int, clients: int, reconnect: bool) -> tuple[float, int]:
@@ -196,10 +203,13 @@ def main() -> None:
             )
             print(
                 f"{'run':<28}{'DBLB tps':>10}{'PgB tps':>10}{'ratio':>7}"
-                f"{'DBLB us/xact':>14}{'PgB us/xact':>13}"
+                f"{'DBLB us/xact':>14}{'PgB us/xact':>13}{'sys%':>11}"
             )
             loop = os.environ.get("MARCHPROXY_LOOP", "asyncio")
-            print(f"DBLB event loop: {loop}; {args.rounds} round(s), medians; us/xact is CPU")
+            print(
+                f"DBLB event loop: {loop}; {args.rounds} round(s), medians; us/xact is CPU "
+                "(user + system), sys% its system share (DBLB/PgB)"
+            )
             for reconnect in (False, True) if not args.no_reconnect else (False,):
                 label = "-S -C (connect per xact)" if reconnect else "-S (persistent)"
                 ours_runs: list[Run] = []
@@ -212,9 +222,11 @@ def main() -> None:
                 theirs = statistics.median(x.tps for x in theirs_runs)
                 ours_cpu = statistics.median(x.cpu_us_per_xact for x in ours_runs)
                 theirs_cpu = statistics.median(x.cpu_us_per_xact for x in theirs_runs)
+                ours_sys = statistics.median(x.sys_share for x in ours_runs) * 100
+                theirs_sys = statistics.median(x.sys_share for x in theirs_runs) * 100
                 print(
                     f"{label:<28}{ours:>10.0f}{theirs:>10.0f}{ours / theirs:>7.2f}"
-                    f"{ours_cpu:>14.1f}{theirs_cpu:>13.1f}",
+                    f"{ours_cpu:>14.1f}{theirs_cpu:>13.1f}{ours_sys:>6.0f}/{theirs_sys:<4.0f}",
                     flush=True,
                 )
     finally:

@@ -1,0 +1,118 @@
+"""The DBLB's own Python cost of one pgbench -S transaction, without sockets or a kernel.
+
+Usage: uv run --frozen python benchmarks/dblb/bench_xact_path.py [--clients 16] [--xacts 200000]
+Links ``--clients`` clients and a transaction-mode pool of as many servers over fake
+transports, then times the per-transaction path: the client's Query in (framing, server
+acquire, forward), the server's RowDescription/DataRow/CommandComplete/ReadyForQuery reply out
+(framing, relay, release at ReadyForQuery 'I'). Prints microseconds of CPU per transaction
+(median of ``--repeat`` runs). The send/recv syscalls and the event loop are not included:
+bench_pgbench.py measures the whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from typing import Any
+
+from marchproxy_common.wire.postgres import encoder as enc
+from marchproxy_dblb.config import DblbConfig, DblbSettings
+from marchproxy_dblb.frontends.postgres import PostgresClient
+from marchproxy_dblb.module import DblbHooks
+from marchproxy_dblb.pool import ServerConnection
+
+QUERY = enc.query("SELECT abalance FROM pgbench_accounts WHERE aid = 12345;")
+REPLY = (
+    enc.row_description([("abalance", 23)])
+    + enc.data_row([b"0"])
+    + enc.command_complete("SELECT 1")
+    + enc.ready_for_query(b"I")
+)
+
+
+class FakeTransport:
+    """Just enough of asyncio.Transport: counts what is written."""
+
+    def __init__(self) -> None:
+        self.written = 0
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+
+def setup(clients: int) -> list[PostgresClient]:
+    config = DblbConfig.model_validate(
+        {
+            "pool_mode": "transaction",
+            "default_pool_size": clients,
+            "databases": {"bench": {"host": "127.0.0.1", "port": 5432}},
+        }
+    )
+    hooks = DblbHooks(DblbSettings(register_with_nlb=False), config)
+    out = []
+    for _ in range(clients):
+        client = PostgresClient(hooks)
+        client.connection_made(FakeTransport())  # type: ignore[arg-type]
+        client.data_received(enc.startup_message({"user": "postgres", "database": "bench"}))
+        assert client.pool is not None
+        if len(client.pool.servers) < clients:
+            server = ServerConnection(client.pool)
+            server.connection_made(FakeTransport())  # type: ignore[arg-type]
+            server.state = "idle"
+            server.params = {"server_version": "16.0", "client_encoding": "UTF8"}
+            client.pool.servers.add(server)
+            client.pool.server_params = dict(server.params)
+            client.pool.release(server)
+        out.append(client)
+    return out
+
+
+def run(clients: list[PostgresClient], xacts: int) -> float:
+    """CPU seconds for ``xacts`` transactions, spread round robin over the clients."""
+    rounds = xacts // len(clients)
+    start = time.process_time()
+    for _ in range(rounds):
+        for client in clients:
+            client.data_received(QUERY)
+            server = client.server
+            assert server is not None
+            server.data_received(REPLY)
+    elapsed = time.process_time() - start
+    assert all(c.server is None for c in clients)
+    return elapsed
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--xacts", type=int, default=200_000)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    clients = setup(args.clients)
+    run(clients, 10_000)  # warm up
+    per_xact = [run(clients, args.xacts) / args.xacts * 1e6 for _ in range(args.repeat)]
+    print(
+        f"{statistics.median(per_xact):.2f} us CPU per transaction "
+        f"(median of {args.repeat}; min {min(per_xact):.2f}, max {max(per_xact):.2f})"
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
