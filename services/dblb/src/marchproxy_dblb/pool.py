@@ -15,6 +15,7 @@ import hmac
 import itertools
 import secrets
 import ssl
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -78,6 +79,10 @@ MAX_KNOWN_STATEMENTS = 100_000
 CANCEL_TIMEOUT = 5.0
 _Z = B_READY_FOR_QUERY
 _IDLE = ord("I")
+_D = ord("D")
+_HEADER = struct.Struct("!BI")  # type byte + int32 length that counts itself
+#: Server message types the relay must look at (the others are forwarded unread).
+_OBSERVED = frozenset({_Z, B_PARSE_COMPLETE, B_PARAMETER_STATUS, B_COMMAND_COMPLETE})
 
 
 class QueryFailed(Exception):
@@ -406,35 +411,62 @@ class ServerConnection(asyncio.Protocol):
         self.pool.stats.bytes_received += len(data)
         if self.special:
             out = self._relay_slow(self._decoder.feed_framed(data, full=True)[0])
-        else:
+        elif self._decoder.buffered:
             msgs, out = self._decoder.feed_framed(data)
-            expect = self.expect
             for m in msgs:
-                t = m.type
-                if t == _Z:
-                    self._ready(m)
-                    if expect:
-                        self._pop_through_sync()
-                elif t == B_PARSE_COMPLETE and expect:
-                    self._parse_complete()
-                elif t == B_PARAMETER_STATUS:
-                    name, value = parse_parameter_status(m.body)
-                    self.params[name] = value
-                    client.on_parameter_status(name, value)
-                elif t == B_COMMAND_COMPLETE and m.body[:1] == b"D":
-                    self._forget_statements(m.body)
+                if m.type in _OBSERVED:
+                    self._observe(m.type, m.body, 0, len(m.body))
+        else:
+            out = self._relay_whole(data)
         if out:
             client.write(out)
         if self.client is client and self.status == _IDLE and not self.in_flight():
             client.on_server_idle(self)
+
+    def _relay_whole(self, data: bytes) -> bytes:
+        """The common case, nothing buffered: walk the message headers of ``data`` in place
+        (no Message objects, no copies) and forward it whole. A partial or invalid message
+        at the end goes to the decoder, which buffers it or raises as it would have."""
+        n = len(data)
+        pos = 0
+        limit = self._decoder.max_message_len
+        while n - pos >= 5:
+            t, length = _HEADER.unpack_from(data, pos)
+            end = pos + 1 + length
+            if end > n or length < 4 or length - 4 > limit:
+                break
+            if t in _OBSERVED:
+                self._observe(t, data, pos + 5, end)
+            pos = end
+        if pos == n:
+            return data
+        self._decoder.feed(data[pos:])  # a partial message (buffered) or an error
+        return data[:pos]
+
+    def _observe(self, t: int, buf: bytes, start: int, end: int) -> None:
+        """A forwarded message of a type in ``_OBSERVED``; its body is ``buf[start:end]``."""
+        if t == _Z:
+            self._ready(buf[start] if end > start else _IDLE)
+            if self.expect:
+                self._pop_through_sync()
+        elif t == B_PARSE_COMPLETE:
+            if self.expect:
+                self._parse_complete()
+        elif t == B_PARAMETER_STATUS:
+            name, value = parse_parameter_status(buf[start:end])
+            self.params[name] = value
+            assert self.client is not None
+            self.client.on_parameter_status(name, value)
+        elif end > start and buf[start] == _D:  # CommandComplete "DISCARD ..."/"DEALLOCATE ..."
+            self._forget_statements(buf[start:end])
 
     def _forget_statements(self, tag: bytes) -> None:
         """SQL DISCARD ALL / DEALLOCATE ran on this server: our record of it is stale."""
         if tag.startswith((b"DISCARD", b"DEALLOCATE")):
             self.prepared.clear()
 
-    def _ready(self, m: Message) -> None:
-        self.status = m.body[0] if m.body else _IDLE
+    def _ready(self, status: int) -> None:
+        self.status = status
         if self.outstanding:
             self.outstanding -= 1
             if self.outstanding == 0:
@@ -485,7 +517,7 @@ class ServerConnection(asyncio.Protocol):
                     out.append(m.raw)
                 self._emit_fakes(out)
             elif t == _Z:
-                self._ready(m)
+                self._ready(m.body[0] if m.body else _IDLE)
                 self._pop_through_sync()
                 out.append(m.raw)
                 self._emit_fakes(out)
