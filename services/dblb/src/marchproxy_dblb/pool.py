@@ -670,6 +670,8 @@ class Pool:
     #: since when the janitor has seen this pool empty (no clients, waiters or busy servers)
     empty_since: float | None = None
     welcome_cache: dict[tuple[tuple[str, str], ...], bytes] = field(default_factory=dict)
+    #: PoolManager.has_replicas' answer for this pool, and the config it holds for
+    replicas_known: tuple[DblbConfig, bool] | None = None
 
     @property
     def name(self) -> str:
@@ -1144,8 +1146,15 @@ class PoolManager:
         self._secrets.pop((database, user), None)
 
     def has_replicas(self, pool: Pool) -> bool:
+        """Whether ``pool``'s database has replicas (asked for every transaction: cached per
+        config, which is immutable and replaced whole by apply())."""
+        cached = pool.replicas_known
+        if cached is not None and cached[0] is self.config:
+            return cached[1]
         resolved = self.config.database(pool.database)
-        return resolved is not None and bool(resolved[0].replicas)
+        answer = resolved is not None and bool(resolved[0].replicas)
+        pool.replicas_known = (self.config, answer)
+        return answer
 
     def all_pools(self) -> list[Pool]:
         """The pools in force (SHOW POOLS, metrics); retired ones are in ``retired``."""

@@ -76,6 +76,7 @@ _S = ord("S")
 #: Close target for a client's Close of a renamed statement: it never exists on a server
 #: ("It is not an error to issue Close against a nonexistent statement", protocol docs 55.7).
 _NEVER_PREPARED = b"mp_closed"
+_DEALLOCATE_START = re.compile(rb"\s*DEALLOCATE\b", re.I)
 _DEALLOCATE = re.compile(rb"^\s*DEALLOCATE\s+(PREPARE\s+)?(\"?[A-Za-z0-9_$]+\"?)\s*;?\s*$", re.I)
 #: Seconds a client has to finish the TLS handshake after its SSLRequest.
 TLS_HANDSHAKE_TIMEOUT = 10.0
@@ -516,6 +517,7 @@ class PostgresClient(asyncio.Protocol):
         if (
             self.pool.mode == "transaction"
             and self.pending
+            and self.manager.has_replicas(self.pool)
             and _wants_replica(self.pending[0], after_begin=self._deferred_begin is not None)
         ):
             self._replica_turn += 1
@@ -548,9 +550,9 @@ class PostgresClient(asyncio.Protocol):
         transaction read-only (``SET TRANSACTION READ ONLY``), so answer BEGIN here and send it
         (its reply swallowed) with that statement to the server it picks."""
         pool = self.pool
-        if pool is None or pool.mode != "transaction" or _BARE_BEGIN.match(m.body) is None:
+        if pool is None or pool.mode != "transaction" or not self.manager.has_replicas(pool):
             return False
-        if not self.manager.has_replicas(pool):
+        if _BARE_BEGIN.match(m.body) is None:
             return False
         self._deferred_begin = m.raw
         self.write(enc.command_complete("BEGIN") + enc.ready_for_query(b"T"))
@@ -584,6 +586,8 @@ class PostgresClient(asyncio.Protocol):
         a statement the servers know under another name: forget it here and answer ourselves.
         """
         if self.pool is None or self.pool.mode != "transaction":
+            return False
+        if _DEALLOCATE_START.match(m.body) is None:  # cheap: no copy of the query text
             return False
         match = _DEALLOCATE.match(m.body.rstrip(b"\x00"))
         if match is None:
