@@ -66,20 +66,22 @@ def setup(clients: int) -> list[PostgresClient]:
         }
     )
     hooks = DblbHooks(DblbSettings(register_with_nlb=False), config)
+    pool = hooks.manager.pool_for("bench", "postgres", {})
+    assert pool is not None
+    for _ in range(clients):  # idle servers first: nothing connects anywhere
+        server = ServerConnection(pool)
+        server.connection_made(FakeTransport())  # type: ignore[arg-type]
+        server.state = "idle"
+        server.params = {"server_version": "16.0", "client_encoding": "UTF8"}
+        pool.servers.add(server)
+        pool.server_params = dict(server.params)
+        pool.release(server)
     out = []
     for _ in range(clients):
         client = PostgresClient(hooks)
         client.connection_made(FakeTransport())  # type: ignore[arg-type]
         client.data_received(enc.startup_message({"user": "postgres", "database": "bench"}))
-        assert client.pool is not None
-        if len(client.pool.servers) < clients:
-            server = ServerConnection(client.pool)
-            server.connection_made(FakeTransport())  # type: ignore[arg-type]
-            server.state = "idle"
-            server.params = {"server_version": "16.0", "client_encoding": "UTF8"}
-            client.pool.servers.add(server)
-            client.pool.server_params = dict(server.params)
-            client.pool.release(server)
+        assert client.state == "ready"
         out.append(client)
     return out
 
