@@ -12,6 +12,7 @@ import itertools
 import re
 import secrets
 import ssl
+import struct
 import time
 from typing import TYPE_CHECKING, cast
 
@@ -21,6 +22,7 @@ from marchproxy_common.tasks import spawn
 from marchproxy_common.wire.postgres import (
     MAX_AUTH_MESSAGE,
     CancelRequest,
+    DecoderState,
     FrontendDecoder,
     GSSENCRequest,
     Message,
@@ -73,6 +75,8 @@ if TYPE_CHECKING:
 _log = structlog.get_logger("marchproxy.dblb.client")
 _client_ids = itertools.count(1)
 _S = ord("S")
+_HEADER = struct.Struct("!BI")  # type byte + int32 length that counts itself
+_MESSAGES = DecoderState.MESSAGES
 #: Close target for a client's Close of a renamed statement: it never exists on a server
 #: ("It is not an error to issue Close against a nonexistent statement", protocol docs 55.7).
 _NEVER_PREPARED = b"mp_closed"
@@ -92,6 +96,8 @@ class PostgresClient(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         # strict: clear-text bytes sent along with an SSLRequest/GSSENCRequest are refused
         self.decoder = FrontendDecoder(max_message_len=MAX_AUTH_MESSAGE, strict_negotiation=True)
+        #: the decoder holds no partial message (known after a read it framed whole)
+        self._decoder_empty = False
         self.state = "startup"  # startup | auth | welcome | ready | admin | closed
         self.closed = False
         self.user = ""
@@ -198,9 +204,15 @@ class PostgresClient(asyncio.Protocol):
             return
         try:
             if self.state == "ready":
-                msgs, raw = self.decoder.feed_messages(data)
-                if not msgs:
-                    return
+                msgs = self._whole_query(data)
+                raw = data
+                if msgs is None:
+                    msgs, raw = self.decoder.feed_messages(data)
+                    # the decoder hands back ``data`` itself only when it framed all of it
+                    # and holds nothing over: then the next read may skip it (_whole_query)
+                    self._decoder_empty = raw is data and self.decoder.state is _MESSAGES
+                    if not msgs:
+                        return
                 if self.server is not None:
                     self._forward(msgs, raw)
                 else:
@@ -214,6 +226,16 @@ class PostgresClient(asyncio.Protocol):
             _log.info("client_protocol_error", client=self.id, error=exc.message)
             self.hooks.protocol_errors += 1
             self.fail(exc.sqlstate, exc.message)
+
+    def _whole_query(self, data: bytes) -> list[Message] | None:
+        """``data`` as one complete Query while the decoder holds nothing (the common case of
+        simple-protocol clients), framed without the decoder's general path; None: not that."""
+        if not self._decoder_empty or len(data) < 5 or data[0] != F_QUERY:
+            return None
+        _, length = _HEADER.unpack_from(data, 0)
+        if length + 1 != len(data) or length - 4 > self.decoder.max_message_len:
+            return None
+        return [Message(F_QUERY, data[5:], length - 4)]
 
     def eof_received(self) -> bool | None:
         return None
