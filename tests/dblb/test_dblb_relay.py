@@ -1,7 +1,7 @@
-"""The server -> client relay in transaction mode, over fake transports (no loop, no sockets):
-whatever way a reply is cut into reads, the client gets its exact bytes, what the relay
-observes (ReadyForQuery, ParameterStatus, DISCARD) is applied, and the server goes back to the
-pool at the last ReadyForQuery, not before."""
+"""The relay in transaction mode, over fake transports (no loop, no sockets): whatever way a
+reply is cut into reads, the client gets its exact bytes, what the relay observes
+(ReadyForQuery, ParameterStatus, DISCARD) is applied, and the server goes back to the pool at
+the last ReadyForQuery, not before; whatever way queries are cut, the server gets them whole."""
 
 from __future__ import annotations
 
@@ -42,10 +42,16 @@ class FakeTransport:
         return ("127.0.0.1", 40000) if name == "peername" else default
 
 
-def _linked_pair() -> tuple[PostgresClient, ServerConnection, FakeTransport, FakeTransport]:
+def _linked_pair(
+    **config_kw: Any,
+) -> tuple[PostgresClient, ServerConnection, FakeTransport, FakeTransport]:
     """A ready client of a transaction-mode pool with one idle server (not linked yet)."""
     config = DblbConfig.model_validate(
-        {"pool_mode": "transaction", "databases": {"db": {"host": "127.0.0.1", "port": 5432}}}
+        {
+            "pool_mode": "transaction",
+            "databases": {"db": {"host": "127.0.0.1", "port": 5432}},
+            **config_kw,
+        }
     )
     hooks = DblbHooks(DblbSettings(register_with_nlb=False), config)
     pool = hooks.manager.pool_for("db", "alice", {})
@@ -127,3 +133,33 @@ def test_an_invalid_message_length_closes_the_server_and_forwards_nothing() -> N
     server.data_received(SELECT_REPLY + b"Z\x00\x00\x00\x02")
     assert server_side.closed
     assert not client_side.data
+
+
+QUERIES = [enc.query("SELECT 1"), enc.query("SELECT 'a longer one' || repeat('x', 100)")]
+
+
+@given(
+    st.lists(st.sampled_from(QUERIES), min_size=1, max_size=4),
+    st.lists(st.integers(min_value=0, max_value=400), max_size=6),
+)
+def test_queries_cut_anywhere_reach_the_server_whole(queries: list[bytes], cuts: list[int]) -> None:
+    client, server, client_side, server_side = _linked_pair()
+    stream = b"".join(queries)
+    bounds = sorted({0, *(c for c in cuts if c < len(stream)), len(stream)})
+    for start, end in itertools.pairwise(bounds):
+        client.data_received(stream[start:end])
+        assert len(server_side.data) <= end
+    assert bytes(server_side.data) == stream
+    assert server.outstanding == len(queries)
+    assert not client_side.closed
+
+
+def test_a_whole_query_over_max_packet_size_is_refused_after_a_clean_read() -> None:
+    client, server, client_side, server_side = _linked_pair(max_packet_size=1024)
+    client.data_received(enc.query("SELECT 1"))  # the decoder is known to hold nothing now
+    server.data_received(enc.command_complete("SELECT 1") + enc.ready_for_query(b"I"))
+    server_side.data.clear()
+    client.data_received(enc.query("SELECT '" + "x" * 2000 + "'"))
+    assert client_side.closed
+    assert b"08P01" in client_side.data
+    assert not server_side.data
