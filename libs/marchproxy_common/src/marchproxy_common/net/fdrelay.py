@@ -1,0 +1,375 @@
+"""Byte relay between pairs of connected TCP sockets on an edge-triggered epoll of its own.
+
+A relay built from asyncio transports (``net.relay``) spends most of a short connection's CPU
+in asyncio's machinery rather than in the kernel: a transport, a protocol and their callbacks
+per side, a task and futures per connect, a selector update per pause and resume. Here one
+``select.epoll`` per event loop is polled from the loop (``loop.add_reader`` on the epoll's
+descriptor), both sockets of a pair are registered once, edge-triggered, and an event costs one
+dict lookup and the ``recv``/``send`` calls themselves. Linux only (epoll).
+
+API (stable):
+
+- ``FdRelayEngine(loop)``; ``close()`` closes every pair and the epoll.
+- ``await engine.connect(host, port, *, connect_timeout) -> socket`` connects a non-blocking
+  TCP socket (TCP_NODELAY; a host name is resolved first) and returns it connected; ``OSError``
+  or ``TimeoutError`` otherwise (the socket is closed then). Until ``join`` it is the caller's.
+- ``engine.join(client, upstream, *, first=b"", client_eof=False, idle_timeout=None,
+  on_close=None) -> FdRelay`` takes both sockets (they are the engine's from now on), writes
+  ``first`` to ``upstream`` before anything read from ``client``, and relays both ways.
+  ``client_eof``: the client already half-closed (passed on after ``first``).
+- ``detach(transport) -> socket``: a duplicate of an accepted asyncio transport's socket, the
+  transport itself aborted (only our descriptor closes; the connection stays open). The
+  transport must be paused and must not have written anything.
+- ``FdRelay``: ``bytes_up`` (read from the client, ``first`` not included), ``bytes_down``,
+  ``stats()``, ``closed``, ``close(reason)`` (FIN) and ``abort(reason)`` (RST);
+  ``on_close(relay)`` runs once when the pair is gone (maybe inside ``join``, when a socket
+  failed at once); ``relay.stats().reason`` is ``"eof"``, ``"idle"``, ``"error"`` or the one
+  given.
+
+Flow control: a side is read only while nothing is waiting to be written to its peer. A
+``send`` that takes part of a chunk keeps the rest (at most one read, ``CHUNK`` bytes, per
+direction) and asks epoll for writability; reading that direction resumes once it is written,
+so a slow reader holds the sender in the kernel's buffers, not in ours. Half-close: EOF from a
+side is passed on with ``shutdown(SHUT_WR)`` once its bytes are written; the pair closes when
+both directions saw EOF. Idle timeout: one timer per engine checks every quarter of the
+shortest timeout which pairs saw no bytes for their whole timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import select
+import socket
+import struct
+import time
+from collections.abc import Callable
+from typing import Final
+
+from marchproxy_common.net.relay import IDLE_CHECKS_PER_TIMEOUT, RelayStats
+
+__all__ = ["CHUNK", "FdRelay", "FdRelayEngine", "detach"]
+
+CHUNK: Final = 256 * 1024  # one read; also the most a direction holds in user space
+_IN: Final = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+_HUP: Final = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_IN_OUT: Final = _IN | select.EPOLLOUT
+_CONNECTING: Final = select.EPOLLOUT | select.EPOLLET
+_MAX_EVENTS: Final = 1024
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)
+
+
+def detach(transport: asyncio.Transport) -> socket.socket:
+    """Our own descriptor of an accepted transport's connection; the transport is aborted."""
+    ts = transport.get_extra_info("socket")
+    sock = socket.socket(ts.family, socket.SOCK_STREAM, 0, socket.dup(ts.fileno()))
+    sock.setblocking(False)
+    transport.abort()
+    return sock
+
+
+class _Side:
+    __slots__ = ("eof", "fd", "hup", "out", "peer", "relay", "sock")
+
+    def __init__(self, relay: FdRelay, sock: socket.socket) -> None:
+        self.relay = relay
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer: _Side = self
+        self.out: memoryview | None = None  # read from the peer, not yet written here
+        self.eof = False  # this side sent EOF (read)
+        self.hup = False  # epoll said it did (or failed): read until recv says so
+
+
+class FdRelay:
+    __slots__ = (
+        "_engine",
+        "_on_close",
+        "_reason",
+        "_started",
+        "bytes_down",
+        "bytes_up",
+        "client",
+        "idle_timeout",
+        "last_active",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        engine: FdRelayEngine,
+        client: socket.socket,
+        upstream: socket.socket,
+        idle_timeout: float | None,
+        on_close: Callable[[FdRelay], None] | None,
+    ) -> None:
+        self._engine = engine
+        self.client = _Side(self, client)
+        self.upstream = _Side(self, upstream)
+        self.client.peer, self.upstream.peer = self.upstream, self.client
+        self.idle_timeout = idle_timeout
+        self._on_close = on_close
+        self._reason: str | None = None
+        self._started = time.monotonic()
+        self.last_active = engine._loop.time()
+        self.bytes_up = 0
+        self.bytes_down = 0
+
+    @property
+    def closed(self) -> bool:
+        return self._reason is not None
+
+    def stats(self) -> RelayStats:
+        duration = time.monotonic() - self._started
+        return RelayStats(self.bytes_up, self.bytes_down, duration, self._reason or "open")
+
+    def close(self, reason: str = "closed") -> None:
+        self._engine._finish(self, reason, reset=False)
+
+    def abort(self, reason: str = "aborted") -> None:
+        self._engine._finish(self, reason, reset=True)
+
+
+class FdRelayEngine:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop or asyncio.get_running_loop()
+        self._epoll = select.epoll()
+        self._sides: dict[int, _Side] = {}
+        self._connecting: dict[int, asyncio.Future[None]] = {}
+        self.relays: set[FdRelay] = set()
+        self.now = self._loop.time()
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self._idle_every = 0.0
+        self._loop.add_reader(self._epoll.fileno(), self._poll)
+
+    # -- public
+    async def connect(self, host: str, port: int, *, connect_timeout: float) -> socket.socket:
+        async with asyncio.timeout(connect_timeout):
+            try:
+                ip = ipaddress.ip_address(host)
+                targets = [(socket.AF_INET if ip.version == 4 else socket.AF_INET6, host)]
+            except ValueError:
+                infos = await self._loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                targets = [
+                    (fam, str(addr[0]))
+                    for fam, _, _, _, addr in infos
+                    if fam in (socket.AF_INET, socket.AF_INET6)
+                ]
+            last: OSError = OSError(errno.EADDRNOTAVAIL, f"could not resolve {host}")
+            for family, address in targets:
+                try:
+                    return await self._connect_one(family, address, port)
+                except OSError as exc:
+                    last = exc
+            raise last
+
+    def join(
+        self,
+        client: socket.socket,
+        upstream: socket.socket,
+        *,
+        first: bytes = b"",
+        client_eof: bool = False,
+        idle_timeout: float | None = None,
+        on_close: Callable[[FdRelay], None] | None = None,
+    ) -> FdRelay:
+        relay = FdRelay(self, client, upstream, idle_timeout, on_close)
+        self.relays.add(relay)
+        c, u = relay.client, relay.upstream
+        self._sides[c.fd] = c
+        self._sides[u.fd] = u
+        try:
+            self._epoll.register(c.fd, _IN)
+            self._epoll.register(u.fd, _IN)
+        except OSError:
+            relay.abort("error")
+            return relay
+        c.eof = client_eof
+        if (not first or self._write(u, first)) and client_eof:
+            self._pass_eof(c)  # else once ``first`` is written (_flush)
+        if idle_timeout:
+            self._watch_idle(idle_timeout)
+        return relay
+
+    def close(self) -> None:
+        for relay in list(self.relays):
+            relay.abort("closed")
+        for fut in self._connecting.values():
+            if not fut.done():
+                fut.set_exception(ConnectionAbortedError("relay engine closed"))
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        if not self._epoll.closed:
+            self._loop.remove_reader(self._epoll.fileno())
+            self._epoll.close()
+
+    # -- connect
+    async def _connect_one(self, family: int, host: str, port: int) -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        fd = sock.fileno()
+        registered = False
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            err = sock.connect_ex((host, port))
+            if err == errno.EINPROGRESS:
+                fut = self._loop.create_future()
+                self._connecting[fd] = fut
+                self._epoll.register(fd, _CONNECTING)
+                registered = True
+                await fut
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, f"connect to {host}:{port}: {errno.errorcode.get(err, err)}")
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            self._connecting.pop(fd, None)
+            if registered and not self._epoll.closed:
+                with contextlib.suppress(OSError):  # closed above: already gone
+                    self._epoll.unregister(fd)
+        return sock
+
+    # -- events
+    def _poll(self) -> None:
+        self.now = self._loop.time()
+        sides = self._sides
+        try:
+            events = self._epoll.poll(0, _MAX_EVENTS)
+        except InterruptedError:
+            return
+        for fd, ev in events:
+            side = sides.get(fd)
+            if side is None:
+                fut = self._connecting.get(fd)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+                continue
+            if ev & _HUP:
+                side.hup = True  # edge-triggered: this is said once, maybe while paused
+            if ev & select.EPOLLOUT and side.out is not None:
+                self._flush(side)
+            if ev & ~select.EPOLLOUT and side.relay._reason is None:
+                self._read(side)
+
+    def _read(self, src: _Side) -> None:
+        dst = src.peer
+        if dst.out is not None or src.eof:
+            return  # paused until dst takes what it has (then _flush reads on)
+        relay = src.relay
+        relay.last_active = self.now
+        while True:
+            try:
+                data = src.sock.recv(CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                relay.abort("error")
+                return
+            if not data:
+                src.eof = True
+                self._pass_eof(src)
+                return
+            if src is relay.client:
+                relay.bytes_up += len(data)
+            else:
+                relay.bytes_down += len(data)
+            if not self._write(dst, data):
+                return  # paused (or failed)
+            if len(data) < CHUNK and not src.hup:
+                return  # drained: a short read empties the socket; new bytes raise an event
+
+    def _write(self, dst: _Side, data: bytes | memoryview) -> bool:
+        """Send to ``dst``; keep what it did not take. True when all of it went."""
+        try:
+            sent = dst.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            dst.relay.abort("error")
+            return False
+        if sent == len(data):
+            return True
+        dst.out = memoryview(data)[sent:]
+        try:
+            self._epoll.modify(dst.fd, _IN_OUT)
+        except OSError:
+            dst.relay.abort("error")
+        return False
+
+    def _flush(self, dst: _Side) -> None:
+        out = dst.out
+        assert out is not None
+        dst.out = None
+        dst.relay.last_active = self.now
+        if not self._write(dst, out):
+            return
+        try:
+            self._epoll.modify(dst.fd, _IN)
+        except OSError:
+            dst.relay.abort("error")
+            return
+        src = dst.peer
+        if src.eof:
+            self._pass_eof(src)
+        else:
+            self._read(src)  # edge-triggered: what arrived while paused raised no new event
+
+    def _pass_eof(self, src: _Side) -> None:
+        dst = src.peer
+        if dst.out is not None:
+            return  # after its bytes (_flush)
+        if dst.eof:
+            self._finish(src.relay, "eof", reset=False)
+            return
+        try:
+            dst.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._finish(src.relay, "error", reset=False)
+
+    def _finish(self, relay: FdRelay, reason: str, *, reset: bool) -> None:
+        if relay._reason is not None:
+            return
+        relay._reason = reason
+        self.relays.discard(relay)
+        for side in (relay.client, relay.upstream):
+            self._sides.pop(side.fd, None)
+            side.out = None
+            with contextlib.suppress(OSError):
+                self._epoll.unregister(side.fd)
+            if reset:
+                with contextlib.suppress(OSError):
+                    side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            side.sock.close()
+        if relay._on_close is not None:
+            relay._on_close(relay)
+
+    # -- idle
+    def _watch_idle(self, timeout: float) -> None:
+        every = timeout / IDLE_CHECKS_PER_TIMEOUT
+        if self._idle_handle is not None and every >= self._idle_every:
+            return
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+        self._idle_every = every
+        self._idle_handle = self._loop.call_later(every, self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._idle_handle = None
+        now = self.now = self._loop.time()
+        shortest = 0.0
+        for relay in list(self.relays):
+            timeout = relay.idle_timeout
+            if not timeout:
+                continue
+            if now - relay.last_active >= timeout:
+                relay.close("idle")
+            elif not shortest or timeout < shortest:
+                shortest = timeout
+        if shortest:
+            self._idle_every = shortest / IDLE_CHECKS_PER_TIMEOUT
+            self._idle_handle = self._loop.call_later(self._idle_every, self._check_idle)

@@ -1,0 +1,318 @@
+"""The fd relay engine between real sockets: byte-exact bulk both ways, flow control,
+half-close, first bytes, idle timeout, reset, connect failures (stdlib loop and uvloop)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import uvloop
+
+from marchproxy_common.net.fdrelay import CHUNK, FdRelay, FdRelayEngine, detach
+from marchproxy_common.tasks import spawn
+from tests.common.net.test_relay import BLOCKS, recv_all, send_bulk
+
+
+def run(kind: str, coro: Callable[[], Coroutine[Any, Any, None]], timeout: float = 60) -> None:
+    factory = uvloop.new_event_loop if kind == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(asyncio.wait_for(coro(), timeout))
+
+
+@dataclass
+class Front:
+    """As the NLB does it: accept with asyncio, read the first bytes, connect through the
+    engine, then both sockets to the engine with the first bytes in front."""
+
+    engine: FdRelayEngine
+    upstream_port: int
+    first: bytes = b""
+    idle_timeout: float | None = None
+    relays: list[FdRelay] = field(default_factory=list)
+    closed: list[FdRelay] = field(default_factory=list)
+    port: int = 0
+    server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: _Accepted(self), "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        self.engine.close()
+        await self.server.wait_closed()
+
+
+class _Accepted(asyncio.Protocol):
+    def __init__(self, front: Front) -> None:
+        self.front = front
+        self.early = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.transport.pause_reading()
+        spawn(self._connect(), name="test-fdrelay-connect")
+
+    def data_received(self, data: bytes) -> None:
+        self.early += data  # uvloop reads once past a pause made in connection_made
+        self.transport.pause_reading()
+
+    async def _connect(self) -> None:
+        f = self.front
+        upstream = await f.engine.connect("127.0.0.1", f.upstream_port, connect_timeout=5)
+        relay = f.engine.join(
+            detach(self.transport),
+            upstream,
+            first=f.first + self.early,
+            idle_timeout=f.idle_timeout,
+            on_close=f.closed.append,
+        )
+        f.relays.append(relay)
+
+
+async def with_front(
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    body: Callable[[Front], Awaitable[None]],
+    **options: Any,
+) -> None:
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await handler(reader, writer)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0, limit=1 << 20)
+    front = Front(FdRelayEngine(), server.sockets[0].getsockname()[1], **options)
+    await front.start()
+    try:
+        await body(front)
+    finally:
+        await front.stop()
+        server.close()
+        await server.wait_closed()
+
+
+async def wait_for(cond: Callable[[], bool], limit: float = 20.0) -> None:
+    async with asyncio.timeout(limit):
+        while not cond():
+            await asyncio.sleep(0.005)
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_bulk_both_ways_at_once_is_byte_exact(loop_kind: str) -> None:
+    """48 MiB each way at the same time, with the header in front and EOF passed on."""
+    size = 48 << 20
+    header = b"HEADER\r\n"
+
+    async def echo_with_hash(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert await reader.readexactly(len(header)) == header
+        h = hashlib.sha256()
+        while chunk := await reader.read(1 << 20):
+            h.update(chunk)
+            writer.write(chunk)
+            await writer.drain()
+        writer.write(h.hexdigest().encode())
+        writer.write_eof()
+
+    async def receive(reader: asyncio.StreamReader) -> bytes:
+        data = bytearray()
+        while chunk := await reader.read(1 << 20):
+            data += chunk
+        return bytes(data)
+
+    async def body(front: Front) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", front.port)
+        sent, got = await asyncio.gather(send_bulk(writer, size), receive(reader))
+        writer.close()
+        assert len(got) == size + 64  # the echo, then the upstream's hash of what it got
+        assert got[size:].decode() == sent  # client -> upstream exact
+        assert hashlib.sha256(got[:size]).hexdigest() == sent  # and back
+        await wait_for(lambda: len(front.closed) == 1)
+        relay = front.closed[0]
+        assert relay.stats().reason == "eof"
+        assert (relay.bytes_up, relay.bytes_down) == (size, size + 64)
+
+    async def main() -> None:
+        await with_front(echo_with_hash, body, first=header)
+
+    run(loop_kind, main, timeout=120)
+
+
+async def test_what_goes_through_is_exact() -> None:
+    size = 12 << 20
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got, n = await recv_all(reader)
+        writer.write(f"{got} {n}".encode())
+        writer.write_eof()
+
+    async def body(front: Front) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", front.port)
+        sent = await send_bulk(writer, size)
+        assert await reader.read() == f"{sent} {size}".encode()
+        writer.close()
+
+    await with_front(sink, body)
+
+
+async def test_slow_reader_holds_the_sender_not_the_relay() -> None:
+    """The client reads nothing: the relay keeps at most one read, and the upstream's writer
+    is the one that fills up (the kernel buffers between are finite)."""
+    stuck = asyncio.Event()
+    total = 64 << 20
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sent = 0
+        while sent < total:
+            writer.write(BLOCKS[0])
+            sent += len(BLOCKS[0])
+            try:
+                await asyncio.wait_for(writer.drain(), 1.0)
+            except TimeoutError:
+                stuck.set()  # the relay stopped reading from us
+                await writer.drain()
+        writer.write_eof()
+
+    async def body(front: Front) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", front.port)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        await asyncio.wait_for(stuck.wait(), 20)
+        relay = front.relays[0]
+        out = relay.client.out
+        assert out is not None and len(out) <= CHUNK  # one read waiting, no more
+        assert relay.bytes_down < total // 2
+        _, n = await recv_all(reader)  # now read it all: everything arrives
+        assert n == total
+        writer.close()
+
+    await with_front(flood, body)
+
+
+@pytest.mark.parametrize("first", ["client", "server"])
+async def test_half_close_keeps_the_other_direction(first: str) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if first == "server":
+            writer.write(b"server done")
+            writer.write_eof()
+            data = await reader.read()
+            assert data == b"client still talking"
+        else:
+            data = await reader.read()  # the client's EOF came through
+            writer.write(b"got " + data)
+            writer.write_eof()
+
+    async def body(front: Front) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", front.port)
+        if first == "server":
+            assert await reader.read() == b"server done"
+            writer.write(b"client still talking")
+            writer.write_eof()
+        else:
+            writer.write(b"request")
+            writer.write_eof()
+            assert await reader.read() == b"got request"
+        await wait_for(lambda: len(front.closed) == 1)
+        assert front.closed[0].stats().reason == "eof"
+        writer.close()
+
+    await with_front(handler, body)
+
+
+async def test_client_eof_before_the_join_follows_the_first_bytes() -> None:
+    loop = asyncio.get_running_loop()
+    engine = FdRelayEngine(loop)
+    got: list[bytes] = []
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got.append(await reader.read())  # ends at the EOF the engine passes on
+        writer.write(b"bye")
+        writer.close()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    a, b = socket.socketpair()
+    try:
+        b.shutdown(socket.SHUT_WR)  # the client already said EOF
+        up = await engine.connect(
+            "127.0.0.1", server.sockets[0].getsockname()[1], connect_timeout=5
+        )
+        a.setblocking(False)
+        relay = engine.join(a, up, first=b"sniffed bytes", client_eof=True)
+        b.settimeout(10)
+        assert await asyncio.to_thread(b.recv, 100) == b"bye"
+        await wait_for(lambda: relay.closed)
+        assert got == [b"sniffed bytes"]
+    finally:
+        b.close()
+        engine.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_idle_timeout_closes_quiet_pairs_only() -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(100):
+            writer.write(data)
+
+    async def body(front: Front) -> None:
+        quiet_r, quiet_w = await asyncio.open_connection("127.0.0.1", front.port)
+        busy_r, busy_w = await asyncio.open_connection("127.0.0.1", front.port)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 1.0
+        while loop.time() < end:  # the busy one talks every 50 ms
+            busy_w.write(b"x")
+            assert await busy_r.readexactly(1) == b"x"
+            await asyncio.sleep(0.05)
+        assert await asyncio.wait_for(quiet_r.read(), 5) == b""  # closed for idleness
+        busy_w.write(b"y")
+        assert await busy_r.readexactly(1) == b"y"
+        assert [r.stats().reason for r in front.closed] == ["idle"]
+        quiet_w.close()
+        busy_w.close()
+
+    await with_front(echo, body, idle_timeout=0.4)
+
+
+async def test_abort_resets_both_sides() -> None:
+    reset = asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read()
+        except ConnectionResetError:
+            reset.set()
+
+    async def body(front: Front) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", front.port)
+        writer.write(b"hello")
+        await wait_for(lambda: bool(front.relays) and front.relays[0].bytes_up == 5)
+        front.relays[0].abort("drain deadline")
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(), 5)
+        await asyncio.wait_for(reset.wait(), 5)
+        assert [r.stats().reason for r in front.closed] == ["drain deadline"]
+        writer.close()
+
+    await with_front(hold, body)
+
+
+async def test_connect_failures_are_oserrors() -> None:
+    engine = FdRelayEngine()
+    try:
+        with socket.socket() as s:  # a port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with pytest.raises(ConnectionRefusedError):
+            await engine.connect("127.0.0.1", port, connect_timeout=5)
+        with pytest.raises(OSError):
+            await engine.connect("no-such-host.invalid", port, connect_timeout=5)
+        assert not engine._connecting
+    finally:
+        engine.close()
