@@ -1,7 +1,7 @@
 """Relay engines vs HAProxy (mode tcp, one thread, tune.bufsize 262144), side by side.
 
     uv run --frozen python benchmarks/nlb/relay_bench.py [--seconds 3] [--rounds 1] [--uvloop]
-        [--splice]
+        [--splice] [--fd]
 
 Measures through each proxy: iperf3 bulk (client->server and -R), wrk keep-alive small
 requests to nginx (per-message cost) and wrk with ``Connection: close`` (new connections/s).
@@ -142,6 +142,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="alternate engines; report medians")
     ap.add_argument("--uvloop", action="store_true", help="also run the relay on uvloop")
     ap.add_argument("--splice", action="store_true", help="also run the os.splice prototype")
+    ap.add_argument("--fd", action="store_true", help="also run the fd relay engine (the NLB's)")
     ap.add_argument("--verbose", action="store_true", help="print the proxies' stderr")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="relay-bench-"))
@@ -159,6 +160,8 @@ http {{ access_log off; keepalive_requests 1000000;
         engines.append(("relay-uvloop", ["--engine", "relay", "--loop", "uvloop"]))
     if a.splice:
         engines.append(("splice", ["--engine", "splice"]))
+    if a.fd:
+        engines.append(("fd", ["--engine", "fd"]))
     runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in engines}
     with proc(["nginx", "-c", str(nginx_conf), "-p", str(tmp)], nginx_port):
         for r in range(a.rounds):

@@ -4,6 +4,8 @@
         [--loop asyncio|uvloop] [--proxy-header]
 
 engine ``relay``: marchproxy_common.net.relay.Relay (asyncio Protocols, what the NLB uses).
+engine ``fd``: marchproxy_common.net.fdrelay (the client accepted by asyncio, then both sockets
+on the engine's own epoll: what the NLB uses).
 engine ``splice``: a prototype that moves bytes socket -> pipe -> socket with os.splice from
 loop.add_reader/add_writer callbacks, so payload bytes never enter Python. Benchmark only.
 """
@@ -19,6 +21,7 @@ from collections.abc import Callable
 
 import uvloop
 
+from marchproxy_common.net.fdrelay import FdRelayEngine, detach
 from marchproxy_common.net.relay import Relay
 from marchproxy_common.tasks import spawn
 from marchproxy_common.wire.proxy_protocol import build_v2
@@ -58,6 +61,38 @@ class Front(asyncio.Protocol):
             self.transport.close()
             return
         relay.attach_downstream(self.transport, b"".join(self.early))
+
+
+class FdFront(asyncio.Protocol):
+    """As the NLB does it: accept with asyncio, read the first bytes, connect, hand both sockets
+    to the fd relay engine."""
+
+    def __init__(self, engine: FdRelayEngine, upstream_port: int, header: bool) -> None:
+        self.engine, self.upstream_port, self.header = engine, upstream_port, header
+        self.early = b""
+        self.started = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.early += data
+        self.transport.pause_reading()
+        if not self.started:
+            self.started = True
+            spawn(self.connect(), name="bench-connect")
+
+    async def connect(self) -> None:
+        first = b""
+        if self.header:
+            peer = self.transport.get_extra_info("peername")
+            first = build_v2(peer[:2], ("127.0.0.1", self.upstream_port))
+        try:
+            up = await self.engine.connect("127.0.0.1", self.upstream_port, connect_timeout=5)
+        except OSError:
+            self.transport.close()
+            return
+        self.engine.join(detach(self.transport), up, first=first + self.early)
 
 
 class SpliceDirection:
@@ -173,9 +208,13 @@ async def main(args: argparse.Namespace) -> None:
         await splice_server(args.port, args.upstream_port, args.proxy_header)
         return
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: Front(args.upstream_port, args.proxy_header), "127.0.0.1", args.port, backlog=1024
-    )
+    factory: Callable[[], asyncio.Protocol]
+    if args.engine == "fd":
+        engine = FdRelayEngine(loop)
+        factory = lambda: FdFront(engine, args.upstream_port, args.proxy_header)  # noqa: E731
+    else:
+        factory = lambda: Front(args.upstream_port, args.proxy_header)  # noqa: E731
+    server = await loop.create_server(factory, "127.0.0.1", args.port, backlog=1024)
     async with server:
         await server.serve_forever()
 
@@ -184,7 +223,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("port", type=int)
     p.add_argument("upstream_port", type=int)
-    p.add_argument("--engine", choices=["relay", "splice"], default="relay")
+    p.add_argument("--engine", choices=["relay", "fd", "splice"], default="relay")
     p.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     p.add_argument("--proxy-header", action="store_true")
     a = p.parse_args()

@@ -3,7 +3,8 @@
 accept → sniff (``listener``) → describe the connection (protocol, SNI/Host, database, port)
 → route rule (``routing``) → rate limits (``limits``) → blue/green version (``bluegreen``) →
 instance (``balancer``) → connect with a PROXY v2 header and the sniffed bytes (retrying on
-another instance while nothing was relayed) → ``Relay`` with flow control both ways.
+another instance while nothing was relayed) → both sockets to the ``FdRelayEngine`` (one epoll of
+its own, edge-triggered) with flow control both ways.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import structlog
 
 from marchproxy.v1 import nlb_pb2, types_pb2
 from marchproxy_common.net.fdpass import FdPassError
+from marchproxy_common.net.fdrelay import FdRelay, FdRelayEngine, detach
 from marchproxy_common.net.handoff import HANDOFF_LABEL, MAX_FIRST_BYTES, ConnectionHandoff
 from marchproxy_common.net.listener import stop_serving
-from marchproxy_common.net.relay import Relay, RelayStats
 from marchproxy_common.net.udp import UdpRelay
 from marchproxy_common.ratelimit import Decision
 from marchproxy_common.tasks import spawn
@@ -132,7 +133,8 @@ class DataPlane:
         self.rule_hits: dict[str, tuple[int, float]] = {}
         self._servers: dict[tuple[str, int, str], tuple[ListenerSpec, Any]] = {}
         self._bound: dict[tuple[str, int, str], tuple[str, int]] = {}
-        self._relays: dict[Relay, Instance] = {}
+        self._relays: dict[FdRelay, Instance] = {}
+        self._engine: FdRelayEngine | None = None  # made on first use, on the running loop
         self._pending: set[Connection] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -218,6 +220,9 @@ class DataPlane:
             await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - loop.time()))
         for relay in list(self._relays):
             relay.abort("drain deadline")
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
         for channel in self._handoffs.values():
             await channel.close()
         await self.limits.close()
@@ -435,14 +440,10 @@ class DataPlane:
             host, port = inst.address_for(ACCEPTORS.get(name, ()))
             if await self._hand_off(conn, inst, version, name, port):
                 return
-            relay = self._new_relay(inst, version, len(conn.sniffed))
             started = asyncio.get_running_loop().time()
             try:
-                await relay.connect_upstream(
-                    host,
-                    port,
-                    connect_timeout=self.settings.nlb_connect_timeout,
-                    first_bytes=header + bytes(conn.sniffed),
+                upstream = await self.engine.connect(
+                    host, port, connect_timeout=self.settings.nlb_connect_timeout
                 )
             except (OSError, TimeoutError) as exc:
                 self.retried_connections += 1
@@ -453,24 +454,50 @@ class DataPlane:
                 continue
             self.metrics.connect_seconds.observe(asyncio.get_running_loop().time() - started)
             if conn.lost:
-                relay.close("client gone")
+                upstream.close()
                 return
-            self._attach(conn, relay, inst, version, name)
+            self._attach(conn, upstream, header, inst, version, name)
             return
         self._refuse(conn, name, "connect_failed")
 
+    @property
+    def engine(self) -> FdRelayEngine:
+        if self._engine is None:
+            self._engine = FdRelayEngine(asyncio.get_running_loop())
+        return self._engine
+
     def _attach(
-        self, conn: Connection, relay: Relay, inst: Instance, version: str | None, name: str
+        self,
+        conn: Connection,
+        upstream: socket.socket,
+        header: bytes,
+        inst: Instance,
+        version: str | None,
+        name: str,
     ) -> None:
+        """Both sockets go to the relay engine: the client's leaves its asyncio transport."""
         inst.active_connections += 1
         inst.routed_total += 1
         self.metrics.child(self.metrics.active_connections, inst.module_id).inc()
         self.metrics.child(self.metrics.routed_connections, name, inst.module_id).inc()
-        self._relays[relay] = inst
         self._record_version(inst, version, failed=False)
-        relay.attach_downstream(conn.transport, buffered=bytes(conn.extra))
-        if conn.eof:
-            relay.downstream.eof_received()
+        relayed_before = len(conn.sniffed) + len(conn.extra)
+
+        def closed(relay: FdRelay) -> None:
+            self._relay_closed(relay, inst, relayed_before)
+
+        relay = self.engine.join(
+            detach(conn.transport),
+            upstream,
+            first=header + bytes(conn.sniffed) + bytes(conn.extra),
+            client_eof=conn.eof,
+            idle_timeout=self.settings.nlb_idle_timeout or None,
+            on_close=closed,
+        )
+        if not relay.closed:
+            self._relays[relay] = inst
+        else:
+            self._relay_closed(relay, inst, relayed_before, attached=False)
 
     async def _hand_off(
         self, conn: Connection, inst: Instance, version: str | None, name: str, port: int
@@ -522,21 +549,16 @@ class DataPlane:
             self._handoff_down.pop(key, None)
             spawn(self._handoffs.pop(key).close(), name=f"handoff-close {key[0]}")
 
-    def _new_relay(self, inst: Instance, version: str | None, sniffed: int) -> Relay:
-        def closed(stats: RelayStats) -> None:
-            self._relay_closed(relay, inst, version, stats, sniffed)
-
-        relay = Relay(idle_timeout=self.settings.nlb_idle_timeout or None, on_close=closed)
-        return relay
-
     def _relay_closed(
-        self, relay: Relay, inst: Instance, version: str | None, stats: RelayStats, sniffed: int
+        self, relay: FdRelay, inst: Instance, relayed_before: int, *, attached: bool = True
     ) -> None:
-        if self._relays.pop(relay, None) is None:
-            return  # closed before it was attached (the client left while we connected)
+        """``relayed_before``: client bytes read before the relay (sniffed, early data)."""
+        if attached and self._relays.pop(relay, None) is None:
+            return  # closed inside join: counted by _attach
+        stats = relay.stats()
         inst.active_connections = max(0, inst.active_connections - 1)
         self.metrics.child(self.metrics.active_connections, inst.module_id).dec()
-        self.metrics.child(self.metrics.bytes, "up").inc(stats.bytes_up + sniffed)
+        self.metrics.child(self.metrics.bytes, "up").inc(stats.bytes_up + relayed_before)
         self.metrics.child(self.metrics.bytes, "down").inc(stats.bytes_down)
         self._maybe_idle()
 
