@@ -111,9 +111,12 @@ def pgbench(port: int, db: str, duration: int, clients: int, reconnect: bool) ->
     return float(m.group(1)), int(n.group(1))
 
 
-def start_dblb(tmp: Path, db: str, pool_size: int) -> tuple[subprocess.Popen[bytes], int]:
+def start_dblb(
+    tmp: Path, db: str, pool_size: int, src: str = ""
+) -> tuple[subprocess.Popen[bytes], int]:
+    """The DBLB of this tree, or (``src``: a services/dblb/src directory) another version."""
     port = free_port()
-    cfg = tmp / "dblb.yaml"
+    cfg = tmp / f"dblb-{port}.yaml"
     cfg.write_text(
         "modules:\n"
         "  - name: dblb\n"
@@ -132,6 +135,8 @@ def start_dblb(tmp: Path, db: str, pool_size: int) -> tuple[subprocess.Popen[byt
         "LOG_LEVEL": "WARNING",
         "CONFIG_FILE": str(cfg),
     }
+    if src:  # ahead of the workspace's editable install
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH", "")]))
     proc = subprocess.Popen(
         [sys.executable, "-m", "marchproxy_dblb"], env=env, stdout=subprocess.DEVNULL
     )
@@ -175,15 +180,35 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+def report(label: str, results: dict[str, list[Run]]) -> None:
+    """One row per pooler: medians over the rounds, TPS relative to PgBouncer's."""
+    pgb = statistics.median(x.tps for x in results["PgBouncer"])
+    for i, (name, runs) in enumerate(results.items()):
+        tps = statistics.median(x.tps for x in runs)
+        cpu = statistics.median(x.cpu_us_per_xact for x in runs)
+        sys_share = statistics.median(x.sys_share for x in runs) * 100
+        print(
+            f"{label if i == 0 else '':<26}{name:<12}{tps:>9.0f}{cpu:>10.1f}{sys_share:>7.0f}"
+            f"{tps / pgb:>10.2f}",
+            flush=True,
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=15)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--pool-size", type=int, default=16)
     ap.add_argument(
-        "--rounds", type=int, default=1, help="alternate DBLB/PgBouncer runs; report medians"
+        "--rounds", type=int, default=1, help="alternate the poolers' runs; report medians"
     )
     ap.add_argument("--no-reconnect", action="store_true", help="skip the -C runs")
+    ap.add_argument(
+        "--baseline",
+        default="",
+        help="services/dblb/src of another version (e.g. unpacked from git archive), "
+        "run side by side as 'DBLB base'",
+    )
     args = ap.parse_args()
     db = f"mp_dblb_bench_{secrets.token_hex(4)}"
     psql(f"create database {db}")
@@ -193,42 +218,28 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="mp-dblb-bench-") as t:
             tmp = Path(t)
             os.chmod(tmp, 0o777)
-            dblb, dblb_port = start_dblb(tmp, db, args.pool_size)
-            procs.append(dblb)
-            bouncer, bouncer_port = start_pgbouncer(tmp, db, args.pool_size)
-            procs.append(bouncer)
-            print(
-                f"pgbench -S -c {args.clients} -j 2 -T {args.duration}, transaction mode, "
-                f"pool size {args.pool_size}"
-            )
-            print(
-                f"{'run':<28}{'DBLB tps':>10}{'PgB tps':>10}{'ratio':>7}"
-                f"{'DBLB us/xact':>14}{'PgB us/xact':>13}{'sys%':>11}"
-            )
+            poolers = {"DBLB": start_dblb(tmp, db, args.pool_size)}
+            poolers["PgBouncer"] = start_pgbouncer(tmp, db, args.pool_size)
+            if args.baseline:
+                poolers["DBLB base"] = start_dblb(tmp, db, args.pool_size, args.baseline)
+            procs += [proc for proc, _ in poolers.values()]
             loop = os.environ.get("MARCHPROXY_LOOP", "asyncio")
             print(
-                f"DBLB event loop: {loop}; {args.rounds} round(s), medians; us/xact is CPU "
-                "(user + system), sys% its system share (DBLB/PgB)"
+                f"pgbench -S -c {args.clients} -j 2 -T {args.duration}, transaction mode, "
+                f"pool size {args.pool_size}; DBLB event loop: {loop}\n"
+                f"{args.rounds} round(s), medians; us/xact: pooler CPU (user + system) per "
+                "transaction, sys%: its system share"
             )
+            print(f"{'run':<26}{'pooler':<12}{'tps':>9}{'us/xact':>10}{'sys%':>7}{'tps/PgB':>10}")
+            names = list(poolers)
             for reconnect in (False, True) if not args.no_reconnect else (False,):
                 label = "-S -C (connect per xact)" if reconnect else "-S (persistent)"
-                ours_runs: list[Run] = []
-                theirs_runs: list[Run] = []
-                for r in range(args.rounds):  # alternate who goes first: the box is shared
-                    pair = [(dblb, dblb_port, ours_runs), (bouncer, bouncer_port, theirs_runs)]
-                    for proc, port, runs in pair if r % 2 == 0 else reversed(pair):
-                        runs.append(measured(proc.pid, port, db, args, reconnect))
-                ours = statistics.median(x.tps for x in ours_runs)
-                theirs = statistics.median(x.tps for x in theirs_runs)
-                ours_cpu = statistics.median(x.cpu_us_per_xact for x in ours_runs)
-                theirs_cpu = statistics.median(x.cpu_us_per_xact for x in theirs_runs)
-                ours_sys = statistics.median(x.sys_share for x in ours_runs) * 100
-                theirs_sys = statistics.median(x.sys_share for x in theirs_runs) * 100
-                print(
-                    f"{label:<28}{ours:>10.0f}{theirs:>10.0f}{ours / theirs:>7.2f}"
-                    f"{ours_cpu:>14.1f}{theirs_cpu:>13.1f}{ours_sys:>6.0f}/{theirs_sys:<4.0f}",
-                    flush=True,
-                )
+                results: dict[str, list[Run]] = {name: [] for name in names}
+                for r in range(args.rounds):  # rotate who goes first: the box is shared
+                    for name in names[r % len(names) :] + names[: r % len(names)]:
+                        proc, port = poolers[name]
+                        results[name].append(measured(proc.pid, port, db, args, reconnect))
+                report(label, results)
     finally:
         for proc in procs:
             stop(proc)
