@@ -216,16 +216,15 @@ class ServerConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            if self.state == "ssl":
+            if self.state == "active":  # linked to a client: by far the most common
+                self._relay(data)
+            elif self.state == "ssl":
                 if self._ssl_answer is not None and not self._ssl_answer.done():
                     if data[:1] not in (b"S", b"N") or len(data) != 1:
                         raise RemoteProtocolError("bad answer to SSLRequest")
                     self._ssl_answer.set_result(data[:1])
-                return
-            if self.state == "login":
+            elif self.state == "login":
                 self._login_received(data)
-            elif self.state == "active":
-                self._relay(data)
             elif self.state == "reset":
                 self._reset_received(data)
             elif self.state == "query":
@@ -825,8 +824,10 @@ class Pool:
     def release(self, server: ServerConnection) -> None:
         """The server is idle and clean: give it to the next waiter or park it."""
         if server.client is not None:
-            server.unlink()
-        now = time.monotonic()
+            server.unlink()  # stamps last_used
+            now = server.last_used
+        else:
+            now = time.monotonic()
         if (
             server.state == "closed"
             or self.manager.closed
@@ -837,7 +838,7 @@ class Pool:
             server.close()
             return
         server.state = "idle"
-        if not self.paused:
+        if self.waiters and not self.paused:
             while self.waiters:
                 w = self.waiters.popleft()
                 if w.timer is not None:
