@@ -170,6 +170,15 @@ def start_pgbouncer(tmp: Path, db: str, pool_size: int) -> tuple[subprocess.Pope
     return proc, port
 
 
+def start_floor() -> tuple[subprocess.Popen[bytes], int]:
+    """relay_floor.py: asyncio and the send/recv calls alone, no pooling (one server each)."""
+    port = free_port()
+    script = Path(__file__).with_name("relay_floor.py")
+    proc = subprocess.Popen([sys.executable, str(script), str(port)], stdout=subprocess.DEVNULL)
+    wait_port(port, proc)
+    return proc, port
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -209,6 +218,11 @@ def main() -> None:
         help="services/dblb/src of another version (e.g. unpacked from git archive), "
         "run side by side as 'DBLB base'",
     )
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="also run relay_floor.py (a do-nothing asyncio relay, no pooling) as 'floor'",
+    )
     args = ap.parse_args()
     db = f"mp_dblb_bench_{secrets.token_hex(4)}"
     psql(f"create database {db}")
@@ -222,6 +236,8 @@ def main() -> None:
             poolers["PgBouncer"] = start_pgbouncer(tmp, db, args.pool_size)
             if args.baseline:
                 poolers["DBLB base"] = start_dblb(tmp, db, args.pool_size, args.baseline)
+            if args.floor:
+                poolers["floor"] = start_floor()
             procs += [proc for proc, _ in poolers.values()]
             loop = os.environ.get("MARCHPROXY_LOOP", "asyncio")
             print(
