@@ -40,6 +40,7 @@ class Client(asyncio.Protocol):
         self.upstream_port = upstream_port
         self.transport: asyncio.Transport | None = None
         self.upstream: Upstream | None = None
+        self.early: list[bytes] = []  # read before the upstream is connected (uvloop)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -56,11 +57,15 @@ class Client(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             return
+        assert self.upstream.transport is not None
+        self.upstream.transport.write(b"".join(self.early))
         if self.transport is not None:
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
-        assert self.upstream is not None and self.upstream.transport is not None
+        if self.upstream is None or self.upstream.transport is None:
+            self.early.append(data)
+            return
         self.upstream.transport.write(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
