@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import ipaddress
 import select
 import socket
@@ -59,6 +60,15 @@ _IN_OUT: Final = _IN | select.EPOLLOUT
 _CONNECTING: Final = select.EPOLLOUT | select.EPOLLET
 _MAX_EVENTS: Final = 1024
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
+
+
+@functools.lru_cache(maxsize=1024)
+def _address_family(host: str) -> int:
+    """AF_INET or AF_INET6 for an address, 0 for a name (instances are few: cached)."""
+    try:
+        return socket.AF_INET if ipaddress.ip_address(host).version == 4 else socket.AF_INET6
+    except ValueError:
+        return 0
 
 
 def detach(transport: asyncio.Transport) -> socket.socket:
@@ -147,10 +157,10 @@ class FdRelayEngine:
     # -- public
     async def connect(self, host: str, port: int, *, connect_timeout: float) -> socket.socket:
         async with asyncio.timeout(connect_timeout):
-            try:
-                ip = ipaddress.ip_address(host)
-                targets = [(socket.AF_INET if ip.version == 4 else socket.AF_INET6, host)]
-            except ValueError:
+            family = _address_family(host)
+            if family:
+                targets = [(family, host)]
+            else:
                 infos = await self._loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
                 targets = [
                     (fam, str(addr[0]))
@@ -182,7 +192,10 @@ class FdRelayEngine:
         self._sides[u.fd] = u
         try:
             self._epoll.register(c.fd, _IN)
-            self._epoll.register(u.fd, _IN)
+            try:
+                self._epoll.modify(u.fd, _IN)  # registered by connect
+            except FileNotFoundError:
+                self._epoll.register(u.fd, _IN)
         except OSError:
             relay.abort("error")
             return relay
@@ -210,7 +223,6 @@ class FdRelayEngine:
     async def _connect_one(self, family: int, host: str, port: int) -> socket.socket:
         sock = socket.socket(family, socket.SOCK_STREAM)
         fd = sock.fileno()
-        registered = False
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -218,8 +230,9 @@ class FdRelayEngine:
             if err == errno.EINPROGRESS:
                 fut = self._loop.create_future()
                 self._connecting[fd] = fut
+                # stays registered (its events are ignored) until join modifies it or the
+                # socket is closed, which takes it out of the epoll (it has no duplicates)
                 self._epoll.register(fd, _CONNECTING)
-                registered = True
                 await fut
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
@@ -229,9 +242,6 @@ class FdRelayEngine:
             raise
         finally:
             self._connecting.pop(fd, None)
-            if registered and not self._epoll.closed:
-                with contextlib.suppress(OSError):  # closed above: already gone
-                    self._epoll.unregister(fd)
         return sock
 
     # -- events

@@ -1,17 +1,25 @@
 """Client-facing sockets: accept, sniff the first bytes under a deadline, hand over to the relay.
 
-``SniffingProtocol`` is the protocol of every accepted TCP connection until a decision is made;
-it owns only the sniff buffer and timer. The decision (route, rate limit, pick, connect) runs in
-one task per connection (``DataPlane.forward``), which then moves the transport to a ``Relay``.
+``TcpListener`` accepts from its socket directly (``loop.add_reader``); a ``Sniffer`` reads a
+connection's first bytes, with nothing but the sniff buffer and timer of its own. The decision
+(route, rate limit, pick, connect) runs in one task per connection (``DataPlane.forward``),
+which then gives the client's socket and the upstream's to the relay engine (``net.fdrelay``).
+Raw sockets, not transports: a short connection spent most of its CPU building and tearing down
+asyncio transports and the accept task.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import ipaddress
 import itertools
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
+
+import structlog
 
 from marchproxy_common.listeners import LISTENER_PROTOCOLS, PROXY_HEADER_MODES
 from marchproxy_common.tasks import spawn
@@ -20,13 +28,12 @@ from marchproxy_common.wire.sniff import MAX_SNIFF_BYTES, NeedMore, Verdict, cla
 if TYPE_CHECKING:
     from .plane import DataPlane
 
+_log = structlog.get_logger("marchproxy.nlb.traffic")
+
 DEFAULT_SNIFF_TIMEOUT = 0.1  # seconds: server-speaks-first protocols wait this long
-# Bytes a client may send after the routing decision, while the upstream connects. Reading is
-# paused at MAX_EARLY_BYTES (asyncio honours the pause made at the decision; uvloop ignores a
-# pause made inside connection_made, so the decision of a one-protocol listener does not stop
-# it); a client that gets past MAX_EARLY_BYTES_HARD anyway is cut off and counted.
-MAX_EARLY_BYTES = 256 * 1024
-MAX_EARLY_BYTES_HARD = 4 * MAX_EARLY_BYTES
+ACCEPT_BATCH = 128  # connections accepted per readiness callback (asyncio: the backlog, 100)
+ACCEPT_RETRY_DELAY = 1.0  # seconds without accepting after EMFILE and the like (as asyncio)
+_ACCEPT_PAUSE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # Protocols whose server talks first: the client sends nothing until it hears the greeting.
 SERVER_FIRST = frozenset({"mysql"})
 # Protocols whose first bytes carry what route rules match on (SNI, Host, database, user).
@@ -145,95 +152,164 @@ def parse_listeners_env(text: str) -> list[ListenerSpec]:
     return specs
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Connection:
     """One accepted client connection while it is sniffed and routed."""
 
     spec: ListenerSpec
-    transport: asyncio.Transport
+    sock: socket.socket
     peer: tuple[str, int]
     local: tuple[str, int]
     conn_id: int = field(default_factory=lambda: next(_conn_ids))
     sniffed: bytearray = field(default_factory=bytearray)
-    extra: bytearray = field(default_factory=bytearray)  # bytes read after the decision
     started: float = 0.0
-    lost: bool = False
-    eof: bool = False
+    lost: bool = False  # reset while sniffed
+    eof: bool = False  # the client half-closed while sniffed
+
+    def close(self) -> None:
+        self.sock.close()
 
 
-class SniffingProtocol(asyncio.Protocol):
-    def __init__(self, plane: DataPlane, spec: ListenerSpec, sniff_timeout: float) -> None:
+async def listen_tcp(host: str, port: int, *, backlog: int = 4096) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (an address or a name; SO_REUSEADDR)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    family, _, _, _, address = infos[0]
+    return socket.create_server(address[:2], family=family, backlog=backlog)
+
+
+class TcpListener:
+    """Accepts from a listening socket with ``loop.add_reader`` (no transport, no task per
+    connection) and gives each connection to a ``Sniffer``. After the routing decision nothing
+    is read from the client until the relay engine has both sockets: what it sends meanwhile
+    waits in the kernel's buffer, which bounds it."""
+
+    def __init__(self, plane: DataPlane, spec: ListenerSpec, sock: socket.socket) -> None:
         self._plane = plane
         self._spec = spec
-        self._timeout = sniff_timeout
-        self._conn: Connection | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._decided = False
+        self.sock = sock
+        sock.setblocking(False)
+        self._loop = asyncio.get_running_loop()
+        self._accepting = False
+        self._retry: asyncio.TimerHandle | None = None
+        host, port = sock.getsockname()[:2]
+        # a listener on one address knows every connection's local address without asking
+        wildcard = ipaddress.ip_address(host).is_unspecified
+        self._local: tuple[str, int] | None = None if wildcard else (host, port)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses; both behave as one
-        transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername") or ("", 0)
-        local = transport.get_extra_info("sockname") or ("", 0)
-        loop = asyncio.get_running_loop()
-        self._conn = Connection(
-            self._spec, transport, (peer[0], peer[1]), (local[0], local[1]), started=loop.time()
+    def start(self) -> None:
+        self._accepting = True
+        self._loop.add_reader(self.sock.fileno(), self._accept)
+
+    def close(self) -> None:
+        """Stop accepting and close the socket (every connection accepted so far is already
+        the plane's: nothing accepted is dropped)."""
+        if self._accepting:
+            self._loop.remove_reader(self.sock.fileno())
+            self._accepting = False
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        self.sock.close()
+
+    def _accept(self) -> None:
+        plane, spec, loop = self._plane, self._spec, self._loop
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, peer = self.sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_PAUSE_ERRNOS:
+                    raise
+                # out of descriptors or memory: pause as asyncio does, not spin on the error
+                _log.error("accept_failed", listener=spec.name, error=str(exc),
+                           retry_after=ACCEPT_RETRY_DELAY)  # fmt: skip
+                loop.remove_reader(self.sock.fileno())
+                self._accepting = False
+                self._retry = loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
+                return
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                local = self._local or sock.getsockname()[:2]
+            except OSError:
+                sock.close()
+                continue
+            conn = Connection(spec, sock, (peer[0], peer[1]), local, started=loop.time())
+            plane.accept(conn)
+            if plane.should_sniff(spec):
+                Sniffer(plane, conn, loop)
+            else:
+                decide(plane, conn, None)
+
+    def _resume(self) -> None:
+        self._retry = None
+        if not self._accepting and self.sock.fileno() >= 0:
+            self._accepting = True
+            self._loop.add_reader(self.sock.fileno(), self._accept)
+
+
+class Sniffer:
+    """Reads a connection's first bytes (at most MAX_SNIFF_BYTES) until ``classify`` decides or
+    the sniff timeout runs out, then starts the routing decision (``DataPlane.forward``)."""
+
+    __slots__ = ("_conn", "_fd", "_loop", "_plane", "_timer")
+
+    def __init__(self, plane: DataPlane, conn: Connection, loop: asyncio.AbstractEventLoop):
+        self._plane = plane
+        self._conn = conn
+        self._loop = loop
+        self._fd = conn.sock.fileno()
+        loop.add_reader(self._fd, self._readable)
+        self._timer: asyncio.TimerHandle | None = loop.call_later(
+            plane.settings.nlb_sniff_timeout, self._deadline
         )
-        self._plane.accept(self._conn)
-        if not self._plane.should_sniff(self._spec):
-            self._decide(None)
-            return
-        self._timer = loop.call_later(self._timeout, self._deadline)
 
-    def data_received(self, data: bytes) -> None:
+    def _readable(self) -> None:
         conn = self._conn
-        if conn is None:
+        try:
+            data = conn.sock.recv(MAX_SNIFF_BYTES - len(conn.sniffed))
+        except (BlockingIOError, InterruptedError):
             return
-        if self._decided:
-            conn.extra += data
-            if len(conn.extra) >= MAX_EARLY_BYTES:
-                conn.transport.pause_reading()  # the relay resumes it once attached
-                if len(conn.extra) > MAX_EARLY_BYTES_HARD and not conn.lost:
-                    self._plane.overflow(conn)
+        except OSError:
+            conn.lost = True
+            self._stop()
+            conn.close()
+            self._plane.release(conn)
+            return
+        if not data:
+            conn.eof = True
+            if not conn.sniffed:
+                self._stop()
+                conn.close()  # nothing to route
+                self._plane.release(conn)
+                return
+            self._decide(classify(conn.sniffed, final=True))
             return
         conn.sniffed += data
         verdict = classify(conn.sniffed, final=len(conn.sniffed) >= MAX_SNIFF_BYTES)
         if not isinstance(verdict, NeedMore):
             self._decide(verdict)
 
-    def eof_received(self) -> bool:
-        conn = self._conn
-        if conn is None:
-            return False
-        conn.eof = True
-        if not self._decided:
-            if not conn.sniffed:
-                return False  # nothing to route: close
-            self._decide(classify(conn.sniffed, final=True))
-        return True  # keep our write side open; the relay passes the EOF on
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._conn is not None:
-            self._conn.lost = True
-            if not self._decided:
-                self._plane.release(self._conn)
-
     def _deadline(self) -> None:
         self._timer = None
-        if not self._decided and self._conn is not None:
-            self._decide(classify(self._conn.sniffed, final=True))
+        self._decide(classify(self._conn.sniffed, final=True))
 
-    def _decide(self, verdict: Verdict | None) -> None:
-        conn = self._conn
-        assert conn is not None
-        self._decided = True
+    def _stop(self) -> None:
+        self._loop.remove_reader(self._fd)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        conn.transport.pause_reading()
-        spawn(
-            self._plane.forward(conn, verdict),
-            name=f"nlb conn {conn.conn_id} {conn.peer[0]}:{conn.peer[1]}",
-        )
+
+    def _decide(self, verdict: Verdict) -> None:
+        self._stop()
+        decide(self._plane, self._conn, verdict)
+
+
+def decide(plane: DataPlane, conn: Connection, verdict: Verdict | None) -> None:
+    spawn(
+        plane.forward(conn, verdict), name=f"nlb conn {conn.conn_id} {conn.peer[0]}:{conn.peer[1]}"
+    )

@@ -21,9 +21,8 @@ import structlog
 
 from marchproxy.v1 import nlb_pb2, types_pb2
 from marchproxy_common.net.fdpass import FdPassError
-from marchproxy_common.net.fdrelay import FdRelay, FdRelayEngine, detach
+from marchproxy_common.net.fdrelay import FdRelay, FdRelayEngine
 from marchproxy_common.net.handoff import HANDOFF_LABEL, MAX_FIRST_BYTES, ConnectionHandoff
-from marchproxy_common.net.listener import stop_serving
 from marchproxy_common.net.udp import UdpRelay
 from marchproxy_common.ratelimit import Decision
 from marchproxy_common.tasks import spawn
@@ -50,7 +49,8 @@ from .listener import (
     Connection,
     ListenerSpec,
     ListenerSpecError,
-    SniffingProtocol,
+    TcpListener,
+    listen_tcp,
     make_listener,
     parse_listeners_env,
 )
@@ -161,7 +161,6 @@ class DataPlane:
             await self._open(spec)
 
     async def _open(self, spec: ListenerSpec) -> None:
-        loop = asyncio.get_running_loop()
         host = spec.host or self.settings.nlb_data_host
         name = f"{spec.transport}:{host}:{spec.port}"
         sock = self.inherited.pop(name, None)
@@ -172,16 +171,13 @@ class DataPlane:
             bound = await relay.start(host, spec.port, sock=sock)
             self._servers[spec.key] = (spec, relay)
         else:
-            factory = partial(SniffingProtocol, self, spec, self.settings.nlb_sniff_timeout)
-            if sock is not None:
-                server = await loop.create_server(factory, sock=sock, backlog=4096)
-            else:
-                server = await loop.create_server(
-                    factory, host, spec.port, backlog=4096, reuse_address=True
-                )
-            sockname = server.sockets[0].getsockname()
+            if sock is None:
+                sock = await listen_tcp(host, spec.port)
+            listener = TcpListener(self, spec, sock)
+            listener.start()
+            sockname = sock.getsockname()
             bound = (str(sockname[0]), int(sockname[1]))
-            self._servers[spec.key] = (spec, server)
+            self._servers[spec.key] = (spec, listener)
         self._bound[spec.key] = bound
         _log.info("listener_started", listener=spec.name, address=f"{bound[0]}:{bound[1]}",
                   protocols=sorted(spec.protocols), default=spec.default_protocol)  # fmt: skip
@@ -189,10 +185,7 @@ class DataPlane:
     async def _close(self, key: tuple[str, int, str]) -> None:
         spec, server = self._servers.pop(key)
         self._bound.pop(key, None)
-        if spec.transport == "tcp":
-            await stop_serving(server)
-        else:
-            server.close()
+        server.close()
         _log.info("listener_stopped", listener=spec.name)
 
     def listener_addresses(self) -> list[tuple[str, int]]:
@@ -203,14 +196,13 @@ class DataPlane:
         out = []
         for spec, server in self._servers.values():
             name = f"{spec.transport}:{spec.host or self.settings.nlb_data_host}:{spec.port}"
-            sock = server.listening_socket if spec.transport == "udp" else server.sockets[0]
+            sock = server.listening_socket if spec.transport == "udp" else server.sock
             if sock is not None:
                 out.append((name, sock))
         return out
 
     async def stop_accepting(self) -> None:
-        # stop_serving lets every socket accepted so far reach connection_made, so drain sees
-        # and serves it instead of the process exiting under it (a reset for the client)
+        # every connection accepted so far is already in _pending: drain serves it
         for key in list(self._servers):
             await self._close(key)
 
@@ -453,9 +445,6 @@ class DataPlane:
                 )
                 continue
             self.metrics.connect_seconds.observe(asyncio.get_running_loop().time() - started)
-            if conn.lost:
-                upstream.close()
-                return
             self._attach(conn, upstream, header, inst, version, name)
             return
         self._refuse(conn, name, "connect_failed")
@@ -475,21 +464,22 @@ class DataPlane:
         version: str | None,
         name: str,
     ) -> None:
-        """Both sockets go to the relay engine: the client's leaves its asyncio transport."""
+        """Both sockets go to the relay engine (what the client sent after its sniffed bytes
+        is still in the kernel's buffer: the engine reads it from there)."""
         inst.active_connections += 1
         inst.routed_total += 1
         self.metrics.child(self.metrics.active_connections, inst.module_id).inc()
         self.metrics.child(self.metrics.routed_connections, name, inst.module_id).inc()
         self._record_version(inst, version, failed=False)
-        relayed_before = len(conn.sniffed) + len(conn.extra)
+        relayed_before = len(conn.sniffed)
 
         def closed(relay: FdRelay) -> None:
             self._relay_closed(relay, inst, relayed_before)
 
         relay = self.engine.join(
-            detach(conn.transport),
+            conn.sock,
             upstream,
-            first=header + bytes(conn.sniffed) + bytes(conn.extra),
+            first=header + bytes(conn.sniffed),
             client_eof=conn.eof,
             idle_timeout=self.settings.nlb_idle_timeout or None,
             on_close=closed,
@@ -509,7 +499,7 @@ class DataPlane:
         if not path or not self.settings.nlb_module_handoff or conn.lost:
             return False
         key = (path, inst.instance_id)
-        first = bytes(conn.sniffed) + bytes(conn.extra)
+        first = bytes(conn.sniffed)
         loop = asyncio.get_running_loop()
         if len(first) > MAX_FIRST_BYTES or self._handoff_down.get(key, 0.0) > loop.time():
             return False
@@ -522,7 +512,7 @@ class DataPlane:
         try:
             async with asyncio.timeout(self.settings.nlb_connect_timeout):
                 await channel.send(
-                    conn.transport.get_extra_info("socket"),
+                    conn.sock,
                     first_bytes=first,
                     client=conn.peer,
                     port=port,
@@ -539,7 +529,7 @@ class DataPlane:
         self.metrics.child(self.metrics.routed_connections, name, inst.module_id).inc()
         self.metrics.child(self.metrics.bytes, "up").inc(len(first))
         self._record_version(inst, version, failed=False)
-        conn.transport.abort()  # our descriptor only: the module holds the connection now
+        conn.close()  # our descriptor only: the module holds the connection now
         return True
 
     def _forget_handoffs(self) -> None:
@@ -562,17 +552,6 @@ class DataPlane:
         self.metrics.child(self.metrics.bytes, "down").inc(stats.bytes_down)
         self._maybe_idle()
 
-    def overflow(self, conn: Connection) -> None:
-        """The client sent more than MAX_EARLY_BYTES_HARD while we connected upstream."""
-        conn.lost = True
-        self.failed_connections += 1
-        self.metrics.routing_errors.labels(conn.spec.default_protocol or "unknown",
-                                           "early_data_overflow").inc()  # fmt: skip
-        _log.warning("early_data_overflow", client=f"{conn.peer[0]}:{conn.peer[1]}",
-                     buffered=len(conn.extra), listener=conn.spec.name)  # fmt: skip
-        conn.extra.clear()
-        conn.transport.abort()
-
     def _refuse(self, conn: Connection, name: str, error_type: str) -> None:
         self.failed_connections += 1
         self.metrics.routing_errors.labels(name, error_type).inc()
@@ -583,10 +562,7 @@ class DataPlane:
             client=f"{conn.peer[0]}:{conn.peer[1]}",
             listener=conn.spec.name,
         )
-        if error_type == "rate_limited":
-            conn.transport.abort()  # a reset costs a flood of clients the least
-        else:
-            conn.transport.close()
+        conn.close()
 
     def _record_version(self, inst: Instance, version: str | None, *, failed: bool) -> None:
         if version is None:
