@@ -428,14 +428,17 @@ class ServerConnection(asyncio.Protocol):
         at the end goes to the decoder, which buffers it or raises as it would have."""
         n = len(data)
         pos = 0
-        limit = self._decoder.max_message_len
+        max_length = self._decoder.max_message_len + 4  # the length counts itself
         while n - pos >= 5:
             t, length = _HEADER.unpack_from(data, pos)
             end = pos + 1 + length
-            if end > n or length < 4 or length - 4 > limit:
+            if end > n or not 4 <= length <= max_length:
                 break
             if t in _OBSERVED:
-                self._observe(t, data, pos + 5, end)
+                if t == _Z:  # ends every reply: no detour through _observe
+                    self._ready(data[pos + 5] if length > 4 else _IDLE)
+                elif t != B_COMMAND_COMPLETE or (length > 4 and data[pos + 5] == _D):
+                    self._observe(t, data, pos + 5, end)
             pos = end
         if pos == n:
             return data
@@ -446,8 +449,6 @@ class ServerConnection(asyncio.Protocol):
         """A forwarded message of a type in ``_OBSERVED``; its body is ``buf[start:end]``."""
         if t == _Z:
             self._ready(buf[start] if end > start else _IDLE)
-            if self.expect:
-                self._pop_through_sync()
         elif t == B_PARSE_COMPLETE:
             if self.expect:
                 self._parse_complete()
@@ -465,12 +466,15 @@ class ServerConnection(asyncio.Protocol):
             self.prepared.clear()
 
     def _ready(self, status: int) -> None:
+        """ReadyForQuery: the server's transaction status; a Sync segment is answered."""
         self.status = status
         if self.outstanding:
             self.outstanding -= 1
             if self.outstanding == 0:
                 now = time.monotonic()
                 self.pool.stats.query_time += now - self.query_started
+        if self.expect:
+            self._pop_through_sync()
 
     def _parse_complete(self) -> int:
         """Pop the Parse item a ParseComplete answers; return its kind."""
@@ -517,7 +521,6 @@ class ServerConnection(asyncio.Protocol):
                 self._emit_fakes(out)
             elif t == _Z:
                 self._ready(m.body[0] if m.body else _IDLE)
-                self._pop_through_sync()
                 out.append(m.raw)
                 self._emit_fakes(out)
             else:
@@ -558,11 +561,13 @@ class ServerConnection(asyncio.Protocol):
         if paused is not None:
             paused.resume_reading()
         self.client = None
-        self.expect.clear()
+        if self.expect:
+            self.expect.clear()
         self.special = self.swallow_z
-        self.last_used = time.monotonic()
-        self.pool.stats.xact_count += 1
-        self.pool.stats.xact_time += self.last_used - self.linked_at
+        self.last_used = now = time.monotonic()
+        stats = self.pool.stats
+        stats.xact_count += 1
+        stats.xact_time += now - self.linked_at
 
     # ---- reset (session mode) ---------------------------------------------------------------
 

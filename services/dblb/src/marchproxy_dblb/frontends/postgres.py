@@ -76,11 +76,13 @@ _log = structlog.get_logger("marchproxy.dblb.client")
 _client_ids = itertools.count(1)
 _S = ord("S")
 _HEADER = struct.Struct("!BI")  # type byte + int32 length that counts itself
+_SYNC_POINT = (Expect.SYNC, None)  # in ServerConnection.expect: answered by ReadyForQuery
 _MESSAGES = DecoderState.MESSAGES
 #: Close target for a client's Close of a renamed statement: it never exists on a server
 #: ("It is not an error to issue Close against a nonexistent statement", protocol docs 55.7).
 _NEVER_PREPARED = b"mp_closed"
-_DEALLOCATE_START = re.compile(rb"\s*DEALLOCATE\b", re.I)
+#: the only simple queries we may answer ourselves (_deallocate_locally, _defer_begin)
+_LOCAL_CANDIDATE = re.compile(rb"\s*(DEALLOCATE|BEGIN|START)\b", re.I)
 _DEALLOCATE = re.compile(rb"^\s*DEALLOCATE\s+(PREPARE\s+)?(\"?[A-Za-z0-9_$]+\"?)\s*;?\s*$", re.I)
 #: Seconds a client has to finish the TLS handshake after its SSLRequest.
 TLS_HANDSHAKE_TIMEOUT = 10.0
@@ -517,7 +519,11 @@ class PostgresClient(asyncio.Protocol):
             return
         if not self.pending and self._deferred_begin is None:
             # answers of our own are for clients outside a transaction
-            single_query = len(msgs) == 1 and msgs[0].type == F_QUERY
+            single_query = (
+                len(msgs) == 1
+                and msgs[0].type == F_QUERY
+                and _LOCAL_CANDIDATE.match(msgs[0].body) is not None
+            )
             if single_query and self._deallocate_locally(msgs[0]):
                 return
             if msgs[-1].type == F_SYNC and self._prepare_locally(msgs):
@@ -609,8 +615,6 @@ class PostgresClient(asyncio.Protocol):
         """
         if self.pool is None or self.pool.mode != "transaction":
             return False
-        if _DEALLOCATE_START.match(m.body) is None:  # cheap: no copy of the query text
-            return False
         match = _DEALLOCATE.match(m.body.rstrip(b"\x00"))
         if match is None:
             return False
@@ -683,7 +687,7 @@ class PostgresClient(asyncio.Protocol):
                 if t == F_SYNC:
                     server.unsynced = False
                 if transaction_mode:
-                    expect.append((Expect.SYNC, None))
+                    expect.append(_SYNC_POINT)
                 server.last_kind = Expect.SYNC
             elif t == F_PARSE:
                 server.unsynced = True
