@@ -11,7 +11,12 @@ from hypothesis import strategies as st
 
 from marchproxy_common.wire.postgres import Message
 from marchproxy_common.wire.postgres.messages import F_QUERY
-from marchproxy_dblb.frontends.postgres import _BARE_BEGIN, _wants_replica
+from marchproxy_dblb.frontends.postgres import (
+    _BARE_BEGIN,
+    _DEALLOCATE,
+    _LOCAL_CANDIDATE,
+    _wants_replica,
+)
 from tests.dblb.dblb_helpers import DIRECT_DSN, dsn, pg_config, psql, running_dblb, unique
 
 #: the 'replica' is the same Postgres under another dbname, so current_database() shows the route
@@ -63,9 +68,17 @@ def test_begin_classification_follows_the_grammar(
     assert _wants_replica(m) is read_only
     # deferred (the next statement decides) only when the access mode is still open
     assert (_BARE_BEGIN.match(m.body) is not None) is not (read_only or "READ WRITE" in modes)
+    assert _LOCAL_CANDIDATE.match(m.body) is not None  # the prefilter lets every BEGIN through
     follow = _query(f"SET TRANSACTION {sep.join(modes) or 'READ WRITE'}")
     assert _wants_replica(follow, after_begin=True) is read_only
     assert _wants_replica(_query(f"{sql.rstrip(' ;')}; SET TRANSACTION READ ONLY")) is True
+
+
+@given(st.binary(max_size=300))
+def test_the_local_answer_prefilter_passes_whatever_its_patterns_match(body: bytes) -> None:
+    for text in (body, b" \tBEGIN" + body, b"\nDEALLOCATE " + body, b"start transaction" + body):
+        if _BARE_BEGIN.match(text) or _DEALLOCATE.match(text.rstrip(b"\x00")):
+            assert _LOCAL_CANDIDATE.match(text) is not None
 
 
 @given(st.binary(max_size=300))
