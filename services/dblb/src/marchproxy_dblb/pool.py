@@ -101,6 +101,10 @@ class Expect:
     SYNC = 3  # Sync/Query/FunctionCall: ends with ReadyForQuery
 
 
+#: the item a Sync/Query/FunctionCall puts in ``ServerConnection.expect`` (one shared tuple)
+SYNC_POINT: tuple[int, bytes | None] = (Expect.SYNC, None)
+
+
 @dataclass(slots=True)
 class PoolStats:
     xact_count: int = 0
@@ -473,8 +477,12 @@ class ServerConnection(asyncio.Protocol):
             if self.outstanding == 0:
                 now = time.monotonic()
                 self.pool.stats.query_time += now - self.query_started
-        if self.expect:
-            self._pop_through_sync()
+        expect = self.expect
+        if expect:
+            if expect[0] is SYNC_POINT:  # simple query protocol: nothing else to align
+                expect.popleft()
+            else:
+                self._pop_through_sync()
 
     def _parse_complete(self) -> int:
         """Pop the Parse item a ParseComplete answers; return its kind."""

@@ -60,6 +60,7 @@ from marchproxy_common.wire.postgres.messages import (
 from marchproxy_dblb.config import ADMIN_DATABASES
 from marchproxy_dblb.frontends.admin import AdminConsole
 from marchproxy_dblb.pool import (
+    SYNC_POINT,
     TRACKED_PARAMETERS,
     Expect,
     Pool,
@@ -76,7 +77,6 @@ _log = structlog.get_logger("marchproxy.dblb.client")
 _client_ids = itertools.count(1)
 _S = ord("S")
 _HEADER = struct.Struct("!BI")  # type byte + int32 length that counts itself
-_SYNC_POINT = (Expect.SYNC, None)  # in ServerConnection.expect: answered by ReadyForQuery
 _MESSAGES = DecoderState.MESSAGES
 #: Close target for a client's Close of a renamed statement: it never exists on a server
 #: ("It is not an error to issue Close against a nonexistent statement", protocol docs 55.7).
@@ -687,7 +687,7 @@ class PostgresClient(asyncio.Protocol):
                 if t == F_SYNC:
                     server.unsynced = False
                 if transaction_mode:
-                    expect.append(_SYNC_POINT)
+                    expect.append(SYNC_POINT)
                 server.last_kind = Expect.SYNC
             elif t == F_PARSE:
                 server.unsynced = True
