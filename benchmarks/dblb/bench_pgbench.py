@@ -247,9 +247,10 @@ def main() -> None:
                 "transaction, sys%: its system share"
             )
             print(f"{'run':<26}{'pooler':<12}{'tps':>9}{'us/xact':>10}{'sys%':>7}{'tps/PgB':>10}")
-            names = list(poolers)
             for reconnect in (False, True) if not args.no_reconnect else (False,):
                 label = "-S -C (connect per xact)" if reconnect else "-S (persistent)"
+                # the floor opens a server connection per client: no pooler for -C
+                names = [n for n in poolers if not (reconnect and n == "floor")]
                 results: dict[str, list[Run]] = {name: [] for name in names}
                 for r in range(args.rounds):  # rotate who goes first: the box is shared
                     for name in names[r % len(names) :] + names[: r % len(names)]:
