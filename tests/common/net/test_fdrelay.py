@@ -316,3 +316,37 @@ async def test_connect_failures_are_oserrors() -> None:
         assert not engine._connecting
     finally:
         engine.close()
+
+
+async def test_connect_times_out_when_nobody_answers() -> None:
+    """A listener whose accept queue is full drops the SYN: the connect hangs until its
+    deadline (kept by the engine's sweep, not a timer per connect)."""
+    engine = FdRelayEngine()
+    full = socket.create_server(("127.0.0.1", 0), backlog=0)
+    waiting: list[socket.socket] = []
+    try:
+        port = full.getsockname()[1]
+        for _ in range(4):  # fill the accept queue; nobody accepts
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            waiting.append(s)
+        await asyncio.sleep(0.1)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await engine.connect("127.0.0.1", port, connect_timeout=0.3)
+        assert 0.25 <= loop.time() - started < 2.0
+        assert not engine._connecting
+        # a cancelled caller is cancelled, not timed out
+        task = asyncio.ensure_future(engine.connect("127.0.0.1", port, connect_timeout=5))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not engine._connecting
+    finally:
+        for s in waiting:
+            s.close()
+        full.close()
+        engine.close()

@@ -12,7 +12,8 @@ API (stable):
 - ``FdRelayEngine(loop)``; ``close()`` closes every pair and the epoll.
 - ``await engine.connect(host, port, *, connect_timeout) -> socket`` connects a non-blocking
   TCP socket (TCP_NODELAY; a host name is resolved first) and returns it connected; ``OSError``
-  or ``TimeoutError`` otherwise (the socket is closed then). Until ``join`` it is the caller's.
+  or ``TimeoutError`` otherwise (the socket is closed then; the timeout is kept to within
+  ``CONNECT_SWEEP``). Until ``join`` it is the caller's.
 - ``engine.join(client, upstream, *, first=b"", client_eof=False, idle_timeout=None,
   on_close=None) -> FdRelay`` takes both sockets (they are the engine's from now on), writes
   ``first`` to ``upstream`` before anything read from ``client``, and relays both ways.
@@ -59,6 +60,7 @@ _HUP: Final = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _IN_OUT: Final = _IN | select.EPOLLOUT
 _CONNECTING: Final = select.EPOLLOUT | select.EPOLLET
 _MAX_EVENTS: Final = 1024
+CONNECT_SWEEP: Final = 0.05  # seconds between checks of connect deadlines (their precision)
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 
 
@@ -147,7 +149,8 @@ class FdRelayEngine:
         self._loop = loop or asyncio.get_running_loop()
         self._epoll = select.epoll()
         self._sides: dict[int, _Side] = {}
-        self._connecting: dict[int, asyncio.Future[None]] = {}
+        self._connecting: dict[int, tuple[asyncio.Future[None], float]] = {}  # fd: (, deadline)
+        self._sweep_handle: asyncio.TimerHandle | None = None
         self.relays: set[FdRelay] = set()
         self.now = self._loop.time()
         self._idle_handle: asyncio.TimerHandle | None = None
@@ -156,24 +159,21 @@ class FdRelayEngine:
 
     # -- public
     async def connect(self, host: str, port: int, *, connect_timeout: float) -> socket.socket:
-        async with asyncio.timeout(connect_timeout):
-            family = _address_family(host)
-            if family:
-                targets = [(family, host)]
-            else:
-                infos = await self._loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-                targets = [
-                    (fam, str(addr[0]))
-                    for fam, _, _, _, addr in infos
-                    if fam in (socket.AF_INET, socket.AF_INET6)
-                ]
-            last: OSError = OSError(errno.EADDRNOTAVAIL, f"could not resolve {host}")
-            for family, address in targets:
-                try:
-                    return await self._connect_one(family, address, port)
-                except OSError as exc:
-                    last = exc
-            raise last
+        deadline = self._loop.time() + connect_timeout
+        family = _address_family(host)
+        if family:  # the common case: no name to resolve, no timer of its own (see _sweep)
+            return await self._connect_one(family, host, port, deadline)
+        async with asyncio.timeout_at(deadline):
+            infos = await self._loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        last: OSError = OSError(errno.EADDRNOTAVAIL, f"could not resolve {host}")
+        for fam, _, _, _, addr in infos:
+            if fam not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            try:
+                return await self._connect_one(fam, str(addr[0]), port, deadline)
+            except OSError as exc:
+                last = exc
+        raise last
 
     def join(
         self,
@@ -209,9 +209,12 @@ class FdRelayEngine:
     def close(self) -> None:
         for relay in list(self.relays):
             relay.abort("closed")
-        for fut in self._connecting.values():
+        for fut, _ in self._connecting.values():
             if not fut.done():
                 fut.set_exception(ConnectionAbortedError("relay engine closed"))
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+            self._sweep_handle = None
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
@@ -220,7 +223,9 @@ class FdRelayEngine:
             self._epoll.close()
 
     # -- connect
-    async def _connect_one(self, family: int, host: str, port: int) -> socket.socket:
+    async def _connect_one(
+        self, family: int, host: str, port: int, deadline: float
+    ) -> socket.socket:
         sock = socket.socket(family, socket.SOCK_STREAM)
         fd = sock.fileno()
         try:
@@ -228,12 +233,22 @@ class FdRelayEngine:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = sock.connect_ex((host, port))
             if err == errno.EINPROGRESS:
+                if self._loop.time() >= deadline:
+                    raise TimeoutError(f"connect to {host}:{port}")
                 fut = self._loop.create_future()
-                self._connecting[fd] = fut
+                self._connecting[fd] = (fut, deadline)
+                if self._sweep_handle is None:
+                    self._sweep_handle = self._loop.call_later(CONNECT_SWEEP, self._sweep)
                 # stays registered (its events are ignored) until join modifies it or the
                 # socket is closed, which takes it out of the epoll (it has no duplicates)
                 self._epoll.register(fd, _CONNECTING)
-                await fut
+                try:
+                    await fut
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise  # our caller was cancelled
+                    raise TimeoutError(f"connect to {host}:{port}") from None  # by _sweep
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise OSError(err, f"connect to {host}:{port}: {errno.errorcode.get(err, err)}")
@@ -255,9 +270,9 @@ class FdRelayEngine:
         for fd, ev in events:
             side = sides.get(fd)
             if side is None:
-                fut = self._connecting.get(fd)
-                if fut is not None and not fut.done():
-                    fut.set_result(None)
+                pending = self._connecting.get(fd)
+                if pending is not None and not pending[0].done():
+                    pending[0].set_result(None)
                 continue
             if ev & _HUP:
                 side.hup = True  # edge-triggered: this is said once, maybe while paused
@@ -357,6 +372,18 @@ class FdRelayEngine:
             side.sock.close()
         if relay._on_close is not None:
             relay._on_close(relay)
+
+    def _sweep(self) -> None:
+        """Fail the connects past their deadline: one timer for all of them, not one each (a
+        connect on the same host is usually over within the loop iteration)."""
+        self._sweep_handle = None
+        if not self._connecting:
+            return
+        now = self._loop.time()
+        for fut, deadline in list(self._connecting.values()):
+            if deadline <= now and not fut.done():
+                fut.cancel()
+        self._sweep_handle = self._loop.call_later(CONNECT_SWEEP, self._sweep)
 
     # -- idle
     def _watch_idle(self, timeout: float) -> None:

@@ -191,6 +191,8 @@ class TcpListener:
         self._spec = spec
         self.sock = sock
         sock.setblocking(False)
+        # accepted sockets inherit it (one setsockopt per listener, not per connection)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._loop = asyncio.get_running_loop()
         self._accepting = False
         self._retry: asyncio.TimerHandle | None = None
@@ -233,7 +235,6 @@ class TcpListener:
                 return
             try:
                 sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 local = self._local or sock.getsockname()[:2]
             except OSError:
                 sock.close()
