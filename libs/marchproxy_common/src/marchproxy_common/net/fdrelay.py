@@ -9,7 +9,7 @@ dict lookup and the ``recv``/``send`` calls themselves. Linux only (epoll).
 
 API (stable):
 
-- ``FdRelayEngine(loop)``; ``close()`` closes every pair and the epoll.
+- ``FdRelayEngine(loop)`` (``engine.loop``); ``close()`` closes every pair and the epoll.
 - ``await engine.connect(host, port, *, connect_timeout) -> socket`` connects a non-blocking
   TCP socket (TCP_NODELAY; a host name is resolved first) and returns it connected; ``OSError``
   or ``TimeoutError`` otherwise (the socket is closed then; the timeout is kept to within
@@ -125,7 +125,7 @@ class FdRelay:
         self._on_close = on_close
         self._reason: str | None = None
         self._started = time.monotonic()
-        self.last_active = engine._loop.time()
+        self.last_active = engine.loop.time()
         self.bytes_up = 0
         self.bytes_down = 0
 
@@ -146,25 +146,25 @@ class FdRelay:
 
 class FdRelayEngine:
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self._loop = loop or asyncio.get_running_loop()
+        self.loop = loop or asyncio.get_running_loop()
         self._epoll = select.epoll()
         self._sides: dict[int, _Side] = {}
         self._connecting: dict[int, tuple[asyncio.Future[None], float]] = {}  # fd: (, deadline)
         self._sweep_handle: asyncio.TimerHandle | None = None
         self.relays: set[FdRelay] = set()
-        self.now = self._loop.time()
+        self.now = self.loop.time()
         self._idle_handle: asyncio.TimerHandle | None = None
         self._idle_every = 0.0
-        self._loop.add_reader(self._epoll.fileno(), self._poll)
+        self.loop.add_reader(self._epoll.fileno(), self._poll)
 
     # -- public
     async def connect(self, host: str, port: int, *, connect_timeout: float) -> socket.socket:
-        deadline = self._loop.time() + connect_timeout
+        deadline = self.loop.time() + connect_timeout
         family = _address_family(host)
         if family:  # the common case: no name to resolve, no timer of its own (see _sweep)
             return await self._connect_one(family, host, port, deadline)
         async with asyncio.timeout_at(deadline):
-            infos = await self._loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         last: OSError = OSError(errno.EADDRNOTAVAIL, f"could not resolve {host}")
         for fam, _, _, _, addr in infos:
             if fam not in (socket.AF_INET, socket.AF_INET6):
@@ -219,7 +219,7 @@ class FdRelayEngine:
             self._idle_handle.cancel()
             self._idle_handle = None
         if not self._epoll.closed:
-            self._loop.remove_reader(self._epoll.fileno())
+            self.loop.remove_reader(self._epoll.fileno())
             self._epoll.close()
 
     # -- connect
@@ -233,12 +233,12 @@ class FdRelayEngine:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = sock.connect_ex((host, port))
             if err == errno.EINPROGRESS:
-                if self._loop.time() >= deadline:
+                if self.loop.time() >= deadline:
                     raise TimeoutError(f"connect to {host}:{port}")
-                fut = self._loop.create_future()
+                fut = self.loop.create_future()
                 self._connecting[fd] = (fut, deadline)
                 if self._sweep_handle is None:
-                    self._sweep_handle = self._loop.call_later(CONNECT_SWEEP, self._sweep)
+                    self._sweep_handle = self.loop.call_later(CONNECT_SWEEP, self._sweep)
                 # stays registered (its events are ignored) until join modifies it or the
                 # socket is closed, which takes it out of the epoll (it has no duplicates)
                 self._epoll.register(fd, _CONNECTING)
@@ -261,7 +261,7 @@ class FdRelayEngine:
 
     # -- events
     def _poll(self) -> None:
-        self.now = self._loop.time()
+        self.now = self.loop.time()
         sides = self._sides
         try:
             events = self._epoll.poll(0, _MAX_EVENTS)
@@ -379,11 +379,11 @@ class FdRelayEngine:
         self._sweep_handle = None
         if not self._connecting:
             return
-        now = self._loop.time()
+        now = self.loop.time()
         for fut, deadline in list(self._connecting.values()):
             if deadline <= now and not fut.done():
                 fut.cancel()
-        self._sweep_handle = self._loop.call_later(CONNECT_SWEEP, self._sweep)
+        self._sweep_handle = self.loop.call_later(CONNECT_SWEEP, self._sweep)
 
     # -- idle
     def _watch_idle(self, timeout: float) -> None:
@@ -393,11 +393,11 @@ class FdRelayEngine:
         if self._idle_handle is not None:
             self._idle_handle.cancel()
         self._idle_every = every
-        self._idle_handle = self._loop.call_later(every, self._check_idle)
+        self._idle_handle = self.loop.call_later(every, self._check_idle)
 
     def _check_idle(self) -> None:
         self._idle_handle = None
-        now = self.now = self._loop.time()
+        now = self.now = self.loop.time()
         shortest = 0.0
         for relay in list(self.relays):
             timeout = relay.idle_timeout
@@ -409,4 +409,4 @@ class FdRelayEngine:
                 shortest = timeout
         if shortest:
             self._idle_every = shortest / IDLE_CHECKS_PER_TIMEOUT
-            self._idle_handle = self._loop.call_later(self._idle_every, self._check_idle)
+            self._idle_handle = self.loop.call_later(self._idle_every, self._check_idle)

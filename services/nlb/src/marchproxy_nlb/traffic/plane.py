@@ -396,8 +396,7 @@ class DataPlane:
         return name, info
 
     async def forward(self, conn: Connection, verdict: Verdict | None) -> None:
-        loop = asyncio.get_running_loop()
-        self.metrics.sniff_seconds.observe(loop.time() - conn.started)
+        self.metrics.sniff_seconds.observe(self.engine.loop.time() - conn.started)
         try:
             await self._forward(conn, verdict)
         finally:
@@ -430,9 +429,12 @@ class DataPlane:
                 return
             tried.add(inst.instance_id)
             host, port = inst.address_for(ACCEPTORS.get(name, ()))
-            if await self._hand_off(conn, inst, version, name, port):
+            if HANDOFF_LABEL in inst.labels and await self._hand_off(
+                conn, inst, version, name, port
+            ):
                 return
-            started = asyncio.get_running_loop().time()
+            loop = self.engine.loop  # not get_running_loop(): on 3.11 that is a getpid() call
+            started = loop.time()
             try:
                 upstream = await self.engine.connect(
                     host, port, connect_timeout=self.settings.nlb_connect_timeout
@@ -444,7 +446,7 @@ class DataPlane:
                     "upstream_connect_failed", instance_id=inst.instance_id, error=repr(exc)
                 )
                 continue
-            self.metrics.connect_seconds.observe(asyncio.get_running_loop().time() - started)
+            self.metrics.connect_seconds.observe(loop.time() - started)
             self._attach(conn, upstream, header, inst, version, name)
             return
         self._refuse(conn, name, "connect_failed")
