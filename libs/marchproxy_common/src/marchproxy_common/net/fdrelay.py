@@ -149,6 +149,9 @@ class FdRelayEngine:
         self.loop = loop or asyncio.get_running_loop()
         self._epoll = select.epoll()
         self._sides: dict[int, _Side] = {}
+        # every read lands here and is sent on at once (only what a peer does not take is
+        # copied out): no allocation per read
+        self._view = memoryview(bytearray(CHUNK))
         self._connecting: dict[int, tuple[asyncio.Future[None], float]] = {}  # fd: (, deadline)
         self._sweep_handle: asyncio.TimerHandle | None = None
         self.relays: set[FdRelay] = set()
@@ -287,29 +290,31 @@ class FdRelayEngine:
             return  # paused until dst takes what it has (then _flush reads on)
         relay = src.relay
         relay.last_active = self.now
+        view = self._view
         while True:
             try:
-                data = src.sock.recv(CHUNK)
+                n = src.sock.recv_into(view)
             except BlockingIOError:
                 return
             except OSError:
                 relay.abort("error")
                 return
-            if not data:
+            if not n:
                 src.eof = True
                 self._pass_eof(src)
                 return
             if src is relay.client:
-                relay.bytes_up += len(data)
+                relay.bytes_up += n
             else:
-                relay.bytes_down += len(data)
-            if not self._write(dst, data):
+                relay.bytes_down += n
+            if not self._write(dst, view[:n], borrowed=True):
                 return  # paused (or failed)
-            if len(data) < CHUNK and not src.hup:
+            if n < CHUNK and not src.hup:
                 return  # drained: a short read empties the socket; new bytes raise an event
 
-    def _write(self, dst: _Side, data: bytes | memoryview) -> bool:
-        """Send to ``dst``; keep what it did not take. True when all of it went."""
+    def _write(self, dst: _Side, data: bytes | memoryview, *, borrowed: bool = False) -> bool:
+        """Send to ``dst``; keep what it did not take (a copy when ``data`` is ``borrowed``:
+        the engine's read buffer). True when all of it went."""
         try:
             sent = dst.sock.send(data)
         except BlockingIOError:
@@ -319,7 +324,7 @@ class FdRelayEngine:
             return False
         if sent == len(data):
             return True
-        dst.out = memoryview(data)[sent:]
+        dst.out = memoryview(bytes(data[sent:]) if borrowed else data[sent:])
         try:
             self._epoll.modify(dst.fd, _IN_OUT)
         except OSError:
