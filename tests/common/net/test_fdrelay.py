@@ -80,6 +80,8 @@ class _Accepted(asyncio.Protocol):
 async def with_front(
     handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
     body: Callable[[Front], Awaitable[None]],
+    *,
+    splice_after: int | None = None,
     **options: Any,
 ) -> None:
     async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -89,7 +91,8 @@ async def with_front(
             writer.close()
 
     server = await asyncio.start_server(upstream, "127.0.0.1", 0, limit=1 << 20)
-    front = Front(FdRelayEngine(), server.sockets[0].getsockname()[1], **options)
+    engine = FdRelayEngine(splice_after=splice_after)
+    front = Front(engine, server.sockets[0].getsockname()[1], **options)
     await front.start()
     try:
         await body(front)
@@ -105,8 +108,14 @@ async def wait_for(cond: Callable[[], bool], limit: float = 20.0) -> None:
             await asyncio.sleep(0.005)
 
 
+SPLICE = pytest.mark.parametrize(
+    "splice_after", [None, 0, 3 << 20], ids=["recv-send", "splice", "splice-after-3MiB"]
+)
+
+
+@SPLICE
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
-def test_bulk_both_ways_at_once_is_byte_exact(loop_kind: str) -> None:
+def test_bulk_both_ways_at_once_is_byte_exact(loop_kind: str, splice_after: int | None) -> None:
     """48 MiB each way at the same time, with the header in front and EOF passed on."""
     size = 48 << 20
     header = b"HEADER\r\n"
@@ -140,12 +149,13 @@ def test_bulk_both_ways_at_once_is_byte_exact(loop_kind: str) -> None:
         assert (relay.bytes_up, relay.bytes_down) == (size, size + 64)
 
     async def main() -> None:
-        await with_front(echo_with_hash, body, first=header)
+        await with_front(echo_with_hash, body, first=header, splice_after=splice_after)
 
     run(loop_kind, main, timeout=120)
 
 
-async def test_what_goes_through_is_exact() -> None:
+@SPLICE
+async def test_what_goes_through_is_exact(splice_after: int | None) -> None:
     size = 12 << 20
 
     async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -159,10 +169,11 @@ async def test_what_goes_through_is_exact() -> None:
         assert await reader.read() == f"{sent} {size}".encode()
         writer.close()
 
-    await with_front(sink, body)
+    await with_front(sink, body, splice_after=splice_after)
 
 
-async def test_slow_reader_holds_the_sender_not_the_relay() -> None:
+@SPLICE
+async def test_slow_reader_holds_the_sender_not_the_relay(splice_after: int | None) -> None:
     """The client reads nothing: the relay keeps at most one read, and the upstream's writer
     is the one that fills up (the kernel buffers between are finite)."""
     stuck = asyncio.Event()
@@ -187,17 +198,20 @@ async def test_slow_reader_holds_the_sender_not_the_relay() -> None:
         await asyncio.wait_for(stuck.wait(), 20)
         relay = front.relays[0]
         out = relay.client.out
-        assert out is not None and len(out) <= CHUNK  # one read waiting, no more
+        assert out is not None and len(out) <= CHUNK  # one read waiting (or a pipe), no more
+        assert relay.upstream.in_pipe <= CHUNK
         assert relay.bytes_down < total // 2
         _, n = await recv_all(reader)  # now read it all: everything arrives
         assert n == total
+        assert (relay.upstream.pipe is not None) == (splice_after is not None)
         writer.close()
 
-    await with_front(flood, body)
+    await with_front(flood, body, splice_after=splice_after)
 
 
+@SPLICE
 @pytest.mark.parametrize("first", ["client", "server"])
-async def test_half_close_keeps_the_other_direction(first: str) -> None:
+async def test_half_close_keeps_the_other_direction(first: str, splice_after: int | None) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if first == "server":
             writer.write(b"server done")
@@ -223,7 +237,7 @@ async def test_half_close_keeps_the_other_direction(first: str) -> None:
         assert front.closed[0].stats().reason == "eof"
         writer.close()
 
-    await with_front(handler, body)
+    await with_front(handler, body, splice_after=splice_after)
 
 
 async def test_client_eof_before_the_join_follows_the_first_bytes() -> None:

@@ -9,7 +9,8 @@ dict lookup and the ``recv``/``send`` calls themselves. Linux only (epoll).
 
 API (stable):
 
-- ``FdRelayEngine(loop)`` (``engine.loop``); ``close()`` closes every pair and the epoll.
+- ``FdRelayEngine(loop, *, splice_after=SPLICE_AFTER)`` (``engine.loop``); ``close()`` closes
+  every pair and the epoll.
 - ``await engine.connect(host, port, *, connect_timeout) -> socket`` connects a non-blocking
   TCP socket (TCP_NODELAY; a host name is resolved first) and returns it connected; ``OSError``
   or ``TimeoutError`` otherwise (the socket is closed then; the timeout is kept to within
@@ -27,7 +28,10 @@ API (stable):
   failed at once); ``relay.stats().reason`` is ``"eof"``, ``"idle"``, ``"error"`` or the one
   given.
 
-Flow control: a side is read only while nothing is waiting to be written to its peer. A
+Bulk: a direction that has moved ``splice_after`` bytes (``SPLICE_AFTER``, 1 MiB; None: never)
+gets a pipe and moves on by splice(2), socket -> pipe -> socket, so its bytes no longer pass
+through Python (as HAProxy's ``option splice-auto``); short exchanges keep recv/send and no
+pipe. Flow control: a side is read only while nothing is waiting to be written to its peer. A
 ``send`` that takes part of a chunk keeps the rest (at most one read, ``CHUNK`` bytes, per
 direction) and asks epoll for writability; reading that direction resumes once it is written,
 so a slow reader holds the sender in the kernel's buffers, not in ours. Half-close: EOF from a
@@ -41,8 +45,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import functools
 import ipaddress
+import os
 import select
 import socket
 import struct
@@ -62,6 +68,10 @@ _CONNECTING: Final = select.EPOLLOUT | select.EPOLLET
 _MAX_EVENTS: Final = 1024
 CONNECT_SWEEP: Final = 0.05  # seconds between checks of connect deadlines (their precision)
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
+#: bytes one direction moves by recv/send before it moves by splice(2) through a pipe
+SPLICE_AFTER: Final = 1 << 20
+_SPLICE_FLAGS: Final = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+_IN_PIPE: Final = memoryview(b"")  # ``_Side.out`` when what waits for a side is in a pipe
 
 
 @functools.lru_cache(maxsize=1024)
@@ -83,16 +93,21 @@ def detach(transport: asyncio.Transport) -> socket.socket:
 
 
 class _Side:
-    __slots__ = ("eof", "fd", "hup", "out", "peer", "relay", "sock")
+    __slots__ = ("eof", "fd", "hup", "in_pipe", "out", "peer", "pipe", "read", "relay", "sock")
 
     def __init__(self, relay: FdRelay, sock: socket.socket) -> None:
         self.relay = relay
         self.sock = sock
         self.fd = sock.fileno()
         self.peer: _Side = self
-        self.out: memoryview | None = None  # read from the peer, not yet written here
+        #: read from the peer, not yet written here (``_IN_PIPE``: waiting in the peer's pipe)
+        self.out: memoryview | None = None
         self.eof = False  # this side sent EOF (read)
         self.hup = False  # epoll said it did (or failed): read until recv says so
+        self.read = 0  # bytes read from this side
+        #: (read end, write end, capacity) once this side's bytes go by splice(2)
+        self.pipe: tuple[int, int, int] | None = None
+        self.in_pipe = 0  # of this side's bytes, how many are in its pipe
 
 
 class FdRelay:
@@ -101,8 +116,6 @@ class FdRelay:
         "_on_close",
         "_reason",
         "_started",
-        "bytes_down",
-        "bytes_up",
         "client",
         "idle_timeout",
         "last_active",
@@ -126,8 +139,14 @@ class FdRelay:
         self._reason: str | None = None
         self._started = time.monotonic()
         self.last_active = engine.loop.time()
-        self.bytes_up = 0
-        self.bytes_down = 0
+
+    @property
+    def bytes_up(self) -> int:
+        return self.client.read
+
+    @property
+    def bytes_down(self) -> int:
+        return self.upstream.read
 
     @property
     def closed(self) -> bool:
@@ -145,8 +164,14 @@ class FdRelay:
 
 
 class FdRelayEngine:
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        splice_after: int | None = SPLICE_AFTER,
+    ) -> None:
         self.loop = loop or asyncio.get_running_loop()
+        self.splice_after = splice_after
         self._epoll = select.epoll()
         self._sides: dict[int, _Side] = {}
         # every read lands here and is sent on at once (only what a peer does not take is
@@ -290,6 +315,11 @@ class FdRelayEngine:
             return  # paused until dst takes what it has (then _flush reads on)
         relay = src.relay
         relay.last_active = self.now
+        if src.pipe is not None or (
+            self.splice_after is not None and src.read >= self.splice_after and self._pipe(src)
+        ):
+            self._splice(src)
+            return
         view = self._view
         while True:
             try:
@@ -303,14 +333,70 @@ class FdRelayEngine:
                 src.eof = True
                 self._pass_eof(src)
                 return
-            if src is relay.client:
-                relay.bytes_up += n
-            else:
-                relay.bytes_down += n
+            src.read += n
             if not self._write(dst, view[:n], borrowed=True):
                 return  # paused (or failed)
             if n < CHUNK and not src.hup:
                 return  # drained: a short read empties the socket; new bytes raise an event
+
+    def _pipe(self, src: _Side) -> bool:
+        """Give ``src`` a pipe: a direction that moved ``splice_after`` bytes is a bulk one,
+        and splice(2) moves its bytes socket -> pipe -> socket without copying them into
+        Python (half the CPU per byte). False when no pipe can be had (keeps recv/send)."""
+        try:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            self.splice_after = None  # out of descriptors: stop trying for every read
+            return False
+        try:
+            size = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, CHUNK)
+        except OSError:
+            size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+        src.pipe = (r, w, size)
+        return True
+
+    def _splice(self, src: _Side) -> None:
+        """Move ``src``'s bytes through its (empty) pipe to its peer until ``src`` is drained,
+        its peer is full (then ``_flush`` goes on) or either side ends."""
+        assert src.pipe is not None
+        w, size = src.pipe[1], src.pipe[2]
+        while True:
+            try:
+                n = os.splice(src.fd, w, size, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                return
+            except OSError:
+                src.relay.abort("error")
+                return
+            if not n:
+                src.eof = True
+                self._pass_eof(src)
+                return
+            src.read += n
+            src.in_pipe = n
+            if not self._drain_pipe(src):
+                return  # paused (or failed)
+            if n < size and not src.hup:
+                return  # drained, as for recv
+
+    def _drain_pipe(self, src: _Side) -> bool:
+        """Splice what waits in ``src``'s pipe to its peer. True when the pipe is empty."""
+        assert src.pipe is not None
+        dst, r = src.peer, src.pipe[0]
+        while src.in_pipe:
+            try:
+                src.in_pipe -= os.splice(r, dst.fd, src.in_pipe, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                dst.out = _IN_PIPE
+                try:
+                    self._epoll.modify(dst.fd, _IN_OUT)
+                except OSError:
+                    src.relay.abort("error")
+                return False
+            except OSError:
+                src.relay.abort("error")
+                return False
+        return True
 
     def _write(self, dst: _Side, data: bytes | memoryview, *, borrowed: bool = False) -> bool:
         """Send to ``dst``; keep what it did not take (a copy when ``data`` is ``borrowed``:
@@ -336,7 +422,7 @@ class FdRelayEngine:
         assert out is not None
         dst.out = None
         dst.relay.last_active = self.now
-        if not self._write(dst, out):
+        if not (self._drain_pipe(dst.peer) if out is _IN_PIPE else self._write(dst, out)):
             return
         try:
             self._epoll.modify(dst.fd, _IN)
@@ -375,6 +461,10 @@ class FdRelayEngine:
                 with contextlib.suppress(OSError):
                     side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             side.sock.close()
+            if side.pipe is not None:
+                os.close(side.pipe[0])
+                os.close(side.pipe[1])
+                side.pipe = None
         if relay._on_close is not None:
             relay._on_close(relay)
 
