@@ -364,3 +364,52 @@ async def test_connect_times_out_when_nobody_answers() -> None:
             s.close()
         full.close()
         engine.close()
+
+
+async def test_a_watched_client_joins_with_what_came_while_nobody_listened() -> None:
+    """Sniffing reads on the engine's epoll (watch); after the decision (unwatch) the client
+    goes on sending and closes before the join: the relay still gets all of it, EOF included
+    (edge-triggered events seen while unwatched are not seen again)."""
+    engine = FdRelayEngine()
+    got: list[bytes] = []
+    sniffed = bytearray()
+    heard = asyncio.Event()
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got.append(await reader.read())
+        writer.close()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    a, b = socket.socketpair()
+    try:
+        a.setblocking(False)
+
+        def readable() -> None:
+            while True:
+                try:
+                    chunk = a.recv(100)
+                except BlockingIOError:
+                    return
+                sniffed.extend(chunk)
+                heard.set()
+
+        engine.watch(a, readable)
+        b.sendall(b"first ")
+        await asyncio.wait_for(heard.wait(), 5)
+        engine.unwatch(a)
+        b.sendall(b"then more")
+        b.shutdown(socket.SHUT_WR)
+        await asyncio.sleep(0.05)  # the events for these come and go unheard
+        assert bytes(sniffed) == b"first "
+        up = await engine.connect(
+            "127.0.0.1", server.sockets[0].getsockname()[1], connect_timeout=5
+        )
+        relay = engine.join(a, up, first=bytes(sniffed))
+        await wait_for(lambda: bool(got))
+        assert got == [b"first then more"]
+        await wait_for(lambda: relay.closed)
+    finally:
+        b.close()
+        engine.close()
+        server.close()
+        await server.wait_closed()

@@ -19,6 +19,8 @@ API (stable):
   on_close=None) -> FdRelay`` takes both sockets (they are the engine's from now on), writes
   ``first`` to ``upstream`` before anything read from ``client``, and relays both ways.
   ``client_eof``: the client already half-closed (passed on after ``first``).
+- ``watch(sock, on_readable)`` / ``unwatch(sock, forget=False)``: readiness callbacks for a
+  socket read before it joins (a client being sniffed); ``join`` keeps its registration.
 - ``detach(transport) -> socket``: a duplicate of an accepted asyncio transport's socket, the
   transport itself aborted (only our descriptor closes; the connection stays open). The
   transport must be paused and must not have written anything.
@@ -93,7 +95,19 @@ def detach(transport: asyncio.Transport) -> socket.socket:
 
 
 class _Side:
-    __slots__ = ("eof", "fd", "hup", "in_pipe", "out", "peer", "pipe", "read", "relay", "sock")
+    __slots__ = (
+        "drain",
+        "eof",
+        "fd",
+        "hup",
+        "in_pipe",
+        "out",
+        "peer",
+        "pipe",
+        "read",
+        "relay",
+        "sock",
+    )
 
     def __init__(self, relay: FdRelay, sock: socket.socket) -> None:
         self.relay = relay
@@ -104,6 +118,7 @@ class _Side:
         self.out: memoryview | None = None
         self.eof = False  # this side sent EOF (read)
         self.hup = False  # epoll said it did (or failed): read until recv says so
+        self.drain = False  # the next read goes on until recv says EAGAIN (events were missed)
         self.read = 0  # bytes read from this side
         #: (read end, write end, capacity) once this side's bytes go by splice(2)
         self.pipe: tuple[int, int, int] | None = None
@@ -178,6 +193,9 @@ class FdRelayEngine:
         # copied out): no allocation per read
         self._view = memoryview(bytearray(CHUNK))
         self._connecting: dict[int, tuple[asyncio.Future[None], float]] = {}  # fd: (, deadline)
+        #: fd -> (socket, callback) of watched sockets; callback None once unwatched (the
+        #: socket stays registered until it is joined or closed)
+        self._watched: dict[int, tuple[socket.socket, Callable[[], None] | None]] = {}
         self._sweep_handle: asyncio.TimerHandle | None = None
         self.relays: set[FdRelay] = set()
         self.now = self.loop.time()
@@ -203,6 +221,33 @@ class FdRelayEngine:
                 last = exc
         raise last
 
+    def watch(self, sock: socket.socket, on_readable: Callable[[], None]) -> None:
+        """Call ``on_readable()`` whenever ``sock`` gets bytes or an EOF (edge-triggered: each
+        call reads until ``recv`` raises BlockingIOError, or stops wanting bytes). For a client
+        read before it joins (sniffed): cheaper than ``loop.add_reader``, and ``join`` keeps
+        the registration."""
+        fd = sock.fileno()
+        self._watched[fd] = (sock, on_readable)
+        try:
+            self._epoll.register(fd, _IN)
+        except FileExistsError:  # an unwatched socket watched again
+            self._epoll.modify(fd, _IN)
+
+    def unwatch(self, sock: socket.socket, *, forget: bool = False) -> None:
+        """No more ``on_readable`` calls. The socket stays registered for ``join``; with
+        ``forget`` (it is about to be closed) it is let go of entirely."""
+        fd = sock.fileno()
+        entry = self._watched.get(fd)
+        if entry is None or entry[0] is not sock:
+            return
+        if forget:
+            del self._watched[fd]
+            if not self._epoll.closed:
+                with contextlib.suppress(OSError):
+                    self._epoll.unregister(fd)
+        else:
+            self._watched[fd] = (sock, None)
+
     def join(
         self,
         client: socket.socket,
@@ -218,8 +263,12 @@ class FdRelayEngine:
         c, u = relay.client, relay.upstream
         self._sides[c.fd] = c
         self._sides[u.fd] = u
+        watched = self._watched.pop(c.fd, None)
         try:
-            self._epoll.register(c.fd, _IN)
+            if watched is not None and watched[0] is client:
+                c.drain = True  # registered while watched: edges since then went unheard
+            else:
+                self._epoll.register(c.fd, _IN)
             try:
                 self._epoll.modify(u.fd, _IN)  # registered by connect
             except FileNotFoundError:
@@ -228,8 +277,12 @@ class FdRelayEngine:
             relay.abort("error")
             return relay
         c.eof = client_eof
-        if (not first or self._write(u, first)) and client_eof:
-            self._pass_eof(c)  # else once ``first`` is written (_flush)
+        if first and not self._write(u, first):
+            pass  # the rest follows from _flush (EOF, the client's next bytes)
+        elif client_eof:
+            self._pass_eof(c)
+        elif c.drain:
+            self._read(c)
         if idle_timeout:
             self._watch_idle(idle_timeout)
         return relay
@@ -298,6 +351,11 @@ class FdRelayEngine:
         for fd, ev in events:
             side = sides.get(fd)
             if side is None:
+                watched = self._watched.get(fd)
+                if watched is not None:
+                    if watched[1] is not None:
+                        watched[1]()
+                    continue
                 pending = self._connecting.get(fd)
                 if pending is not None and not pending[0].done():
                     pending[0].set_result(None)
@@ -315,10 +373,12 @@ class FdRelayEngine:
             return  # paused until dst takes what it has (then _flush reads on)
         relay = src.relay
         relay.last_active = self.now
+        drain = src.hup or src.drain
+        src.drain = False
         if src.pipe is not None or (
             self.splice_after is not None and src.read >= self.splice_after and self._pipe(src)
         ):
-            self._splice(src)
+            self._splice(src, drain)
             return
         view = self._view
         while True:
@@ -336,7 +396,7 @@ class FdRelayEngine:
             src.read += n
             if not self._write(dst, view[:n], borrowed=True):
                 return  # paused (or failed)
-            if n < CHUNK and not src.hup:
+            if n < CHUNK and not drain:
                 return  # drained: a short read empties the socket; new bytes raise an event
 
     def _pipe(self, src: _Side) -> bool:
@@ -355,7 +415,7 @@ class FdRelayEngine:
         src.pipe = (r, w, size)
         return True
 
-    def _splice(self, src: _Side) -> None:
+    def _splice(self, src: _Side, drain: bool) -> None:
         """Move ``src``'s bytes through its (empty) pipe to its peer until ``src`` is drained,
         its peer is full (then ``_flush`` goes on) or either side ends."""
         assert src.pipe is not None
@@ -376,7 +436,7 @@ class FdRelayEngine:
             src.in_pipe = n
             if not self._drain_pipe(src):
                 return  # paused (or failed)
-            if n < size and not src.hup:
+            if n < size and not drain:
                 return  # drained, as for recv
 
     def _drain_pipe(self, src: _Side) -> bool:

@@ -255,58 +255,62 @@ class TcpListener:
 
 class Sniffer:
     """Reads a connection's first bytes (at most MAX_SNIFF_BYTES) until ``classify`` decides or
-    the sniff timeout runs out, then starts the routing decision (``DataPlane.forward``)."""
+    the sniff timeout runs out, then starts the routing decision (``DataPlane.forward``). The
+    socket is watched on the relay engine's epoll, which keeps it registered for the relay."""
 
-    __slots__ = ("_conn", "_fd", "_loop", "_plane", "_timer")
+    __slots__ = ("_conn", "_engine", "_plane", "_timer")
 
     def __init__(self, plane: DataPlane, conn: Connection, loop: asyncio.AbstractEventLoop):
         self._plane = plane
         self._conn = conn
-        self._loop = loop
-        self._fd = conn.sock.fileno()
-        loop.add_reader(self._fd, self._readable)
+        self._engine = plane.engine
+        self._engine.watch(conn.sock, self._readable)
         self._timer: asyncio.TimerHandle | None = loop.call_later(
             plane.settings.nlb_sniff_timeout, self._deadline
         )
 
     def _readable(self) -> None:
         conn = self._conn
-        try:
-            data = conn.sock.recv(MAX_SNIFF_BYTES - len(conn.sniffed))
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            conn.lost = True
-            self._stop()
-            conn.close()
-            self._plane.release(conn)
-            return
-        if not data:
-            conn.eof = True
-            if not conn.sniffed:
-                self._stop()
-                conn.close()  # nothing to route
-                self._plane.release(conn)
+        while True:  # edge-triggered: until the socket is empty or we know enough
+            try:
+                data = conn.sock.recv(MAX_SNIFF_BYTES - len(conn.sniffed))
+            except (BlockingIOError, InterruptedError):
                 return
-            self._decide(classify(conn.sniffed, final=True))
-            return
-        conn.sniffed += data
-        verdict = classify(conn.sniffed, final=len(conn.sniffed) >= MAX_SNIFF_BYTES)
-        if not isinstance(verdict, NeedMore):
-            self._decide(verdict)
+            except OSError:
+                conn.lost = True
+                self._drop()
+                return
+            if not data:
+                conn.eof = True
+                if not conn.sniffed:
+                    self._drop()  # nothing to route
+                    return
+                self._decide(classify(conn.sniffed, final=True))
+                return
+            conn.sniffed += data
+            verdict = classify(conn.sniffed, final=len(conn.sniffed) >= MAX_SNIFF_BYTES)
+            if not isinstance(verdict, NeedMore):
+                self._decide(verdict)
+                return
 
     def _deadline(self) -> None:
         self._timer = None
         self._decide(classify(self._conn.sniffed, final=True))
 
     def _stop(self) -> None:
-        self._loop.remove_reader(self._fd)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
+    def _drop(self) -> None:
+        self._stop()
+        self._engine.unwatch(self._conn.sock, forget=True)
+        self._conn.close()
+        self._plane.release(self._conn)
+
     def _decide(self, verdict: Verdict) -> None:
         self._stop()
+        self._engine.unwatch(self._conn.sock)  # still registered: the relay takes it from here
         decide(self._plane, self._conn, verdict)
 
 

@@ -511,6 +511,9 @@ class DataPlane:
             # the path is on our host: the module answering there must be this instance (another
             # host's instance may advertise the same path)
             channel = self._handoffs[key] = ConnectionHandoff(path, expect=inst.instance_id)
+        # out of our epoll first: the descriptor lives on in the module, and a registration
+        # of it would outlive our close (a stale entry under a reused descriptor number)
+        self.engine.unwatch(conn.sock, forget=True)
         try:
             async with asyncio.timeout(self.settings.nlb_connect_timeout):
                 await channel.send(
@@ -555,6 +558,7 @@ class DataPlane:
         self._maybe_idle()
 
     def _refuse(self, conn: Connection, name: str, error_type: str) -> None:
+        self.engine.unwatch(conn.sock, forget=True)
         self.failed_connections += 1
         self.metrics.routing_errors.labels(name, error_type).inc()
         _log.info(
