@@ -2,6 +2,7 @@
 
     uv run --frozen python benchmarks/nlb/nlb_vs_haproxy.py [--seconds 5] [--rounds 2] [--idle N]
     uv run --frozen python benchmarks/nlb/nlb_vs_haproxy.py --quick   # does it run? 2 s, 500 idle
+    uv run --frozen python benchmarks/nlb/nlb_vs_haproxy.py --haproxy-splice  # HAProxy splicing too
 
 Measured through each, interleaved per round:
 
@@ -106,16 +107,17 @@ http {{
 
 
 def haproxy_conf(
-    d: Path, port: int, backend: int, bulk_port: int, iperf: int, maxconn: int
+    d: Path, port: int, backend: int, bulk_port: int, iperf: int, maxconn: int, splice: bool
 ) -> Path:
     conf = d / "haproxy.cfg"
+    splice_line = "\n    option splice-auto" if splice else ""
     conf.write_text(
         f"""global
     nbthread 1
     maxconn {maxconn}
     tune.bufsize 262144
 defaults
-    mode tcp
+    mode tcp{splice_line}
     maxconn {maxconn}
     timeout connect 5s
     timeout client 60s
@@ -242,6 +244,11 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="check that it runs: 2 s, one round, 500 idle"
     )
+    parser.add_argument(
+        "--haproxy-splice",
+        action="store_true",
+        help="HAProxy with option splice-auto (the NLB splices bulk directions by itself)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.rounds, args.idle = 2, 1, 500
@@ -265,7 +272,13 @@ def main() -> None:
             "MARCHPROXY_LOOP": args.loop,
         }
         hap_conf = haproxy_conf(
-            d, haproxy_port, nginx_port, haproxy_bulk, iperf_port, maxconn=idle + 100
+            d,
+            haproxy_port,
+            nginx_port,
+            haproxy_bulk,
+            iperf_port,
+            maxconn=idle + 100,
+            splice=args.haproxy_splice,
         )
         with (
             process(["nginx", "-c", str(nginx_conf(d, nginx_port, idle))]),
