@@ -352,13 +352,24 @@ async def test_connect_times_out_when_nobody_answers() -> None:
             await engine.connect("127.0.0.1", port, connect_timeout=0.3)
         assert 0.25 <= loop.time() - started < 2.0
         assert not engine._connecting
-        # a cancelled caller is cancelled, not timed out
-        task = asyncio.ensure_future(engine.connect("127.0.0.1", port, connect_timeout=5))
+        # a cancelled caller is cancelled, not timed out; the socket goes at the deadline
+        task = asyncio.ensure_future(engine.connect("127.0.0.1", port, connect_timeout=0.5))
         await asyncio.sleep(0.1)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert not engine._connecting
+        await wait_for(lambda: not engine._connecting, 5)
+        # the callback form: no task, the same outcomes
+        outcomes: list[tuple[bool, type[BaseException] | None]] = []
+        engine.start_connect(
+            "127.0.0.1",
+            port,
+            connect_timeout=0.2,
+            callback=lambda s, e: outcomes.append((s is not None, type(e) if e else None)),
+        )
+        assert outcomes == []  # never before start_connect returns
+        await wait_for(lambda: bool(outcomes), 5)
+        assert outcomes == [(False, TimeoutError)]
     finally:
         for s in waiting:
             s.close()

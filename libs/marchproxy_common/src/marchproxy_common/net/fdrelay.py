@@ -14,7 +14,9 @@ API (stable):
 - ``await engine.connect(host, port, *, connect_timeout) -> socket`` connects a non-blocking
   TCP socket (TCP_NODELAY; a host name is resolved first) and returns it connected; ``OSError``
   or ``TimeoutError`` otherwise (the socket is closed then; the timeout is kept to within
-  ``CONNECT_SWEEP``). Until ``join`` it is the caller's.
+  ``CONNECT_SWEEP``). Until ``join`` it is the caller's. ``start_connect(host, port, *,
+  connect_timeout, callback)`` does the same with ``callback(sock | None, exc | None)``, for a
+  caller that has no task to wait in.
 - ``engine.join(client, upstream, *, first=b"", client_eof=False, idle_timeout=None,
   on_close=None) -> FdRelay`` takes both sockets (they are the engine's from now on), writes
   ``first`` to ``upstream`` before anything read from ``client``, and relays both ways.
@@ -59,6 +61,7 @@ from collections.abc import Callable
 from typing import Final
 
 from marchproxy_common.net.relay import IDLE_CHECKS_PER_TIMEOUT, RelayStats
+from marchproxy_common.tasks import spawn
 
 __all__ = ["CHUNK", "FdRelay", "FdRelayEngine", "detach"]
 
@@ -83,6 +86,22 @@ def _address_family(host: str) -> int:
         return socket.AF_INET if ipaddress.ip_address(host).version == 4 else socket.AF_INET6
     except ValueError:
         return 0
+
+
+def _connect_error(err: int, where: str) -> OSError:
+    return OSError(err, f"connect to {where}: {os.strerror(err)}")
+
+
+ConnectCallback = Callable[[socket.socket | None, BaseException | None], None]
+
+
+class _Connect:
+    __slots__ = ("callback", "deadline", "sock", "where")
+
+    def __init__(
+        self, sock: socket.socket, deadline: float, callback: ConnectCallback, where: str
+    ) -> None:
+        self.sock, self.deadline, self.callback, self.where = sock, deadline, callback, where
 
 
 def detach(transport: asyncio.Transport) -> socket.socket:
@@ -192,7 +211,7 @@ class FdRelayEngine:
         # every read lands here and is sent on at once (only what a peer does not take is
         # copied out): no allocation per read
         self._view = memoryview(bytearray(CHUNK))
-        self._connecting: dict[int, tuple[asyncio.Future[None], float]] = {}  # fd: (, deadline)
+        self._connecting: dict[int, _Connect] = {}
         #: fd -> (socket, callback) of watched sockets; callback None once unwatched (the
         #: socket stays registered until it is joined or closed)
         self._watched: dict[int, tuple[socket.socket, Callable[[], None] | None]] = {}
@@ -204,11 +223,54 @@ class FdRelayEngine:
         self.loop.add_reader(self._epoll.fileno(), self._poll)
 
     # -- public
-    async def connect(self, host: str, port: int, *, connect_timeout: float) -> socket.socket:
-        deadline = self.loop.time() + connect_timeout
+    def start_connect(
+        self, host: str, port: int, *, connect_timeout: float, callback: ConnectCallback
+    ) -> None:
+        """``connect`` without a task or future: ``callback(sock, None)`` once connected,
+        ``callback(None, exc)`` (``OSError``, ``TimeoutError``) if not; never before this
+        returns. An address costs no timer of its own (``_sweep``); a name is resolved in a
+        task."""
         family = _address_family(host)
-        if family:  # the common case: no name to resolve, no timer of its own (see _sweep)
-            return await self._connect_one(family, host, port, deadline)
+        if not family:
+            spawn(self._connect_by_name(host, port, connect_timeout, callback), name="connect")
+            return
+        deadline = self.loop.time() + connect_timeout
+        where = f"{host}:{port}"
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            self.loop.call_soon(callback, None, exc)
+            return
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            err = sock.connect_ex((host, port))
+            if err == errno.EINPROGRESS:
+                fd = sock.fileno()
+                # stays registered (its events are ignored) until join modifies it or the
+                # socket is closed, which takes it out of the epoll (it has no duplicates)
+                self._epoll.register(fd, _CONNECTING)
+                self._connecting[fd] = _Connect(sock, deadline, callback, where)
+                if self._sweep_handle is None:
+                    self._sweep_handle = self.loop.call_later(CONNECT_SWEEP, self._sweep)
+                return
+        except OSError as exc:
+            sock.close()
+            self.loop.call_soon(callback, None, exc)
+            return
+        if err:
+            sock.close()
+            self.loop.call_soon(callback, None, _connect_error(err, where))
+        else:
+            self.loop.call_soon(callback, sock, None)
+
+    async def connect(self, host: str, port: int, *, connect_timeout: float) -> socket.socket:
+        """A connected non-blocking TCP socket (TCP_NODELAY); a name is resolved first and
+        its addresses tried in turn."""
+        family = _address_family(host)
+        if family:
+            return await self._connect_address(host, port, connect_timeout)
+        deadline = self.loop.time() + connect_timeout
         async with asyncio.timeout_at(deadline):
             infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         last: OSError = OSError(errno.EADDRNOTAVAIL, f"could not resolve {host}")
@@ -216,10 +278,36 @@ class FdRelayEngine:
             if fam not in (socket.AF_INET, socket.AF_INET6):
                 continue
             try:
-                return await self._connect_one(fam, str(addr[0]), port, deadline)
+                left = max(0.0, deadline - self.loop.time())
+                return await self._connect_address(str(addr[0]), port, left)
             except OSError as exc:
                 last = exc
         raise last
+
+    async def _connect_address(self, host: str, port: int, connect_timeout: float) -> socket.socket:
+        fut: asyncio.Future[socket.socket] = self.loop.create_future()
+
+        def done(sock: socket.socket | None, exc: BaseException | None) -> None:
+            if fut.cancelled():  # our caller gave up
+                if sock is not None:
+                    sock.close()
+            elif sock is not None:
+                fut.set_result(sock)
+            else:
+                fut.set_exception(exc or OSError("connect failed"))
+
+        self.start_connect(host, port, connect_timeout=connect_timeout, callback=done)
+        return await fut
+
+    async def _connect_by_name(
+        self, host: str, port: int, connect_timeout: float, callback: ConnectCallback
+    ) -> None:
+        try:
+            sock = await self.connect(host, port, connect_timeout=connect_timeout)
+        except (OSError, TimeoutError) as exc:
+            callback(None, exc)
+            return
+        callback(sock, None)
 
     def watch(self, sock: socket.socket, on_readable: Callable[[], None]) -> None:
         """Call ``on_readable()`` whenever ``sock`` gets bytes or an EOF (edge-triggered: each
@@ -290,9 +378,10 @@ class FdRelayEngine:
     def close(self) -> None:
         for relay in list(self.relays):
             relay.abort("closed")
-        for fut, _ in self._connecting.values():
-            if not fut.done():
-                fut.set_exception(ConnectionAbortedError("relay engine closed"))
+        for pending in list(self._connecting.values()):
+            pending.sock.close()
+            pending.callback(None, ConnectionAbortedError("relay engine closed"))
+        self._connecting.clear()
         if self._sweep_handle is not None:
             self._sweep_handle.cancel()
             self._sweep_handle = None
@@ -304,42 +393,6 @@ class FdRelayEngine:
             self._epoll.close()
 
     # -- connect
-    async def _connect_one(
-        self, family: int, host: str, port: int, deadline: float
-    ) -> socket.socket:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        fd = sock.fileno()
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            err = sock.connect_ex((host, port))
-            if err == errno.EINPROGRESS:
-                if self.loop.time() >= deadline:
-                    raise TimeoutError(f"connect to {host}:{port}")
-                fut = self.loop.create_future()
-                self._connecting[fd] = (fut, deadline)
-                if self._sweep_handle is None:
-                    self._sweep_handle = self.loop.call_later(CONNECT_SWEEP, self._sweep)
-                # stays registered (its events are ignored) until join modifies it or the
-                # socket is closed, which takes it out of the epoll (it has no duplicates)
-                self._epoll.register(fd, _CONNECTING)
-                try:
-                    await fut
-                except asyncio.CancelledError:
-                    task = asyncio.current_task()
-                    if task is not None and task.cancelling():
-                        raise  # our caller was cancelled
-                    raise TimeoutError(f"connect to {host}:{port}") from None  # by _sweep
-                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                raise OSError(err, f"connect to {host}:{port}: {errno.errorcode.get(err, err)}")
-        except BaseException:
-            sock.close()
-            raise
-        finally:
-            self._connecting.pop(fd, None)
-        return sock
-
     # -- events
     def _poll(self) -> None:
         self.now = self.loop.time()
@@ -356,9 +409,9 @@ class FdRelayEngine:
                     if watched[1] is not None:
                         watched[1]()
                     continue
-                pending = self._connecting.get(fd)
-                if pending is not None and not pending[0].done():
-                    pending[0].set_result(None)
+                pending = self._connecting.pop(fd, None)
+                if pending is not None:
+                    self._connected(pending)
                 continue
             if ev & _HUP:
                 side.hup = True  # edge-triggered: this is said once, maybe while paused
@@ -528,6 +581,18 @@ class FdRelayEngine:
         if relay._on_close is not None:
             relay._on_close(relay)
 
+    def _connected(self, pending: _Connect) -> None:
+        sock = pending.sock
+        try:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+        if err:
+            sock.close()
+            pending.callback(None, _connect_error(err, pending.where))
+        else:
+            pending.callback(sock, None)
+
     def _sweep(self) -> None:
         """Fail the connects past their deadline: one timer for all of them, not one each (a
         connect on the same host is usually over within the loop iteration)."""
@@ -535,10 +600,13 @@ class FdRelayEngine:
         if not self._connecting:
             return
         now = self.loop.time()
-        for fut, deadline in list(self._connecting.values()):
-            if deadline <= now and not fut.done():
-                fut.cancel()
-        self._sweep_handle = self.loop.call_later(CONNECT_SWEEP, self._sweep)
+        for fd, pending in list(self._connecting.items()):
+            if pending.deadline <= now:
+                del self._connecting[fd]
+                pending.sock.close()
+                pending.callback(None, TimeoutError(f"connect to {pending.where} timed out"))
+        if self._connecting:
+            self._sweep_handle = self.loop.call_later(CONNECT_SWEEP, self._sweep)
 
     # -- idle
     def _watch_idle(self, timeout: float) -> None:

@@ -2,10 +2,11 @@
 
 ``TcpListener`` accepts from its socket directly (``loop.add_reader``); a ``Sniffer`` reads a
 connection's first bytes, with nothing but the sniff buffer and timer of its own. The decision
-(route, rate limit, pick, connect) runs in one task per connection (``DataPlane.forward``),
-which then gives the client's socket and the upstream's to the relay engine (``net.fdrelay``).
-Raw sockets, not transports: a short connection spent most of its CPU building and tearing down
-asyncio transports and the accept task.
+(route, rate limit, pick, connect: ``DataPlane.forward``) runs in callbacks, with a task only
+to wait for a Redis rate limit or a hand-over, and then gives the client's socket and the
+upstream's to the relay engine (``net.fdrelay``). Raw sockets, not transports, and no task per
+connection: a short connection spent most of its CPU building and tearing down asyncio
+transports, the accept task and its own.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from typing import TYPE_CHECKING
 import structlog
 
 from marchproxy_common.listeners import LISTENER_PROTOCOLS, PROXY_HEADER_MODES
-from marchproxy_common.tasks import spawn
 from marchproxy_common.wire.sniff import MAX_SNIFF_BYTES, NeedMore, Verdict, classify
 
 if TYPE_CHECKING:
@@ -315,6 +315,5 @@ class Sniffer:
 
 
 def decide(plane: DataPlane, conn: Connection, verdict: Verdict | None) -> None:
-    spawn(
-        plane.forward(conn, verdict), name=f"nlb conn {conn.conn_id} {conn.peer[0]}:{conn.peer[1]}"
-    )
+    """Route ``conn`` (``verdict``: what sniffing found; None when it was not sniffed)."""
+    plane.forward(conn, verdict)

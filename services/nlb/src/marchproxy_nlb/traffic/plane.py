@@ -14,6 +14,7 @@ import contextlib
 import socket
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -108,6 +109,17 @@ def proxy_header(conn: Connection) -> bytes:
     if mode == "v1":
         return build_v1(conn.peer, conn.local)
     return build_v2(conn.peer, conn.local)
+
+
+@dataclass(eq=False, slots=True)
+class _Route:
+    """A connection on its way to an instance: what it is, and the instances tried."""
+
+    conn: Connection
+    name: str
+    info: ConnInfo
+    rule: RouteRule | None
+    tried: set[str] = field(default_factory=set)
 
 
 class DataPlane:
@@ -395,61 +407,110 @@ class DataPlane:
         )
         return name, info
 
-    async def forward(self, conn: Connection, verdict: Verdict | None) -> None:
-        self.metrics.sniff_seconds.observe(self.engine.loop.time() - conn.started)
+    def forward(self, conn: Connection, verdict: Verdict | None) -> None:
+        """Route a sniffed connection and connect it. Without rate-limit rules or a hand-over
+        this runs in callbacks (no task per connection); ``release(conn)`` ends every path."""
         try:
-            await self._forward(conn, verdict)
-        finally:
-            self.release(conn)
+            self.metrics.sniff_seconds.observe(self.engine.loop.time() - conn.started)
+            name, info = self.describe(conn, verdict)
+            if not name or name not in conn.spec.protocols:
+                self._refuse(conn, name or "unknown", "unknown_protocol")
+                return
+            rule = self.table.match(info)
+            if rule is not None:
+                self.rule_hits[rule.name] = (
+                    self.rule_hits.get(rule.name, (0, 0.0))[0] + 1,
+                    time.time(),
+                )
+            route = _Route(conn, name, info, rule)
+            if self.limits.rules:
+                spawn(self._admit(route), name=f"nlb conn {conn.conn_id} rate limits")
+            else:
+                self._try_next(route)
+        except Exception:
+            self._abandon(conn)
 
-    async def _forward(self, conn: Connection, verdict: Verdict | None) -> None:
-        name, info = self.describe(conn, verdict)
-        if not name or name not in conn.spec.protocols:
-            self._refuse(conn, name or "unknown", "unknown_protocol")
+    async def _admit(self, route: _Route) -> None:
+        conn = route.conn
+        try:
+            rule_name = route.rule.name if route.rule else None
+            denied, allowed = await self.limits.admit(route.info, route.name, rule_name)
+            for bucket in allowed:
+                self.metrics.ratelimit_allowed.labels(bucket).inc()
+            if denied is not None:
+                self.metrics.ratelimit_denied.labels(denied).inc()
+                self._refuse(conn, route.name, "rate_limited")
+                return
+            self._try_next(route)
+        except Exception:
+            self._abandon(conn)
+
+    def _try_next(self, route: _Route) -> None:
+        """Pick an instance not tried yet and connect (or hand over) to it."""
+        conn, name = route.conn, route.name
+        if len(route.tried) >= self.settings.nlb_connect_attempts:
+            self._refuse(conn, name, "connect_failed")
             return
-        rule = self.table.match(info)
-        if rule is not None:
-            self.rule_hits[rule.name] = (
-                self.rule_hits.get(rule.name, (0, 0.0))[0] + 1,
-                time.time(),
+        inst, version = self._pick(name, route.info, route.rule, route.tried)
+        if inst is None:
+            self._refuse(conn, name, "connect_failed" if route.tried else "no_module")
+            return
+        route.tried.add(inst.instance_id)
+        host, port = inst.address_for(ACCEPTORS.get(name, ()))
+        if HANDOFF_LABEL in inst.labels and self.settings.nlb_module_handoff:
+            spawn(
+                self._hand_off_or_connect(route, inst, version, host, port),
+                name=f"nlb conn {conn.conn_id} hand-over",
             )
-        denied, allowed = await self.limits.admit(info, name, rule.name if rule else None)
-        for bucket in allowed:
-            self.metrics.ratelimit_allowed.labels(bucket).inc()
-        if denied is not None:
-            self.metrics.ratelimit_denied.labels(denied).inc()
-            self._refuse(conn, name, "rate_limited")
             return
-        header = proxy_header(conn)
-        tried: set[str] = set()
-        for _attempt in range(self.settings.nlb_connect_attempts):
-            inst, version = self._pick(name, info, rule, tried)
-            if inst is None:
-                self._refuse(conn, name, "connect_failed" if tried else "no_module")
+        self._connect(route, inst, version, host, port)
+
+    async def _hand_off_or_connect(
+        self, route: _Route, inst: Instance, version: str | None, host: str, port: int
+    ) -> None:
+        try:
+            if await self._hand_off(route.conn, inst, version, route.name, port):
+                self.release(route.conn)
                 return
-            tried.add(inst.instance_id)
-            host, port = inst.address_for(ACCEPTORS.get(name, ()))
-            if HANDOFF_LABEL in inst.labels and await self._hand_off(
-                conn, inst, version, name, port
-            ):
-                return
-            loop = self.engine.loop  # not get_running_loop(): on 3.11 that is a getpid() call
-            started = loop.time()
+            self._connect(route, inst, version, host, port)
+        except Exception:
+            self._abandon(route.conn)
+
+    def _connect(
+        self, route: _Route, inst: Instance, version: str | None, host: str, port: int
+    ) -> None:
+        loop = self.engine.loop  # not get_running_loop(): on 3.11 that is a getpid() call
+        started = loop.time()
+
+        def connected(upstream: socket.socket | None, exc: BaseException | None) -> None:
+            conn = route.conn
             try:
-                upstream = await self.engine.connect(
-                    host, port, connect_timeout=self.settings.nlb_connect_timeout
-                )
-            except (OSError, TimeoutError) as exc:
-                self.retried_connections += 1
-                self._record_version(inst, version, failed=True)
-                _log.warning(
-                    "upstream_connect_failed", instance_id=inst.instance_id, error=repr(exc)
-                )
-                continue
-            self.metrics.connect_seconds.observe(loop.time() - started)
-            self._attach(conn, upstream, header, inst, version, name)
-            return
-        self._refuse(conn, name, "connect_failed")
+                if upstream is None:
+                    self.retried_connections += 1
+                    self._record_version(inst, version, failed=True)
+                    _log.warning(
+                        "upstream_connect_failed", instance_id=inst.instance_id, error=repr(exc)
+                    )
+                    self._try_next(route)
+                    return
+                self.metrics.connect_seconds.observe(loop.time() - started)
+                self._attach(conn, upstream, proxy_header(conn), inst, version, route.name)
+                self.release(conn)
+            except Exception:
+                self._abandon(conn)
+
+        self.engine.start_connect(
+            host, port, connect_timeout=self.settings.nlb_connect_timeout, callback=connected
+        )
+
+    def _abandon(self, conn: Connection) -> None:
+        """A bug on the connection path (it runs in engine callbacks, which must not raise):
+        logged, and the client is closed rather than left hanging."""
+        _log.exception("connection_path_failed", client=f"{conn.peer[0]}:{conn.peer[1]}")
+        if conn in self._pending:
+            self.engine.unwatch(conn.sock, forget=True)
+            conn.close()
+            self.release(conn)
 
     @property
     def engine(self) -> FdRelayEngine:
@@ -558,6 +619,7 @@ class DataPlane:
         self._maybe_idle()
 
     def _refuse(self, conn: Connection, name: str, error_type: str) -> None:
+        self.release(conn)
         self.engine.unwatch(conn.sock, forget=True)
         self.failed_connections += 1
         self.metrics.routing_errors.labels(name, error_type).inc()
