@@ -111,10 +111,12 @@ def haproxy_conf(
 ) -> Path:
     conf = d / "haproxy.cfg"
     splice_line = "\n    option splice-auto" if splice else ""
+    # pipes count against the descriptor limit (maxconn/4 by default): the bulk test needs few
+    pipes_line = "\n    maxpipes 16" if splice else ""
     conf.write_text(
         f"""global
     nbthread 1
-    maxconn {maxconn}
+    maxconn {maxconn}{pipes_line}
     tune.bufsize 262144
 defaults
     mode tcp{splice_line}
