@@ -60,10 +60,14 @@ import time
 from collections.abc import Callable
 from typing import Final
 
+import structlog
+
 from marchproxy_common.net.relay import IDLE_CHECKS_PER_TIMEOUT, RelayStats
 from marchproxy_common.tasks import spawn
 
-__all__ = ["CHUNK", "FdRelay", "FdRelayEngine", "detach"]
+__all__ = ["CHUNK", "CONNECT_SWEEP", "SPLICE_AFTER", "FdRelay", "FdRelayEngine", "detach"]
+
+_log = structlog.get_logger("marchproxy.fdrelay")
 
 CHUNK: Final = 256 * 1024  # one read; also the most a direction holds in user space
 _IN: Final = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
@@ -404,14 +408,19 @@ class FdRelayEngine:
         for fd, ev in events:
             side = sides.get(fd)
             if side is None:
-                watched = self._watched.get(fd)
-                if watched is not None:
-                    if watched[1] is not None:
-                        watched[1]()
-                    continue
-                pending = self._connecting.pop(fd, None)
-                if pending is not None:
-                    self._connected(pending)
+                # callers' code: a failure there must not drop the rest of this batch (its
+                # edges would not come again)
+                try:
+                    watched = self._watched.get(fd)
+                    if watched is not None:
+                        if watched[1] is not None:
+                            watched[1]()
+                        continue
+                    pending = self._connecting.pop(fd, None)
+                    if pending is not None:
+                        self._connected(pending)
+                except Exception:
+                    _log.exception("fdrelay_callback_failed", fd=fd)
                 continue
             if ev & _HUP:
                 side.hup = True  # edge-triggered: this is said once, maybe while paused
