@@ -467,8 +467,10 @@ class FdRelayEngine:
         Python (half the CPU per byte). False when no pipe can be had (keeps recv/send)."""
         try:
             r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            self.splice_after = None  # out of descriptors: stop trying for every read
+        except OSError as exc:
+            # out of descriptors: stop trying on every read (bulk goes on by recv/send)
+            _log.warning("fdrelay_splice_off", error=str(exc))
+            self.splice_after = None
             return False
         try:
             size = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, CHUNK)
