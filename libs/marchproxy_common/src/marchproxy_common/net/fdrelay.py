@@ -50,8 +50,6 @@ import asyncio
 import contextlib
 import errno
 import fcntl
-import functools
-import ipaddress
 import os
 import select
 import socket
@@ -62,7 +60,12 @@ from typing import Final
 
 import structlog
 
-from marchproxy_common.net.relay import IDLE_CHECKS_PER_TIMEOUT, RelayStats
+from marchproxy_common.net.relay import (
+    IDLE_CHECKS_PER_TIMEOUT,
+    RelayStats,
+    address_family,
+    stream_addresses,
+)
 from marchproxy_common.tasks import spawn
 
 __all__ = ["CHUNK", "CONNECT_SWEEP", "SPLICE_AFTER", "FdRelay", "FdRelayEngine", "detach"]
@@ -81,15 +84,6 @@ _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 SPLICE_AFTER: Final = 1 << 20
 _SPLICE_FLAGS: Final = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _IN_PIPE: Final = memoryview(b"")  # ``_Side.out`` when what waits for a side is in a pipe
-
-
-@functools.lru_cache(maxsize=1024)
-def _address_family(host: str) -> int:
-    """AF_INET or AF_INET6 for an address, 0 for a name (instances are few: cached)."""
-    try:
-        return socket.AF_INET if ipaddress.ip_address(host).version == 4 else socket.AF_INET6
-    except ValueError:
-        return 0
 
 
 def _connect_error(err: int, where: str) -> OSError:
@@ -234,7 +228,7 @@ class FdRelayEngine:
         ``callback(None, exc)`` (``OSError``, ``TimeoutError``) if not; never before this
         returns. An address costs no timer of its own (``_sweep``); a name is resolved in a
         task."""
-        family = _address_family(host)
+        family = address_family(host)
         if not family:
             spawn(self._connect_by_name(host, port, connect_timeout, callback), name="connect")
             return
@@ -271,19 +265,17 @@ class FdRelayEngine:
     async def connect(self, host: str, port: int, *, connect_timeout: float) -> socket.socket:
         """A connected non-blocking TCP socket (TCP_NODELAY); a name is resolved first and
         its addresses tried in turn."""
-        family = _address_family(host)
+        family = address_family(host)
         if family:
             return await self._connect_address(host, port, connect_timeout)
         deadline = self.loop.time() + connect_timeout
         async with asyncio.timeout_at(deadline):
-            infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            addresses = await stream_addresses(self.loop, host, port)
         last: OSError = OSError(errno.EADDRNOTAVAIL, f"could not resolve {host}")
-        for fam, _, _, _, addr in infos:
-            if fam not in (socket.AF_INET, socket.AF_INET6):
-                continue
+        for _, address in addresses:
             try:
                 left = max(0.0, deadline - self.loop.time())
-                return await self._connect_address(str(addr[0]), port, left)
+                return await self._connect_address(address, port, left)
             except OSError as exc:
                 last = exc
         raise last

@@ -37,11 +37,15 @@ give up (it closes the attached downstream).
 ``open_upstream(loop, host, port, *, connect_timeout, first_bytes=b"", protocol_factory)``
 connects any protocol, writing ``first_bytes`` before the protocol is attached (so they are
 always first on the wire), and returns ``(transport, protocol)``.
+``await stream_addresses(loop, host, port)`` lists the ``(family, address)`` pairs to try
+(``address_family(host)``: the family of an address, 0 for a name); ``net.fdrelay`` uses them
+too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
 import time
@@ -55,7 +59,9 @@ __all__ = [
     "Relay",
     "RelaySide",
     "RelayStats",
+    "address_family",
     "open_upstream",
+    "stream_addresses",
 ]
 
 DEFAULT_HIGH_WATER: Final = 256 * 1024  # per direction; pause the reader above this
@@ -384,25 +390,39 @@ async def open_upstream(
     return transport, protocol
 
 
-async def _connect(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+@functools.lru_cache(maxsize=1024)
+def address_family(host: str) -> int:
+    """AF_INET or AF_INET6 for an address, 0 for a name (instances are few: cached)."""
     try:
-        ip = ipaddress.ip_address(host)
-        fam4or6 = socket.AF_INET if ip.version == 4 else socket.AF_INET6
-        targets: list[tuple[int, tuple[str, int]]] = [(fam4or6, (host, port))]
+        return socket.AF_INET if ipaddress.ip_address(host).version == 4 else socket.AF_INET6
     except ValueError:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        targets = [
-            (fam, (str(addr[0]), int(addr[1])))
-            for fam, _, _, _, addr in infos
-            if fam in (socket.AF_INET, socket.AF_INET6)
-        ]
+        return 0
+
+
+async def stream_addresses(
+    loop: asyncio.AbstractEventLoop, host: str, port: int
+) -> list[tuple[int, str]]:
+    """(family, address) pairs to try for ``host``: itself when it is an address, else the
+    IPv4/IPv6 addresses it resolves to."""
+    family = address_family(host)
+    if family:
+        return [(family, host)]
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [
+        (fam, str(addr[0]))
+        for fam, _, _, _, addr in infos
+        if fam in (socket.AF_INET, socket.AF_INET6)
+    ]
+
+
+async def _connect(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
     last_exc: OSError | None = None
-    for family, addr in targets:
+    for family, address in await stream_addresses(loop, host, port):
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await loop.sock_connect(sock, addr)
+            await loop.sock_connect(sock, (address, port))
         except OSError as exc:
             sock.close()
             last_exc = exc
