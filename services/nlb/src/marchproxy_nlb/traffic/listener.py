@@ -163,7 +163,6 @@ class Connection:
     conn_id: int = field(default_factory=lambda: next(_conn_ids))
     sniffed: bytearray = field(default_factory=bytearray)
     started: float = 0.0
-    lost: bool = False  # reset while sniffed
     eof: bool = False  # the client half-closed while sniffed
 
     def close(self) -> None:
@@ -277,7 +276,6 @@ class Sniffer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
-                conn.lost = True
                 self._drop()
                 return
             if not data:
@@ -304,9 +302,7 @@ class Sniffer:
 
     def _drop(self) -> None:
         self._stop()
-        self._engine.unwatch(self._conn.sock, forget=True)
-        self._conn.close()
-        self._plane.release(self._conn)
+        self._plane.drop(self._conn)
 
     def _decide(self, verdict: Verdict) -> None:
         self._stop()

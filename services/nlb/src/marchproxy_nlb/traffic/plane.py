@@ -508,9 +508,13 @@ class DataPlane:
         logged, and the client is closed rather than left hanging."""
         _log.exception("connection_path_failed", client=f"{conn.peer[0]}:{conn.peer[1]}")
         if conn in self._pending:
-            self.engine.unwatch(conn.sock, forget=True)
-            conn.close()
-            self.release(conn)
+            self.drop(conn)
+
+    def drop(self, conn: Connection) -> None:
+        """Close a client we will not relay (refused, gone while sniffed) and forget it."""
+        self.engine.unwatch(conn.sock, forget=True)
+        conn.close()
+        self.release(conn)
 
     @property
     def engine(self) -> FdRelayEngine:
@@ -559,7 +563,7 @@ class DataPlane:
         then talks to the client directly); False when it does not or the hand-over failed,
         and the caller relays as usual."""
         path = inst.labels.get(HANDOFF_LABEL)
-        if not path or not self.settings.nlb_module_handoff or conn.lost:
+        if not path or not self.settings.nlb_module_handoff:
             return False
         key = (path, inst.instance_id)
         first = bytes(conn.sniffed)
@@ -619,8 +623,7 @@ class DataPlane:
         self._maybe_idle()
 
     def _refuse(self, conn: Connection, name: str, error_type: str) -> None:
-        self.release(conn)
-        self.engine.unwatch(conn.sock, forget=True)
+        self.drop(conn)
         self.failed_connections += 1
         self.metrics.routing_errors.labels(name, error_type).inc()
         _log.info(
@@ -630,7 +633,6 @@ class DataPlane:
             client=f"{conn.peer[0]}:{conn.peer[1]}",
             listener=conn.spec.name,
         )
-        conn.close()
 
     def _record_version(self, inst: Instance, version: str | None, *, failed: bool) -> None:
         if version is None:
