@@ -6,22 +6,22 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import socket
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-import uvloop
 
 from marchproxy_common.net.fdrelay import CHUNK, FdRelay, FdRelayEngine, detach
 from marchproxy_common.tasks import spawn
-from tests.common.net.test_relay import BLOCKS, recv_all, send_bulk
-
-
-def run(kind: str, coro: Callable[[], Coroutine[Any, Any, None]], timeout: float = 60) -> None:
-    factory = uvloop.new_event_loop if kind == "uvloop" else asyncio.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(asyncio.wait_for(coro(), timeout))
+from tests.common.net.test_relay import (
+    BLOCKS,
+    Handler,
+    recv_all,
+    run,
+    send_bulk,
+    upstream_server,
+)
 
 
 @dataclass
@@ -78,28 +78,19 @@ class _Accepted(asyncio.Protocol):
 
 
 async def with_front(
-    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    handler: Handler,
     body: Callable[[Front], Awaitable[None]],
     *,
     splice_after: int | None = None,
     **options: Any,
 ) -> None:
-    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async with upstream_server(handler) as port:
+        front = Front(FdRelayEngine(splice_after=splice_after), port, **options)
+        await front.start()
         try:
-            await handler(reader, writer)
+            await body(front)
         finally:
-            writer.close()
-
-    server = await asyncio.start_server(upstream, "127.0.0.1", 0, limit=1 << 20)
-    engine = FdRelayEngine(splice_after=splice_after)
-    front = Front(engine, server.sockets[0].getsockname()[1], **options)
-    await front.start()
-    try:
-        await body(front)
-    finally:
-        await front.stop()
-        server.close()
-        await server.wait_closed()
+            await front.stop()
 
 
 async def wait_for(cond: Callable[[], bool], limit: float = 20.0) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 import socket
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,12 +120,13 @@ class _Front(asyncio.Protocol):
         relay.attach_downstream(transport, b"".join(self.early))
 
 
-async def with_proxy(
-    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
-    body: Callable[[Proxy], Awaitable[None]],
-    *,
-    idle_timeout: float | None = None,
-) -> None:
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def upstream_server(handler: Handler) -> AsyncIterator[int]:
+    """A server on 127.0.0.1 running ``handler`` per connection (then closing it): its port."""
+
     async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await handler(reader, writer)
@@ -132,14 +134,26 @@ async def with_proxy(
             writer.close()
 
     server = await asyncio.start_server(upstream, "127.0.0.1", 0, limit=1 << 20)
-    proxy = Proxy(server.sockets[0].getsockname()[1], idle_timeout)
-    await proxy.start()
     try:
-        await body(proxy)
+        yield server.sockets[0].getsockname()[1]
     finally:
-        await proxy.stop()
         server.close()
         await server.wait_closed()
+
+
+async def with_proxy(
+    handler: Handler,
+    body: Callable[[Proxy], Awaitable[None]],
+    *,
+    idle_timeout: float | None = None,
+) -> None:
+    async with upstream_server(handler) as port:
+        proxy = Proxy(port, idle_timeout)
+        await proxy.start()
+        try:
+            await body(proxy)
+        finally:
+            await proxy.stop()
 
 
 async def wait_for(cond: Callable[[], bool], what: str, limit: float = 20.0) -> None:
