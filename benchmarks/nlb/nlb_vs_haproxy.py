@@ -3,12 +3,14 @@
     uv run --frozen python benchmarks/nlb/nlb_vs_haproxy.py [--seconds 5] [--rounds 2] [--idle N]
     uv run --frozen python benchmarks/nlb/nlb_vs_haproxy.py --quick   # does it run? 2 s, 500 idle
     uv run --frozen python benchmarks/nlb/nlb_vs_haproxy.py --haproxy-splice  # HAProxy splicing too
+    uv run --frozen python benchmarks/nlb/nlb_vs_haproxy.py --only bulk_gbps,bulk_reverse_gbps
+    uv run --frozen python benchmarks/nlb/nlb_vs_haproxy.py --haproxy-bufsize 1048576
 
 Measured through each, interleaved per round:
 
 - iperf3 bulk, both directions, to an iperf3 server: the NLB on a passthrough listener
   (``proxy_protocol=none``), HAProxy with no ``send-proxy`` (iperf3 speaks no PROXY protocol),
-  ``tune.bufsize 262144``;
+  ``tune.bufsize 262144`` (``--haproxy-bufsize``);
 - wrk keep-alive small requests to nginx (per-message cost), wrk with ``Connection: close``
   (new connections per second) and p99 latency at 1,000 concurrent keep-alive connections.
   Here both proxies send a PROXY v2 header to nginx (``listen ... proxy_protocol``), so they do
@@ -107,7 +109,14 @@ http {{
 
 
 def haproxy_conf(
-    d: Path, port: int, backend: int, bulk_port: int, iperf: int, maxconn: int, splice: bool
+    d: Path,
+    port: int,
+    backend: int,
+    bulk_port: int,
+    iperf: int,
+    maxconn: int,
+    splice: bool,
+    bufsize: int,
 ) -> Path:
     conf = d / "haproxy.cfg"
     splice_line = "\n    option splice-auto" if splice else ""
@@ -117,7 +126,7 @@ def haproxy_conf(
         f"""global
     nbthread 1
     maxconn {maxconn}{pipes_line}
-    tune.bufsize 262144
+    tune.bufsize {bufsize}
 defaults
     mode tcp{splice_line}
     maxconn {maxconn}
@@ -249,9 +258,22 @@ def main() -> None:
     parser.add_argument(
         "--haproxy-splice",
         action="store_true",
-        help="HAProxy with option splice-auto (the NLB splices bulk directions by itself)",
+        help="HAProxy with option splice-auto",
+    )
+    parser.add_argument(
+        "--haproxy-bufsize",
+        type=int,
+        default=262144,
+        help="HAProxy's tune.bufsize (the issue's setting; the NLB's bulk buffer is 1 MiB)",
+    )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated metrics to measure (default all): rss_bytes_per_idle_conn, "
+        "bulk_gbps, bulk_reverse_gbps, keepalive_rps, close_rps, p99_ms_1000c",
     )
     args = parser.parse_args()
+    only = set(filter(None, args.only.split(",")))
     if args.quick:
         args.seconds, args.rounds, args.idle = 2, 1, 500
     for tool in ("nginx", "haproxy", "wrk", "iperf3"):
@@ -281,6 +303,7 @@ def main() -> None:
             iperf_port,
             maxconn=idle + 100,
             splice=args.haproxy_splice,
+            bufsize=args.haproxy_bufsize,
         )
         with (
             process(["nginx", "-c", str(nginx_conf(d, nginx_port, idle))]),
@@ -298,7 +321,7 @@ def main() -> None:
             results: dict[str, dict[str, list[float]]] = {e: {} for e in engines}
             # first, while both processes are fresh: later runs leave freed memory behind
             # (Python's arenas, HAProxy's pools) that idle connections would reuse unseen
-            for engine in engines:
+            for engine in engines if not only or "rss_bytes_per_idle_conn" in only else ():
                 port, _, pid = engines[engine]
                 per_conn = idle_rss_per_conn(port, pid, idle)
                 results[engine]["rss_bytes_per_idle_conn"] = [per_conn]
@@ -310,6 +333,10 @@ def main() -> None:
                 "close_rps": lambda e: wrk(engines[e][0], args.seconds, 50, True)[0],
                 "p99_ms_1000c": lambda e: wrk(engines[e][0], args.seconds, 1000, False)[1],
             }
+            unknown = only - set(tests) - {"rss_bytes_per_idle_conn"}
+            if unknown:
+                raise SystemExit(f"unknown metrics: {', '.join(sorted(unknown))}")
+            tests = {k: v for k, v in tests.items() if not only or k in only}
             for rnd in range(args.rounds):
                 order = list(engines) if rnd % 2 == 0 else list(reversed(engines))
                 for name, fn in tests.items():

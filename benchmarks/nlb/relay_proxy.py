@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import uvloop
 
-from marchproxy_common.net.fdrelay import FdRelayEngine, detach
+from marchproxy_common.net.fdrelay import BULK_AFTER, FdRelayEngine, detach
 from marchproxy_common.net.relay import Relay
 from marchproxy_common.tasks import spawn
 from marchproxy_common.wire.proxy_protocol import build_v2
@@ -210,7 +210,11 @@ async def main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     factory: Callable[[], asyncio.Protocol]
     if args.engine == "fd":
-        engine = FdRelayEngine(loop)
+        engine = FdRelayEngine(
+            loop,
+            bulk_after=None if args.bulk_after < 0 else args.bulk_after,
+            splice_after=None if args.splice_after < 0 else args.splice_after,
+        )
         factory = lambda: FdFront(engine, args.upstream_port, args.proxy_header)  # noqa: E731
     else:
         factory = lambda: Front(args.upstream_port, args.proxy_header)  # noqa: E731
@@ -226,6 +230,18 @@ if __name__ == "__main__":
     p.add_argument("--engine", choices=["relay", "fd", "splice"], default="relay")
     p.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     p.add_argument("--proxy-header", action="store_true")
+    p.add_argument(
+        "--bulk-after",
+        type=int,
+        default=BULK_AFTER,
+        help="engine fd: bytes per direction before it gets its own buffer (-1: never)",
+    )
+    p.add_argument(
+        "--splice-after",
+        type=int,
+        default=-1,
+        help="engine fd: bytes per direction before splice(2) takes over (-1: never)",
+    )
     a = p.parse_args()
     if a.loop == "uvloop":
         uvloop.run(main(a))

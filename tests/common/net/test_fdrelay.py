@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from marchproxy_common.net.fdrelay import CHUNK, FdRelay, FdRelayEngine, detach
+from marchproxy_common.net.fdrelay import BULK_CHUNK, CHUNK, FdRelay, FdRelayEngine, detach
 from marchproxy_common.tasks import spawn
 from tests.common.net.test_relay import (
     BLOCKS,
@@ -81,11 +81,11 @@ async def with_front(
     handler: Handler,
     body: Callable[[Front], Awaitable[None]],
     *,
-    splice_after: int | None = None,
+    mode: str = "own-buffer-after-1MiB",
     **options: Any,
 ) -> None:
     async with upstream_server(handler) as port:
-        front = Front(FdRelayEngine(splice_after=splice_after), port, **options)
+        front = Front(FdRelayEngine(**MODES[mode]), port, **options)
         await front.start()
         try:
             await body(front)
@@ -99,14 +99,19 @@ async def wait_for(cond: Callable[[], bool], limit: float = 20.0) -> None:
             await asyncio.sleep(0.005)
 
 
-SPLICE = pytest.mark.parametrize(
-    "splice_after", [None, 0, 3 << 20], ids=["recv-send", "splice", "splice-after-3MiB"]
-)
+#: how a direction's bytes move: the engine's defaults are the second
+MODES: dict[str, dict[str, int | None]] = {
+    "shared-buffer": {"bulk_after": None},
+    "own-buffer-after-1MiB": {},
+    "splice": {"splice_after": 0},
+    "splice-after-3MiB": {"splice_after": 3 << 20},
+}
+MODE = pytest.mark.parametrize("mode", list(MODES))
 
 
-@SPLICE
+@MODE
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
-def test_bulk_both_ways_at_once_is_byte_exact(loop_kind: str, splice_after: int | None) -> None:
+def test_bulk_both_ways_at_once_is_byte_exact(loop_kind: str, mode: str) -> None:
     """48 MiB each way at the same time, with the header in front and EOF passed on."""
     size = 48 << 20
     header = b"HEADER\r\n"
@@ -140,13 +145,13 @@ def test_bulk_both_ways_at_once_is_byte_exact(loop_kind: str, splice_after: int 
         assert (relay.bytes_up, relay.bytes_down) == (size, size + 64)
 
     async def main() -> None:
-        await with_front(echo_with_hash, body, first=header, splice_after=splice_after)
+        await with_front(echo_with_hash, body, first=header, mode=mode)
 
     run(loop_kind, main, timeout=120)
 
 
-@SPLICE
-async def test_what_goes_through_is_exact(splice_after: int | None) -> None:
+@MODE
+async def test_what_goes_through_is_exact(mode: str) -> None:
     size = 12 << 20
 
     async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -160,11 +165,11 @@ async def test_what_goes_through_is_exact(splice_after: int | None) -> None:
         assert await reader.read() == f"{sent} {size}".encode()
         writer.close()
 
-    await with_front(sink, body, splice_after=splice_after)
+    await with_front(sink, body, mode=mode)
 
 
-@SPLICE
-async def test_slow_reader_holds_the_sender_not_the_relay(splice_after: int | None) -> None:
+@MODE
+async def test_slow_reader_holds_the_sender_not_the_relay(mode: str) -> None:
     """The client reads nothing: the relay keeps at most one read, and the upstream's writer
     is the one that fills up (the kernel buffers between are finite)."""
     stuck = asyncio.Event()
@@ -189,20 +194,24 @@ async def test_slow_reader_holds_the_sender_not_the_relay(splice_after: int | No
         await asyncio.wait_for(stuck.wait(), 20)
         relay = front.relays[0]
         out = relay.client.out
-        assert out is not None and len(out) <= CHUNK  # one read waiting (or a pipe), no more
+        own = relay.upstream.buf is not None
+        # one read waiting (or a pipe), no more
+        assert out is not None and len(out) <= (BULK_CHUNK if own else CHUNK)
         assert relay.upstream.in_pipe <= CHUNK
         assert relay.bytes_down < total // 2
         _, n = await recv_all(reader)  # now read it all: everything arrives
         assert n == total
-        assert (relay.upstream.pipe is not None) == (splice_after is not None)
+        assert (relay.upstream.pipe is not None) == mode.startswith("splice")
+        # splicing after 3 MiB: the direction had its own buffer from 1 MiB
+        assert own == (mode in ("own-buffer-after-1MiB", "splice-after-3MiB"))
         writer.close()
 
-    await with_front(flood, body, splice_after=splice_after)
+    await with_front(flood, body, mode=mode)
 
 
-@SPLICE
+@MODE
 @pytest.mark.parametrize("first", ["client", "server"])
-async def test_half_close_keeps_the_other_direction(first: str, splice_after: int | None) -> None:
+async def test_half_close_keeps_the_other_direction(first: str, mode: str) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if first == "server":
             writer.write(b"server done")
@@ -228,7 +237,7 @@ async def test_half_close_keeps_the_other_direction(first: str, splice_after: in
         assert front.closed[0].stats().reason == "eof"
         writer.close()
 
-    await with_front(handler, body, splice_after=splice_after)
+    await with_front(handler, body, mode=mode)
 
 
 async def test_client_eof_before_the_join_follows_the_first_bytes() -> None:

@@ -9,8 +9,8 @@ dict lookup and the ``recv``/``send`` calls themselves. Linux only (epoll).
 
 API (stable):
 
-- ``FdRelayEngine(loop, *, splice_after=SPLICE_AFTER)`` (``engine.loop``); ``close()`` closes
-  every pair and the epoll.
+- ``FdRelayEngine(loop, *, bulk_after=BULK_AFTER, splice_after=None)`` (``engine.loop``);
+  ``close()`` closes every pair and the epoll.
 - ``await engine.connect(host, port, *, connect_timeout) -> socket`` connects a non-blocking
   TCP socket (TCP_NODELAY; a host name is resolved first) and returns it connected; ``OSError``
   or ``TimeoutError`` otherwise (the socket is closed then; the timeout is kept to within
@@ -32,13 +32,18 @@ API (stable):
   failed at once); ``relay.stats().reason`` is ``"eof"``, ``"idle"``, ``"error"`` or the one
   given.
 
-Bulk: a direction that has moved ``splice_after`` bytes (``SPLICE_AFTER``, 1 MiB; None: never)
-gets a pipe and moves on by splice(2), socket -> pipe -> socket, so its bytes no longer pass
-through Python (as HAProxy's ``option splice-auto``); short exchanges keep recv/send and no
-pipe. Flow control: a side is read only while nothing is waiting to be written to its peer. A
-``send`` that takes part of a chunk keeps the rest (at most one read, ``CHUNK`` bytes, per
-direction) and asks epoll for writability; reading that direction resumes once it is written,
-so a slow reader holds the sender in the kernel's buffers, not in ours. Half-close: EOF from a
+Buffers: a read lands in one ``CHUNK`` (256 KiB) buffer the engine shares between all pairs
+and is sent on at once; what a peer does not take is copied out and waits. A direction that
+has moved ``bulk_after`` bytes (``BULK_AFTER``, 1 MiB; None: never) is a bulk one and gets a
+``BULK_CHUNK`` (1 MiB) buffer of its own: a read four times the size and no copy of what
+waits (its pages are touched only as far as reads reach). Measured with iperf3 through the
+NLB (benchmarks/nlb), this moves more per CPU second than the shared buffer and than
+splice(2): ``splice_after`` (None: never) instead gives a direction that has moved that many
+bytes a pipe, socket -> pipe -> socket, as HAProxy's ``option splice-auto`` does; on the
+kernels we measured it cost more CPU per GB than the bulk buffer, so it is off by default.
+Flow control: a side is read only while nothing is waiting to be written to its peer (at most
+one read per direction) and epoll is asked for writability; reading that direction resumes
+once it is written, so a slow reader holds the sender in the kernel's buffers, not in ours. Half-close: EOF from a
 side is passed on with ``shutdown(SHUT_WR)`` once its bytes are written; the pair closes when
 both directions saw EOF. Idle timeout: one timer per engine checks every quarter of the
 shortest timeout which pairs saw no bytes for their whole timeout.
@@ -68,7 +73,15 @@ from marchproxy_common.net.relay import (
 )
 from marchproxy_common.tasks import spawn
 
-__all__ = ["CHUNK", "CONNECT_SWEEP", "SPLICE_AFTER", "FdRelay", "FdRelayEngine", "detach"]
+__all__ = [
+    "BULK_AFTER",
+    "BULK_CHUNK",
+    "CHUNK",
+    "CONNECT_SWEEP",
+    "FdRelay",
+    "FdRelayEngine",
+    "detach",
+]
 
 _log = structlog.get_logger("marchproxy.fdrelay")
 
@@ -80,8 +93,9 @@ _CONNECTING: Final = select.EPOLLOUT | select.EPOLLET
 _MAX_EVENTS: Final = 1024
 CONNECT_SWEEP: Final = 0.05  # seconds between checks of connect deadlines (their precision)
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
-#: bytes one direction moves by recv/send before it moves by splice(2) through a pipe
-SPLICE_AFTER: Final = 1 << 20
+#: bytes one direction moves through the engine's shared buffer before it gets its own
+BULK_AFTER: Final = 1 << 20
+BULK_CHUNK: Final = 1 << 20  # a bulk direction's own buffer: one read
 _SPLICE_FLAGS: Final = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _IN_PIPE: Final = memoryview(b"")  # ``_Side.out`` when what waits for a side is in a pipe
 
@@ -117,6 +131,7 @@ class _Side:
         "eof",
         "fd",
         "hup",
+        "buf",
         "in_pipe",
         "out",
         "peer",
@@ -140,6 +155,9 @@ class _Side:
         #: (read end, write end, capacity) once this side's bytes go by splice(2)
         self.pipe: tuple[int, int, int] | None = None
         self.in_pipe = 0  # of this side's bytes, how many are in its pipe
+        #: this side's own read buffer once it is a bulk one (what its peer did not take
+        #: waits in it, uncopied)
+        self.buf: memoryview | None = None
 
 
 class FdRelay:
@@ -200,10 +218,12 @@ class FdRelayEngine:
         self,
         loop: asyncio.AbstractEventLoop | None = None,
         *,
-        splice_after: int | None = SPLICE_AFTER,
+        bulk_after: int | None = BULK_AFTER,
+        splice_after: int | None = None,
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
         self.splice_after = splice_after
+        self.bulk_after = bulk_after
         self._epoll = select.epoll()
         self._sides: dict[int, _Side] = {}
         # every read lands here and is sent on at once (only what a peer does not take is
@@ -434,7 +454,15 @@ class FdRelayEngine:
         ):
             self._splice(src, drain)
             return
-        view = self._view
+        view = src.buf
+        if view is None:
+            bulk_after = self.bulk_after
+            if bulk_after is not None and src.read >= bulk_after:
+                view = src.buf = memoryview(bytearray(BULK_CHUNK))
+            else:
+                view = self._view
+        shared = view is self._view
+        size = len(view)
         while True:
             try:
                 n = src.sock.recv_into(view)
@@ -448,9 +476,9 @@ class FdRelayEngine:
                 self._pass_eof(src)
                 return
             src.read += n
-            if not self._write(dst, view[:n], borrowed=True):
+            if not self._write(dst, view[:n], borrowed=shared):
                 return  # paused (or failed)
-            if n < CHUNK and not drain:
+            if n < size and not drain:
                 return  # drained: a short read empties the socket; new bytes raise an event
 
     def _pipe(self, src: _Side) -> bool:
@@ -570,7 +598,7 @@ class FdRelayEngine:
         self.relays.discard(relay)
         for side in (relay.client, relay.upstream):
             self._sides.pop(side.fd, None)
-            side.out = None
+            side.out = side.buf = None
             with contextlib.suppress(OSError):
                 self._epoll.unregister(side.fd)
             if reset:
