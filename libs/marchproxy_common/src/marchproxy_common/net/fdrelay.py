@@ -43,10 +43,10 @@ bytes a pipe, socket -> pipe -> socket, as HAProxy's ``option splice-auto`` does
 kernels we measured it cost more CPU per GB than the bulk buffer, so it is off by default.
 Flow control: a side is read only while nothing is waiting to be written to its peer (at most
 one read per direction) and epoll is asked for writability; reading that direction resumes
-once it is written, so a slow reader holds the sender in the kernel's buffers, not in ours. Half-close: EOF from a
-side is passed on with ``shutdown(SHUT_WR)`` once its bytes are written; the pair closes when
-both directions saw EOF. Idle timeout: one timer per engine checks every quarter of the
-shortest timeout which pairs saw no bytes for their whole timeout.
+once it is written, so a slow reader holds the sender in the kernel's buffers, not in ours.
+Half-close: EOF from a side is passed on with ``shutdown(SHUT_WR)`` once its bytes are
+written; the pair closes when both directions saw EOF. Idle timeout: one timer per engine
+checks every quarter of the shortest timeout which pairs saw no bytes for their whole timeout.
 """
 
 from __future__ import annotations
@@ -127,11 +127,11 @@ def detach(transport: asyncio.Transport) -> socket.socket:
 
 class _Side:
     __slots__ = (
+        "buf",
         "drain",
         "eof",
         "fd",
         "hup",
-        "buf",
         "in_pipe",
         "out",
         "peer",
