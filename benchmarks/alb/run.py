@@ -97,6 +97,20 @@ def start(argv: list[str], env: dict[str, str] | None = None, log: Path | None =
     )
 
 
+def group_cpu_seconds(pgid: int) -> float:
+    """utime + stime of every process in process group ``pgid`` (a proxy and its workers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields after the command: state ppid pgrp ...
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 def wrk(url: str, duration: int, connections: int) -> tuple[float, float, str]:
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url],
@@ -104,6 +118,8 @@ def wrk(url: str, duration: int, connections: int) -> tuple[float, float, str]:
         text=True,
         timeout=duration + 30,
     ).stdout
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise RuntimeError(f"{url}: not every request got a 2xx/3xx answer\n{out}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     m = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
     assert m, out
@@ -132,6 +148,9 @@ def main() -> None:
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
     d = Path(tempfile.mkdtemp(prefix="alb-bench-"))
+    # mkdtemp makes the directory 0700: an nginx started as root serves from worker processes
+    # running as nobody, which would answer every request with 403 Forbidden
+    d.chmod(0o755)
     (d / "www").mkdir()
     (d / "www" / "index.html").write_text("hello from the backend\n" * 4)
     backend, p_nginx, p_haproxy, p_alb = free_port(), free_port(), free_port(), free_port()
@@ -196,18 +215,29 @@ def main() -> None:
         rps, p99, _ = wrk(f"http://127.0.0.1:{backend}/index.html", args.duration, args.connections)
         print(f"{'backend':8s} {rps:10.0f} req/s   p99 {p99:8.2f} ms (direct, for reference)")
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in targets}
+        cpu: dict[str, list[float]] = {name: [] for name in targets}  # µs of CPU per request
+        pgids = dict(zip(("nginx", "haproxy", "alb"), (p.pid for p in procs[1:]), strict=True))
         # interleaved rounds, medians: this machine is shared, so single runs are noisy
         for _ in range(args.rounds):
             for name, port in targets.items():
                 url = f"http://127.0.0.1:{port}/index.html"
-                runs[name].append(wrk(url, args.duration, args.connections)[:2])
+                before = group_cpu_seconds(pgids[name])
+                rps, p99, _ = wrk(url, args.duration, args.connections)
+                used = group_cpu_seconds(pgids[name]) - before
+                runs[name].append((rps, p99))
+                cpu[name].append(used * 1e6 / max(1.0, rps * args.duration))
         results = {}
         for name, rs in runs.items():
             rps = statistics.median(r[0] for r in rs)
             p99 = statistics.median(r[1] for r in rs)
             results[name] = (rps, p99)
             each = ", ".join(f"{r[0]:.0f}" for r in rs)
-            print(f"{name:8s} {rps:10.0f} req/s   p99 {p99:8.2f} ms   (runs: {each})", flush=True)
+            us = statistics.median(cpu[name])
+            print(
+                f"{name:8s} {rps:10.0f} req/s   p99 {p99:8.2f} ms   {us:5.1f} µs CPU/req"
+                f"   (runs: {each})",
+                flush=True,
+            )
         alb_rps, alb_p99 = results.get("alb", (0.0, 0.0))
         for peer in ("nginx", "haproxy"):
             if peer not in results or "alb" not in results:
