@@ -28,6 +28,7 @@ from .frontends.admin import PAUSE_TIMEOUT
 from .frontends.postgres import PostgresClient
 from .metrics import DblbCollector
 from .pool import PoolManager, send_cancel
+from .sockets import ClientListener, start_client_server
 
 _log = structlog.get_logger("marchproxy.dblb")
 #: Distinct prepared-statement texts remembered for pool-wide names before starting over.
@@ -76,7 +77,7 @@ class DblbHooks(BaseModuleHooks):
         self.protocol_errors = 0
         self.auth_failures = 0
         self.cancels_forwarded = 0
-        self._server: asyncio.Server | None = None
+        self._server: ClientListener | asyncio.Server | None = None
         self._mysql: Any = None
         self._statement_names: dict[bytes, bytes] = {}
         self._unique_names = itertools.count(1)
@@ -94,7 +95,6 @@ class DblbHooks(BaseModuleHooks):
         return {types_pb2.PROTOCOL_MYSQL: self.mysql_address}
 
     async def start_data_plane(self) -> BoundAddress:
-        loop = asyncio.get_running_loop()
         factory: Any = lambda: PostgresClient(self)  # noqa: E731
         if self.settings.proxy_protocol != "off":
             factory = wrap_proxy_protocol(
@@ -103,12 +103,12 @@ class DblbHooks(BaseModuleHooks):
                 trusted_sources=self.settings.proxy_trusted_networks(),
             )
         workers = self.settings.workers
-        self._server = await loop.create_server(
+        self._server = await start_client_server(
             factory,
             self.settings.data_host,
             self.settings.data_port,
             backlog=1024,
-            reuse_port=True if workers > 1 else None,
+            reuse_port=workers > 1,
         )
         self.manager.start()
         if workers > 1:
@@ -215,7 +215,9 @@ class DblbHooks(BaseModuleHooks):
         }
 
     async def stop_accepting(self) -> None:
-        if self._server is not None:
+        if isinstance(self._server, ClientListener):
+            self._server.close()  # nothing accepted is left without its protocol
+        elif self._server is not None:
             await stop_serving(self._server)
         if self._mysql is not None:
             await self._mysql.stop_accepting()

@@ -1,0 +1,427 @@
+"""Client-facing sockets of the DBLB: accept from the listening socket, one small transport each.
+
+``asyncio``'s ``create_server`` spends most of a short connection's CPU in its own machinery: an
+accept task per connection, a ``getsockname``/``getpeername``/``setsockopt`` per socket, a
+transport built over several mixins, three ``call_soon`` before ``connection_made`` and a
+waiter future, then the server's bookkeeping on close. With ``pgbench -C`` (a connection per
+transaction) that was more than the pooling itself. ``ClientListener`` accepts in a
+``loop.add_reader`` callback (a batch per wake-up), and ``SocketTransport`` is the part of an
+asyncio socket transport a protocol uses: ``connection_made`` runs at once, reads go straight
+to ``data_received`` (or ``get_buffer``/``buffer_updated``), a write is one ``send`` when
+nothing waits, and ``close()`` closes the socket at once when nothing is left to write
+(``connection_lost`` follows with ``call_soon``, as with asyncio). It works with
+``loop.start_tls`` (TLS to clients) and ``set_protocol`` (PROXY protocol headers) like an
+asyncio transport. The same protocols run on any loop: ``ClientListener`` is for the standard
+selector loop; elsewhere (uvloop) ``start_client_server`` uses ``loop.create_server``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+__all__ = ["ACCEPT_BATCH", "ClientListener", "SocketTransport", "start_client_server"]
+
+_log = structlog.get_logger("marchproxy.dblb.sockets")
+
+#: connections accepted per readiness callback
+ACCEPT_BATCH = 128
+#: seconds without accepting after EMFILE and the like (as asyncio)
+ACCEPT_RETRY_DELAY = 1.0
+_ACCEPT_PAUSE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: bytes read per recv (asyncio's socket transports read 256 KiB)
+READ_SIZE = 256 * 1024
+#: write buffer limits (asyncio's defaults): pause_writing above HIGH, resume at LOW
+HIGH_WATER = 64 * 1024
+LOW_WATER = HIGH_WATER // 4
+
+ProtocolFactory = Callable[[], asyncio.BaseProtocol]
+
+
+class SocketTransport(asyncio.Transport):
+    """An accepted, non-blocking TCP socket driven by ``loop.add_reader``/``add_writer``."""
+
+    _start_tls_compatible = True
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        peer: Any,
+        protocol: asyncio.BaseProtocol,
+        listener: ClientListener | None = None,
+    ) -> None:
+        self._extra = {"peername": peer, "socket": sock}
+        self._loop = loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._listener = listener
+        self._protocol = protocol
+        self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
+        self._buffer = bytearray()  # what the socket did not take yet
+        self._closing = False  # close() or a fatal error: no more reads or writes
+        self._closed = False  # the socket is closed
+        self._reading = False
+        self._paused = False  # pause_reading() (reading resumes only on resume_reading())
+        self._writing_paused = False  # the protocol's pause_writing() was called
+        self._eof_written = False
+        self._high = HIGH_WATER
+        self._low = LOW_WATER
+
+    def start(self) -> None:
+        """Give the socket to its protocol and start reading (unless it paused us at once)."""
+        self._protocol.connection_made(self)
+        if not self._closing and not self._paused:
+            self._reading = True
+            self._loop.add_reader(self._fd, self._read_ready)
+
+    # ---- BaseTransport ---------------------------------------------------------------------
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "sockname" and "sockname" not in self._extra:
+            try:
+                self._extra["sockname"] = self._sock.getsockname()
+            except OSError:
+                return default
+        return self._extra.get(name, default)
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._stop_reading()
+        if not self._buffer:
+            self._close_socket()
+            self._loop.call_soon(self._call_connection_lost, None)
+        # else: _write_ready closes once the buffer is written
+
+    def abort(self) -> None:
+        self._force_close(None)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+        self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    def is_reading(self) -> bool:
+        return self._reading
+
+    def pause_reading(self) -> None:
+        if self._closing or self._paused:
+            return
+        self._paused = True
+        self._stop_reading()
+
+    def resume_reading(self) -> None:
+        if self._closing or not self._paused:
+            return
+        self._paused = False
+        self._reading = True
+        self._loop.add_reader(self._fd, self._read_ready)
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+
+    def _read_ready(self) -> None:
+        if self._buffered:
+            self._read_into_buffer()
+            return
+        try:
+            data = self._sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc)
+            return
+        if data:
+            self._protocol.data_received(data)  # type: ignore[attr-defined]
+        else:
+            self._eof()
+
+    def _read_into_buffer(self) -> None:
+        protocol = self._protocol
+        assert isinstance(protocol, asyncio.BufferedProtocol)
+        try:
+            buf = memoryview(protocol.get_buffer(-1))
+            if not buf.nbytes:
+                raise RuntimeError("get_buffer() returned an empty buffer")
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc)
+            return
+        try:
+            n = self._sock.recv_into(buf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc)
+            return
+        if n:
+            protocol.buffer_updated(n)
+        else:
+            self._eof()
+
+    def _eof(self) -> None:
+        keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
+        if keep_open:
+            self._stop_reading()  # half-closed: nothing more to read
+        else:
+            self.close()
+
+    # ---- writing ---------------------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing or not data:
+            return
+        if not self._buffer:
+            try:
+                n = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc)
+                return
+            if n == len(data):
+                return
+            data = memoryview(data)[n:]
+            self._loop.add_writer(self._fd, self._write_ready)
+        self._buffer += data
+        if not self._writing_paused and len(self._buffer) > self._high:
+            self._writing_paused = True
+            self._call_protocol("pause_writing")
+
+    def _write_ready(self) -> None:
+        try:
+            n = self._sock.send(self._buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._loop.remove_writer(self._fd)
+            self._buffer.clear()
+            self._fatal_error(exc)
+            return
+        if n:
+            del self._buffer[:n]
+        if self._writing_paused and len(self._buffer) <= self._low:
+            self._writing_paused = False
+            self._call_protocol("resume_writing")
+        if self._buffer:
+            return
+        self._loop.remove_writer(self._fd)
+        if self._closing:
+            self._close_socket()
+            self._call_connection_lost(None)
+        elif self._eof_written:
+            self._shutdown_write()
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.write(b"".join(list_of_data))
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if self._closing or self._eof_written:
+            return
+        self._eof_written = True
+        if not self._buffer:
+            self._shutdown_write()
+
+    def _shutdown_write(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def get_write_buffer_size(self) -> int:
+        return len(self._buffer)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._low, self._high
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if high is None:
+            high = HIGH_WATER if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._high, self._low = high, low
+
+    # ---- teardown --------------------------------------------------------------------------
+
+    def _fatal_error(self, exc: BaseException) -> None:
+        if not isinstance(exc, OSError):
+            _log.error("client_transport_error", error=repr(exc), exc_info=exc)
+        self._force_close(exc if isinstance(exc, Exception) else None)
+
+    def _force_close(self, exc: Exception | None) -> None:
+        if self._closed:
+            return
+        if self._buffer:
+            self._buffer.clear()
+            self._loop.remove_writer(self._fd)
+        self._closing = True
+        self._stop_reading()
+        self._close_socket()  # (closed <=> connection_lost called or scheduled)
+        self._loop.call_soon(self._call_connection_lost, exc)
+
+    def _close_socket(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._sock.close()
+            if self._listener is not None:
+                self._listener.connections -= 1
+
+    def _call_connection_lost(self, exc: Exception | None) -> None:
+        self._protocol.connection_lost(exc)
+
+    def _call_protocol(self, method: str) -> None:
+        try:
+            getattr(self._protocol, method)()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            _log.error("client_protocol_callback_failed", callback=method, exc_info=exc)
+
+
+class ClientListener:
+    """Listening sockets whose connections each get a ``SocketTransport`` and a protocol from
+    ``factory``; the ``asyncio.Server`` calls the DBLB uses (``sockets``, ``close``,
+    ``is_serving``, ``wait_closed``)."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sockets: list[socket.socket],
+        factory: ProtocolFactory,
+    ) -> None:
+        self._loop = loop
+        self.sockets = sockets
+        self._factory = factory
+        self._serving = False
+        self._retry: asyncio.TimerHandle | None = None
+        #: accepted sockets not yet closed
+        self.connections = 0
+
+    def start(self) -> None:
+        for sock in self.sockets:
+            sock.setblocking(False)
+            # accepted sockets inherit it (Linux): one setsockopt per listener
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
+        self._serving = True
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    def close(self) -> None:
+        """Stop accepting and close the listening sockets (connections accepted so far are
+        their protocols' already: nothing accepted is dropped)."""
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        for sock in self.sockets:
+            if self._serving:
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+        self._serving = False
+
+    async def wait_closed(self) -> None:
+        return None
+
+    def _accept(self, listening: socket.socket) -> None:
+        loop, factory = self._loop, self._factory
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, peer = listening.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_PAUSE_ERRNOS:
+                    raise
+                # out of descriptors or memory: pause as asyncio does, not spin on the error
+                _log.error("accept_failed", error=str(exc), retry_after=ACCEPT_RETRY_DELAY)
+                for s in self.sockets:
+                    loop.remove_reader(s.fileno())
+                self._serving = False
+                self._retry = loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
+                return
+            sock.setblocking(False)
+            self.connections += 1
+            try:
+                SocketTransport(loop, sock, peer, factory(), self).start()
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                _log.error("client_setup_failed", exc_info=exc)
+                sock.close()
+
+    def _resume(self) -> None:
+        self._retry = None
+        if not self._serving:
+            self.start()
+
+
+def bind_sockets(host: str, port: int, *, backlog: int, reuse_port: bool) -> list[socket.socket]:
+    """Listening sockets for every address of ``host`` (as ``loop.create_server`` binds)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            # port 0: every address on the port the first one got
+            sock.bind((address[0], port, *address[2:]))
+            sock.listen(backlog)
+            port = port or sock.getsockname()[1]
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+async def start_client_server(
+    factory: ProtocolFactory, host: str, port: int, *, backlog: int, reuse_port: bool
+) -> ClientListener | asyncio.Server:
+    """Listen on ``host:port`` for clients of ``factory``'s protocols: a ``ClientListener`` on
+    the standard selector loop, ``loop.create_server`` on others (uvloop)."""
+    loop = asyncio.get_running_loop()
+    if not isinstance(loop, asyncio.SelectorEventLoop):
+        return await loop.create_server(
+            factory, host, port, backlog=backlog, reuse_port=True if reuse_port else None
+        )
+    listener = ClientListener(
+        loop, bind_sockets(host, port, backlog=backlog, reuse_port=reuse_port), factory
+    )
+    listener.start()
+    return listener
