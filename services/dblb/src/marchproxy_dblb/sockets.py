@@ -5,7 +5,9 @@ accept task per connection, a ``getsockname``/``getpeername``/``setsockopt`` per
 transport built over several mixins, three ``call_soon`` before ``connection_made`` and a
 waiter future, then the server's bookkeeping on close. With ``pgbench -C`` (a connection per
 transaction) that was more than the pooling itself. ``ClientListener`` accepts in a
-``loop.add_reader`` callback (a batch per wake-up), and ``SocketTransport`` is the part of an
+``loop.add_reader`` callback (a batch per wake-up); its sockets wait on an epoll of its own
+(``ClientPoller``, polled from the loop: one ``epoll_ctl`` per socket and a dict lookup per
+event, no selector key or handle per socket), and ``SocketTransport`` is the part of an
 asyncio socket transport a protocol uses: ``connection_made`` runs at once, reads go straight
 to ``data_received`` (or ``get_buffer``/``buffer_updated``), a write is one ``send`` when
 nothing waits, and ``close()`` closes the socket at once when nothing is left to write
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import select
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -40,24 +43,71 @@ READ_SIZE = 256 * 1024
 HIGH_WATER = 64 * 1024
 LOW_WATER = HIGH_WATER // 4
 
+#: events handled per poll of the client epoll
+POLL_BATCH = 256
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+_READ_EVENTS = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+_WRITE_EVENTS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
 
+class ClientPoller:
+    """One level-triggered epoll for every client socket of a loop, polled from the loop (one
+    ``loop.add_reader`` on its descriptor): registering a socket is one ``epoll_ctl``, an event
+    one dict lookup, with no selector key or handle per socket."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.epoll = select.epoll()
+        self.transports: dict[int, SocketTransport] = {}
+        self._closing = False
+        loop.add_reader(self.epoll.fileno(), self._poll)
+
+    def _poll(self) -> None:
+        transports = self.transports
+        for fd, events in self.epoll.poll(0, POLL_BATCH):
+            t = transports.get(fd)
+            if t is None:
+                continue
+            if events & _READ_EVENTS and t._mask & _IN:
+                t._read_ready()
+            if events & _WRITE_EVENTS and t._mask & _OUT:
+                t._write_ready()
+
+    def close(self) -> None:
+        """Close the epoll once no socket is left on it (now, or when the last one closes)."""
+        self._closing = True
+        if not self.transports and not self.epoll.closed:
+            self.loop.remove_reader(self.epoll.fileno())
+            self.epoll.close()
+
+    def forget(self, fd: int, registered: bool) -> None:
+        """``fd`` is about to be closed."""
+        if registered:
+            self.epoll.unregister(fd)
+        del self.transports[fd]
+        if self._closing and not self.transports:
+            self.close()
+
+
 class SocketTransport(asyncio.Transport):
-    """An accepted, non-blocking TCP socket driven by ``loop.add_reader``/``add_writer``."""
+    """An accepted, non-blocking TCP socket on the loop's ``ClientPoller``."""
 
     _start_tls_compatible = True
 
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
+        poller: ClientPoller,
         sock: socket.socket,
         peer: Any,
         protocol: asyncio.BaseProtocol,
         listener: ClientListener | None = None,
     ) -> None:
         self._extra = {"peername": peer, "socket": sock}
-        self._loop = loop
+        self._poller = poller
+        self._loop = poller.loop
         self._sock = sock
         self._fd = sock.fileno()
         self._listener = listener
@@ -66,7 +116,7 @@ class SocketTransport(asyncio.Transport):
         self._buffer = bytearray()  # what the socket did not take yet
         self._closing = False  # close() or a fatal error: no more reads or writes
         self._closed = False  # the socket is closed
-        self._reading = False
+        self._mask = 0  # events registered on the poller: _IN while reading, _OUT while writing
         self._paused = False  # pause_reading() (reading resumes only on resume_reading())
         self._writing_paused = False  # the protocol's pause_writing() was called
         self._eof_written = False
@@ -75,10 +125,10 @@ class SocketTransport(asyncio.Transport):
 
     def start(self) -> None:
         """Give the socket to its protocol and start reading (unless it paused us at once)."""
+        self._poller.transports[self._fd] = self
         self._protocol.connection_made(self)
         if not self._closing and not self._paused:
-            self._reading = True
-            self._loop.add_reader(self._fd, self._read_ready)
+            self._set_mask(self._mask | _IN)
 
     # ---- BaseTransport ---------------------------------------------------------------------
 
@@ -116,7 +166,7 @@ class SocketTransport(asyncio.Transport):
     # ---- reading ---------------------------------------------------------------------------
 
     def is_reading(self) -> bool:
-        return self._reading
+        return bool(self._mask & _IN)
 
     def pause_reading(self) -> None:
         if self._closing or self._paused:
@@ -128,13 +178,22 @@ class SocketTransport(asyncio.Transport):
         if self._closing or not self._paused:
             return
         self._paused = False
-        self._reading = True
-        self._loop.add_reader(self._fd, self._read_ready)
+        self._set_mask(self._mask | _IN)
 
     def _stop_reading(self) -> None:
-        if self._reading:
-            self._reading = False
-            self._loop.remove_reader(self._fd)
+        if self._mask & _IN:
+            self._set_mask(self._mask & ~_IN)
+
+    def _set_mask(self, mask: int) -> None:
+        """Register what we wait for (a socket waiting for nothing is not registered: epoll
+        reports hang-ups and errors whatever the mask)."""
+        old, self._mask = self._mask, mask
+        if not old:
+            self._poller.epoll.register(self._fd, mask)
+        elif not mask:
+            self._poller.epoll.unregister(self._fd)
+        else:
+            self._poller.epoll.modify(self._fd, mask)
 
     def _read_ready(self) -> None:
         if self._buffered:
@@ -149,10 +208,15 @@ class SocketTransport(asyncio.Transport):
         except BaseException as exc:
             self._fatal_error(exc)
             return
-        if data:
-            self._protocol.data_received(data)  # type: ignore[attr-defined]
-        else:
+        if not data:
             self._eof()
+            return
+        try:
+            self._protocol.data_received(data)  # type: ignore[attr-defined]
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc)
 
     def _read_into_buffer(self) -> None:
         protocol = self._protocol
@@ -175,13 +239,24 @@ class SocketTransport(asyncio.Transport):
         except BaseException as exc:
             self._fatal_error(exc)
             return
-        if n:
-            protocol.buffer_updated(n)
-        else:
+        if not n:
             self._eof()
+            return
+        try:
+            protocol.buffer_updated(n)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc)
 
     def _eof(self) -> None:
-        keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
+        try:
+            keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc)
+            return
         if keep_open:
             self._stop_reading()  # half-closed: nothing more to read
         else:
@@ -205,7 +280,7 @@ class SocketTransport(asyncio.Transport):
             if n == len(data):
                 return
             data = memoryview(data)[n:]
-            self._loop.add_writer(self._fd, self._write_ready)
+            self._set_mask(self._mask | _OUT)
         self._buffer += data
         if not self._writing_paused and len(self._buffer) > self._high:
             self._writing_paused = True
@@ -219,7 +294,7 @@ class SocketTransport(asyncio.Transport):
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
-            self._loop.remove_writer(self._fd)
+            self._set_mask(self._mask & ~_OUT)
             self._buffer.clear()
             self._fatal_error(exc)
             return
@@ -230,7 +305,7 @@ class SocketTransport(asyncio.Transport):
             self._call_protocol("resume_writing")
         if self._buffer:
             return
-        self._loop.remove_writer(self._fd)
+        self._set_mask(self._mask & ~_OUT)
         if self._closing:
             self._close_socket()
             self._call_connection_lost(None)
@@ -281,17 +356,16 @@ class SocketTransport(asyncio.Transport):
     def _force_close(self, exc: Exception | None) -> None:
         if self._closed:
             return
-        if self._buffer:
-            self._buffer.clear()
-            self._loop.remove_writer(self._fd)
+        self._buffer.clear()
         self._closing = True
-        self._stop_reading()
         self._close_socket()  # (closed <=> connection_lost called or scheduled)
         self._loop.call_soon(self._call_connection_lost, exc)
 
     def _close_socket(self) -> None:
         if not self._closed:
             self._closed = True
+            self._poller.forget(self._fd, registered=bool(self._mask))
+            self._mask = 0
             self._sock.close()
             if self._listener is not None:
                 self._listener.connections -= 1
@@ -320,6 +394,7 @@ class ClientListener:
         factory: ProtocolFactory,
     ) -> None:
         self._loop = loop
+        self._poller = ClientPoller(loop)
         self.sockets = sockets
         self._factory = factory
         self._serving = False
@@ -349,12 +424,13 @@ class ClientListener:
                 self._loop.remove_reader(sock.fileno())
             sock.close()
         self._serving = False
+        self._poller.close()
 
     async def wait_closed(self) -> None:
         return None
 
     def _accept(self, listening: socket.socket) -> None:
-        loop, factory = self._loop, self._factory
+        loop, poller, factory = self._loop, self._poller, self._factory
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, peer = listening.accept()
@@ -373,7 +449,7 @@ class ClientListener:
             sock.setblocking(False)
             self.connections += 1
             try:
-                SocketTransport(loop, sock, peer, factory(), self).start()
+                SocketTransport(poller, sock, peer, factory(), self).start()
             except (SystemExit, KeyboardInterrupt):
                 raise
             except BaseException as exc:
