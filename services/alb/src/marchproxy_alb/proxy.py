@@ -14,8 +14,8 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Final
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Final
 
 import structlog
 
@@ -153,6 +153,7 @@ class DataPlane:
         self.accepting = True
         self.total_connections = 0
         self.requests_total = 0
+        self.fast_requests = 0  # of requests_total: started on the fast path (no task)
         self.errors_total = 0
         self.bytes_in = 0
         self.bytes_out = 0
@@ -310,8 +311,85 @@ class DataPlane:
 
     # ------------------------------------------------------------------ one request
 
+    def start_fast(self, req: PendingRequest, down: DownstreamProtocol) -> bool:
+        """Start a bodiless GET without a task when nothing needs waiting for: a cached route
+        with no rate limit or hashing, a normal path, and an idle pooled connection to the
+        picked target. The request goes out now and :meth:`Exchange.on_upstream_event`
+        finishes it from the upstream's callbacks. False (nothing done, except remembering a
+        target it picked but had no idle connection to) when the task has to serve it."""
+        head = req.head
+        cache = self._route_cache
+        if head is None or cache is None:
+            req.slow = True
+            return False
+        raw_path = head.target.partition(b"?")[0]
+        host = head.host
+        if (
+            raw_path[:1] != b"/"
+            or b"%" in raw_path
+            or b"/." in raw_path
+            or b"//" in raw_path
+            or b"\\" in raw_path
+            or len(raw_path) + len(host or b"") > ROUTE_CACHE_MAX_KEY
+        ):
+            req.slow = True
+            return False
+        path = raw_path.decode("latin-1")
+        key = (host, path, head.method)
+        route = cache.get(key, _MISS)
+        if route is _MISS:  # host, path and method decide (cacheable): no headers needed
+            route = self.table.match(self._view(head, host, path, {}, ""))
+            if len(cache) >= ROUTE_CACHE_SIZE:
+                cache.clear()
+            cache[key] = route
+        if route is None or route.rate_limit is not None:
+            req.slow = True
+            return False
+        b = route.backend
+        if b.load_balancing in ("consistent_hash", "ip_hash"):
+            req.slow = True
+            return False
+        pool = self.pools[route.name]
+        target = pool.pick(None)
+        req.slow = True  # whatever happens next, this request is not tried again
+        if target is None:
+            return False
+        conn = self.upstreams.take_idle(target, b.tls_server_name)
+        if conn is None:
+            req.first_target = target  # the task connects to the target picked here
+            return False
+        loop = down.loop
+        t0 = loop.time()
+        ex = Exchange(self, req, down, route, _request_id(head), t0, path)
+        ex.pool = pool
+        pool.retry_budget.deposit()
+        ex.target = target
+        pool.begin(target)
+        ex.conn = conn
+        down.on_lost = ex.client_lost
+        conn.begin("GET", conn.pause_reading, conn.resume_reading)
+        conn.write(
+            build_request_head(
+                head,
+                ForwardInfo(down.client_ip, down.scheme, ex.rid),
+                host_override=None if b.preserve_host and host is not None else target.authority,
+            )
+        )
+        deadline = t0 + b.timeout
+        if b.header_timeout < b.timeout:
+            deadline = min(deadline, t0 + b.header_timeout)
+        conn.expect_head_by(deadline)
+        req.exchange = ex
+        conn.on_event = ex.on_upstream_event
+        self.fast_requests += 1
+        return True
+
     async def handle(self, req: PendingRequest, down: DownstreamProtocol) -> bool:
         """Serve one request; returns whether the client connection stays open."""
+        resumed = req.exchange
+        if resumed is not None:  # started on the fast path, handed over to the task
+            req.exchange = None
+            return await resumed.conclude(resumed.forward(None, resumed.conn))
         head = req.head
         assert head is not None and req.body is not None
         t0 = down.loop.time()
@@ -348,24 +426,8 @@ class DataPlane:
         if path != raw_path:
             # forward what was matched (RFC 3986 §6.2.2 normalization)
             head.target = (path + "?" + query if query else path).encode("latin-1")
-        ex = _Exchange(self, req, down, route, rid, t0)
-        try:
-            if ambiguous:
-                self.refused("ambiguous_path")
-                raise _Reply(400, "bad_path", "encoded slash or backslash in the path")
-            if route is None:
-                self.refused("no_route")
-                raise _Reply(404, "no_route", "no route matches this request")
-            keep = await ex.run(hdrs)
-        except _Reply as r:
-            keep = ex.reply(r)
-        except ConnectionError:  # ClientGone, or a transport error on either side
-            ex.status = ex.status or 499
-            keep = False
-        finally:
-            ex.cleanup()
-        ex.finish(path)
-        return keep
+        ex = Exchange(self, req, down, route, rid, t0, path)
+        return await ex.conclude(ex.run(hdrs, ambiguous))
 
     @staticmethod
     def _view(
@@ -374,7 +436,7 @@ class DataPlane:
         return RequestView(host.decode("latin-1") if host else "", path, head.method, hdrs, query)
 
 
-class _Exchange:
+class Exchange:
     """State of one proxied request, so failure paths can clean up exactly what exists."""
 
     __slots__ = (
@@ -383,6 +445,7 @@ class _Exchange:
         "conn",
         "down",
         "last_activity",
+        "path",
         "plane",
         "pool",
         "pump",
@@ -407,6 +470,7 @@ class _Exchange:
         route: Route | None,
         rid: bytes,
         t0: float,
+        path: str,
     ) -> None:
         self.plane = plane
         self.req = req
@@ -414,6 +478,7 @@ class _Exchange:
         self.route = route
         self.rid = rid
         self.t0 = t0
+        self.path = path  # as matched (normalized), for the access log
         self.pool: BackendPool | None = None
         self.conn: UpstreamConnection | None = None
         self.target: Target | None = None
@@ -465,9 +530,29 @@ class _Exchange:
 
     # ------------------------------------------------------------------ the exchange
 
-    async def run(self, hdrs: dict[str, str]) -> bool:
+    async def conclude(self, work: Coroutine[Any, Any, bool]) -> bool:
+        """Await the exchange (``run`` or, after a fast-path hand-over, ``forward``), answer
+        local errors, clean up and account; returns whether the client connection stays open."""
+        try:
+            keep = await work
+        except _Reply as r:
+            keep = self.reply(r)
+        except ConnectionError:  # ClientGone, or a transport error on either side
+            self.status = self.status or 499
+            keep = False
+        finally:
+            self.cleanup()
+        self.finish()
+        return keep
+
+    async def run(self, hdrs: dict[str, str], ambiguous: bool) -> bool:
         plane, route, head = self.plane, self.route, self.head
-        assert route is not None
+        if ambiguous:
+            plane.refused("ambiguous_path")
+            raise _Reply(400, "bad_path", "encoded slash or backslash in the path")
+        if route is None:
+            plane.refused("no_route")
+            raise _Reply(404, "no_route", "no route matches this request")
         rl = route.rate_limit
         if rl is not None:
             if rl.scope == "cluster" and plane.cluster_limiter is not None:
@@ -483,11 +568,17 @@ class _Exchange:
         pool = plane.pools[route.name]
         self.pool = pool
         pool.retry_budget.deposit()
-        hash_key = self._hash_key(route, hdrs)
+        return await self.forward(self._hash_key(route, hdrs), None)
+
+    async def forward(self, hash_key: bytes | None, sent: UpstreamConnection | None) -> bool:
+        """Send the request upstream (or, with ``sent``, wait on the connection the fast path
+        already sent it on) and relay the response."""
+        plane, route, pool = self.plane, self.route, self.pool
+        assert route is not None and pool is not None
         try:
             # the route's timeout bounds connect + send + wait for the head; then idle_timeout
             # bounds the body (or the tunnel's tunnel_idle_timeout), however long it streams
-            resp = await self._send(route, pool, hash_key, self.t0 + route.backend.timeout)
+            resp = await self._send(route, pool, hash_key, self.t0 + route.backend.timeout, sent)
             if resp.status == 101:
                 return await self._tunnel(resp)
             return await self._relay(resp)
@@ -585,17 +676,33 @@ class _Exchange:
         return target
 
     async def _send(
-        self, route: Route, pool: BackendPool, hash_key: bytes | None, deadline: float
+        self,
+        route: Route,
+        pool: BackendPool,
+        hash_key: bytes | None,
+        deadline: float,
+        sent: UpstreamConnection | None = None,
     ) -> ResponseHead:
         """Pick a target, connect (or reuse), send the request and return the response head,
-        retrying as the route allows; ``deadline`` (loop time) bounds it all → TimeoutError."""
+        retrying as the route allows; ``deadline`` (loop time) bounds it all → TimeoutError.
+        ``sent``: the fast path already sent it on this pooled connection (to ``self.target``):
+        the first attempt only waits for the head."""
         plane, head, b = self.plane, self.head, route.backend
         tried: list[Target] = []
         stale = 0
         expect_continue = head.expect is not None and head.expect.lower() == b"100-continue"
         fwd = ForwardInfo(self.down.client_ip, self.down.scheme, self.rid)
         while True:
-            target = self._pick(pool, hash_key, tried)
+            if sent is not None:
+                first, sent = sent, None
+                target, reused = first.target, True
+                try:
+                    return await self._head_waiter(first, b.header_timeout, b.timeout, deadline)
+                except UpstreamError as exc:
+                    stale = self._send_failed(exc, target, pool, reused, stale, tried)
+                    continue
+            target = self.req.first_target or self._pick(pool, hash_key, tried)
+            self.req.first_target = None
             self.target = target
             pool.begin(target)
             try:
@@ -625,7 +732,7 @@ class _Exchange:
             self.conn = conn
             if self.down.closed:
                 raise ClientGone("client left while we connected")
-            self.down.on_lost = self._client_lost
+            self.down.on_lost = self.client_lost
             body = self.req.body
             assert body is not None
             if expect_continue and not body.complete and not self.started:
@@ -635,7 +742,7 @@ class _Exchange:
             host_override = (
                 None
                 if b.preserve_host and head.host is not None
-                else f"{target.host}:{target.port}".encode()  # HTTP/1.1 needs a Host upstream
+                else target.authority  # HTTP/1.1 needs a Host upstream
             )
             req_head = build_request_head(head, fwd, host_override=host_override)
             if head.has_body and body.complete and body.buffered <= COALESCE_LIMIT:
@@ -648,27 +755,42 @@ class _Exchange:
             try:
                 return await self._head_waiter(conn, b.header_timeout, b.timeout, deadline)
             except UpstreamError as exc:
-                idempotent = head.method in IDEMPOTENT_METHODS and not head.has_body
-                self._drop_upstream()
-                pool.end(target)
-                if exc.before_response and reused and idempotent and stale < MAX_STALE_RETRIES:
-                    stale += 1  # the pooled connection was closed under us: not a target failure
-                    self.target = None
-                    continue
-                self._target_failed("reset")
-                tried.append(target)
-                self.target = None
-                if (
-                    exc.before_response
-                    and idempotent
-                    and self.retries < b.retries
-                    and pool.retry_budget.try_spend()
-                ):
-                    self.retries += 1
-                    plane.metrics.retries.labels(route.name).inc()
-                    continue
-                plane.refused("upstream_failed")
-                raise _Reply(502, "bad_gateway", f"upstream failed: {exc}") from None
+                stale = self._send_failed(exc, target, pool, reused, stale, tried)
+
+    def _send_failed(
+        self,
+        exc: UpstreamError,
+        target: Target,
+        pool: BackendPool,
+        reused: bool,
+        stale: int,
+        tried: list[Target],
+    ) -> int:
+        """An attempt failed before its head: returns the new stale count when ``_send`` may
+        try again, raises the 502 when not."""
+        plane, head, route = self.plane, self.head, self.route
+        assert route is not None
+        b = route.backend
+        idempotent = head.method in IDEMPOTENT_METHODS and not head.has_body
+        self._drop_upstream()
+        pool.end(target)
+        if exc.before_response and reused and idempotent and stale < MAX_STALE_RETRIES:
+            self.target = None
+            return stale + 1  # the pooled connection was closed under us: not a target failure
+        self._target_failed("reset")
+        tried.append(target)
+        self.target = None
+        if (
+            exc.before_response
+            and idempotent
+            and self.retries < b.retries
+            and pool.retry_budget.try_spend()
+        ):
+            self.retries += 1
+            plane.metrics.retries.labels(route.name).inc()
+            return stale
+        plane.refused("upstream_failed")
+        raise _Reply(502, "bad_gateway", f"upstream failed: {exc}") from None
 
     def _take_buffered_body(self, route: Route) -> bytes:
         body = self.req.body
@@ -772,9 +894,45 @@ class _Exchange:
         if chunked:
             conn.write(LAST_CHUNK)
 
-    async def _relay(self, resp: ResponseHead) -> bool:
-        head, down, conn = self.head, self.down, self.conn
-        assert conn is not None and conn.body is not None
+    def on_upstream_event(self) -> None:
+        """Fast path: the upstream connection has news (a response head, an error, or the
+        client left). Write a complete response at once; hand anything else to the task."""
+        conn, down = self.conn, self.down
+        assert conn is not None
+        conn.on_event = None
+        fut = conn.head_future
+        assert fut is not None and fut.done()
+        if fut.cancelled() or fut.exception() is not None:
+            down.hand_over(self.req)
+            return
+        resp = fut.result()
+        if not (
+            conn.response_complete
+            and resp.content_length is not None
+            and not resp.chunked
+            and resp.status != 101
+            and not down.flow.paused
+        ):
+            down.hand_over(self.req)  # streamed, chunked or close-delimited: the task copies it
+            return
+        self.req.exchange = None
+        try:
+            keep = self._relay_whole(resp)
+        except Exception:
+            # a bug, not a network event: count it, log it, and drop both connections (the
+            # task's own handler does the same for the slow path)
+            self.plane.internal_error()
+            log.exception("alb_fast_path_failed", conn=down.conn_id)
+            self.status = self.status or 500
+            keep = False
+            down.abort()
+        self.cleanup()
+        self.finish()
+        down.fast_done(keep)
+
+    def _response_head(self, resp: ResponseHead) -> tuple[bytes, str, bool]:
+        """The response head for the client, its framing, and whether to keep the client."""
+        head = self.head
         self.status = resp.status
         if resp.status in (502, 503, 504):
             self.upstream_failed = "5xx"  # gateway errors from the target count as failures
@@ -790,16 +948,38 @@ class _Exchange:
         if framing == "close" or framing == "tunnel":
             keep = False
         self.started = True
+        return data, framing, keep
+
+    def _relay_whole(self, resp: ResponseHead) -> bool:
+        """The fast path's relay: the response is complete with a Content-Length."""
+        data, framing, keep = self._response_head(resp)
+        self._write_whole(data, framing)
+        return self._relay_done(keep, framing)
+
+    def _write_whole(self, data: bytes, framing: str) -> None:
+        """The whole response is already here (small responses): head and body, one write."""
+        body = self.conn.body if self.conn is not None else None
+        assert body is not None
+        rest = body.read_nowait()
+        if rest:
+            self.bytes_out += len(rest)
+            if framing != "none":
+                data += rest
+        self.down.write(data)
+
+    async def _relay(self, resp: ResponseHead) -> bool:
+        down, conn = self.down, self.conn
+        assert conn is not None and conn.body is not None
+        data, framing, keep = self._response_head(resp)
         if conn.response_complete and not down.flow.paused and framing != "chunked":
-            # the whole response is already here (small responses): one write, no awaiting
-            rest = conn.body.read_nowait()
-            if rest:
-                self.bytes_out += len(rest)
-                if framing != "none":
-                    data += rest
-            down.write(data)
+            self._write_whole(data, framing)
         else:
             await self._copy_body(conn, data, framing)
+        return self._relay_done(keep, framing)
+
+    def _relay_done(self, keep: bool, framing: str) -> bool:
+        conn = self.conn
+        assert conn is not None
         pump = self.pump
         if pump is not None:
             if not pump.done():
@@ -813,7 +993,7 @@ class _Exchange:
         if not (self.req.body is not None and self.req.body.complete):
             keep = False
         if framing == "close":
-            down.close()
+            self.down.close()
         return keep
 
     async def _copy_body(self, conn: UpstreamConnection, data: bytes, framing: str) -> None:
@@ -947,7 +1127,7 @@ class _Exchange:
             self.plane.upstreams.release(self.conn, abort=True)
             self.conn = None
 
-    def _client_lost(self) -> None:
+    def client_lost(self) -> None:
         """The client connection is gone: stop waiting for the upstream at once (cleanup then
         closes the upstream connection and frees the target's slot)."""
         conn = self.conn
@@ -957,11 +1137,13 @@ class _Exchange:
         hf = conn.head_future
         if hf is not None and not hf.done():
             hf.set_exception(gone)
+            if conn.on_event is not None:
+                conn.on_event()  # a fast-path exchange: the task takes it over and ends it
         elif conn.body is not None:
             conn.body.fail(gone)
 
     def cleanup(self) -> None:
-        if self.down.on_lost == self._client_lost:
+        if self.down.on_lost == self.client_lost:
             self.down.on_lost = None
         pump = self.pump
         aborted = False
@@ -981,7 +1163,7 @@ class _Exchange:
             elif self.status and self.status != 499:
                 self.pool.record_success(self.target)
 
-    def finish(self, path: str) -> None:
+    def finish(self) -> None:
         plane = self.plane
         dur = self.down.loop.time() - self.t0
         status = self.status or 499
@@ -1002,7 +1184,7 @@ class _Exchange:
                 conn=self.down.conn_id,
                 client=self.down.client_ip,
                 method=self.head.method,
-                path=path,
+                path=self.path,
                 status=status,
                 route=route,
                 target=target,

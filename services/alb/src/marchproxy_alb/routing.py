@@ -53,9 +53,12 @@ class Target:
     weight: int = 1
     #: "scheme://host:port", the target's name in metrics and logs (built once)
     key: str = field(init=False, repr=False, compare=False)
+    #: b"host:port", the Host header sent upstream unless the route preserves the client's
+    authority: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", f"{self.scheme}://{self.host}:{self.port}")
+        object.__setattr__(self, "authority", f"{self.host}:{self.port}".encode())
 
 
 @dataclass(frozen=True, slots=True)

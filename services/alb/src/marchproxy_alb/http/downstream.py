@@ -1,9 +1,20 @@
 """The server side of the proxy: one asyncio Protocol per client connection.
 
 httptools parses; each complete request head becomes a :class:`PendingRequest` whose body
-streams through a bounded :class:`BodyChannel`. One task per connection serves requests strictly
-one at a time (pipelined requests wait, and reading pauses while one is queued), so responses
-always go out in order. A request head must arrive within ``header_timeout`` (slowloris guard).
+streams through a bounded :class:`BodyChannel`. Requests are served strictly one at a time
+(pipelined requests wait, and reading pauses while one is queued), so responses always go out in
+order. A request head must arrive within ``header_timeout`` (slowloris guard).
+
+Two ways to serve a request, never both at once (``_current`` is the one in flight):
+
+- the fast path: a bodiless keep-alive GET that the data plane can send at once on a pooled
+  upstream connection is started straight from ``data_received`` and finished from the upstream
+  protocol's ``data_received`` (``DataPlane.start_fast``): no task, no future awaited, no extra
+  loop iteration;
+- the connection's task (``_serve``) for everything else, and for a fast request that turns out
+  to need waiting (a streamed or chunked response, an upstream error to retry, a client that
+  left): :meth:`DownstreamProtocol.hand_over` puts it back at the head of the queue with its
+  exchange, and the task carries on from where the callbacks stopped.
 """
 
 from __future__ import annotations
@@ -30,7 +41,8 @@ from .framing import (
 )
 
 if TYPE_CHECKING:
-    from marchproxy_alb.proxy import DataPlane
+    from marchproxy_alb.proxy import DataPlane, Exchange
+    from marchproxy_alb.routing import Target
 
 log = structlog.get_logger("marchproxy.alb.downstream")
 
@@ -63,7 +75,16 @@ class _Refused(Exception):
 
 
 class PendingRequest:
-    __slots__ = ("body", "error", "head", "holds_pause", "upgrade_rest")
+    __slots__ = (
+        "body",
+        "error",
+        "exchange",
+        "first_target",
+        "head",
+        "holds_pause",
+        "slow",
+        "upgrade_rest",
+    )
 
     def __init__(
         self,
@@ -76,6 +97,9 @@ class PendingRequest:
         self.error = error
         self.upgrade_rest: bytes | None = None
         self.holds_pause = False  # pipelined: reading was paused when it arrived
+        self.slow = False  # the fast path declined it: the task serves it
+        self.exchange: Exchange | None = None  # started on the fast path, handed over
+        self.first_target: Target | None = None  # picked by the fast path (no idle connection)
 
 
 class DownstreamProtocol(asyncio.Protocol):
@@ -117,6 +141,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self._current: PendingRequest | None = None
         self._last_fed: PendingRequest | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stop = False  # the fast path finished a response that ends the connection
         self.requests = 0
         # after an Upgrade: raw bytes go to the tunnel sink (or wait in _early until it exists)
         self.tunnel_sink: Callable[[bytes], None] | None = None
@@ -216,6 +241,8 @@ class DownstreamProtocol(asyncio.Protocol):
             )
         except httptools.HttpParserError as exc:
             self._parse_failed(_Refused(400, "bad_request", f"malformed request: {exc}"))
+        if self._pending and self._current is None:
+            self._dispatch()
 
     def _count_head(self, data: bytes, in_head: bool, in_message: bool, begun: int) -> None:
         """After a read that ended inside a request head: add the read to the head's size when
@@ -459,7 +486,7 @@ class DownstreamProtocol(asyncio.Protocol):
             req.holds_pause = True
         self._pending.append(req)
         self._last_fed = req
-        self._wake()
+        # data_received dispatches it once the parser returns (fast path or task)
 
     def on_body(self, body: bytes) -> None:
         self._last_fed.body.feed(body)  # type: ignore[union-attr]  # set in on_headers_complete
@@ -472,6 +499,52 @@ class DownstreamProtocol(asyncio.Protocol):
 
     # ------------------------------------------------------------------ serving
 
+    def _dispatch(self) -> None:
+        """Nothing in flight and a request queued: start it on the fast path when it qualifies,
+        else wake the task."""
+        req = self._pending[0]
+        head = req.head
+        if (
+            req.body is EMPTY_BODY
+            and not req.slow
+            and req.exchange is None
+            and head is not None
+            and head.method == "GET"
+            and head.keep_alive
+            and not head.upgrade
+            and not self._eof
+            and not self.closed
+            and self._task is not None
+            and self.plane.start_fast(req, self)
+        ):
+            self._pending.popleft()
+            self._current = req
+            self.requests += 1
+            if req.holds_pause:
+                req.holds_pause = False
+                self.resume_reading()
+            return
+        self._wake()
+
+    def fast_done(self, keep: bool) -> None:
+        """The fast path wrote the whole response of ``_current``."""
+        self._current = None
+        if not keep or self.closed or not self.plane.accepting or (self._eof and not self._pending):
+            self._stop = True  # the task closes the connection (as after any last response)
+            self._wake()
+        elif self._pending:
+            self._dispatch()
+        elif not self._in_message:
+            self._arm_timer(self.plane.limits.keepalive_timeout)
+
+    def hand_over(self, req: PendingRequest) -> None:
+        """The fast path cannot finish ``req`` without waiting: the task takes it over."""
+        if self._current is req:
+            self._current = None
+            self.requests -= 1  # counted again when the task takes it
+        self._pending.appendleft(req)
+        self._wake()
+
     def _wake(self) -> None:
         w = self._waiter
         if w is not None:
@@ -483,8 +556,10 @@ class DownstreamProtocol(asyncio.Protocol):
         plane = self.plane
         try:
             while True:
-                while not self._pending:  # wait for the next request (or the end)
-                    if self.closed or self._eof:
+                # wait for the next request (or the end); a fast-path request in flight
+                # (_current) finishes or is handed over before the task touches the queue
+                while not self._pending or self._current is not None:
+                    if self._stop or ((self.closed or self._eof) and self._current is None):
                         return
                     self._waiter = self.loop.create_future()
                     await self._waiter

@@ -78,6 +78,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.on_lost: Callable[[], None] | None = None
         self.on_eof: Callable[[], None] | None = None
         self.on_write_paused: Callable[[bool], None] | None = None
+        #: the fast path's exchange waits without a task: called once the head future is done
+        #: (a head, an error, a timeout) at the end of the read or event that settled it
+        self.on_event: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ asyncio
 
@@ -113,6 +116,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.on_lost is not None:
             self.on_lost()
         self._on_closed(self)
+        if self.on_event is not None and hf is not None and hf.done():
+            self.on_event()
 
     def eof_received(self) -> bool | None:
         if self.tunnel_sink is not None and self.on_eof is not None:
@@ -154,6 +159,8 @@ class UpstreamConnection(asyncio.Protocol):
                 self._fail(f"bad upstream response: {exc.__context__ or exc}")
         except httptools.HttpParserError as exc:
             self._fail(f"bad upstream response: {exc}")
+        if self.on_event is not None and self.head_future is not None and self.head_future.done():
+            self.on_event()
 
     # ------------------------------------------------------------------ exchange
 
@@ -190,6 +197,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.expect_head_by(self.head_deadline)
         else:
             hf.set_exception(TimeoutError("no response head in time"))
+            if self.on_event is not None:
+                self.on_event()
 
     def arm_idle(self, idle_timeout: float) -> None:
         loop = self.loop
@@ -425,6 +434,7 @@ class UpstreamPool:
         conn.on_lost = None
         conn.on_eof = None
         conn.on_write_paused = None
+        conn.on_event = None
         if not reusable:
             if abort:
                 conn.abort()
