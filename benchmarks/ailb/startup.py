@@ -11,7 +11,8 @@ every time instead (what PYTHONDONTWRITEBYTECODE over a venv without .pyc does).
 picks another interpreter, e.g. a production-like venv without dev dependencies:
 
     UV_PROJECT_ENVIRONMENT=/tmp/ailb-prod UV_COMPILE_BYTECODE=1 uv sync --frozen --no-dev \\
-        --no-editable --package marchproxy-ailb
+        --no-editable --package marchproxy-ailb \\
+        --reinstall-package marchproxy-common --reinstall-package marchproxy-ailb
     uv run --frozen python benchmarks/ailb/startup.py --python /tmp/ailb-prod/bin/python
 
 ``--importtime N`` prints the N slowest top-level imports of the entry point.
