@@ -8,6 +8,8 @@ acquire, forward), the server's RowDescription/DataRow/CommandComplete/ReadyForQ
 (median of ``--repeat`` runs). The send/recv syscalls and the event loop are not included:
 bench_pgbench.py measures the whole. On a busy machine the timing moves by +-10%; ``--count``
 instead counts the Python calls and bytecodes one transaction executes, which does not.
+``--connect``: each transaction on a connection of its own, as ``pgbench -C`` does (protocol
+object, SSLRequest answered 'N', startup and login, the query, Terminate, connection_lost).
 """
 
 from __future__ import annotations
@@ -40,15 +42,16 @@ class FakeTransport:
 
     def __init__(self) -> None:
         self.written = 0
+        self.closing = False
 
     def write(self, data: bytes) -> None:
         self.written += len(data)
 
     def is_closing(self) -> bool:
-        return False
+        return self.closing
 
     def close(self) -> None:
-        pass
+        self.closing = True
 
     def pause_reading(self) -> None:
         pass
@@ -58,6 +61,11 @@ class FakeTransport:
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return ("127.0.0.1", 40000) if name == "peername" else default
+
+
+STARTUP = enc.startup_message({"user": "postgres", "database": "bench"})
+SSL_REQUEST = enc.ssl_request()
+TERMINATE = enc.terminate()
 
 
 def setup(clients: int) -> list[PostgresClient]:
@@ -83,10 +91,30 @@ def setup(clients: int) -> list[PostgresClient]:
     for _ in range(clients):
         client = PostgresClient(hooks)
         client.connection_made(FakeTransport())  # type: ignore[arg-type]
-        client.data_received(enc.startup_message({"user": "postgres", "database": "bench"}))
+        client.data_received(STARTUP)
         assert client.state == "ready"
         out.append(client)
     return out
+
+
+def run_connects(clients: list[PostgresClient], xacts: int) -> float:
+    """CPU seconds for ``xacts`` transactions on a new connection each."""
+    hooks = clients[0].hooks
+    start = time.process_time()
+    for _ in range(xacts):
+        client = PostgresClient(hooks)
+        client.connection_made(FakeTransport())  # type: ignore[arg-type]
+        client.data_received(SSL_REQUEST)
+        client.data_received(STARTUP)
+        client.data_received(QUERY)
+        server = client.server
+        assert server is not None
+        server.data_received(REPLY)
+        client.data_received(TERMINATE)
+        client.connection_lost(None)
+    elapsed = time.process_time() - start
+    assert hooks.manager.client_count == len(clients)
+    return elapsed
 
 
 def run(clients: list[PostgresClient], xacts: int) -> float:
@@ -104,7 +132,7 @@ def run(clients: list[PostgresClient], xacts: int) -> float:
     return elapsed
 
 
-def count(clients: list[PostgresClient], xacts: int) -> tuple[float, float]:
+def count(clients: list[PostgresClient], xacts: int, runner: Any) -> tuple[float, float]:
     """Python function calls and bytecodes per transaction (sys.settrace; C calls not seen)."""
     calls = opcodes = 0
 
@@ -119,7 +147,7 @@ def count(clients: list[PostgresClient], xacts: int) -> tuple[float, float]:
 
     sys.settrace(tracer)
     try:
-        run(clients, xacts)
+        runner(clients, xacts)
     finally:
         sys.settrace(None)
     return calls / xacts, opcodes / xacts
@@ -131,14 +159,17 @@ async def main() -> None:
     ap.add_argument("--xacts", type=int, default=200_000)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--count", action="store_true", help="count calls and bytecodes instead")
+    ap.add_argument("--connect", action="store_true", help="a new connection per transaction")
     args = ap.parse_args()
     clients = setup(args.clients)
-    run(clients, 10_000)  # warm up
+    runner = run_connects if args.connect else run
+    xacts = args.xacts // 4 if args.connect else args.xacts
+    runner(clients, 10_000)  # warm up
     if args.count:
-        calls, opcodes = count(clients, 10 * len(clients))
+        calls, opcodes = count(clients, 10 * len(clients), runner)
         print(f"{calls:.1f} Python calls, {opcodes:.0f} bytecodes per transaction")
         return
-    per_xact = [run(clients, args.xacts) / args.xacts * 1e6 for _ in range(args.repeat)]
+    per_xact = [runner(clients, xacts) / xacts * 1e6 for _ in range(args.repeat)]
     print(
         f"{statistics.median(per_xact):.2f} us CPU per transaction "
         f"(median of {args.repeat}; min {min(per_xact):.2f}, max {max(per_xact):.2f})"

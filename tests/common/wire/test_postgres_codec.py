@@ -244,6 +244,8 @@ def test_startup_packets() -> None:
     "packet",
     [
         struct.pack("!I", MAX_STARTUP_PACKET + 1),  # over Postgres' MAX_STARTUP_PACKET_LENGTH
+        # the same, whole in one read (the decoder's one-packet fast path)
+        struct.pack("!II", MAX_STARTUP_PACKET + 1, 196608) + bytes(MAX_STARTUP_PACKET - 7),
         struct.pack("!I", 4),  # shorter than length + code
         struct.pack("!II", 8, 131072),  # protocol 2.0
         struct.pack("!II", 12, 80877103) + b"abcd",  # SSLRequest with a payload
@@ -253,6 +255,16 @@ def test_startup_packets() -> None:
 def test_bad_startup_packets(packet: bytes) -> None:
     with pytest.raises(RemoteProtocolError):
         FrontendDecoder().feed(packet)
+
+
+def test_buffered_counts_what_waits_for_the_rest() -> None:
+    d = FrontendDecoder()
+    startup = enc.startup_message({"user": "u"})
+    assert d.feed(startup[:5]) == [] and d.buffered == 5
+    assert len(d.feed(startup[5:])) == 1 and d.buffered == 0
+    query = enc.query("select 1")
+    assert d.feed(query[:-1]) == [] and d.buffered == len(query) - 1
+    assert len(d.feed(query[-1:])) == 1 and d.buffered == 0
 
 
 def test_message_caps() -> None:

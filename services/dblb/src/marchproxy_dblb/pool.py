@@ -13,10 +13,12 @@ import collections
 import hashlib
 import hmac
 import itertools
+import os
 import secrets
 import ssl
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -77,6 +79,9 @@ MAX_VERIFIED_PASSWORDS = 64
 MAX_KNOWN_STATEMENTS = 100_000
 #: Seconds to connect to a server and deliver a CancelRequest.
 CANCEL_TIMEOUT = 5.0
+#: client cancel keys drawn from one os.urandom call
+SECRET_KEY_BATCH = 1024
+_UINT32 = struct.Struct("!I")
 _Z = B_READY_FOR_QUERY
 _IDLE = ord("I")
 _D = ord("D")
@@ -989,6 +994,7 @@ class PoolManager:
         self._janitor: asyncio.Task[None] | None = None
         self.server_tls = server_tls_context(config)
         self._pid_counter = itertools.count(secrets.randbelow(1 << 20) + 1000)
+        self._secret_keys: Iterator[tuple[int]] = iter(())
 
     def start(self) -> None:
         self._janitor = spawn(self._janitor_loop(), name="dblb pool janitor")
@@ -1247,7 +1253,12 @@ class PoolManager:
         counter = next(self._pid_counter)
         if self.worker_count > 1:
             counter = (counter << 3) | self.worker_index
-        return counter & 0x7FFFFFFF, secrets.randbits(31)
+        # cancel keys from the OS's CSPRNG, fetched a thousand at a time
+        random = next(self._secret_keys, None)
+        if random is None:
+            self._secret_keys = _UINT32.iter_unpack(os.urandom(4 * SECRET_KEY_BATCH))
+            random = next(self._secret_keys)
+        return counter & 0x7FFFFFFF, random[0] & 0x7FFFFFFF
 
     def check_paused(self) -> None:
         if not self._pause_waiters:

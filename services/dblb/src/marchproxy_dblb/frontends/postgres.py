@@ -76,6 +76,10 @@ if TYPE_CHECKING:
 _log = structlog.get_logger("marchproxy.dblb.client")
 _client_ids = itertools.count(1)
 _S = ord("S")
+_TERMINATE = enc.terminate()
+_AUTH_OK = enc.authentication_ok()
+_READY_IDLE = enc.ready_for_query(b"I")
+_BACKEND_KEY_DATA = struct.Struct("!cIii")  # b"K", length 12, process id, secret key
 _HEADER = struct.Struct("!BI")  # type byte + int32 length that counts itself
 _MESSAGES = DecoderState.MESSAGES
 #: Close target for a client's Close of a renamed statement: it never exists on a server
@@ -91,60 +95,71 @@ WELCOME_CACHE_SIZE = 64
 
 
 class PostgresClient(asyncio.Protocol):
+    # Defaults that most clients never change live on the class: a connection per
+    # transaction (pgbench -C) pays for every attribute set in __init__.
+    transport: asyncio.Transport | None = None
+    #: the decoder holds no partial message (known after a read it framed whole)
+    _decoder_empty = False
+    state = "startup"  # startup | auth | welcome | ready | admin | closed
+    closed = False
+    user = ""
+    database = ""
+    pool: Pool | None = None  # set once authenticated
+    is_admin = False
+    server: ServerConnection | None = None
+    waiting = False
+    welcomed = False
+    backend_key = (0, 0)
+    _auth_step = ""
+    _salt = b""
+    _scram: ScramServer | None = None
+    _scram_server_key: bytes | None = None
+    #: auth_query: the secret fetched for this user, and what its login gave us for the
+    #: server login: (password or md5 hash, SCRAM (ClientKey, ServerKey))
+    _looked_up: str | None = None
+    _learnt: tuple[str | None, tuple[bytes, bytes] | None] | None = None
+    _admin: AdminConsole | None = None
+    _registered = False
+    _auth_ok_pending = False
+    _waiting_in: Pool | None = None
+    _replica_turn = 0
+    tls = False
+    _tls_buffer: list[bytes] | None = None
+    #: flow control: our buffer to the client is full, and the server whose reading we
+    #: paused for it (resumed when it drains or when that server is unlinked)
+    writing_paused = False
+    paused_server: ServerConnection | None = None
+    #: a BEGIN answered by us and not yet sent (read/write split, see _defer_begin)
+    _deferred_begin: bytes | None = None
+    #: the transport we were accepted on (the client's address is looked up on it)
+    _accepted_on: asyncio.BaseTransport | None = None
+
     def __init__(self, hooks: DblbHooks) -> None:
         self.hooks = hooks
         self.manager: PoolManager = hooks.manager
         self.id = next(_client_ids)
-        self.transport: asyncio.Transport | None = None
         # strict: clear-text bytes sent along with an SSLRequest/GSSENCRequest are refused
         self.decoder = FrontendDecoder(max_message_len=MAX_AUTH_MESSAGE, strict_negotiation=True)
-        #: the decoder holds no partial message (known after a read it framed whole)
-        self._decoder_empty = False
-        self.state = "startup"  # startup | auth | welcome | ready | admin | closed
-        self.closed = False
-        self.user = ""
-        self.database = ""
         self.params: dict[str, str] = {}
         self.tracked_params: dict[str, str] = {}
-        self.pool: Pool | None = None  # set once authenticated
-        self.is_admin = False
-        self.server: ServerConnection | None = None
         self.pending: list[Message] = []
         self.pending_raw: list[bytes] = []
-        self.waiting = False
-        self.welcomed = False
-        self.backend_key = (0, 0)
         self.statements: dict[bytes, tuple[bytes, bytes, bytes]] = {}
         self.connected_at = time.time()
-        self.addr: tuple[str, int] = ("", 0)
-        self._auth_step = ""
-        self._salt = b""
-        self._scram: ScramServer | None = None
-        self._scram_server_key: bytes | None = None
-        #: auth_query: the secret fetched for this user, and what its login gave us for the
-        #: server login: (password or md5 hash, SCRAM (ClientKey, ServerKey))
-        self._looked_up: str | None = None
-        self._learnt: tuple[str | None, tuple[bytes, bytes] | None] | None = None
-        self._admin: AdminConsole | None = None
-        self._registered = False
-        self._auth_ok_pending = False
-        self._waiting_in: Pool | None = None
-        self._replica_turn = 0
-        self.tls = False
-        self._tls_buffer: list[bytes] | None = None
-        #: flow control: our buffer to the client is full, and the server whose reading we
-        #: paused for it (resumed when it drains or when that server is unlinked)
-        self.writing_paused = False
-        self.paused_server: ServerConnection | None = None
-        #: a BEGIN answered by us and not yet sent (read/write split, see _defer_begin)
-        self._deferred_begin: bytes | None = None
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        """The client's address (its PROXY protocol source, if it came with one)."""
+        if self._accepted_on is None:
+            return ("", 0)
+        return self.hooks.client_address(self._accepted_on)
 
     # ---- asyncio callbacks -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses: duck-typed
         self.transport = cast(asyncio.Transport, transport)
-        self.addr = self.hooks.client_address(transport)
+        self._accepted_on = transport
         self.hooks.total_connections += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -206,6 +221,10 @@ class PostgresClient(asyncio.Protocol):
             return
         try:
             if self.state == "ready":
+                if data == _TERMINATE and self._decoder_empty:
+                    if self.transport is not None:
+                        self.transport.close()
+                    return
                 msgs = self._whole_query(data)
                 raw = data
                 if msgs is None:
@@ -224,6 +243,7 @@ class PostgresClient(asyncio.Protocol):
                 self._on_event(ev)
                 if self.closed:
                     return
+            self._decoder_empty = not self.decoder.buffered
         except RemoteProtocolError as exc:
             _log.info("client_protocol_error", client=self.id, error=exc.message)
             self.hooks.protocol_errors += 1
@@ -501,11 +521,10 @@ class PostgresClient(asyncio.Protocol):
             if len(cache) >= WELCOME_CACHE_SIZE:
                 cache.clear()
             cache[key] = block
-        head = enc.authentication_ok() if self._auth_ok_pending else b""
+        head = _AUTH_OK if self._auth_ok_pending else b""
         self._auth_ok_pending = False
-        self.write(
-            head + block + enc.backend_key_data(*self.backend_key) + enc.ready_for_query(b"I")
-        )
+        key_data = _BACKEND_KEY_DATA.pack(b"K", 12, *self.backend_key)
+        self.write(head + block + key_data + _READY_IDLE)
         self.welcomed = True
 
     # ---- pooled operation ----------------------------------------------------------------------

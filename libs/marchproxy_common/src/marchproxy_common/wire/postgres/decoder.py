@@ -173,6 +173,11 @@ class FrontendDecoder:
     def max_message_len(self, value: int) -> None:
         self._messages.max_message_len = value
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held of a startup packet or message that is not complete yet."""
+        return len(self._startup_buf) + self._messages.buffered
+
     def feed(self, data: bytes) -> list[FrontendEvent]:
         if self._state is DecoderState.MESSAGES:
             return list(self._feed_messages(data))
@@ -180,6 +185,11 @@ class FrontendDecoder:
             if data:
                 raise RemoteProtocolError("data after the end of the connection")
             return []
+        if not self._startup_buf and len(data) >= 8:
+            # the usual case: one whole packet per read, parsed without copying it in
+            (length,) = _INT32.unpack_from(data, 0)
+            if length == len(data) and length <= self._max_startup:
+                return [self._startup_event(data[4:])]
         self._startup_buf += data
         events: list[FrontendEvent] = []
         while self._state is DecoderState.STARTUP and len(self._startup_buf) >= 4:
