@@ -11,7 +11,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import BACKEND, NGINX_COMMON, start, wait_port
+from run import BACKEND, NGINX_COMMON, start, stop, wait_port
 
 from tests.conftest import free_port
 
@@ -103,16 +102,7 @@ def main() -> None:
                     total = max(total, int(line.split()[1]))
         print(f"{n} requests, {total / n:.0f} instructions per request")
     finally:
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop(procs)
         shutil.rmtree(d, ignore_errors=True)
 
 

@@ -40,6 +40,20 @@ def wait_port(port: int, timeout: float = 20) -> None:
     raise RuntimeError(f"port {port} did not open")
 
 
+def stop(procs: list[subprocess.Popen[bytes]], timeout: float = 20) -> None:
+    """SIGTERM each process group, then SIGKILL what has not exited after ``timeout``."""
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
 NGINX_COMMON = """
 worker_processes 1;
 daemon off;
@@ -249,16 +263,7 @@ def main() -> None:
             )
         print(f"load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     finally:
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop(procs)
         shutil.rmtree(d, ignore_errors=True)
 
 
