@@ -28,7 +28,7 @@ from .frontends.admin import PAUSE_TIMEOUT
 from .frontends.postgres import PostgresClient
 from .metrics import DblbCollector
 from .pool import PoolManager, send_cancel
-from .sockets import ClientListener, start_client_server
+from .sockets import ClientListener, SocketPoller, new_poller, start_client_server
 
 _log = structlog.get_logger("marchproxy.dblb")
 #: Distinct prepared-statement texts remembered for pool-wide names before starting over.
@@ -78,6 +78,8 @@ class DblbHooks(BaseModuleHooks):
         self.auth_failures = 0
         self.cancels_forwarded = 0
         self._server: ClientListener | asyncio.Server | None = None
+        #: the epoll our client sockets wait on (None: asyncio's own transports, e.g. uvloop)
+        self._poller: SocketPoller | None = None
         self._mysql: Any = None
         self._statement_names: dict[bytes, bytes] = {}
         self._unique_names = itertools.count(1)
@@ -103,12 +105,14 @@ class DblbHooks(BaseModuleHooks):
                 trusted_sources=self.settings.proxy_trusted_networks(),
             )
         workers = self.settings.workers
+        self._poller = new_poller()
         self._server = await start_client_server(
             factory,
             self.settings.data_host,
             self.settings.data_port,
             backlog=1024,
             reuse_port=workers > 1,
+            poller=self._poller,
         )
         self.manager.start()
         if workers > 1:
@@ -238,6 +242,8 @@ class DblbHooks(BaseModuleHooks):
             if client.transport is not None:
                 client.transport.close()
         self.manager.close()
+        if self._poller is not None:
+            self._poller.close()  # once its last client socket is closed
         if self._mysql is not None:
             await self._mysql.close()
         if self._server is not None:
