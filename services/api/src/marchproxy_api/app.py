@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
 
+import structlog
 from aiohttp import web
 
 from marchproxy_api import bootstrap
@@ -40,6 +42,23 @@ from .txn import CompiledCache
 CLIENT_MAX_SIZE = 4 * 1024 * 1024
 #: at shutdown, running rollouts get this long to stop at their next step (seconds)
 ROLLOUT_STOP_WAIT = 5.0
+#: at shutdown, the most any one step (beyond its own waits) may take before the next runs
+SHUTDOWN_STEP_TIMEOUT = 10.0
+
+_log = structlog.get_logger("marchproxy.api")
+
+
+async def _shutdown_step(step: str, work: Awaitable[None], seconds: float) -> None:
+    """Run one step of the shutdown for at most ``seconds``: a step that hangs (a client
+    library that never answers a close) is logged and left behind, so the steps after it
+    still run and the process exits."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()
+        _log.error("shutdown_step_timed_out", step=step, seconds=seconds)
+    elif not task.cancelled() and task.exception() is not None:
+        _log.error("shutdown_step_failed", step=step, exc_info=task.exception())
 
 
 def all_endpoints() -> list[Endpoint]:
@@ -81,12 +100,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        await cancel_and_wait(background)
-        await rollouts.stop(ROLLOUT_STOP_WAIT)
-        await publisher.stop()
-        await clients.close()
-        await engine.dispose()
+        step = SHUTDOWN_STEP_TIMEOUT
+        await _shutdown_step("start_and_watch", cancel_and_wait(background), step)
+        await _shutdown_step("rollouts", rollouts.stop(ROLLOUT_STOP_WAIT), ROLLOUT_STOP_WAIT + step)
+        await _shutdown_step("publisher", publisher.stop(), step)
+        await _shutdown_step("grpc_clients", clients.close(), step)
+        await _shutdown_step("database", engine.dispose(), step)
         app[password_hashing_key].close()
+        _log.info("api_stopped")
 
 
 def create_app(settings: ApiSettings) -> web.Application:
