@@ -187,12 +187,16 @@ async def test_sigkilled_instance_under_load_gets_no_connection_after_the_heartb
     stop = asyncio.Event()
 
     async def client() -> None:
-        for i in range(5000):  # bounded in count and time
+        for i in range(20_000):  # bounded in count and time
             if stop.is_set():
                 return
             started = loop.time()
             ok = await echo(listen, f"n{i}".encode())
             outcomes.append((started, loop.time(), ok))
+            if not ok:
+                # a refusal takes well under a millisecond: without a pause the count bound
+                # could run out while the dead instance is still listed
+                await asyncio.sleep(0.01)
 
     load = asyncio.gather(client(), client())
     try:
