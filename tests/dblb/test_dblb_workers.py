@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -196,23 +197,31 @@ async def test_cancel_requests_reach_the_worker_that_owns_the_client() -> None:
 
 
 async def test_workers_that_fail_to_start_leave_nothing_behind(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    import glob
-    import os
     import tempfile
 
     import marchproxy_dblb.workers as workers_module
     from marchproxy_dblb.module import DblbHooks
     from tests.dblb.dblb_helpers import settings
 
-    pattern = os.path.join(tempfile.gettempdir(), "marchproxy-dblb-*")
-    before = set(glob.glob(pattern))
+    # a temp directory of this test's own: DBLBs of tests running alongside make theirs in
+    # the shared one
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    made: list[str] = []
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(*args: Any, **kwargs: Any) -> str:
+        made.append(real_mkdtemp(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
     monkeypatch.setattr(workers_module.sys, "executable", "/bin/false")  # exits at once
     hooks = DblbHooks(settings(workers=WORKERS))
     with pytest.raises(RuntimeError, match="DBLB worker exited at start"):
         await hooks.start_data_plane()
-    assert set(glob.glob(pattern)) == before
+    assert made and all(Path(d).parent == tmp_path for d in made)  # it made one, here
+    assert not list(tmp_path.iterdir())  # and removed it
     assert hooks._server is not None and not hooks._server.is_serving()
 
 
