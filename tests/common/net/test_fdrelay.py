@@ -209,6 +209,46 @@ async def test_slow_reader_holds_the_sender_not_the_relay(mode: str) -> None:
     await with_front(flood, body, mode=mode)
 
 
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+async def test_a_bulk_buffer_costs_only_the_pages_its_reads_reach() -> None:
+    """40 connections move 1 MiB each way (so both directions are bulk ones from then on),
+    then 100 bytes: their 80 own 1 MiB buffers cost the pages those bytes touched, not 80 MiB."""
+    n, size = 40, 1 << 20
+    block = BLOCKS[0][:size]
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(size):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    async def body(front: Front) -> None:
+        conns = []
+        try:
+            for _ in range(n):
+                reader, writer = await asyncio.open_connection("127.0.0.1", front.port)
+                conns.append((reader, writer))
+                writer.write(block)
+                assert await reader.readexactly(size) == block
+            before = rss_kib()
+            for reader, writer in conns:
+                writer.write(b"x" * 100)
+                assert await reader.readexactly(100) == b"x" * 100
+            grown = rss_kib() - before
+            own = [s.buf for r in front.relays for s in (r.client, r.upstream)]
+            assert len(own) == 2 * n and all(b is not None and len(b) == BULK_CHUNK for b in own)
+            assert grown < 2 * n * (BULK_CHUNK >> 10) // 8, f"{grown} KiB"
+        finally:
+            for _, writer in conns:
+                writer.close()
+
+    await with_front(echo, body)
+
+
 @MODE
 @pytest.mark.parametrize("first", ["client", "server"])
 async def test_half_close_keeps_the_other_direction(first: str, mode: str) -> None:

@@ -55,6 +55,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import mmap
 import os
 import select
 import socket
@@ -458,7 +459,9 @@ class FdRelayEngine:
         if view is None:
             bulk_after = self.bulk_after
             if bulk_after is not None and src.read >= bulk_after:
-                view = src.buf = memoryview(bytearray(BULK_CHUNK))
+                # an anonymous mapping, not a bytearray (which zeroes, so touches, all of
+                # it): pages are touched only as far as reads reach, and unmapped with it
+                view = src.buf = memoryview(mmap.mmap(-1, BULK_CHUNK))
             else:
                 view = self._view
         shared = view is self._view
