@@ -20,7 +20,6 @@ selector loop; elsewhere (uvloop) ``start_client_server`` uses ``loop.create_ser
 from __future__ import annotations
 
 import asyncio
-import errno
 import select
 import socket
 from collections.abc import Callable
@@ -28,8 +27,9 @@ from typing import Any
 
 import structlog
 
+from marchproxy_common.net.accept import Acceptor
+
 __all__ = [
-    "ACCEPT_BATCH",
     "ClientListener",
     "SocketPoller",
     "SocketTransport",
@@ -39,11 +39,6 @@ __all__ = [
 
 _log = structlog.get_logger("marchproxy.dblb.sockets")
 
-#: connections accepted per readiness callback
-ACCEPT_BATCH = 128
-#: seconds without accepting after EMFILE and the like (as asyncio)
-ACCEPT_RETRY_DELAY = 1.0
-_ACCEPT_PAUSE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: bytes read per recv (asyncio's socket transports read 256 KiB)
 READ_SIZE = 256 * 1024
 #: write buffer limits (asyncio's defaults): pause_writing above HIGH, resume at LOW
@@ -392,9 +387,9 @@ class SocketTransport(asyncio.Transport):
 
 
 class ClientListener:
-    """Listening sockets whose connections each get a ``SocketTransport`` and a protocol from
-    ``factory``; the ``asyncio.Server`` calls the DBLB uses (``sockets``, ``close``,
-    ``is_serving``, ``wait_closed``)."""
+    """Listening sockets (``net.accept.Acceptor``) whose connections each get a
+    ``SocketTransport`` and a protocol from ``factory``; the ``asyncio.Server`` calls the DBLB
+    uses (``sockets``, ``close``, ``is_serving``, ``wait_closed``)."""
 
     def __init__(
         self,
@@ -402,78 +397,42 @@ class ClientListener:
         sockets: list[socket.socket],
         factory: ProtocolFactory,
     ) -> None:
-        self._loop = poller.loop
         self._poller = poller
         self.sockets = sockets
         self._factory = factory
-        self._serving = False
-        self._retry: asyncio.TimerHandle | None = None
+        self._acceptor = Acceptor(sockets, self._accepted, name="postgresql")
         #: accepted sockets not yet closed
         self.connections = 0
 
     def start(self) -> None:
-        for sock in self.sockets:
-            sock.setblocking(False)
-            # accepted sockets inherit it (Linux): one setsockopt per listener
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._loop.add_reader(sock.fileno(), self._accept, sock)
-        self._serving = True
+        self._acceptor.start()
 
     def is_serving(self) -> bool:
-        return self._serving
+        return self._acceptor.accepting
 
     def close(self) -> None:
         """Stop accepting and close the listening sockets (connections accepted so far are
         their protocols' already: nothing accepted is dropped)."""
-        if self._retry is not None:
-            self._retry.cancel()
-            self._retry = None
-        for sock in self.sockets:
-            if self._serving:
-                self._loop.remove_reader(sock.fileno())
-            sock.close()
-        self._serving = False
+        self._acceptor.close()
 
     async def wait_closed(self) -> None:
         return None
 
-    def _accept(self, listening: socket.socket) -> None:
-        loop, poller, factory = self._loop, self._poller, self._factory
-        for _ in range(ACCEPT_BATCH):
-            try:
-                sock, peer = listening.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return
-            except OSError as exc:
-                if exc.errno not in _ACCEPT_PAUSE_ERRNOS:
-                    raise
-                # out of descriptors or memory: pause as asyncio does, not spin on the error
-                _log.error("accept_failed", error=str(exc), retry_after=ACCEPT_RETRY_DELAY)
-                for s in self.sockets:
-                    loop.remove_reader(s.fileno())
-                self._serving = False
-                self._retry = loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
-                return
-            sock.setblocking(False)
-            self.connections += 1
-            try:
-                transport = SocketTransport(poller, sock, peer, factory(), self)
-                transport.start()
-                if transport._mask & _IN:
-                    # a client usually speaks first, and its first bytes are often here by
-                    # now: read them without waiting for the next poll (libpq blocks on
-                    # each step of a login, so every wake-up saved is latency saved)
-                    transport._read_ready()
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except BaseException as exc:
-                _log.error("client_setup_failed", exc_info=exc)
-                sock.close()
-
-    def _resume(self) -> None:
-        self._retry = None
-        if not self._serving:
-            self.start()
+    def _accepted(self, sock: socket.socket, peer: Any) -> None:
+        self.connections += 1
+        try:
+            transport = SocketTransport(self._poller, sock, peer, self._factory(), self)
+            transport.start()
+            if transport._mask & _IN:
+                # a client usually speaks first, and its first bytes are often here by
+                # now: read them without waiting for the next poll (libpq blocks on
+                # each step of a login, so every wake-up saved is latency saved)
+                transport._read_ready()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            _log.error("client_setup_failed", exc_info=exc)
+            sock.close()
 
 
 def bind_sockets(host: str, port: int, *, backlog: int, reuse_port: bool) -> list[socket.socket]:

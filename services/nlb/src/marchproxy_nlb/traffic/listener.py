@@ -12,7 +12,6 @@ transports, the accept task and its own.
 from __future__ import annotations
 
 import asyncio
-import errno
 import ipaddress
 import itertools
 import socket
@@ -20,20 +19,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import structlog
-
 from marchproxy_common.listeners import LISTENER_PROTOCOLS, PROXY_HEADER_MODES
+from marchproxy_common.net.accept import Acceptor
 from marchproxy_common.wire.sniff import MAX_SNIFF_BYTES, NeedMore, Verdict, classify
 
 if TYPE_CHECKING:
     from .plane import DataPlane
 
-_log = structlog.get_logger("marchproxy.nlb.traffic")
-
 DEFAULT_SNIFF_TIMEOUT = 0.1  # seconds: server-speaks-first protocols wait this long
-ACCEPT_BATCH = 128  # connections accepted per readiness callback (asyncio: the backlog, 100)
-ACCEPT_RETRY_DELAY = 1.0  # seconds without accepting after EMFILE and the like (as asyncio)
-_ACCEPT_PAUSE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # Protocols whose server talks first: the client sends nothing until it hears the greeting.
 SERVER_FIRST = frozenset({"mysql"})
 # Protocols whose first bytes carry what route rules match on (SNI, Host, database, user).
@@ -180,76 +173,43 @@ async def listen_tcp(host: str, port: int, *, backlog: int = 4096) -> socket.soc
 
 
 class TcpListener:
-    """Accepts from a listening socket with ``loop.add_reader`` (no transport, no task per
-    connection) and gives each connection to a ``Sniffer``. After the routing decision nothing
-    is read from the client until the relay engine has both sockets: what it sends meanwhile
-    waits in the kernel's buffer, which bounds it."""
+    """Accepts from a listening socket (``net.accept.Acceptor``: ``loop.add_reader``, no
+    transport, no task per connection) and gives each connection to a ``Sniffer``. After the
+    routing decision nothing is read from the client until the relay engine has both sockets:
+    what it sends meanwhile waits in the kernel's buffer, which bounds it."""
 
     def __init__(self, plane: DataPlane, spec: ListenerSpec, sock: socket.socket) -> None:
         self._plane = plane
         self._spec = spec
         self.sock = sock
-        sock.setblocking(False)
-        # accepted sockets inherit it (one setsockopt per listener, not per connection)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._loop = asyncio.get_running_loop()
-        self._accepting = False
-        self._retry: asyncio.TimerHandle | None = None
+        self._acceptor = Acceptor([sock], self._accepted, name=spec.name)
         host, port = sock.getsockname()[:2]
         # a listener on one address knows every connection's local address without asking
         wildcard = ipaddress.ip_address(host).is_unspecified
         self._local: tuple[str, int] | None = None if wildcard else (host, port)
 
     def start(self) -> None:
-        self._accepting = True
-        self._loop.add_reader(self.sock.fileno(), self._accept)
+        self._acceptor.start()
 
     def close(self) -> None:
         """Stop accepting and close the socket (every connection accepted so far is already
         the plane's: nothing accepted is dropped)."""
-        if self._accepting:
-            self._loop.remove_reader(self.sock.fileno())
-            self._accepting = False
-        if self._retry is not None:
-            self._retry.cancel()
-            self._retry = None
-        self.sock.close()
+        self._acceptor.close()
 
-    def _accept(self) -> None:
-        plane, spec, loop = self._plane, self._spec, self._loop
-        for _ in range(ACCEPT_BATCH):
-            try:
-                sock, peer = self.sock.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return
-            except OSError as exc:
-                if exc.errno not in _ACCEPT_PAUSE_ERRNOS:
-                    raise
-                # out of descriptors or memory: pause as asyncio does, not spin on the error
-                _log.error("accept_failed", listener=spec.name, error=str(exc),
-                           retry_after=ACCEPT_RETRY_DELAY)  # fmt: skip
-                loop.remove_reader(self.sock.fileno())
-                self._accepting = False
-                self._retry = loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
-                return
-            try:
-                sock.setblocking(False)
-                local = self._local or sock.getsockname()[:2]
-            except OSError:
-                sock.close()
-                continue
-            conn = Connection(spec, sock, (peer[0], peer[1]), local, started=loop.time())
-            plane.accept(conn)
-            if plane.should_sniff(spec):
-                Sniffer(plane, conn, loop)
-            else:
-                decide(plane, conn, None)
-
-    def _resume(self) -> None:
-        self._retry = None
-        if not self._accepting and self.sock.fileno() >= 0:
-            self._accepting = True
-            self._loop.add_reader(self.sock.fileno(), self._accept)
+    def _accepted(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        plane, spec = self._plane, self._spec
+        try:
+            local = self._local or sock.getsockname()[:2]
+        except OSError:
+            sock.close()
+            return
+        conn = Connection(spec, sock, (peer[0], peer[1]), local, started=self._loop.time())
+        plane.accept(conn)
+        if plane.should_sniff(spec):
+            Sniffer(plane, conn, self._loop)
+        else:
+            decide(plane, conn, None)
 
 
 class Sniffer:
