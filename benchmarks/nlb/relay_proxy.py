@@ -1,11 +1,12 @@
 """A fixed-upstream TCP proxy for benchmarking the common relay engines.
 
-    python benchmarks/nlb/relay_proxy.py LISTEN_PORT UPSTREAM_PORT [--engine relay|splice]
-        [--loop asyncio|uvloop] [--proxy-header]
+    python benchmarks/nlb/relay_proxy.py LISTEN_PORT UPSTREAM_PORT [--engine relay|fd|splice]
+        [--loop asyncio|uvloop] [--proxy-header] [--bulk-after N] [--splice-after N]
 
-engine ``relay``: marchproxy_common.net.relay.Relay (asyncio Protocols, what the NLB uses).
-engine ``fd``: marchproxy_common.net.fdrelay (the client accepted by asyncio, then both sockets
-on the engine's own epoll: what the NLB uses).
+engine ``relay``: marchproxy_common.net.relay.Relay (asyncio Protocols, what the NLB used
+before the fd engine).
+engine ``fd``: marchproxy_common.net.fdrelay (the client accepted raw by net.accept, then both
+sockets on the engine's own epoll: what the NLB uses).
 engine ``splice``: a prototype that moves bytes socket -> pipe -> socket with os.splice from
 loop.add_reader/add_writer callbacks, so payload bytes never enter Python. Benchmark only.
 """
@@ -21,7 +22,8 @@ from collections.abc import Callable
 
 import uvloop
 
-from marchproxy_common.net.fdrelay import BULK_AFTER, FdRelayEngine, detach
+from marchproxy_common.net.accept import Acceptor
+from marchproxy_common.net.fdrelay import BULK_AFTER, FdRelayEngine
 from marchproxy_common.net.relay import Relay
 from marchproxy_common.tasks import spawn
 from marchproxy_common.wire.proxy_protocol import build_v2
@@ -63,36 +65,25 @@ class Front(asyncio.Protocol):
         relay.attach_downstream(self.transport, b"".join(self.early))
 
 
-class FdFront(asyncio.Protocol):
-    """As the NLB does it: accept with asyncio, read the first bytes, connect, hand both sockets
-    to the fd relay engine."""
+class FdFront:
+    """As the NLB does it: accept the raw socket (``net.accept``), connect through the fd relay
+    engine and hand it both sockets (what the client sends meanwhile waits in the kernel)."""
 
     def __init__(self, engine: FdRelayEngine, upstream_port: int, header: bool) -> None:
         self.engine, self.upstream_port, self.header = engine, upstream_port, header
-        self.early = b""
-        self.started = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+    def accepted(self, client: socket.socket, peer: tuple[str, int]) -> None:
+        first = build_v2(peer[:2], ("127.0.0.1", self.upstream_port)) if self.header else b""
 
-    def data_received(self, data: bytes) -> None:
-        self.early += data
-        self.transport.pause_reading()
-        if not self.started:
-            self.started = True
-            spawn(self.connect(), name="bench-connect")
+        def connected(up: socket.socket | None, _exc: BaseException | None) -> None:
+            if up is None:
+                client.close()
+            else:
+                self.engine.join(client, up, first=first)
 
-    async def connect(self) -> None:
-        first = b""
-        if self.header:
-            peer = self.transport.get_extra_info("peername")
-            first = build_v2(peer[:2], ("127.0.0.1", self.upstream_port))
-        try:
-            up = await self.engine.connect("127.0.0.1", self.upstream_port, connect_timeout=5)
-        except OSError:
-            self.transport.close()
-            return
-        self.engine.join(detach(self.transport), up, first=first + self.early)
+        self.engine.start_connect(
+            "127.0.0.1", self.upstream_port, connect_timeout=5, callback=connected
+        )
 
 
 class SpliceDirection:
@@ -208,17 +199,20 @@ async def main(args: argparse.Namespace) -> None:
         await splice_server(args.port, args.upstream_port, args.proxy_header)
         return
     loop = asyncio.get_running_loop()
-    factory: Callable[[], asyncio.Protocol]
     if args.engine == "fd":
         engine = FdRelayEngine(
             loop,
             bulk_after=None if args.bulk_after < 0 else args.bulk_after,
             splice_after=None if args.splice_after < 0 else args.splice_after,
         )
-        factory = lambda: FdFront(engine, args.upstream_port, args.proxy_header)  # noqa: E731
-    else:
-        factory = lambda: Front(args.upstream_port, args.proxy_header)  # noqa: E731
-    server = await loop.create_server(factory, "127.0.0.1", args.port, backlog=1024)
+        front = FdFront(engine, args.upstream_port, args.proxy_header)
+        sock = socket.create_server(("127.0.0.1", args.port), backlog=1024)
+        Acceptor([sock], front.accepted, name="fd").start()
+        await asyncio.Event().wait()  # until interrupted
+        return
+    server = await loop.create_server(
+        lambda: Front(args.upstream_port, args.proxy_header), "127.0.0.1", args.port, backlog=1024
+    )
     async with server:
         await server.serve_forever()
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from marchproxy_common.net.fdrelay import BULK_CHUNK, CHUNK, FdRelay, FdRelayEngine, detach
+from marchproxy_common.net.accept import Acceptor
+from marchproxy_common.net.fdrelay import BULK_CHUNK, CHUNK, FdRelay, FdRelayEngine
 from marchproxy_common.tasks import spawn
 from tests.common.net.test_relay import (
     BLOCKS,
@@ -26,8 +27,9 @@ from tests.common.net.test_relay import (
 
 @dataclass
 class Front:
-    """As the NLB does it: accept with asyncio, read the first bytes, connect through the
-    engine, then both sockets to the engine with the first bytes in front."""
+    """As the NLB does it: accept the raw socket (``net.accept``), connect through the engine,
+    then both sockets to the engine with the first bytes in front (what the client sent
+    meanwhile waits in the kernel)."""
 
     engine: FdRelayEngine
     upstream_port: int
@@ -36,45 +38,36 @@ class Front:
     relays: list[FdRelay] = field(default_factory=list)
     closed: list[FdRelay] = field(default_factory=list)
     port: int = 0
-    server: asyncio.Server | None = None
+    acceptor: Acceptor | None = None
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: _Accepted(self), "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
+        sock = socket.create_server(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.acceptor = Acceptor([sock], self._accepted)
+        self.acceptor.start()
 
     async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
+        assert self.acceptor is not None
+        self.acceptor.close()
         self.engine.close()
-        await self.server.wait_closed()
 
+    def _accepted(self, client: socket.socket, _peer: Any) -> None:
+        spawn(self._connect(client), name="test-fdrelay-connect")
 
-class _Accepted(asyncio.Protocol):
-    def __init__(self, front: Front) -> None:
-        self.front = front
-        self.early = b""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
-        self.transport.pause_reading()
-        spawn(self._connect(), name="test-fdrelay-connect")
-
-    def data_received(self, data: bytes) -> None:
-        self.early += data  # uvloop reads once past a pause made in connection_made
-        self.transport.pause_reading()
-
-    async def _connect(self) -> None:
-        f = self.front
-        upstream = await f.engine.connect("127.0.0.1", f.upstream_port, connect_timeout=5)
-        relay = f.engine.join(
-            detach(self.transport),
+    async def _connect(self, client: socket.socket) -> None:
+        try:
+            upstream = await self.engine.connect("127.0.0.1", self.upstream_port, connect_timeout=5)
+        except BaseException:
+            client.close()
+            raise
+        relay = self.engine.join(
+            client,
             upstream,
-            first=f.first + self.early,
-            idle_timeout=f.idle_timeout,
-            on_close=f.closed.append,
+            first=self.first,
+            idle_timeout=self.idle_timeout,
+            on_close=self.closed.append,
         )
-        f.relays.append(relay)
+        self.relays.append(relay)
 
 
 async def with_front(

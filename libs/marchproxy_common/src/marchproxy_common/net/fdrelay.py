@@ -23,9 +23,6 @@ API (stable):
   ``client_eof``: the client already half-closed (passed on after ``first``).
 - ``watch(sock, on_readable)`` / ``unwatch(sock, forget=False)``: readiness callbacks for a
   socket read before it joins (a client being sniffed); ``join`` keeps its registration.
-- ``detach(transport) -> socket``: a duplicate of an accepted asyncio transport's socket, the
-  transport itself aborted (only our descriptor closes; the connection stays open). The
-  transport must be paused and must not have written anything.
 - ``FdRelay``: ``bytes_up`` (read from the client, ``first`` not included), ``bytes_down``,
   ``stats()``, ``closed``, ``close(reason)`` (FIN) and ``abort(reason)`` (RST);
   ``on_close(relay)`` runs once when the pair is gone (maybe inside ``join``, when a socket
@@ -81,7 +78,6 @@ __all__ = [
     "CONNECT_SWEEP",
     "FdRelay",
     "FdRelayEngine",
-    "detach",
 ]
 
 _log = structlog.get_logger("marchproxy.fdrelay")
@@ -115,15 +111,6 @@ class _Connect:
         self, sock: socket.socket, deadline: float, callback: ConnectCallback, where: str
     ) -> None:
         self.sock, self.deadline, self.callback, self.where = sock, deadline, callback, where
-
-
-def detach(transport: asyncio.Transport) -> socket.socket:
-    """Our own descriptor of an accepted transport's connection; the transport is aborted."""
-    ts = transport.get_extra_info("socket")
-    sock = socket.socket(ts.family, socket.SOCK_STREAM, 0, socket.dup(ts.fileno()))
-    sock.setblocking(False)
-    transport.abort()
-    return sock
 
 
 class _Side:
