@@ -335,13 +335,8 @@ class DataPlane:
             req.slow = True
             return False
         path = raw_path.decode("latin-1")
-        key = (host, path, head.method)
-        route = cache.get(key, _MISS)
-        if route is _MISS:  # host, path and method decide (cacheable): no headers needed
-            route = self.table.match(self._view(head, host, path, {}, ""))
-            if len(cache) >= ROUTE_CACHE_SIZE:
-                cache.clear()
-            cache[key] = route
+        # host, path and method decide (cacheable): no headers or query needed
+        route = self._cached_match(cache, head, host, path, {}, "")
         if route is None or route.rate_limit is not None:
             req.slow = True
             return False
@@ -408,13 +403,7 @@ class DataPlane:
         )
         cache = self._route_cache
         if cache is not None and len(path) + len(host or b"") <= ROUTE_CACHE_MAX_KEY:
-            key = (host, path, head.method)
-            route = cache.get(key, _MISS)
-            if route is _MISS:
-                route = table.match(self._view(head, host, path, hdrs, query))
-                if len(cache) >= ROUTE_CACHE_SIZE:
-                    cache.clear()
-                cache[key] = route
+            route = self._cached_match(cache, head, host, path, hdrs, query)
         else:
             route = table.match(self._view(head, host, path, hdrs, query))
         ambiguous = (
@@ -428,6 +417,26 @@ class DataPlane:
             head.target = (path + "?" + query if query else path).encode("latin-1")
         ex = Exchange(self, req, down, route, rid, t0, path)
         return await ex.conclude(ex.run(hdrs, ambiguous))
+
+    def _cached_match(
+        self,
+        cache: dict[tuple[bytes | None, str, str], Route | None],
+        head: RequestHead,
+        host: bytes | None,
+        path: str,
+        hdrs: dict[str, str],
+        query: str,
+    ) -> Route | None:
+        """The route for (host, path, method) from the route cache (it exists only while the
+        table is ``cacheable``: no rule looks further), matched and remembered on a miss."""
+        key = (host, path, head.method)
+        route = cache.get(key, _MISS)
+        if route is _MISS:
+            route = self.table.match(self._view(head, host, path, hdrs, query))
+            if len(cache) >= ROUTE_CACHE_SIZE:
+                cache.clear()
+            cache[key] = route
+        return route
 
     @staticmethod
     def _view(
