@@ -1,4 +1,4 @@
-"""The DBLB's own client sockets (marchproxy_dblb.sockets): churn, vanishing clients, draining."""
+"""The DBLB's client sockets (marchproxy_common.net.sockets): churn, vanishing clients, draining."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Any
 import psycopg
 import pytest
 
+from marchproxy_common.net.sockets import ClientListener
 from marchproxy_common.wire.postgres import encoder as enc
 from marchproxy_dblb.module import DblbHooks
-from marchproxy_dblb.sockets import ClientListener
 from tests.dblb.dblb_helpers import dsn, pg_config, run_client, running_dblb
 
 pytestmark = pytest.mark.integration

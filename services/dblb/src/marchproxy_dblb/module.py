@@ -20,6 +20,12 @@ from marchproxy.v1 import types_pb2
 from marchproxy_common.module.hooks import BaseModuleHooks, BoundAddress, LoadReport
 from marchproxy_common.net.listener import stop_serving
 from marchproxy_common.net.proxied import client_address, wrap_proxy_protocol
+from marchproxy_common.net.sockets import (
+    ClientListener,
+    SocketPoller,
+    new_poller,
+    start_client_server,
+)
 from marchproxy_common.tasks import spawn
 from marchproxy_common.wire.postgres.auth import ScramVerifier
 
@@ -28,7 +34,6 @@ from .frontends.admin import PAUSE_TIMEOUT
 from .frontends.postgres import PostgresClient
 from .metrics import DblbCollector
 from .pool import PoolManager, send_cancel
-from .sockets import ClientListener, SocketPoller, new_poller, start_client_server
 
 _log = structlog.get_logger("marchproxy.dblb")
 #: Distinct prepared-statement texts remembered for pool-wide names before starting over.
@@ -113,6 +118,7 @@ class DblbHooks(BaseModuleHooks):
             backlog=1024,
             reuse_port=workers > 1,
             poller=self._poller,
+            name="postgresql",
         )
         self.manager.start()
         if workers > 1:

@@ -1,10 +1,10 @@
-"""Client-facing sockets of the DBLB: accept from the listening socket, one small transport each.
+"""Accepted sockets with a small transport each, on an epoll of their own.
 
 ``asyncio``'s ``create_server`` spends most of a short connection's CPU in its own machinery: an
 accept task per connection, a ``getsockname``/``getpeername``/``setsockopt`` per socket, a
 transport built over several mixins, three ``call_soon`` before ``connection_made`` and a
 waiter future, then the server's bookkeeping on close. With ``pgbench -C`` (a connection per
-transaction) that was more than the pooling itself. ``ClientListener`` accepts in a
+transaction) that was more than the DBLB's pooling itself. ``ClientListener`` accepts in a
 ``loop.add_reader`` callback (a batch per wake-up); its sockets wait on an epoll of its own
 (``SocketPoller``, polled from the loop: one ``epoll_ctl`` per socket and a dict lookup per
 event, no selector key or handle per socket), and ``SocketTransport`` is the part of an
@@ -37,7 +37,7 @@ __all__ = [
     "start_client_server",
 ]
 
-_log = structlog.get_logger("marchproxy.dblb.sockets")
+_log = structlog.get_logger("marchproxy.net.sockets")
 
 #: bytes read per recv (asyncio's socket transports read 256 KiB)
 READ_SIZE = 256 * 1024
@@ -56,11 +56,11 @@ ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
 
 class SocketPoller:
-    """One level-triggered epoll for the DBLB's client sockets, polled from the loop (one
+    """One level-triggered epoll for a service's client sockets, polled from the loop (one
     ``loop.add_reader`` on its descriptor): registering a socket is one ``epoll_ctl``, an event
-    one dict lookup, with no selector key or handle per socket. (The pooled server sockets stay
-    on asyncio's transports: on this epoll they cost a second ``epoll_wait`` per wake-up, and
-    pgbench -S measured no gain.)"""
+    one dict lookup, with no selector key or handle per socket. (The DBLB's pooled server
+    sockets stay on asyncio's transports: on this epoll they cost a second ``epoll_wait`` per
+    wake-up, and pgbench -S measured no gain.)"""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -388,19 +388,21 @@ class SocketTransport(asyncio.Transport):
 
 class ClientListener:
     """Listening sockets (``net.accept.Acceptor``) whose connections each get a
-    ``SocketTransport`` and a protocol from ``factory``; the ``asyncio.Server`` calls the DBLB
-    uses (``sockets``, ``close``, ``is_serving``, ``wait_closed``)."""
+    ``SocketTransport`` and a protocol from ``factory``; the ``asyncio.Server`` calls a service
+    uses (``sockets``, ``close``, ``is_serving``, ``wait_closed``). ``name`` labels its logs."""
 
     def __init__(
         self,
         poller: SocketPoller,
         sockets: list[socket.socket],
         factory: ProtocolFactory,
+        *,
+        name: str,
     ) -> None:
         self._poller = poller
         self.sockets = sockets
         self._factory = factory
-        self._acceptor = Acceptor(sockets, self._accepted, name="postgresql")
+        self._acceptor = Acceptor(sockets, self._accepted, name=name)
         #: accepted sockets not yet closed
         self.connections = 0
 
@@ -420,6 +422,7 @@ class ClientListener:
 
     def _accepted(self, sock: socket.socket, peer: Any) -> None:
         self.connections += 1
+        transport = None
         try:
             transport = SocketTransport(self._poller, sock, peer, self._factory(), self)
             transport.start()
@@ -432,7 +435,11 @@ class ClientListener:
             raise
         except BaseException as exc:
             _log.error("client_setup_failed", exc_info=exc)
-            sock.close()
+            if transport is None:
+                self.connections -= 1
+                sock.close()
+            else:
+                transport.abort()  # (closes the socket and counts it once)
 
 
 def bind_sockets(host: str, port: int, *, backlog: int, reuse_port: bool) -> list[socket.socket]:
@@ -467,6 +474,7 @@ async def start_client_server(
     backlog: int,
     reuse_port: bool,
     poller: SocketPoller | None,
+    name: str,
 ) -> ClientListener | asyncio.Server:
     """Listen on ``host:port`` for clients of ``factory``'s protocols: a ``ClientListener`` on
     ``poller``, or ``loop.create_server`` without one (a loop other than the standard selector
@@ -477,7 +485,7 @@ async def start_client_server(
             factory, host, port, backlog=backlog, reuse_port=True if reuse_port else None
         )
     listener = ClientListener(
-        poller, bind_sockets(host, port, backlog=backlog, reuse_port=reuse_port), factory
+        poller, bind_sockets(host, port, backlog=backlog, reuse_port=reuse_port), factory, name=name
     )
     listener.start()
     return listener
