@@ -16,6 +16,12 @@ from marchproxy.v1 import types_pb2
 from marchproxy_common.module.hooks import BaseModuleHooks, BoundAddress, LoadReport
 from marchproxy_common.net.listener import stop_serving
 from marchproxy_common.net.proxied import wrap_proxy_protocol
+from marchproxy_common.net.sockets import (
+    ClientListener,
+    SocketPoller,
+    new_poller,
+    start_client_server,
+)
 
 from .config import AlbSettings, Limits
 from .http.downstream import DownstreamProtocol
@@ -56,7 +62,9 @@ class AlbHooks(BaseModuleHooks):
             ratelimit_prefix=settings.alb_ratelimit_prefix,
         )
         self.sni = SniSelector()
-        self._servers: list[asyncio.Server] = []
+        self._servers: list[ClientListener | asyncio.Server] = []
+        #: the epoll our client sockets wait on (None: asyncio's own transports, e.g. uvloop)
+        self.poller: SocketPoller | None = None
         self._routes: list[dict[str, Any]] = []
         self.module_config: dict[str, Any] = {}
         self.data_address = BoundAddress("", 0)
@@ -72,7 +80,6 @@ class AlbHooks(BaseModuleHooks):
     # ------------------------------------------------------------------ lifecycle
 
     async def start_data_plane(self) -> BoundAddress:
-        loop = asyncio.get_running_loop()
         s = self.settings
         plane = self.plane
         trusted = s.proxy_trusted_networks()
@@ -82,7 +89,18 @@ class AlbHooks(BaseModuleHooks):
             on_reject=lambda reason: plane.refused(f"proxy_protocol_{reason}"),
             trusted_sources=trusted,
         )
-        server = await loop.create_server(factory, s.data_host, s.data_port, backlog=1024)
+        # client sockets on our own epoll and transports (asyncio's create_server on uvloop):
+        # asyncio's transports cost more per request than all of the ALB's HTTP work
+        self.poller = poller = new_poller()
+        server = await start_client_server(
+            factory,
+            s.data_host,
+            s.data_port,
+            backlog=1024,
+            reuse_port=False,
+            poller=poller,
+            name="http",
+        )
         self._servers.append(server)
         host, port = server.sockets[0].getsockname()[:2]
         self.data_address = BoundAddress(host, port)
@@ -94,8 +112,14 @@ class AlbHooks(BaseModuleHooks):
                 on_reject=lambda reason: plane.refused(f"proxy_protocol_{reason}"),
                 trusted_sources=trusted,
             )
-            tls_server = await loop.create_server(
-                tls_factory, s.data_host, s.alb_tls_port, backlog=1024
+            tls_server = await start_client_server(
+                tls_factory,
+                s.data_host,
+                s.alb_tls_port,
+                backlog=1024,
+                reuse_port=False,
+                poller=poller,
+                name="https",
             )
             self._servers.append(tls_server)
             h, p = tls_server.sockets[0].getsockname()[:2]
@@ -191,7 +215,10 @@ class AlbHooks(BaseModuleHooks):
 
     async def stop_accepting(self) -> None:
         for s in self._servers:
-            await stop_serving(s)
+            if isinstance(s, ClientListener):
+                s.close()  # nothing accepted is left without its protocol
+            else:
+                await stop_serving(s)
         self.plane.accepting = False
 
     async def drain(self, deadline: float) -> None:
@@ -200,6 +227,9 @@ class AlbHooks(BaseModuleHooks):
         for s in self._servers:
             s.close()
         self._servers.clear()
+        if self.poller is not None:
+            self.poller.close()  # (once its last socket has closed)
+            self.poller = None
 
     async def close(self) -> None:
         """Stop everything now (tests and embedding programs)."""
