@@ -1,4 +1,5 @@
-"""net.sockets.ClientListener on real sockets: a client whose set-up fails is not counted."""
+"""net.sockets on real sockets: a client whose set-up fails is not counted; open_connection
+connects onto the poller and leaves nothing behind when it fails."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import socket
 import pytest
 from structlog.testing import capture_logs
 
-from marchproxy_common.net.sockets import ClientListener, bind_sockets, new_poller
+from marchproxy_common.net.sockets import ClientListener, bind_sockets, new_poller, open_connection
 
 
 class Echo(asyncio.Protocol):
@@ -78,4 +79,110 @@ async def test_a_client_whose_setup_fails_is_closed_and_not_counted(factory) -> 
         await wait_for(lambda: listener.connections == 0)
     finally:
         listener.close()
+        poller.close()
+
+
+class Collect(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.made: asyncio.BaseTransport | None = None
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.made = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
+async def echo_server() -> tuple[asyncio.Server, int]:
+    server = await asyncio.get_running_loop().create_server(Echo, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+async def test_open_connection_talks_over_the_poller(host: str) -> None:
+    server, port = await echo_server()
+    poller = new_poller()
+    assert poller is not None
+    try:
+        transport, proto = await open_connection(poller, Collect, host, port)
+        assert proto.made is transport  # connection_made ran before the return
+        assert transport.get_extra_info("peername")[1] == port
+        assert transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert poller.transports[transport.get_extra_info("socket").fileno()] is transport
+        transport.write(b"ping" * 10_000)
+        await wait_for(lambda: len(proto.data) == 40_000)
+        assert bytes(proto.data) == b"ping" * 10_000
+        transport.close()
+        async with asyncio.timeout(10):
+            assert await proto.lost is None
+        assert not poller.transports
+    finally:
+        server.close()
+        poller.close()
+    assert poller.epoll.closed
+
+
+async def test_open_connection_refused_leaves_nothing_behind() -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        poller = new_poller()
+        assert poller is not None
+        made: list[Collect] = []
+
+        def factory() -> Collect:
+            made.append(Collect())
+            return made[-1]
+
+        try:
+            with pytest.raises(ConnectionRefusedError):
+                await open_connection(poller, factory, "127.0.0.1", port)
+            assert not made  # no protocol for a connection that never was
+            assert not poller.transports
+        finally:
+            poller.close()
+
+
+async def test_open_connection_cancelled_closes_its_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.get_running_loop()
+    opened: list[socket.socket] = []
+
+    async def hangs(sock: socket.socket, address: object) -> None:
+        opened.append(sock)
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(loop, "sock_connect", hangs)
+    poller = new_poller()
+    assert poller is not None
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await open_connection(poller, Collect, "127.0.0.1", 9)
+        assert len(opened) == 1
+        assert opened[0].fileno() == -1  # closed
+        assert not poller.transports
+    finally:
+        poller.close()
+
+
+async def test_open_connection_whose_protocol_fails_closes_the_socket() -> None:
+    server, port = await echo_server()
+    poller = new_poller()
+    assert poller is not None
+    try:
+        with pytest.raises(RuntimeError, match="factory failed"):
+            await open_connection(poller, fails_to_build, "127.0.0.1", port)
+        FailsAtConnect.lost.clear()
+        with pytest.raises(RuntimeError, match="protocol set-up failed"):
+            await open_connection(poller, FailsAtConnect, "127.0.0.1", port)
+        assert not poller.transports
+        await wait_for(lambda: len(FailsAtConnect.lost) == 1)
+    finally:
+        server.close()
         poller.close()
