@@ -92,6 +92,7 @@ class AlbHooks(BaseModuleHooks):
         # client sockets on our own epoll and transports (asyncio's create_server on uvloop):
         # asyncio's transports cost more per request than all of the ALB's HTTP work
         self.poller = poller = new_poller()
+        plane.upstreams.poller = poller  # and upstream sockets on the same epoll
         server = await start_client_server(
             factory,
             s.data_host,
@@ -230,6 +231,7 @@ class AlbHooks(BaseModuleHooks):
         if self.poller is not None:
             self.poller.close()  # (once its last socket has closed)
             self.poller = None
+            self.plane.upstreams.poller = None
 
     async def close(self) -> None:
         """Stop everything now (tests and embedding programs)."""

@@ -13,6 +13,7 @@ import httptools
 import structlog
 
 from marchproxy_alb.routing import Target
+from marchproxy_common.net.sockets import SocketPoller, open_connection
 
 from .flow import BodyChannel, WriteFlow
 from .framing import FramingError, ResponseHead, framing_of
@@ -349,6 +350,9 @@ class UpstreamPool:
         self._tls_verify = tls_verify
         self._tls_settings: tuple[bool, str | None] = (tls_verify, None)
         self.opened = 0
+        #: the client sockets' epoll: plain-HTTP upstream sockets go on it too (None: asyncio's
+        #: transports, e.g. on uvloop; TLS targets always use asyncio's)
+        self.poller: SocketPoller | None = None
 
     @property
     def open_connections(self) -> int:
@@ -412,14 +416,23 @@ class UpstreamPool:
             return conn, True
         loop = asyncio.get_running_loop()
         ctx = self.ssl_context() if target.scheme == "https" else None
+        poller = self.poller
         async with asyncio.timeout(connect_timeout):
-            _, conn = await loop.create_connection(
-                lambda: UpstreamConnection(target, self._closed, key[1]),
-                target.host,
-                target.port,
-                ssl=ctx,
-                server_hostname=(server_name or target.host) if ctx is not None else None,
-            )
+            if ctx is None and poller is not None:
+                _, conn = await open_connection(
+                    poller,
+                    lambda: UpstreamConnection(target, self._closed, key[1]),
+                    target.host,
+                    target.port,
+                )
+            else:
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(target, self._closed, key[1]),
+                    target.host,
+                    target.port,
+                    ssl=ctx,
+                    server_hostname=(server_name or target.host) if ctx is not None else None,
+                )
         self._all.add(conn)
         self.opened += 1
         if self._on_open is not None:
