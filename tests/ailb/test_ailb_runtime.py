@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -18,7 +20,7 @@ from marchproxy_ailb.module import AilbHooks
 from marchproxy_common.module.runtime import run_module
 from tests.ailb.conftest import AilbFactory, three_provider_config
 from tests.ailb.fakes import FakeAnthropic, FakeOllama, FakeOpenAI, make_pki
-from tests.conftest import ProcessGroup, free_port, wait_port
+from tests.conftest import ROOT, ProcessGroup, free_port, wait_port
 
 
 def write_config(
@@ -169,11 +171,36 @@ async def test_proxy_protocol_header_from_nlb(ailb: AilbFactory, fake_openai: Fa
     assert b"Hello from openai: pp" in raw
 
 
+def image_ca_env(ca: Path, cert_dir: Path) -> dict[str, str]:
+    """The image's CA set-up (services/ailb/Dockerfile): no bundle file, a hashed CA directory
+    (here one holding only ``ca``, linked by subject hash as update-ca-certificates does)."""
+    text = (ROOT / "services" / "ailb" / "Dockerfile").read_text(encoding="utf-8")
+    runtime = text.split("\nFROM ")[-1]
+    image = dict(re.findall(r"^\s*(SSL_CERT_(?:FILE|DIR))=(\S+)", runtime, re.M))
+    assert set(image) == {"SSL_CERT_FILE", "SSL_CERT_DIR"}, image
+    subject_hash = subprocess.run(
+        ["openssl", "x509", "-hash", "-noout", "-in", str(ca)],
+        capture_output=True, text=True, check=True, timeout=30,
+    ).stdout.strip()  # fmt: skip
+    cert_dir.mkdir()
+    (cert_dir / f"{subject_hash}.0").symlink_to(ca)
+    return {"SSL_CERT_FILE": image["SSL_CERT_FILE"], "SSL_CERT_DIR": str(cert_dir)}
+
+
 @pytest.mark.integration
-async def test_https_upstreams_are_verified(tmp_path: Path, procs: ProcessGroup) -> None:
-    """Two https upstreams signed by a CA the AILB trusts (SSL_CERT_FILE) answer through one
-    shared TLS context; one signed by an unknown CA is refused (502), not trusted blindly."""
+@pytest.mark.parametrize("trust", ["bundle", "image"])
+async def test_https_upstreams_are_verified(
+    tmp_path: Path, procs: ProcessGroup, trust: str
+) -> None:
+    """Two https upstreams signed by a CA the AILB trusts answer through one shared TLS
+    context; one signed by an unknown CA is refused (502), not trusted blindly. The CA is
+    trusted either as a bundle (SSL_CERT_FILE) or the way the image trusts CAs: no bundle, a
+    hashed CA directory that OpenSSL reads on demand."""
     ca, server_ctx = make_pki(tmp_path / "trusted")
+    if trust == "bundle":
+        ca_env = {"SSL_CERT_FILE": str(ca)}
+    else:
+        ca_env = image_ca_env(ca, tmp_path / "certs")
     _, rogue_ctx = make_pki(tmp_path / "rogue", name="rogue")
     fakes = [FakeOpenAI(), FakeOpenAI(), FakeOpenAI()]
     for fake, ctx in zip(fakes, (server_ctx, server_ctx, rogue_ctx), strict=True):
@@ -199,7 +226,7 @@ async def test_https_upstreams_are_verified(tmp_path: Path, procs: ProcessGroup)
                 "REGISTER_WITH_NLB": "false",
                 "REDIS_URL": "",
                 "API_URL": "",
-                "SSL_CERT_FILE": str(ca),
+                **ca_env,
             },
         )
         await asyncio.to_thread(wait_port, port)
