@@ -156,6 +156,64 @@ def framing_of(headers: Sequence[tuple[bytes, bytes]]) -> tuple[bool, int | None
     return chunked, length
 
 
+# ---- the upstream response head, the common case without httptools' per-header callbacks
+
+#: RFC 9110 §5.6.2 token, and a field value after its leading whitespace (§5.5; httptools keeps
+#: trailing whitespace, and drops an empty value, joining the name to the next one: not ours)
+_TOKEN_RE = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_VALUE_RE = rb"[\x21-\x7e\x80-\xff][\t\x20-\x7e\x80-\xff]*"
+_FIELD_LINE = rb"(" + _TOKEN_RE + rb"):[ \t]*(" + _VALUE_RE + rb")\r\n"
+_FIELD_LINE_UNCAPTURED = rb"(?:" + _TOKEN_RE + rb":[ \t]*" + _VALUE_RE + rb"\r\n)"
+#: an HTTP/1.1 final response head (2xx-5xx) of well-formed field lines, nothing else
+_SIMPLE_RESPONSE_HEAD = re.compile(
+    rb"HTTP/1\.1 ([2-5][0-9][0-9]) ([\x20-\x7e]*)\r\n(" + _FIELD_LINE_UNCAPTURED + rb"*)\r\n"
+)
+_FIELD_LINES = re.compile(_FIELD_LINE)
+
+
+def scan_simple_response(
+    data: bytes, *, max_head: int, max_headers: int
+) -> tuple[ResponseHead, int] | None:
+    """The head of a whole response in ``data`` and where its body starts, when ``data`` is
+    exactly one common response: HTTP/1.1, status 2xx-5xx but not 204/304, well-formed field
+    lines, one valid Content-Length that the rest of ``data`` matches, no Transfer-Encoding or
+    Upgrade, Connection absent or just ``close``/``keep-alive``. Else None, and the caller
+    parses with httptools, which decides everything unusual (errors included). Where both
+    parse, they agree (tests/alb/test_alb_response_scan.py): this only skips httptools'
+    per-header callbacks for the response of nearly every request."""
+    m = _SIMPLE_RESPONSE_HEAD.match(data)
+    if m is None:
+        return None
+    end = m.end()
+    status = int(m.group(1))
+    if end > max_head or status == 204 or status == 304:
+        return None
+    headers: Headers = _FIELD_LINES.findall(m.group(3))
+    if len(headers) > max_headers:
+        return None
+    length: int | None = None
+    keep_alive = True
+    for name, value in headers:
+        n = len(name)
+        if n == 14:
+            if name.lower() == b"content-length":
+                if length is not None or not value.isdigit() or len(value) > 18:
+                    return None
+                length = int(value)
+        elif n == 10:
+            if name.lower() == b"connection":
+                v = value.lower()
+                if v == b"close":
+                    keep_alive = False
+                elif v != b"keep-alive":
+                    return None
+        elif (n == 17 or n == 7) and name.lower() in (b"transfer-encoding", b"upgrade"):
+            return None
+    if length is None or len(data) - end != length:
+        return None
+    return ResponseHead(status, m.group(2), "1.1", headers, keep_alive, False, length), end
+
+
 #: request headers handled specially while copying (dropped, merged or replaced)
 _REQ_SPECIAL = HOP_BY_HOP | _REPLACED | {b"x-forwarded-for", b"forwarded", b"via", b"host"}
 #: Connection tokens that name headers we drop anyway

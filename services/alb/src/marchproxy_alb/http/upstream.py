@@ -16,7 +16,7 @@ from marchproxy_alb.routing import Target
 from marchproxy_common.net.sockets import SocketPoller, open_connection
 
 from .flow import BodyChannel, WriteFlow
-from .framing import FramingError, ResponseHead, framing_of
+from .framing import FramingError, ResponseHead, framing_of, scan_simple_response
 
 log = structlog.get_logger("marchproxy.alb.upstream")
 
@@ -71,6 +71,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._framing_headers: list[tuple[bytes, bytes]] = []
         self._reason = b""
         self._skip_informational = False
+        #: the parser is between messages (nothing of the next response fed to it yet), so a
+        #: read that holds a whole common response can skip it (scan_simple_response)
+        self._between = True
         self.response_complete = False
         self.response_bytes = 0
         self.keep_alive = False
@@ -145,6 +148,14 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.response_bytes += len(data)
+        if self._between and self._method != "HEAD":
+            found = scan_simple_response(
+                data, max_head=MAX_RESPONSE_HEADER_BYTES, max_headers=MAX_RESPONSE_HEADERS
+            )
+            if found is not None:
+                self._scanned(data, *found)
+                return
+        self._between = False
         try:
             self._parser.feed_data(data)
             if self.response_bytes > MAX_RESPONSE_HEADER_BYTES and not self.head_future.done():
@@ -155,12 +166,26 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _HeadResponseDone):
                 self._parser = httptools.HttpResponseParser(self)
+                self._between = True
                 self._finish()
             else:
                 self._fail(f"bad upstream response: {exc.__context__ or exc}")
         except httptools.HttpParserError as exc:
             self._fail(f"bad upstream response: {exc}")
         if self.on_event is not None and self.head_future is not None and self.head_future.done():
+            self.on_event()
+
+    def _scanned(self, data: bytes, head: ResponseHead, body_start: int) -> None:
+        """A whole response, read without the parser (which stays between messages)."""
+        self.keep_alive = head.keep_alive
+        hf = self.head_future
+        assert hf is not None
+        if not hf.done():
+            hf.set_result(head)
+        if body_start < len(data) and self.body is not None:
+            self.body.feed(data[body_start:])
+        self._finish()
+        if self.on_event is not None and hf.done():
             self.on_event()
 
     # ------------------------------------------------------------------ exchange
@@ -274,6 +299,7 @@ class UpstreamConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ httptools callbacks
 
     def on_message_begin(self) -> None:
+        self._between = False
         self._headers = []
         self._framing_headers = []
         self._reason = b""
@@ -323,6 +349,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._skip_informational = False
             return
         self.keep_alive = self._parser.should_keep_alive()
+        self._between = True
         self._finish()
 
 
