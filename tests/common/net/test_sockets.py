@@ -4,7 +4,9 @@ connects onto the poller and leaves nothing behind when it fails."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
+import weakref
 
 import pytest
 from structlog.testing import capture_logs
@@ -185,4 +187,60 @@ async def test_open_connection_whose_protocol_fails_closes_the_socket() -> None:
         await wait_for(lambda: len(FailsAtConnect.lost) == 1)
     finally:
         server.close()
+        poller.close()
+
+
+class KeepsTransport(asyncio.Protocol):
+    """Keeps its transport after connection_lost, as most protocols do."""
+
+    instances: list[KeepsTransport] = []
+
+    def __init__(self) -> None:
+        self.lost = False
+        KeepsTransport.instances.append(self)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        assert isinstance(self.transport, asyncio.Transport)
+        self.transport.write(data)
+        self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+
+async def test_a_closed_connection_is_freed_without_the_cyclic_collector() -> None:
+    """After connection_lost the transport lets go of its protocol, so a protocol that keeps
+    its transport is no cycle: reference counting frees both (no collector pass per client)."""
+    poller = new_poller()
+    assert poller is not None
+    listener = ClientListener(
+        poller, bind_sockets("127.0.0.1", 0, backlog=16, reuse_port=False), KeepsTransport, name="t"
+    )
+    listener.start()
+    port = listener.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    gc.collect()
+    gc.disable()
+    try:
+        KeepsTransport.instances.clear()
+        client = socket.create_connection(("127.0.0.1", port))
+        client.setblocking(False)
+        await loop.sock_sendall(client, b"ping")
+        async with asyncio.timeout(10):
+            assert await loop.sock_recv(client, 10) == b"ping"
+            assert await loop.sock_recv(client, 10) == b""
+        client.close()
+        await wait_for(lambda: KeepsTransport.instances[0].lost)
+        kept = KeepsTransport.instances.pop()
+        protocol, transport = weakref.ref(kept), weakref.ref(kept.transport)
+        del kept
+        await asyncio.sleep(0)  # (the loop drops its handle of connection_lost)
+        assert protocol() is None
+        assert transport() is None
+    finally:
+        gc.enable()
+        listener.close()
         poller.close()

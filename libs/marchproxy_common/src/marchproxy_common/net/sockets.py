@@ -59,6 +59,8 @@ _READ_EVENTS = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 _WRITE_EVENTS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
+#: what a transport's protocol is once connection_lost has been called
+_DETACHED = asyncio.Protocol()
 _P = TypeVar("_P", bound=asyncio.BaseProtocol)
 
 
@@ -383,7 +385,13 @@ class SocketTransport(asyncio.Transport):
                 self._listener.connections -= 1
 
     def _call_connection_lost(self, exc: Exception | None) -> None:
-        self._protocol.connection_lost(exc)
+        try:
+            self._protocol.connection_lost(exc)
+        finally:
+            # a protocol usually keeps its transport: without this, each connection's
+            # protocol, transport and socket are a cycle, freed only by the cyclic collector
+            # (asyncio's transports drop their protocol here too)
+            self._protocol = _DETACHED
 
     def _call_protocol(self, method: str) -> None:
         try:
