@@ -72,6 +72,44 @@ async def test_request_answered_before_the_startup_arrives_is_fine() -> None:
             writer.close()
 
 
+async def test_ssl_request_without_client_tls_in_any_split() -> None:
+    """Without client TLS a whole SSLRequest read is answered 'N' at once (no decoder); one cut
+    in two reads, or sent twice, is still 'N', and clear text along with it still refused."""
+    async with running_dblb(pg_config()) as h:
+        reply = await _one_write_then_read_all(h.port, enc.ssl_request() + STARTUP)
+        assert reply[:1] == b"E" and b"received unencrypted data after SSL request" in reply
+        assert h.protocol_errors == 1
+        reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
+        try:
+            async with asyncio.timeout(10):
+                request = enc.ssl_request()
+                writer.write(request[:3])
+                await writer.drain()
+                await asyncio.sleep(0.05)  # (two reads on the proxy's side)
+                writer.write(request[3:])
+                assert await reader.readexactly(1) == b"N"
+                writer.write(request)
+                assert await reader.readexactly(1) == b"N"
+                writer.write(STARTUP[:5])
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                writer.write(STARTUP[5:])
+                data = b""
+                while not data.endswith(enc.ready_for_query()):
+                    chunk = await reader.read(65536)
+                    assert chunk, data
+                    data += chunk
+                assert data.startswith(enc.authentication_ok())
+        finally:
+            writer.close()
+        # psycopg / libpq (sslmode=prefer: SSLRequest first, then in clear)
+        conninfo = f"host=127.0.0.1 port={h.port} user=postgres dbname=test sslmode=prefer"
+        async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as c:
+            assert not c.pgconn.ssl_in_use
+            cur = await c.execute("select 'ok'")
+            assert await cur.fetchone() == ("ok",)
+
+
 WILDCARD_TO_TEST = {"*": {"host": "127.0.0.1", "port": 5432, "dbname": "test"}}
 
 

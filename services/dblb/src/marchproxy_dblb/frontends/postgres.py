@@ -77,6 +77,8 @@ _log = structlog.get_logger("marchproxy.dblb.client")
 _client_ids = itertools.count(1)
 _S = ord("S")
 _TERMINATE = enc.terminate()
+_SSL_REQUEST = enc.ssl_request()
+_TRACKED = frozenset(TRACKED_PARAMETERS)
 _AUTH_OK = enc.authentication_ok()
 _READY_IDLE = enc.ready_for_query(b"I")
 _BACKEND_KEY_DATA = struct.Struct("!cIii")  # b"K", length 12, process id, secret key
@@ -98,8 +100,8 @@ class PostgresClient(asyncio.Protocol):
     # Defaults that most clients never change live on the class: a connection per
     # transaction (pgbench -C) pays for every attribute set in __init__.
     transport: asyncio.Transport | None = None
-    #: the decoder holds no partial message (known after a read it framed whole)
-    _decoder_empty = False
+    #: the decoder holds no partial startup packet or message (set after each read it framed)
+    _decoder_empty = True
     state = "startup"  # startup | auth | welcome | ready | admin | closed
     closed = False
     user = ""
@@ -239,6 +241,16 @@ class PostgresClient(asyncio.Protocol):
                 else:
                     self._queue(msgs, raw)
                 return
+            if (
+                data == _SSL_REQUEST
+                and self.state == "startup"
+                and self._decoder_empty
+                and self.hooks.client_tls is None
+            ):
+                # libpq's first packet (sslmode prefer): answered without the decoder, which
+                # would only say so; anything sent along with it takes the decoder's path
+                self.write(b"N")  # no TLS here: the client may go on in clear
+                return
             for ev in self.decoder.feed(data):
                 self._on_event(ev)
                 if self.closed:
@@ -265,15 +277,15 @@ class PostgresClient(asyncio.Protocol):
     # ---- startup and authentication -----------------------------------------------------------
 
     def _on_event(self, ev: object) -> None:
-        if isinstance(ev, SSLRequest) and self.hooks.client_tls is not None and not self.tls:
+        if isinstance(ev, StartupMessage):
+            self._startup(ev)
+        elif isinstance(ev, SSLRequest) and self.hooks.client_tls is not None and not self.tls:
             self.write(b"S")
             self._upgrade_tls(self.hooks.client_tls)
         elif isinstance(ev, SSLRequest | GSSENCRequest):
             self.write(b"N")  # no TLS / GSS encryption here; clients may continue in clear
         elif isinstance(ev, CancelRequest):
             self._cancel(ev)
-        elif isinstance(ev, StartupMessage):
-            self._startup(ev)
         elif isinstance(ev, Message):
             if self.state == "auth" and ev.type == F_PASSWORD:
                 self._password(ev)
@@ -326,9 +338,15 @@ class PostgresClient(asyncio.Protocol):
         self.params = params
         self.user = params["user"]
         self.database = params.get("database") or self.user
-        minor = ev.protocol & 0xFFFF
-        options = [k for k in params if k.startswith("_pq_.")]
-        if minor > 0 or options:
+        # one pass over the parameters: protocol options to refuse, and the tracked ones
+        options: list[str] = []
+        tracked: dict[str, str] = {}
+        for k, v in params.items():
+            if k in _TRACKED:
+                tracked[k] = v
+            elif k.startswith("_pq_."):
+                options.append(k)
+        if ev.protocol & 0xFFFF or options:
             self.write(enc.negotiate_protocol_version(0, options))
         cfg = self.manager.config
         if self.hooks.client_total() >= self.manager.share_of(cfg.max_client_conn):
@@ -350,7 +368,7 @@ class PostgresClient(asyncio.Protocol):
         ):
             self.fail("28000", f'user "{self.user}" is not allowed on the admin console')
             return
-        self.tracked_params = {k: v for k, v in params.items() if k in TRACKED_PARAMETERS}
+        self.tracked_params = tracked
         self._begin_auth()
 
     def _secret(self) -> str | None:
