@@ -244,3 +244,59 @@ async def test_a_closed_connection_is_freed_without_the_cyclic_collector() -> No
         gc.enable()
         listener.close()
         poller.close()
+
+
+class ClosesOnData(asyncio.Protocol):
+    """Closes its transport from data_received, and says in what order things ran."""
+
+    order: list[str] = []
+    fail_when_lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        asyncio.get_running_loop().call_soon(self.order.append, "next callback")
+        self.transport.close()
+        self.order.append("closed")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.order.append("lost")
+        if self.fail_when_lost:
+            raise RuntimeError("connection_lost failed")
+
+
+@pytest.mark.parametrize("fail_when_lost", [False, True])
+async def test_close_from_data_received_calls_connection_lost_once_it_returns(
+    fail_when_lost: bool,
+) -> None:
+    """A protocol that closes from data_received hears connection_lost as soon as that returns
+    (no loop callback, so no extra loop iteration per short connection); one that fails there
+    is logged and the poller goes on serving."""
+    poller = new_poller()
+    assert poller is not None
+    listener = ClientListener(
+        poller, bind_sockets("127.0.0.1", 0, backlog=16, reuse_port=False), ClosesOnData, name="t"
+    )
+    listener.start()
+    port = listener.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    ClosesOnData.fail_when_lost = fail_when_lost
+    try:
+        with capture_logs() as logs:
+            for _ in range(2):
+                ClosesOnData.order.clear()
+                client = socket.create_connection(("127.0.0.1", port))
+                client.setblocking(False)
+                await loop.sock_sendall(client, b"bye")
+                async with asyncio.timeout(10):
+                    assert await loop.sock_recv(client, 10) == b""
+                client.close()
+                await wait_for(lambda: len(ClosesOnData.order) == 3)
+                assert ClosesOnData.order == ["closed", "lost", "next callback"]
+                assert listener.connections == 0 and not poller.transports
+        failures = [e for e in logs if e["event"] == "client_protocol_callback_failed"]
+        assert len(failures) == (2 if fail_when_lost else 0)
+    finally:
+        listener.close()
+        poller.close()

@@ -110,6 +110,10 @@ class SocketTransport(asyncio.Transport):
     ``SocketPoller``."""
 
     _start_tls_compatible = True
+    #: in the protocol's data_received/buffer_updated; a close() there leaves connection_lost
+    #: to be called right after it returns (_lost_pending), not from a loop callback
+    _dispatching = False
+    _lost_pending = False
 
     def __init__(
         self,
@@ -164,7 +168,10 @@ class SocketTransport(asyncio.Transport):
         self._stop_reading()
         if not self._buffer:
             self._close_socket()
-            self._loop.call_soon(self._call_connection_lost, None)
+            if self._dispatching:
+                self._lost_pending = True  # (a loop callback less per short connection)
+            else:
+                self._loop.call_soon(self._call_connection_lost, None)
         # else: _write_ready closes once the buffer is written
 
     def abort(self) -> None:
@@ -225,12 +232,16 @@ class SocketTransport(asyncio.Transport):
         if not data:
             self._eof()
             return
+        self._dispatching = True
         try:
             self._protocol.data_received(data)  # type: ignore[attr-defined]
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
             self._fatal_error(exc)
+        self._dispatching = False
+        if self._lost_pending:
+            self._lost_after_dispatch()
 
     def _read_into_buffer(self) -> None:
         protocol = self._protocol
@@ -256,12 +267,16 @@ class SocketTransport(asyncio.Transport):
         if not n:
             self._eof()
             return
+        self._dispatching = True
         try:
             protocol.buffer_updated(n)
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
             self._fatal_error(exc)
+        self._dispatching = False
+        if self._lost_pending:
+            self._lost_after_dispatch()
 
     def _eof(self) -> None:
         try:
@@ -383,6 +398,17 @@ class SocketTransport(asyncio.Transport):
             self._sock.close()
             if self._listener is not None:
                 self._listener.connections -= 1
+
+    def _lost_after_dispatch(self) -> None:
+        """The protocol closed us from its read callback: tell it now that it returned (as
+        asyncio's ``call_soon`` would, without the trip through the loop)."""
+        self._lost_pending = False
+        try:
+            self._call_connection_lost(None)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            _log.error("client_protocol_callback_failed", callback="connection_lost", exc_info=exc)
 
     def _call_connection_lost(self, exc: Exception | None) -> None:
         try:
