@@ -98,6 +98,9 @@ class ResponseHead:
     keep_alive: bool
     chunked: bool
     content_length: int | None
+    #: set by scan_simple_response instead of ``headers``: the end-to-end field lines as
+    #: received, each after a CRLF (hop-by-hop ones and X-Request-ID already cut)
+    fields: bytes | None = None
 
 
 @dataclass(slots=True)  # not frozen: built for every request, and frozen init is slow
@@ -158,60 +161,91 @@ def framing_of(headers: Sequence[tuple[bytes, bytes]]) -> tuple[bool, int | None
 
 # ---- the upstream response head, the common case without httptools' per-header callbacks
 
-#: RFC 9110 §5.6.2 token, and a field value after its leading whitespace (§5.5; httptools keeps
-#: trailing whitespace, and drops an empty value, joining the name to the next one: not ours)
-_TOKEN_RE = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_VALUE_RE = rb"[\x21-\x7e\x80-\xff][\t\x20-\x7e\x80-\xff]*"
-_FIELD_LINE = rb"(" + _TOKEN_RE + rb"):[ \t]*(" + _VALUE_RE + rb")\r\n"
-_FIELD_LINE_UNCAPTURED = rb"(?:" + _TOKEN_RE + rb":[ \t]*" + _VALUE_RE + rb"\r\n)"
-#: an HTTP/1.1 final response head (2xx-5xx) of well-formed field lines, nothing else
-_SIMPLE_RESPONSE_HEAD = re.compile(
-    rb"HTTP/1\.1 ([2-5][0-9][0-9]) ([\x20-\x7e]*)\r\n(" + _FIELD_LINE_UNCAPTURED + rb"*)\r\n"
+#: response fields the scan acts on (lower case, after the CRLF that ends the line before):
+#: hop-by-hop ones (RFC 9110 §7.6.1) and those we replace are cut, Content-Length is kept,
+#: Transfer-Encoding and Upgrade mean "not simple"
+_SPECIAL_RESPONSE_FIELD = re.compile(
+    rb"\r\n(connection|keep-alive|proxy-connection|proxy-authenticate|proxy-authorization|te"
+    rb"|trailer|transfer-encoding|upgrade|via|x-request-id|content-length):[ \t]*([^\r]*)"
 )
-_FIELD_LINES = re.compile(_FIELD_LINE)
 
 
 def scan_simple_response(
     data: bytes, *, max_head: int, max_headers: int
 ) -> tuple[ResponseHead, int] | None:
-    """The head of a whole response in ``data`` and where its body starts, when ``data`` is
-    exactly one common response: HTTP/1.1, status 2xx-5xx but not 204/304, well-formed field
-    lines, one valid Content-Length that the rest of ``data`` matches, no Transfer-Encoding or
-    Upgrade, Connection absent or just ``close``/``keep-alive``. Else None, and the caller
-    parses with httptools, which decides everything unusual (errors included). Where both
-    parse, they agree (tests/alb/test_alb_response_scan.py): this only skips httptools'
-    per-header callbacks for the response of nearly every request."""
-    m = _SIMPLE_RESPONSE_HEAD.match(data)
-    if m is None:
+    """Split ``data`` as one whole common response, without per-header work: an HTTP/1.1
+    status 2xx-5xx (not 204/304) line, CRLF-terminated field lines with no obs-fold, one
+    Content-Length that the rest of ``data`` matches, no Transfer-Encoding, Upgrade or Via,
+    Connection absent or just ``close``/``keep-alive``. Returns the head, whose ``fields`` are
+    the field lines as received minus the hop-by-hop ones and X-Request-ID, and where the body
+    starts; else None.
+
+    This does not check the syntax of the field lines: the caller must also have llhttp read
+    ``data`` as exactly one message (``UpstreamConnection``; llhttp without field callbacks is
+    cheap). Together they agree with the httptools path on what the client receives
+    (tests/alb/test_alb_response_scan.py)."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0 or end + 4 > max_head or not data.startswith(b"HTTP/1.1 "):
         return None
-    end = m.end()
-    status = int(m.group(1))
-    if end > max_head or status == 204 or status == 304:
+    line_end = data.find(b"\r\n")
+    status_b = data[9:12]
+    if not status_b.isdigit() or data[12:13] not in (b" ", b"\r"):
         return None
-    headers: Headers = _FIELD_LINES.findall(m.group(3))
-    if len(headers) > max_headers:
+    status = int(status_b)
+    if not 200 <= status < 600 or status == 204 or status == 304:
         return None
+    block = data[line_end:end]  # "\r\nName: value" lines
+    crlf = block.count(b"\r\n")  # one per field line
+    if block.count(b"\r") != crlf or block.count(b"\n") != crlf or crlf > max_headers:
+        return None  # a bare CR or LF (or too many fields): httptools decides
+    low = block.lower()
+    if low.find(b"\r\n ") >= 0 or low.find(b"\r\n\t") >= 0:
+        return None  # obs-fold (RFC 9112 §5.2): httptools decides
     length: int | None = None
     keep_alive = True
-    for name, value in headers:
-        n = len(name)
-        if n == 14:
-            if name.lower() == b"content-length":
-                if length is not None or not value.isdigit() or len(value) > 18:
-                    return None
-                length = int(value)
-        elif n == 10:
-            if name.lower() == b"connection":
-                v = value.lower()
-                if v == b"close":
-                    keep_alive = False
-                elif v != b"keep-alive":
-                    return None
-        elif (n == 17 or n == 7) and name.lower() in (b"transfer-encoding", b"upgrade"):
+    cut: list[bytes] | None = None
+    for name, value in _SPECIAL_RESPONSE_FIELD.findall(low):
+        if name == b"content-length":
+            if length is not None or not value.isdigit() or len(value) > 18:
+                return None
+            length = int(value)
+            continue
+        if name == b"connection":
+            if value == b"close":
+                keep_alive = False
+            elif value != b"keep-alive":
+                return None
+        elif name in (b"transfer-encoding", b"upgrade", b"via"):
             return None
-    if length is None or len(data) - end != length:
+        if cut is None:
+            cut = []
+        cut.append(name)
+    if length is None or len(data) - end - 4 != length:
         return None
-    return ResponseHead(status, m.group(2), "1.1", headers, keep_alive, False, length), end
+    fields = block if cut is None else _cut_fields(block, low, cut)
+    reason = data[13:line_end]
+    head = ResponseHead(status, reason, "1.1", [], keep_alive, False, length, fields)
+    return head, end + 4
+
+
+def _cut_fields(block: bytes, low: bytes, names: list[bytes]) -> bytes:
+    """``block`` without the lines of the (lower-case) field ``names``."""
+    spans: list[tuple[int, int]] = []
+    for name in dict.fromkeys(names):
+        key = b"\r\n" + name + b":"
+        i = low.find(key)
+        while i >= 0:
+            j = low.find(b"\r", i + 2)
+            spans.append((i, len(block) if j < 0 else j))
+            i = low.find(key, i + 2)
+    spans.sort()
+    parts: list[bytes] = []
+    pos = 0
+    for i, j in spans:
+        parts.append(block[pos:i])
+        pos = j
+    parts.append(block[pos:])
+    return b"".join(parts)
 
 
 #: request headers handled specially while copying (dropped, merged or replaced)
@@ -376,38 +410,13 @@ def build_response_head(
 ) -> tuple[bytes, str]:
     """The response head for the client and its body framing: "length", "chunked", "close",
     "none" or "tunnel". The caller closes the client connection for "close"."""
-    if resp.status == 101:
-        headers = [(k, v) for k, v in resp.headers if k.lower() not in (b"connection", b"upgrade")]
-        up = next((v for k, v in resp.headers if k.lower() == b"upgrade"), b"")
-        headers += [(b"Connection", b"Upgrade"), (b"Upgrade", up)]
-        headers.append((b"Via", VIA_TOKEN))
-        return _serialize(b"HTTP/1.1 101 " + (resp.reason or b"Switching Protocols"), headers), (
-            "tunnel"
+    if resp.fields is not None:
+        return _build_scanned_response_head(
+            resp, method, client_version, keep_alive, request_id, extra
         )
-    status_line = b"HTTP/1.1 %d %s" % (
-        resp.status,
-        resp.reason or REASONS.get(resp.status, b"Unknown"),
-    )
-    lines: list[bytes] = [status_line]
-    append = lines.append
-    via_prior: bytes | None = None
-    extra_tokens: set[bytes] | None = None
-    special = _RESP_SPECIAL
-    for k, v in resp.headers:
-        lk = k.lower()
-        if lk not in special:
-            append(k + b": " + v)
-        elif lk == b"via":
-            via_prior = v if via_prior is None else via_prior + b", " + v
-        elif lk == b"connection":
-            extra_tokens = _extra_connection_tokens(v, extra_tokens)
-    if extra_tokens:  # rare: Connection names end-to-end headers, drop them too (second pass)
-        lines = [status_line]
-        append = lines.append
-        for k, v in resp.headers:
-            lk = k.lower()
-            if lk not in special and lk not in extra_tokens:
-                append(k + b": " + v)
+    if resp.status == 101:
+        return _switching_protocols_head(resp), "tunnel"
+    lines, via_prior = _copied_response_lines(resp)
     lines.append(b"Via: " + (via_prior + b", " + VIA_TOKEN if via_prior else VIA_TOKEN))
     lines.append(b"X-Request-ID: " + request_id)
     for k, v in extra:
@@ -432,6 +441,68 @@ def build_response_head(
 
 #: response headers handled specially while copying
 _RESP_SPECIAL = HOP_BY_HOP | {b"via", b"x-request-id"}
+
+
+def _copied_response_lines(resp: ResponseHead) -> tuple[list[bytes], bytes | None]:
+    """The status line and the end-to-end fields of ``resp``, and the Via it carried."""
+    status_line = _status_line(resp)
+    lines: list[bytes] = [status_line]
+    append = lines.append
+    via_prior: bytes | None = None
+    extra_tokens: set[bytes] | None = None
+    special = _RESP_SPECIAL
+    for k, v in resp.headers:
+        lk = k.lower()
+        if lk not in special:
+            append(k + b": " + v)
+        elif lk == b"via":
+            via_prior = v if via_prior is None else via_prior + b", " + v
+        elif lk == b"connection":
+            extra_tokens = _extra_connection_tokens(v, extra_tokens)
+    if extra_tokens:  # rare: Connection names end-to-end headers, drop them too (second pass)
+        lines = [status_line]
+        append = lines.append
+        for k, v in resp.headers:
+            lk = k.lower()
+            if lk not in special and lk not in extra_tokens:
+                append(k + b": " + v)
+    return lines, via_prior
+
+
+def _switching_protocols_head(resp: ResponseHead) -> bytes:
+    headers = [(k, v) for k, v in resp.headers if k.lower() not in (b"connection", b"upgrade")]
+    up = next((v for k, v in resp.headers if k.lower() == b"upgrade"), b"")
+    headers += [(b"Connection", b"Upgrade"), (b"Upgrade", up)]
+    headers.append((b"Via", VIA_TOKEN))
+    return _serialize(b"HTTP/1.1 101 " + (resp.reason or b"Switching Protocols"), headers)
+
+
+def _status_line(resp: ResponseHead) -> bytes:
+    return b"HTTP/1.1 %d %s" % (resp.status, resp.reason or REASONS.get(resp.status, b"Unknown"))
+
+
+def _build_scanned_response_head(
+    resp: ResponseHead,
+    method: str,
+    client_version: str,
+    keep_alive: bool,
+    request_id: bytes,
+    extra: Sequence[tuple[bytes, bytes]],
+) -> tuple[bytes, str]:
+    """build_response_head for a head from scan_simple_response: a Content-Length response
+    whose kept field lines are copied as one piece (no Via to merge: the scan declines it)."""
+    assert resp.fields is not None
+    parts = [_status_line(resp), resp.fields, b"\r\nVia: ", VIA_TOKEN]
+    parts += (b"\r\nX-Request-ID: ", request_id)
+    for k, v in extra:
+        parts.append(b"\r\n" + k + b": " + v)
+    framing = "length" if response_has_body(resp.status, method) else "none"
+    if not keep_alive:
+        parts.append(b"\r\nConnection: close")
+    elif client_version == "1.0":
+        parts.append(b"\r\nConnection: keep-alive")
+    parts.append(b"\r\n\r\n")
+    return b"".join(parts), framing
 
 
 def _serialize(start_line: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bytes:

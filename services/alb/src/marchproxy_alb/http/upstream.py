@@ -35,6 +35,37 @@ class UpstreamError(Exception):
         self.before_response = before_response
 
 
+class _WholeMessage:
+    """httptools callbacks that only see whether one read held exactly one whole message (with
+    no field callbacks llhttp checks a head in C alone): the check behind
+    ``scan_simple_response``."""
+
+    __slots__ = ("begun", "complete", "keep_alive", "parser")
+
+    def __init__(self) -> None:
+        self.begun = 0
+        self.complete = False
+        self.keep_alive = False
+        self.parser = httptools.HttpResponseParser(self)
+
+    def on_message_begin(self) -> None:
+        self.begun += 1
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self.keep_alive = self.parser.should_keep_alive()
+
+    def one_message(self, data: bytes) -> bool:
+        """Whether ``data`` is one whole message; False leaves this checker unusable."""
+        self.begun = 0
+        self.complete = False
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            return False
+        return self.complete and self.begun == 1
+
+
 class _HeadResponseDone(Exception):
     """Raised inside the parser to stop after the head of a HEAD response (no body follows)."""
 
@@ -74,6 +105,7 @@ class UpstreamConnection(asyncio.Protocol):
         #: the parser is between messages (nothing of the next response fed to it yet), so a
         #: read that holds a whole common response can skip it (scan_simple_response)
         self._between = True
+        self._checker: _WholeMessage | None = None
         self.response_complete = False
         self.response_bytes = 0
         self.keep_alive = False
@@ -153,8 +185,13 @@ class UpstreamConnection(asyncio.Protocol):
                 data, max_head=MAX_RESPONSE_HEADER_BYTES, max_headers=MAX_RESPONSE_HEADERS
             )
             if found is not None:
-                self._scanned(data, *found)
-                return
+                checker = self._checker
+                if checker is None:
+                    checker = self._checker = _WholeMessage()
+                if checker.one_message(data) and checker.keep_alive == found[0].keep_alive:
+                    self._scanned(data, *found)
+                    return
+                self._checker = None  # (mid-message or failed: a new one next time)
         self._between = False
         try:
             self._parser.feed_data(data)
