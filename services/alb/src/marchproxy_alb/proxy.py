@@ -322,19 +322,20 @@ class DataPlane:
         if head is None or cache is None:
             req.slow = True
             return False
-        raw_path = head.target.partition(b"?")[0]
+        # (str, not bytes: ``b"%" in some_bytes`` first tries the needle as an int and pays
+        # for a TypeError each time)
+        path = head.target.partition(b"?")[0].decode("latin-1")
         host = head.host
         if (
-            raw_path[:1] != b"/"
-            or b"%" in raw_path
-            or b"/." in raw_path
-            or b"//" in raw_path
-            or b"\\" in raw_path
-            or len(raw_path) + len(host or b"") > ROUTE_CACHE_MAX_KEY
+            path[:1] != "/"
+            or "%" in path
+            or "/." in path
+            or "//" in path
+            or "\\" in path
+            or len(path) + len(host or b"") > ROUTE_CACHE_MAX_KEY
         ):
             req.slow = True
             return False
-        path = raw_path.decode("latin-1")
         # host, path and method decide (cacheable): no headers or query needed
         route = self._cached_match(cache, head, host, path, {}, "")
         if route is None or route.rate_limit is not None:
