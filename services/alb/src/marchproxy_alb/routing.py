@@ -55,10 +55,17 @@ class Target:
     key: str = field(init=False, repr=False, compare=False)
     #: b"host:port", the Host header sent upstream unless the route preserves the client's
     authority: bytes = field(init=False, repr=False, compare=False)
+    _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", f"{self.scheme}://{self.host}:{self.port}")
         object.__setattr__(self, "authority", f"{self.host}:{self.port}".encode())
+        object.__setattr__(self, "_hash", hash((self.scheme, self.host, self.port, self.weight)))
+
+    def __hash__(self) -> int:
+        # computed once: a target is a dict key several times per request (pool state, idle
+        # connections), and the generated __hash__ built and hashed a tuple each time
+        return self._hash
 
 
 @dataclass(frozen=True, slots=True)

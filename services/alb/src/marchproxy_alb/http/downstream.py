@@ -130,6 +130,7 @@ class DownstreamProtocol(asyncio.Protocol):
         # head bytes: httptools keeps a partial header name/value to itself (no callback until
         # it completes), so whole reads fed while a head is incomplete are counted here
         self._in_head = False
+        self._head_timer_due = False  # on_message_begin: arm the header timer after the read
         self._head_fed = 0
         self._messages = 0  # on_message_begin calls, to tell whether a read started a head
         self._url = b""
@@ -221,6 +222,9 @@ class DownstreamProtocol(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
             if self._in_head:
+                if self._head_timer_due:
+                    self._head_timer_due = False
+                    self._arm_timer(self.plane.limits.header_timeout)
                 self._count_head(data, in_head, in_message, begun)
         except httptools.HttpParserUpgrade as exc:
             self._dead = True
@@ -411,8 +415,10 @@ class DownstreamProtocol(asyncio.Protocol):
         self._headers = []
         self._noted = []
         self._header_bytes = 0
-        # the keep-alive wait is over; the head itself must now arrive in time
-        self._arm_timer(self.plane.limits.header_timeout)
+        # the keep-alive wait is over; the head itself must now arrive in time (armed once
+        # the read returns, and only if the head is still incomplete then: most heads arrive
+        # whole, and on_headers_complete would cancel the timer at once)
+        self._head_timer_due = True
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -431,6 +437,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._head_timer_due = False
         p = self._parser
         noted = self._noted
         try:
