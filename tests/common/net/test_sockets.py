@@ -11,7 +11,14 @@ import weakref
 import pytest
 from structlog.testing import capture_logs
 
-from marchproxy_common.net.sockets import ClientListener, bind_sockets, new_poller, open_connection
+from marchproxy_common.loop import run
+from marchproxy_common.net.sockets import (
+    ClientListener,
+    PollerSelector,
+    bind_sockets,
+    new_poller,
+    open_connection,
+)
 
 
 class Echo(asyncio.Protocol):
@@ -300,3 +307,72 @@ async def test_close_from_data_received_calls_connection_lost_once_it_returns(
     finally:
         listener.close()
         poller.close()
+
+
+async def _client_and_upstream_traffic() -> tuple[bool, bool]:
+    """A client echoed through the poller, an upstream on it, an asyncio server and a timer on
+    the same loop; returns (the poller shared the loop's epoll, it let go of it at close)."""
+    loop = asyncio.get_running_loop()
+    poller = new_poller()
+    assert poller is not None
+    listener = ClientListener(
+        poller, bind_sockets("127.0.0.1", 0, backlog=16, reuse_port=False), Echo, name="t"
+    )
+    listener.start()
+    server, upstream_port = await echo_server()  # asyncio's own transports, same loop
+    timer = loop.create_future()
+    loop.call_later(0.01, timer.set_result, "fired")
+    try:
+        shared = poller.epoll is getattr(getattr(loop, "_selector", None), "epoll", None)
+        client = socket.create_connection(("127.0.0.1", listener.sockets[0].getsockname()[1]))
+        client.setblocking(False)
+        transport, proto = await open_connection(poller, Collect, "127.0.0.1", upstream_port)
+        for _ in range(50):
+            await loop.sock_sendall(client, b"ping")
+            got = b""
+            async with asyncio.timeout(10):
+                while len(got) < 4:
+                    got += await loop.sock_recv(client, 10)
+            assert got == b"ping"
+        transport.write(b"x" * 200_000)  # more than a socket buffer: write readiness too
+        await wait_for(lambda: len(proto.data) == 200_000)
+        assert await timer == "fired"
+        transport.close()
+        client.close()
+        async with asyncio.timeout(10):
+            await proto.lost
+        await wait_for(lambda: not poller.transports)
+    finally:
+        server.close()
+        listener.close()
+        poller.close()
+    selector = getattr(loop, "_selector", None)
+    released = not isinstance(selector, PollerSelector) or (
+        selector.poller is None and not poller.epoll.closed
+    )
+    return shared, released
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_poller_on_the_loops_own_epoll_or_one_of_its_own(shared: bool) -> None:
+    """With a PollerSelector the poller's sockets are on the loop's epoll, their events handled
+    from the loop's own poll; without one the poller has an epoll of its own. Either way
+    clients, upstreams, asyncio's transports and timers share the loop."""
+
+    def factory() -> asyncio.AbstractEventLoop:
+        return asyncio.SelectorEventLoop(PollerSelector() if shared else None)
+
+    with asyncio.Runner(loop_factory=factory) as runner:
+        assert runner.run(_client_and_upstream_traffic()) == (shared, True)
+
+
+def test_the_common_loop_shares_its_epoll_with_the_poller() -> None:
+    async def shares() -> bool:
+        poller = new_poller()
+        assert poller is not None
+        try:
+            return poller.epoll is asyncio.get_running_loop()._selector.epoll  # type: ignore[attr-defined]
+        finally:
+            poller.close()
+
+    assert run(shares())

@@ -31,7 +31,10 @@ def run(main: Coroutine[Any, Any, T]) -> T:
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(main)
-    with asyncio.Runner() as runner:
+    from marchproxy_common.net.sockets import PollerSelector
+
+    # the selector shares its epoll with the service's SocketPoller (net.sockets)
+    with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(PollerSelector())) as runner:
         return runner.run(main)
 
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from marchproxy_common.loop import run
 from marchproxy_common.tasks import spawn
 from marchproxy_common.wire.postgres import CancelRequest, FrontendDecoder, RemoteProtocolError
 from marchproxy_common.wire.postgres import encoder as enc
@@ -300,4 +301,4 @@ async def _worker_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(_worker_main(sys.argv[1:])))
+    sys.exit(run(_worker_main(sys.argv[1:])))  # (the loop the main process runs on)

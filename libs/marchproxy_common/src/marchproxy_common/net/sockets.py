@@ -25,7 +25,9 @@ The caller bounds it with ``asyncio.timeout`` as it would ``loop.create_connecti
 from __future__ import annotations
 
 import asyncio
+import math
 import select
+import selectors
 import socket
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -36,6 +38,7 @@ from marchproxy_common.net.accept import Acceptor
 
 __all__ = [
     "ClientListener",
+    "PollerSelector",
     "SocketPoller",
     "SocketTransport",
     "new_poller",
@@ -65,18 +68,27 @@ _P = TypeVar("_P", bound=asyncio.BaseProtocol)
 
 
 class SocketPoller:
-    """One level-triggered epoll for a service's client sockets, polled from the loop (one
-    ``loop.add_reader`` on its descriptor): registering a socket is one ``epoll_ctl``, an event
-    one dict lookup, with no selector key or handle per socket. (The DBLB's pooled server
-    sockets stay on asyncio's transports: on this epoll they cost a second ``epoll_wait`` per
-    wake-up, and pgbench -S measured no gain.)"""
+    """One level-triggered epoll for a service's client sockets: registering a socket is one
+    ``epoll_ctl``, an event one dict lookup, with no selector key or handle per socket. On a
+    loop whose selector is a ``PollerSelector`` it is the loop's own epoll, and the loop's
+    poll hands our events over (one ``epoll_wait`` per wake-up); on another selector loop it is
+    an epoll of its own, polled from the loop (one ``loop.add_reader`` on its descriptor).
+    A loop has at most one poller on its selector (a second one gets its own epoll)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.epoll = select.epoll()
         self.transports: dict[int, SocketTransport] = {}
         self._closing = False
-        loop.add_reader(self.epoll.fileno(), self._poll)
+        selector = getattr(loop, "_selector", None)
+        if isinstance(selector, PollerSelector) and selector.poller is None:
+            # the loop's own epoll: our events come with its poll (PollerSelector)
+            self._selector: PollerSelector | None = selector
+            self.epoll = selector.epoll
+            selector.poller = self
+        else:
+            self._selector = None
+            self.epoll = select.epoll()
+            loop.add_reader(self.epoll.fileno(), self._poll)
 
     def _poll(self) -> None:
         transports = self.transports
@@ -89,10 +101,35 @@ class SocketPoller:
             if events & _WRITE_EVENTS and t._mask & _OUT:
                 t._write_ready()
 
+    def dispatch(self, fd_events: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Handle our sockets' events of a poll of the loop's epoll; return the others."""
+        transports = self.transports
+        rest = []
+        for fd, events in fd_events:
+            t = transports.get(fd)
+            if t is None:
+                rest.append((fd, events))
+                continue
+            try:
+                if events & _READ_EVENTS and t._mask & _IN:
+                    t._read_ready()
+                if events & _WRITE_EVENTS and t._mask & _OUT:
+                    t._write_ready()
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:  # (the transports catch their protocols' errors)
+                _log.error("socket_event_failed", fd=fd, exc_info=exc)
+        return rest
+
     def close(self) -> None:
         """Close the epoll once no socket is left on it (now, or when the last one closes)."""
         self._closing = True
-        if not self.transports and not self.epoll.closed:
+        if self.transports:
+            return
+        if self._selector is not None:
+            if self._selector.poller is self:
+                self._selector.poller = None  # (the epoll is the loop's)
+        elif not self.epoll.closed:
             self.loop.remove_reader(self.epoll.fileno())
             self.epoll.close()
 
@@ -103,6 +140,51 @@ class SocketPoller:
         del self.transports[fd]
         if self._closing and not self.transports:
             self.close()
+
+
+class PollerSelector(selectors.EpollSelector):
+    """The standard loop's epoll selector, shared with a ``SocketPoller``: one ``epoll_wait``
+    per loop iteration reports asyncio's descriptors and the poller's sockets, whose events
+    are handled at once (``SocketPoller.dispatch``), with no handle of the loop's and no
+    second poll. Without a poller it is asyncio's ``EpollSelector``. Give it to the loop
+    (``asyncio.SelectorEventLoop(PollerSelector())``, as ``marchproxy_common.loop.run`` does);
+    the poller's callbacks then run inside ``select()``, before the loop's ready handles."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.poller: SocketPoller | None = None
+
+    @property
+    def epoll(self) -> select.epoll:
+        return self._selector  # type: ignore[attr-defined,no-any-return]
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        poller = self.poller
+        if poller is None:
+            return super().select(timeout)
+        # EpollSelector.select, with the poller's events handled first
+        if timeout is None:
+            timeout = -1
+        elif timeout <= 0:
+            timeout = 0
+        else:
+            timeout = math.ceil(timeout * 1e3) * 1e-3  # (at least the timeout, as asyncio)
+        fd_to_key = self._fd_to_key  # type: ignore[attr-defined]
+        ready: list[tuple[selectors.SelectorKey, int]] = []
+        try:
+            fd_events = self.epoll.poll(timeout, len(fd_to_key) + len(poller.transports) + 1)
+        except InterruptedError:
+            return ready
+        for fd, event in poller.dispatch(fd_events):
+            key = fd_to_key.get(fd)
+            if key is not None:
+                events = 0
+                if event & ~_IN:
+                    events |= selectors.EVENT_WRITE
+                if event & ~_OUT:
+                    events |= selectors.EVENT_READ
+                ready.append((key, events & key.events))
+        return ready
 
 
 class SocketTransport(asyncio.Transport):
