@@ -11,9 +11,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from marchproxy_common.net.sockets import ClientListener
+from marchproxy_common.net.sockets import ClientListener, SocketTransport
 from marchproxy_common.wire.postgres import encoder as enc
 from marchproxy_dblb.module import DblbHooks
+from marchproxy_dblb.pool import ServerConnection
 from tests.dblb.dblb_helpers import dsn, pg_config, run_client, running_dblb
 
 pytestmark = pytest.mark.integration
@@ -30,7 +31,10 @@ async def _until_no_clients(hooks: DblbHooks) -> None:
     async with asyncio.timeout(10):
         while hooks.manager.client_count or listener.connections:
             await asyncio.sleep(0.01)
-    assert not listener._poller.transports
+    # what is left on the poller are the pool's servers (they share it with the clients)
+    left = [t.get_protocol() for t in listener._poller.transports.values()]
+    assert all(isinstance(p, ServerConnection) for p in left), left
+    assert len(left) == sum(len(p.servers) for p in hooks.manager.every_pool())
 
 
 async def _logged_in(port: int) -> socket.socket:
@@ -108,3 +112,26 @@ async def test_a_reply_bigger_than_the_socket_buffer_arrives_whole() -> None:
                 assert [(len(r[0]), r[1]) for r in rows] == [(size, 1), (size, 2), (size, 3)]
         finally:
             await conn.close()
+
+
+async def test_pooled_servers_share_the_clients_poller() -> None:
+    """Server sockets go on the clients' poller (one poll per wake-up for both sides), and a
+    server closed by the pool leaves it."""
+    async with running_dblb(pg_config(default_pool_size=1)) as h:
+        poller = _listener(h)._poller
+        conn: Any = await psycopg.AsyncConnection.connect(dsn(h.port), autocommit=True)
+        try:
+            cur = await conn.execute("select 42")
+            assert await cur.fetchone() == (42,)
+            (pool,) = h.manager.pools.values()
+            (server,) = pool.servers
+            assert isinstance(server.transport, SocketTransport)
+            assert poller.transports[server.transport.get_extra_info("socket").fileno()] is (
+                server.transport
+            )
+        finally:
+            await conn.close()
+        server.close()
+        async with asyncio.timeout(10):
+            while server in pool.servers or len(poller.transports) > 0:
+                await asyncio.sleep(0.01)

@@ -110,7 +110,7 @@ class DblbHooks(BaseModuleHooks):
                 trusted_sources=self.settings.proxy_trusted_networks(),
             )
         workers = self.settings.workers
-        self._poller = new_poller()
+        self._poller = self.manager.poller = new_poller()
         self._server = await start_client_server(
             factory,
             self.settings.data_host,

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
+from marchproxy_common.net.sockets import SocketPoller, open_connection
 from marchproxy_common.tasks import spawn
 from marchproxy_common.wire.postgres import BackendDecoder, RemoteProtocolError
 from marchproxy_common.wire.postgres import encoder as enc
@@ -327,7 +328,13 @@ class ServerConnection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._login_done = loop.create_future()
         async with asyncio.timeout(connect_timeout):
-            await loop.create_connection(lambda: self, self.pool.host, self.pool.port)
+            poller = self.pool.manager.poller
+            if poller is not None:
+                # the clients' poller: a server's reply is handled from the same poll as a
+                # client's query, without an asyncio handle of its own
+                await open_connection(poller, lambda: self, self.pool.host, self.pool.port)
+            else:
+                await loop.create_connection(lambda: self, self.pool.host, self.pool.port)
             if self.pool.manager.server_tls is not None:
                 await self._negotiate_tls(self.pool.manager.server_tls)
             self._send_startup()
@@ -995,6 +1002,8 @@ class PoolManager:
         self.server_tls = server_tls_context(config)
         self._pid_counter = itertools.count(secrets.randbelow(1 << 20) + 1000)
         self._secret_keys: Iterator[tuple[int]] = iter(())
+        #: the client sockets' poller; server sockets go on it too (None: asyncio's transports)
+        self.poller: SocketPoller | None = None
 
     def start(self) -> None:
         self._janitor = spawn(self._janitor_loop(), name="dblb pool janitor")
