@@ -377,6 +377,7 @@ class DataPlane:
         conn.expect_head_by(deadline)
         req.exchange = ex
         conn.on_event = ex.on_upstream_event
+        conn.on_whole = ex.on_whole_response
         self.fast_requests += 1
         return True
 
@@ -916,6 +917,7 @@ class Exchange:
             down.hand_over(self.req)
             return
         resp = fut.result()
+        conn.on_whole = None
         if not (
             conn.response_complete
             and resp.content_length is not None
@@ -925,9 +927,38 @@ class Exchange:
         ):
             down.hand_over(self.req)  # streamed, chunked or close-delimited: the task copies it
             return
+        self._answer_fast(resp, None)
+
+    def on_whole_response(self, resp: ResponseHead, body: bytes) -> bool:
+        """Fast path: the upstream's whole response came in one read and passed
+        ``scan_simple_response`` (a Content-Length response, nothing to stream): answer the
+        client now, without the head future or the body channel. False when the client cannot
+        take it now; the upstream then goes the usual way (on_upstream_event)."""
+        if self.down.flow.paused:
+            return False
+        conn = self.conn
+        assert conn is not None
+        conn.on_event = None
+        conn.on_whole = None
+        self._answer_fast(resp, body)
+        return True
+
+    def _answer_fast(self, resp: ResponseHead, body: bytes | None) -> None:
+        """Write the whole response (``body``, or what the body channel holds) and end the
+        exchange from the upstream's callback."""
+        down = self.down
         self.req.exchange = None
         try:
-            keep = self._relay_whole(resp)
+            if body is None:
+                keep = self._relay_whole(resp)
+            else:
+                data, framing, keep = self._response_head(resp)
+                if body:
+                    self.bytes_out += len(body)
+                    if framing != "none":
+                        data += body
+                down.write(data)
+                keep = self._relay_done(keep, framing)
         except Exception:
             # a bug, not a network event: count it, log it, and drop both connections (the
             # task's own handler does the same for the slow path)

@@ -117,6 +117,9 @@ class UpstreamConnection(asyncio.Protocol):
         #: the fast path's exchange waits without a task: called once the head future is done
         #: (a head, an error, a timeout) at the end of the read or event that settled it
         self.on_event: Callable[[], None] | None = None
+        #: the fast path's exchange, for a whole response scanned in one read (head and body):
+        #: True when it answered the client (then no head future or body channel is used)
+        self.on_whole: Callable[[ResponseHead, bytes], bool] | None = None
 
     # ------------------------------------------------------------------ asyncio
 
@@ -189,7 +192,14 @@ class UpstreamConnection(asyncio.Protocol):
                 if checker is None:
                     checker = self._checker = _WholeMessage()
                 if checker.one_message(data) and checker.keep_alive == found[0].keep_alive:
-                    self._scanned(data, *found)
+                    head, body_start = found
+                    on_whole = self.on_whole
+                    if on_whole is not None and not self.head_future.done():
+                        self.keep_alive = head.keep_alive
+                        self.response_complete = True  # (so the exchange can pool us)
+                        if on_whole(head, data[body_start:]):
+                            return
+                    self._scanned(data, head, body_start)
                     return
                 self._checker = None  # (mid-message or failed: a new one next time)
         self._between = False
@@ -512,6 +522,7 @@ class UpstreamPool:
         conn.on_eof = None
         conn.on_write_paused = None
         conn.on_event = None
+        conn.on_whole = None
         if not reusable:
             if abort:
                 conn.abort()
