@@ -363,11 +363,13 @@ class DataPlane:
         pool.begin(target)
         ex.conn = conn
         down.on_lost = ex.client_lost
-        conn.begin("GET", conn.pause_reading, conn.resume_reading)
+        conn.begin("GET")  # (no body channel unless the response needs one)
+        fwd = down.forward_info
+        fwd.request_id = ex.rid
         conn.write(
             build_request_head(
                 head,
-                ForwardInfo(down.client_ip, down.scheme, ex.rid),
+                fwd,
                 host_override=None if b.preserve_host and host is not None else target.authority,
             )
         )

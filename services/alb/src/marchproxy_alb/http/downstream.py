@@ -33,6 +33,7 @@ from marchproxy_common.tasks import spawn
 
 from .flow import BodyChannel, WriteFlow
 from .framing import (
+    ForwardInfo,
     FramingError,
     RequestHead,
     absolute_form,
@@ -138,6 +139,7 @@ class DownstreamProtocol(asyncio.Protocol):
         #: headers whose name has the length of Host, Expect, X-Request-ID, Content-Length or
         #: Transfer-Encoding: the only ones on_headers_complete has to look at
         self._noted: list[tuple[bytes, bytes]] = []
+        self._maybe_framed = False  # a noted name has the length of CL or TE
         self._header_bytes = 0
         self._current: PendingRequest | None = None
         self._last_fed: PendingRequest | None = None
@@ -161,6 +163,8 @@ class DownstreamProtocol(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)  # uvloop transports are not subclasses
         self.transport = transport
         self.client_ip = (self._client or client_address(transport))[0]
+        #: the fast path's forwarding facts, its request id set per request
+        self.forward_info = ForwardInfo(self.client_ip, self.scheme, b"")
         plane = self.plane
         if not plane.accepting or plane.active_connections >= plane.limits.max_connections:
             plane.refused("max_connections")
@@ -414,6 +418,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._noted = []
+        self._maybe_framed = False
         self._header_bytes = 0
         # the keep-alive wait is over; the head itself must now arrive in time (armed once
         # the read returns, and only if the head is still incomplete then: most heads arrive
@@ -430,6 +435,8 @@ class DownstreamProtocol(asyncio.Protocol):
         n = len(name)
         if n in _NOTED_NAME_LENGTHS:  # maybe one the proxy looks at: sorted out once complete
             self._noted.append((name, value))
+            if n >= 14:
+                self._maybe_framed = True  # maybe Content-Length or Transfer-Encoding
         self._header_bytes += n + len(value) + 4
         lim = self.plane.limits
         if self._header_bytes > lim.max_header_bytes or len(self._headers) > lim.max_headers:
@@ -440,10 +447,12 @@ class DownstreamProtocol(asyncio.Protocol):
         self._head_timer_due = False
         p = self._parser
         noted = self._noted
-        try:
-            chunked, length = framing_of(noted)
-        except FramingError as exc:
-            raise _Refused(exc.status, "bad_framing", str(exc)) from None
+        chunked, length = False, None
+        if self._maybe_framed:
+            try:
+                chunked, length = framing_of(noted)
+            except FramingError as exc:
+                raise _Refused(exc.status, "bad_framing", str(exc)) from None
         absolute = None if self._url[:1] == b"/" else absolute_form(self._url)
         if absolute is not None:
             # RFC 9112 §3.2.2: the authority of an absolute-form target replaces Host
@@ -486,7 +495,7 @@ class DownstreamProtocol(asyncio.Protocol):
             else EMPTY_BODY  # nothing will be fed: share one finished channel
         )
         req = PendingRequest(head, body)
-        self._cancel_timer()
+        self._deadline = 0.0  # (_cancel_timer, inlined: this runs for every request)
         if self._pending or self._current is not None:
             # pipelined: hold further input until the earlier responses are out
             self.pause_reading()

@@ -228,6 +228,8 @@ class UpstreamConnection(asyncio.Protocol):
         hf = self.head_future
         assert hf is not None
         if not hf.done():
+            if self.body is None:
+                self.body = BodyChannel(self.pause_reading, self.resume_reading)
             hf.set_result(head)
         if body_start < len(data) and self.body is not None:
             self.body.feed(data[body_start:])
@@ -237,14 +239,21 @@ class UpstreamConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ exchange
 
-    def begin(self, method: str, pause: Callable[[], None], resume: Callable[[], None]) -> None:
-        """Arm for the response to a request we are about to write."""
+    def begin(
+        self,
+        method: str,
+        pause: Callable[[], None] | None = None,
+        resume: Callable[[], None] | None = None,
+    ) -> None:
+        """Arm for the response to a request we are about to write. Without ``pause`` and
+        ``resume`` (the fast path) the body channel, pausing this connection, is made only
+        when a response head arrives the usual way (``on_whole`` needs none)."""
         self.idle_deadline = 0.0
         self.head_deadline = 0.0
         loop = self.loop
         self._method = method
         self.head_future = loop.create_future()
-        self.body = BodyChannel(pause, resume)
+        self.body = None if pause is None or resume is None else BodyChannel(pause, resume)
         self.response_complete = False
         self.response_bytes = 0
         self.keep_alive = False
@@ -383,6 +392,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = head.keep_alive
         hf = self.head_future
         if hf is not None and not hf.done():
+            if self.body is None:
+                self.body = BodyChannel(self.pause_reading, self.resume_reading)
             hf.set_result(head)
         if self._method == "HEAD":
             raise _HeadResponseDone
