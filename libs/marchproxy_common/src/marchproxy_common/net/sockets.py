@@ -1,17 +1,20 @@
-"""Accepted sockets with a small transport each, on an epoll of their own.
+"""Accepted (and connected) sockets with a small transport each, on one epoll.
 
 ``asyncio``'s ``create_server`` spends most of a short connection's CPU in its own machinery: an
 accept task per connection, a ``getsockname``/``getpeername``/``setsockopt`` per socket, a
 transport built over several mixins, three ``call_soon`` before ``connection_made`` and a
 waiter future, then the server's bookkeeping on close. With ``pgbench -C`` (a connection per
 transaction) that was more than the DBLB's pooling itself. ``ClientListener`` accepts in a
-``loop.add_reader`` callback (a batch per wake-up); its sockets wait on an epoll of its own
-(``SocketPoller``, polled from the loop: one ``epoll_ctl`` per socket and a dict lookup per
-event, no selector key or handle per socket), and ``SocketTransport`` is the part of an
+``loop.add_reader`` callback (a batch per wake-up); its sockets wait on a ``SocketPoller`` (one
+``epoll_ctl`` per socket and a dict lookup per event, no selector key or handle per socket):
+the loop's own epoll when its selector is a ``PollerSelector`` (``marchproxy_common.loop.run``
+makes it so; the loop's poll then handles the poller's events at once), else an epoll of its
+own polled from the loop. ``SocketTransport`` is the part of an
 asyncio socket transport a protocol uses: ``connection_made`` runs at once, reads go straight
 to ``data_received`` (or ``get_buffer``/``buffer_updated``), a write is one ``send`` when
 nothing waits, and ``close()`` closes the socket at once when nothing is left to write
-(``connection_lost`` follows with ``call_soon``, as with asyncio). It works with
+(``connection_lost`` follows right after the read callback that closed it, else with
+``call_soon`` as with asyncio, and the transport then lets go of its protocol). It works with
 ``loop.start_tls`` (TLS to clients) and ``set_protocol`` (PROXY protocol headers) like an
 asyncio transport. The same protocols run on any loop: ``ClientListener`` is for the standard
 selector loop; elsewhere (uvloop) ``start_client_server`` uses ``loop.create_server``.
