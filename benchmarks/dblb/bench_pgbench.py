@@ -215,8 +215,8 @@ def main() -> None:
     ap.add_argument(
         "--baseline",
         default="",
-        help="services/dblb/src of another version (e.g. unpacked from git archive), "
-        "run side by side as 'DBLB base'",
+        help="services/dblb/src of another version (e.g. unpacked from git archive; may also "
+        "hold that version's marchproxy_common), run side by side as 'DBLB base'",
     )
     ap.add_argument(
         "--floor",
