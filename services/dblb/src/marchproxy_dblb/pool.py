@@ -971,6 +971,27 @@ class Pool:
             server.close()
 
 
+@dataclass(frozen=True, slots=True)
+class ClientRules:
+    """What every client login reads from the config, as plain attributes: a pydantic model
+    answers each attribute read through its ``__getattr__`` hook (a few hundred instructions,
+    a dozen per login)."""
+
+    require_tls: bool
+    max_client_conn: int
+    auth_type: str
+    max_packet_size: int
+
+    @classmethod
+    def of(cls, config: DblbConfig) -> ClientRules:
+        return cls(
+            require_tls=config.client_tls_mode == "require",
+            max_client_conn=config.max_client_conn,
+            auth_type=config.auth_type,
+            max_packet_size=config.max_packet_size,
+        )
+
+
 class TooManyPools(Exception):
     """``max_pools`` pools exist and none of them is unused."""
 
@@ -980,6 +1001,7 @@ class PoolManager:
 
     def __init__(self, config: DblbConfig, *, worker_index: int = 0, worker_count: int = 1) -> None:
         self.config = config
+        self.rules = ClientRules.of(config)  # (always set with config)
         #: this process's share of the limits when several workers serve the port
         self.worker_index = worker_index
         self.worker_count = worker_count
@@ -1047,6 +1069,7 @@ class PoolManager:
     def apply(self, config: DblbConfig) -> None:
         """New config: pools whose target changed retire; their clients move on (below)."""
         self.config = config
+        self.rules = ClientRules.of(config)  # (always set with config)
         self.server_tls = server_tls_context(config)
         moved: list[PostgresClient] = []
         for rkey, rpool in list(self.replica_pools.items()):

@@ -332,7 +332,8 @@ class PostgresClient(asyncio.Protocol):
 
     def _startup(self, ev: StartupMessage) -> None:
         params = ev.parameters
-        if self.manager.config.client_tls_mode == "require" and not self.tls:
+        rules = self.manager.rules
+        if rules.require_tls and not self.tls:
             self.fail("28000", "TLS is required (client_tls_mode = require)")
             return
         self.params = params
@@ -349,7 +350,7 @@ class PostgresClient(asyncio.Protocol):
         if ev.protocol & 0xFFFF or options:
             self.write(enc.negotiate_protocol_version(0, options))
         cfg = self.manager.config
-        if self.hooks.client_total() >= self.manager.share_of(cfg.max_client_conn):
+        if self.hooks.client_total() >= self.manager.share_of(rules.max_client_conn):
             self.fail("53300", "no more connections allowed (max_client_conn)")
             return
         self.backend_key = self.manager.new_backend_key()
@@ -378,13 +379,14 @@ class PostgresClient(asyncio.Protocol):
         return u.password if u is not None and u.password else None
 
     def _begin_auth(self) -> None:
-        cfg = self.manager.config
-        auth = cfg.auth_type
+        auth = self.manager.rules.auth_type
         self.state = "auth"
-        secret = self._secret()
         if auth == "trust":
             self._auth_ok()
-        elif auth == "passthrough" and not self.is_admin:
+            return
+        cfg = self.manager.config
+        secret = self._secret()
+        if auth == "passthrough" and not self.is_admin:
             # the client's cleartext password is checked by logging in to the server with it
             self._auth_step = "passthrough"
             self.write(enc.authentication_cleartext())
@@ -494,7 +496,7 @@ class PostgresClient(asyncio.Protocol):
     def _auth_ok(self, candidate: Pool | None = None) -> None:
         # AuthenticationOk goes out with the ParameterStatus block: one write, one packet
         self._auth_ok_pending = True
-        self.decoder.max_message_len = self.manager.config.max_packet_size
+        self.decoder.max_message_len = self.manager.rules.max_packet_size
         if self.is_admin:
             self.state = "admin"
             self._admin = AdminConsole(self)
