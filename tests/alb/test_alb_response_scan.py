@@ -1,4 +1,4 @@
-"""framing.scan_simple_response plus llhttp's one-message check (``WholeMessage``), the
+"""framing.scan_simple_response plus llhttp's one-message check (``_WholeMessage``), the
 upstream response read without httptools' per-header callbacks: wherever both accept, the
 client receives the same response as through the httptools path (same status, reason, fields,
 framing and end of message); anything unusual is left to httptools."""
@@ -17,7 +17,7 @@ from marchproxy_alb.http.framing import (
     framing_of,
     scan_simple_response,
 )
-from marchproxy_alb.http.upstream import WholeMessage
+from marchproxy_alb.http.upstream import _WholeMessage
 
 LIMITS = {"max_head": 64 * 1024, "max_headers": 200}
 
@@ -72,7 +72,7 @@ def scan(data: bytes) -> tuple[ResponseHead, int] | None:
     found = scan_simple_response(data, **LIMITS)
     if found is None:
         return None
-    checker = WholeMessage()
+    checker = _WholeMessage()
     if not checker.one_message(data) or checker.keep_alive != found[0].keep_alive:
         return None
     return found

@@ -145,7 +145,6 @@ class DataPlane:
         self.clock = clock
         self.table = RoutingTable()
         self._needs_headers = False
-        self.simple_requests = True
         self._route_cache: dict[tuple[bytes | None, str, str], Route | None] | None = None
         self.pools: dict[str, BackendPool] = {}
         self.limiters: dict[str, TokenBucket] = {}
@@ -253,8 +252,6 @@ class DataPlane:
             )
         self.table = table
         self._needs_headers = table.needs_headers
-        #: client request heads may be scanned without a field list (scan_simple_request)
-        self.simple_requests = not table.needs_headers
         # host + path + method → route, for tables where nothing else matters
         self._route_cache = {} if table.cacheable else None
         self.pools = pools
@@ -404,7 +401,7 @@ class DataPlane:
         host = head.host
         table = self.table
         hdrs: dict[str, str] = (
-            {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in head.all_headers()}
+            {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in head.headers}
             if self._needs_headers
             else {}
         )

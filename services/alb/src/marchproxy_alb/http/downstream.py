@@ -39,9 +39,7 @@ from .framing import (
     absolute_form,
     error_response,
     framing_of,
-    scan_simple_request,
 )
-from .upstream import WholeMessage
 
 if TYPE_CHECKING:
     from marchproxy_alb.proxy import DataPlane, Exchange
@@ -142,8 +140,6 @@ class DownstreamProtocol(asyncio.Protocol):
         #: Transfer-Encoding: the only ones on_headers_complete has to look at
         self._noted: list[tuple[bytes, bytes]] = []
         self._maybe_framed = False  # a noted name has the length of CL or TE
-        #: llhttp, for whole common request heads (_simple_request)
-        self._checker: WholeMessage | None = None
         self._header_bytes = 0
         self._current: PendingRequest | None = None
         self._last_fed: PendingRequest | None = None
@@ -226,15 +222,6 @@ class DownstreamProtocol(asyncio.Protocol):
             if self._pending and self._pending[-1].upgrade_rest is not None:
                 self._early.append(data)  # reading is already paused; at most one read
             return
-        if (
-            not self._in_message
-            and not self._pending
-            and self._current is None
-            and data.endswith(b"\r\n\r\n")
-            and self.plane.simple_requests
-            and self._simple_request(data)
-        ):
-            return
         in_head, in_message, begun = self._in_head, self._in_message, self._messages
         try:
             self._parser.feed_data(data)
@@ -264,34 +251,6 @@ class DownstreamProtocol(asyncio.Protocol):
             self._parse_failed(_Refused(400, "bad_request", f"malformed request: {exc}"))
         if self._pending and self._current is None:
             self._dispatch()
-
-    def _simple_request(self, data: bytes) -> bool:
-        """One whole common GET head in one read (nearly every keep-alive request): checked
-        by llhttp without per-field callbacks and split by ``scan_simple_request``, then
-        queued and dispatched as on_headers_complete and on_message_complete would. False
-        (nothing done, the parser untouched) for anything else."""
-        lim = self.plane.limits
-        head = scan_simple_request(
-            data,
-            max_request_line=lim.max_request_line,
-            max_header_bytes=lim.max_header_bytes,
-            max_headers=lim.max_headers,
-        )
-        if head is None:
-            return False
-        checker = self._checker
-        if checker is None:
-            checker = self._checker = WholeMessage(httptools.HttpRequestParser)
-        if not checker.one_message(data) or checker.keep_alive != head.keep_alive:
-            self._checker = None  # (mid-message or failed: a new one next time)
-            return False
-        self._messages += 1
-        self._deadline = 0.0  # the keep-alive wait is over, and the head is whole
-        req = PendingRequest(head, EMPTY_BODY)
-        self._pending.append(req)
-        self._last_fed = req
-        self._dispatch()
-        return True
 
     def _count_head(self, data: bytes, in_head: bool, in_message: bool, begun: int) -> None:
         """After a read that ended inside a request head: add the read to the head's size when

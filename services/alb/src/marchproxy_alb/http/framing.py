@@ -77,24 +77,9 @@ class RequestHead:
     host: bytes | None = None
     expect: bytes | None = None
     request_id: bytes | None = None
-    #: set by scan_simple_request instead of ``headers``: the end-to-end field lines as
-    #: received, each after a CRLF, without Host (``host``) and the lines the proxy replaces
-    #: or drops (hop-by-hop ones, X-Request-ID, X-Forwarded-Proto/-Host)
-    fields: bytes | None = None
-
-    def all_headers(self) -> Headers:
-        """``headers``, or for a scanned head its Host and kept fields as a list (routing on
-        headers needs the list; the scan is used only while no route does)."""
-        if self.fields is None:
-            return self.headers
-        out: Headers = [] if self.host is None else [(b"Host", self.host)]
-        for line in self.fields.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            out.append((name, value.lstrip(b" \t")))
-        return out
 
     def header(self, name: bytes) -> bytes | None:
-        for k, v in self.all_headers():
+        for k, v in self.headers:
             if k.lower() == name:
                 return v
         return None
@@ -259,105 +244,8 @@ def _cut_fields(block: bytes, low: bytes, names: list[bytes]) -> bytes:
 
 _LINE_KEYS = {
     name: b"\r\n" + name + b":"
-    # (the names _cut_fields is given, for responses and requests)
-    for name in (*HOP_BY_HOP, b"x-request-id", b"host", b"x-forwarded-proto", b"x-forwarded-host")
+    for name in (*HOP_BY_HOP, b"x-request-id")  # (the names _cut_fields is given)
 }
-
-
-# ---- the client's request head, the common case without httptools' per-field callbacks
-
-#: request fields the scan acts on (lower case, after the CRLF that ends the line before)
-_SPECIAL_REQUEST_FIELD = re.compile(
-    rb"\r\n(host|x-request-id|connection|keep-alive|proxy-connection|proxy-authenticate"
-    rb"|proxy-authorization|te|trailer|x-forwarded-proto|x-forwarded-host|content-length"
-    rb"|transfer-encoding|upgrade|expect|x-forwarded-for|forwarded|via):([^\r]*)"
-)
-#: fields that send a request the httptools way (a body, an upgrade, 100-continue, or prior
-#: forwarding values to merge)
-_NOT_SIMPLE_REQUEST = frozenset(
-    {
-        b"content-length",
-        b"transfer-encoding",
-        b"upgrade",
-        b"expect",
-        b"x-forwarded-for",
-        b"forwarded",
-        b"via",
-    }
-)
-
-
-def scan_simple_request(
-    data: bytes, *, max_request_line: int, max_header_bytes: int, max_headers: int
-) -> RequestHead | None:
-    """``data``, one whole request head that ends with its empty line, as a RequestHead when
-    it is a common bodiless GET: origin-form target within ``max_request_line``, HTTP/1.1 with
-    one Host (or HTTP/1.0 with at most one), at most one X-Request-ID, no Content-Length,
-    Transfer-Encoding, Upgrade, Expect, X-Forwarded-For, Forwarded or Via, Connection at most
-    ``close`` or ``keep-alive``, comfortably within the header limits. Else None (httptools
-    decides, limits and errors included).
-
-    As with scan_simple_response, the syntax is llhttp's to check: the caller must also have
-    llhttp read ``data`` as exactly one message, with the same keep-alive answer. The head's
-    ``fields`` are the lines it copies upstream (tests/alb/test_alb_request_scan.py holds the
-    forwarded head to the httptools path's)."""
-    if not data.startswith(b"GET /") or not data.endswith(b"\r\n\r\n") or data[-5] in (13, 10):
-        # (CR or LF before the final CRLFCRLF: the head may have ended earlier, with empty
-        # lines after it, which llhttp skips as the next message's)
-        return None
-    line_end = data.find(b"\r\n")
-    version = _SIMPLE_VERSIONS.get(data[line_end - 9 : line_end])
-    target = data[4 : line_end - 9]
-    if version is None or len(target) > max_request_line:
-        return None
-    block = data[line_end:-4]
-    # httptools counts name + value + 4 per field, at most twice the line's own size
-    if 2 * len(block) > max_header_bytes or (
-        len(block) >= 4 * max_headers and block.count(b"\r\n") > max_headers
-    ):
-        return None
-    low = block.lower()
-    keep_alive = version == "1.1"
-    host_at = rid_at = -1
-    cut: list[bytes] = []
-    for name, value in _SPECIAL_REQUEST_FIELD.findall(low):
-        if name in _NOT_SIMPLE_REQUEST:
-            return None
-        if name == b"host":
-            if host_at >= 0:
-                return None
-            host_at = low.find(b"\r\nhost:")
-        elif name == b"x-request-id":
-            if rid_at >= 0:
-                return None
-            rid_at = low.find(b"\r\nx-request-id:")
-        elif name == b"connection":
-            token = value.strip(b" \t")
-            if token == b"close":
-                keep_alive = False
-            elif token == b"keep-alive":
-                keep_alive = keep_alive or version == "1.0"
-            else:
-                return None
-        cut.append(name)
-    if host_at < 0 and version == "1.1":
-        return None  # RFC 9112 §3.2: httptools' path answers 400
-    host = None if host_at < 0 else _field_value(block, host_at + 7)
-    rid = None if rid_at < 0 else _field_value(block, rid_at + 15)
-    fields = block if not cut else _cut_fields(block, low, cut)
-    return RequestHead(
-        "GET", target, version, [], keep_alive, False, False, None, host, None, rid, fields
-    )
-
-
-_SIMPLE_VERSIONS = {b" HTTP/1.1": "1.1", b" HTTP/1.0": "1.0"}
-
-
-def _field_value(block: bytes, start: int) -> bytes:
-    """The value of the line whose value starts at ``start``, as llhttp gives it (leading
-    whitespace dropped, trailing kept)."""
-    end = block.find(b"\r", start)
-    return block[start : len(block) if end < 0 else end].lstrip(b" \t")
 
 
 #: request headers handled specially while copying (dropped, merged or replaced)
@@ -449,8 +337,6 @@ def build_request_head(
 
     One pass over the headers (this runs for every request): hop-by-hop headers and those
     named in Connection are dropped, forwarding headers merged, the rest copied in order."""
-    if req.fields is not None:
-        return _build_scanned_request_head(req, fwd, host_override)
     request_line = req.method.encode() + b" " + req.target + b" HTTP/1.1"
     lines: list[bytes] = [request_line]
     append = lines.append
@@ -483,7 +369,11 @@ def build_request_head(
             upgrade = v
     if extra:  # rare: Connection names end-to-end headers, drop them too (second pass)
         lines = _copied_request_lines(req, request_line, host_override, extra)
-    lines.append(_forwarding(fwd, host, xff, fwd_prior, via_prior))
+    prior = len(host) + len(xff or b"") + len(fwd_prior or b"") + len(via_prior or b"")
+    if prior <= FORWARD_CACHE_MAX_INPUT:
+        lines.append(_forwarding_block(fwd.client_ip, fwd.proto, host, xff, fwd_prior, via_prior))
+    else:  # big prior values are not worth a cache slot (and would bloat it)
+        lines.extend(_forwarding_lines(fwd.client_ip, fwd.proto, host, xff, fwd_prior, via_prior))
     lines.append(b"X-Request-ID: " + fwd.request_id)
     if req.upgrade:
         lines.append(b"Connection: Upgrade")
@@ -493,40 +383,6 @@ def build_request_head(
     # Content-Length is end-to-end and was copied with the other headers
     lines.append(b"\r\n")
     return b"\r\n".join(lines)
-
-
-def _forwarding(
-    fwd: ForwardInfo,
-    host: bytes,
-    xff: bytes | None,
-    fwd_prior: bytes | None,
-    via_prior: bytes | None,
-) -> bytes:
-    """The forwarding lines (X-Forwarded-*, Forwarded, Via), cached for small inputs."""
-    prior = len(host) + len(xff or b"") + len(fwd_prior or b"") + len(via_prior or b"")
-    if prior <= FORWARD_CACHE_MAX_INPUT:
-        return _forwarding_block(fwd.client_ip, fwd.proto, host, xff, fwd_prior, via_prior)
-    # big prior values are not worth a cache slot (and would bloat it)
-    return b"\r\n".join(
-        _forwarding_lines(fwd.client_ip, fwd.proto, host, xff, fwd_prior, via_prior)
-    )
-
-
-def _build_scanned_request_head(
-    req: RequestHead, fwd: ForwardInfo, host_override: bytes | None
-) -> bytes:
-    """build_request_head for a head from scan_simple_request: Host first, then the kept
-    field lines as one piece (nothing to merge: the scan declines prior forwarding values)."""
-    assert req.fields is not None
-    host = req.host
-    parts = [req.method.encode(), b" ", req.target, b" HTTP/1.1"]
-    if host_override is not None:
-        parts += (b"\r\nHost: ", host_override)
-    elif host is not None:
-        parts += (b"\r\nHost: ", host)
-    parts += (req.fields, b"\r\n", _forwarding(fwd, host or b"", None, None, None))
-    parts += (b"\r\nX-Request-ID: ", fwd.request_id, b"\r\n\r\n")
-    return b"".join(parts)
 
 
 def _is_token(value: bytes) -> bool:

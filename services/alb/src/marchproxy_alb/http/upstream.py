@@ -35,23 +35,18 @@ class UpstreamError(Exception):
         self.before_response = before_response
 
 
-class WholeMessage:
+class _WholeMessage:
     """httptools callbacks that only see whether one read held exactly one whole message (with
     no field callbacks llhttp checks a head in C alone): the check behind
-    ``scan_simple_response`` (and, with a request parser, ``scan_simple_request``)."""
+    ``scan_simple_response``."""
 
     __slots__ = ("begun", "complete", "keep_alive", "parser")
 
-    def __init__(
-        self,
-        parser: type[httptools.HttpResponseParser | httptools.HttpRequestParser] = (
-            httptools.HttpResponseParser
-        ),
-    ) -> None:
+    def __init__(self) -> None:
         self.begun = 0
         self.complete = False
         self.keep_alive = False
-        self.parser = parser(self)
+        self.parser = httptools.HttpResponseParser(self)
 
     def on_message_begin(self) -> None:
         self.begun += 1
@@ -110,7 +105,7 @@ class UpstreamConnection(asyncio.Protocol):
         #: the parser is between messages (nothing of the next response fed to it yet), so a
         #: read that holds a whole common response can skip it (scan_simple_response)
         self._between = True
-        self._checker: WholeMessage | None = None
+        self._checker: _WholeMessage | None = None
         self.response_complete = False
         self.response_bytes = 0
         self.keep_alive = False
@@ -195,7 +190,7 @@ class UpstreamConnection(asyncio.Protocol):
             if found is not None:
                 checker = self._checker
                 if checker is None:
-                    checker = self._checker = WholeMessage()
+                    checker = self._checker = _WholeMessage()
                 if checker.one_message(data) and checker.keep_alive == found[0].keep_alive:
                     head, body_start = found
                     on_whole = self.on_whole
