@@ -999,9 +999,21 @@ class TooManyPools(Exception):
 class PoolManager:
     """Every pool, the client registry (for cancel requests), PAUSE/RESUME and janitor."""
 
+    _config: DblbConfig
+    #: what each login reads from ``config``, kept with it
+    rules: ClientRules
+
+    @property
+    def config(self) -> DblbConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: DblbConfig) -> None:
+        self._config = config
+        self.rules = ClientRules.of(config)
+
     def __init__(self, config: DblbConfig, *, worker_index: int = 0, worker_count: int = 1) -> None:
         self.config = config
-        self.rules = ClientRules.of(config)  # (always set with config)
         #: this process's share of the limits when several workers serve the port
         self.worker_index = worker_index
         self.worker_count = worker_count
@@ -1069,7 +1081,6 @@ class PoolManager:
     def apply(self, config: DblbConfig) -> None:
         """New config: pools whose target changed retire; their clients move on (below)."""
         self.config = config
-        self.rules = ClientRules.of(config)  # (always set with config)
         self.server_tls = server_tls_context(config)
         moved: list[PostgresClient] = []
         for rkey, rpool in list(self.replica_pools.items()):
