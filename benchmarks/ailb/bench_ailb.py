@@ -408,18 +408,18 @@ async def main() -> None:
         stop(ailb)
         if Path(args.litellm).exists():
             port = free_port()
-            lite = start_litellm(tmp, args.litellm, up_port, port)
-            procs.append(lite)
+            litellm = start_litellm(tmp, args.litellm, up_port, port)
+            procs.append(litellm)
             results.append(
                 await measure(
                     "litellm",
                     f"http://127.0.0.1:{port}/v1/chat/completions",
-                    lite,
+                    litellm,
                     args,
                     startup_timeout=120,
                 )
             )
-            stop(lite)
+            stop(litellm)
         else:
             print(f"(no LiteLLM at {args.litellm}; skipped)")
     finally:
