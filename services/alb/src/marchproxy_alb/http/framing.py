@@ -98,8 +98,9 @@ class ResponseHead:
     keep_alive: bool
     chunked: bool
     content_length: int | None
-    #: set by scan_simple_response instead of ``headers``: the end-to-end field lines as
-    #: received, each after a CRLF (hop-by-hop ones and X-Request-ID already cut)
+    #: set by scan_simple_response instead of ``headers``: the status line and the end-to-end
+    #: field lines as received, each after a CRLF (hop-by-hop ones and X-Request-ID already
+    #: cut; an empty reason phrase filled in as ``build_response_head`` would)
     fields: bytes | None = None
 
 
@@ -195,9 +196,10 @@ def scan_simple_response(
     status = int(status_b)
     if not 200 <= status < 600 or status == 204 or status == 304:
         return None
-    block = data[line_end:end]  # "\r\nName: value" lines (llhttp refuses bare CR or LF
-    # and obs-fold: see the docstring); a line takes 4 bytes or more, so only a long head
-    # can have too many
+    # the status line, then "\r\nName: value" lines (llhttp refuses bare CR or LF and
+    # obs-fold: see the docstring); a line takes 4 bytes or more, so only a long head can
+    # have too many. The status line goes to the client as received (the one copy made of it).
+    block = data[:end]
     if len(block) >= 4 * max_headers and block.count(b"\r\n") > max_headers:
         return None
     low = block.lower()
@@ -224,6 +226,8 @@ def scan_simple_response(
         return None
     fields = block if cut is None else _cut_fields(block, low, cut)
     reason = data[13:line_end]
+    if not reason:  # rare: the status line we send names a reason (_status_line)
+        fields = b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b"Unknown")) + fields[line_end:]
     head = ResponseHead(status, reason, "1.1", [], keep_alive, False, length, fields)
     return head, end + 4
 
@@ -490,10 +494,10 @@ def _build_scanned_response_head(
     extra: Sequence[tuple[bytes, bytes]],
 ) -> tuple[bytes, str]:
     """build_response_head for a head from scan_simple_response: a Content-Length response
-    whose kept field lines are copied as one piece (no Via to merge: the scan declines it)."""
+    whose status line and kept field lines are copied as one piece (no Via to merge: the scan
+    declines it)."""
     assert resp.fields is not None
-    parts = [_status_line(resp), resp.fields, b"\r\nVia: ", VIA_TOKEN]
-    parts += (b"\r\nX-Request-ID: ", request_id)
+    parts = [resp.fields, b"\r\nVia: ", VIA_TOKEN, b"\r\nX-Request-ID: ", request_id]
     for k, v in extra:
         parts.append(b"\r\n" + k + b": " + v)
     framing = "length" if response_has_body(resp.status, method) else "none"
