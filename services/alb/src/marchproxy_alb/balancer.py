@@ -184,10 +184,14 @@ class BackendPool:
             st.active += 1
             st.requests += 1
 
-    def end(self, target: Target) -> None:
+    def end(self, target: Target, *, succeeded: bool = False) -> None:
+        """A request to ``target`` is over; ``succeeded`` is ``record_success`` as well."""
         st = self.states.get(target)
-        if st is not None and st.active > 0:
-            st.active -= 1
+        if st is not None:
+            if st.active > 0:
+                st.active -= 1
+            if succeeded:
+                st.consecutive_failures = 0
 
     def record_success(self, target: Target) -> None:
         st = self.states.get(target)

@@ -354,8 +354,7 @@ class DataPlane:
         if conn is None:
             req.first_target = target  # the task connects to the target picked here
             return False
-        loop = down.loop
-        t0 = loop.time()
+        t0 = down.now()
         ex = Exchange(self, req, down, route, _request_id(head), t0, path)
         ex.pool = pool
         pool.retry_budget.deposit()
@@ -1200,15 +1199,15 @@ class Exchange:
             self.plane.upstreams.release(conn, abort=aborted)
             self.conn = None
         if self.pool is not None and self.target is not None:
-            self.pool.end(self.target)
-            if self.upstream_failed:
-                self._target_failed(self.upstream_failed)
-            elif self.status and self.status != 499:
-                self.pool.record_success(self.target)
+            failed = self.upstream_failed
+            status = self.status
+            self.pool.end(self.target, succeeded=not failed and status != 0 and status != 499)
+            if failed:
+                self._target_failed(failed)
 
     def finish(self) -> None:
         plane = self.plane
-        dur = self.down.loop.time() - self.t0
+        dur = self.down.now() - self.t0
         status = self.status or 499
         route = self.route.name if self.route is not None else ""
         plane.requests_total += 1

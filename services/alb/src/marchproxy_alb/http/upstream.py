@@ -15,7 +15,7 @@ import structlog
 from marchproxy_alb.routing import Target
 from marchproxy_common.net.sockets import SocketPoller, open_connection
 
-from .flow import BodyChannel, WriteFlow
+from .flow import BodyChannel, WriteFlow, loop_clock
 from .framing import FramingError, ResponseHead, framing_of, scan_simple_response
 
 log = structlog.get_logger("marchproxy.alb.upstream")
@@ -79,6 +79,7 @@ class UpstreamConnection(asyncio.Protocol):
     ) -> None:
         self.target = target
         self.loop = asyncio.get_running_loop()  # protocols are made by the loop, inside it
+        self._now = loop_clock(self.loop)  # loop.time(), cheaper
         self.server_name = server_name
         self._on_closed = on_closed
         self.transport: asyncio.Transport | None = None
@@ -283,10 +284,9 @@ class UpstreamConnection(asyncio.Protocol):
                 self.on_event()
 
     def arm_idle(self, idle_timeout: float) -> None:
-        loop = self.loop
-        self.idle_deadline = loop.time() + idle_timeout
+        self.idle_deadline = self._now() + idle_timeout
         if self.idle_handle is None:
-            self.idle_handle = loop.call_at(self.idle_deadline, self._idle_check)
+            self.idle_handle = self.loop.call_at(self.idle_deadline, self._idle_check)
 
     def _idle_check(self) -> None:
         self.idle_handle = None
@@ -425,9 +425,10 @@ class UpstreamPool:
     ) -> None:
         self.max_idle_per_target = max_idle_per_target
         self.idle_timeout = idle_timeout
-        # keyed by (target, TLS server name): a connection verified for one name is not reused
-        # for another
-        self._idle: dict[tuple[Target, str | None], deque[UpstreamConnection]] = {}
+        # keyed by (target.key, TLS server name): a connection verified for one name is not
+        # reused for another. (The key string, not the Target: a str caches its hash, where a
+        # Target's __hash__ is a Python call, twice per request.)
+        self._idle: dict[tuple[str, str | None], deque[UpstreamConnection]] = {}
         self._all: set[UpstreamConnection] = set()
         self._on_open = on_open
         self._on_close = on_close
@@ -468,8 +469,8 @@ class UpstreamPool:
         self._tls_settings = (verify, ca_file)
         self._ssl = ctx
         if changed:  # pooled TLS connections were verified under the old settings
-            for (target, _), dq in self._idle.items():
-                if target.scheme == "https":
+            for (key, _), dq in self._idle.items():
+                if key.startswith("https:"):
                     for conn in list(dq):
                         conn.close()
 
@@ -484,7 +485,7 @@ class UpstreamPool:
         self, target: Target, server_name: str | None = None
     ) -> UpstreamConnection | None:
         """A pooled keep-alive connection to ``target``, if one is idle (no await needed)."""
-        dq = self._idle.get((target, server_name if target.scheme == "https" else None))
+        dq = self._idle.get((target.key, server_name if target.scheme == "https" else None))
         while dq:
             conn = dq.pop()
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
@@ -540,7 +541,7 @@ class UpstreamPool:
             else:
                 conn.close()
             return
-        key = (conn.target, conn.server_name)
+        key = (conn.target.key, conn.server_name)
         dq = self._idle.get(key)
         if dq is None:
             dq = self._idle[key] = deque()
@@ -556,7 +557,7 @@ class UpstreamPool:
             self._all.discard(conn)
             if self._on_close is not None:
                 self._on_close(conn.target)
-        dq = self._idle.get((conn.target, conn.server_name))
+        dq = self._idle.get((conn.target.key, conn.server_name))
         if dq is not None:
             try:
                 dq.remove(conn)
