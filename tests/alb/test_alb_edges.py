@@ -346,3 +346,24 @@ async def test_per_target_max_connections_sheds_load_with_503(alb, backends) -> 
         assert r.status_code == 503 and r.json()["error"] == "upstream_overflow"
         assert (await first).status_code == 200
         assert (await c.get(alb.url + "/x")).status_code == 200
+
+
+async def test_request_version_wherever_the_request_line_sits(alb, backends) -> None:
+    """The version of each request line (read from the line when it starts a read, else from
+    llhttp): a pipelined HTTP/1.0 request after an HTTP/1.1 one, and one after an empty line,
+    need no Host; an HTTP/1.1 request without Host is refused."""
+    b = await backends()
+    await alb.configure([route("all", b.url)])
+    out = await raw_exchange(
+        alb.port,
+        b"GET /stream?n=1&size=3 HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"GET /stream?n=1&size=4 HTTP/1.0\r\n\r\n",
+    )
+    assert out.count(b"HTTP/1.1 200") == 2, out
+    assert out.endswith(b"xxxx"), out
+    out = await raw_exchange(alb.port, b"\r\nGET /stream?n=1&size=2 HTTP/1.0\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"xx"), out
+    out = await raw_exchange(
+        alb.port, b"GET /stream?n=1&size=2 HTTP/1.1\r\nConnection: close\r\n\r\n"
+    )
+    assert out.startswith(b"HTTP/1.1 400"), out

@@ -53,7 +53,8 @@ class RetryBudget:
     tokens: float = RETRY_BUDGET_MAX
 
     def deposit(self) -> None:
-        self.tokens = min(self.cap, self.tokens + self.ratio)
+        tokens = self.tokens + self.ratio
+        self.tokens = tokens if tokens < self.cap else self.cap
 
     def try_spend(self) -> bool:
         if self.tokens >= 1.0:

@@ -337,7 +337,9 @@ class DataPlane:
             req.slow = True
             return False
         # host, path and method decide (cacheable): no headers or query needed
-        route = self._cached_match(cache, head, host, path, {}, "")
+        route = cache.get((host, path, head.method), _MISS)
+        if route is _MISS:
+            route = self._cached_match(cache, head, host, path, {}, "")
         if route is None or route.rate_limit is not None:
             req.slow = True
             return False
@@ -1217,9 +1219,8 @@ class Exchange:
         plane.bytes_out += self.bytes_out
         plane.latencies.append(dur)
         target = self.target.key if self.target is not None else None
-        plane.metrics.stats.observe(
-            route, status_class(status), target, dur, self.bytes_in, self.bytes_out
-        )
+        sc = _STATUS_CLASSES[status // 100] if status < 1000 else status_class(status)
+        plane.metrics.stats.observe(route, sc, target, dur, self.bytes_in, self.bytes_out)
         if plane.access_log_enabled:
             access_log.info(
                 "access",

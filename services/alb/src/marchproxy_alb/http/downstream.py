@@ -136,6 +136,10 @@ class DownstreamProtocol(asyncio.Protocol):
         self._head_fed = 0
         self._messages = 0  # on_message_begin calls, to tell whether a read started a head
         self._url = b""
+        #: the read being parsed when it began at a message boundary (so the first request
+        #: line in it starts at offset 0), until that request's head is complete: its HTTP
+        #: version is read there (on_headers_complete)
+        self._read: bytes | None = None
         self._headers: list[tuple[bytes, bytes]] = []
         #: headers whose name has the length of Host, Expect, X-Request-ID, Content-Length or
         #: Transfer-Encoding: the only ones on_headers_complete has to look at
@@ -224,6 +228,7 @@ class DownstreamProtocol(asyncio.Protocol):
                 self._early.append(data)  # reading is already paused; at most one read
             return
         in_head, in_message, begun = self._in_head, self._in_message, self._messages
+        self._read = None if in_message else data
         try:
             self._parser.feed_data(data)
             if self._in_head:
@@ -250,6 +255,8 @@ class DownstreamProtocol(asyncio.Protocol):
             )
         except httptools.HttpParserError as exc:
             self._parse_failed(_Refused(400, "bad_request", f"malformed request: {exc}"))
+        finally:
+            self._read = None
         if self._pending and self._current is None:
             self._dispatch()
 
@@ -453,6 +460,18 @@ class DownstreamProtocol(asyncio.Protocol):
                 chunked, length = framing_of(noted)
             except FramingError as exc:
                 raise _Refused(exc.status, "bad_framing", str(exc)) from None
+        method = p.get_method()
+        # the HTTP version: httptools formats it with str.format (~2.3k instructions). When
+        # this request line began the read (at offset 0: the read began between messages and
+        # this is its first head) and " HTTP/1.1" CRLF follows the method, SP and target,
+        # it is 1.1 (the target holds no SP, CR or LF, so nothing else matches there). Read
+        # before an absolute-form target is cut to its path.
+        data = self._read
+        self._read = None  # a later head in the same read starts elsewhere
+        if data is not None and data.startswith(b" HTTP/1.1\r\n", len(method) + 1 + len(self._url)):
+            version = "1.1"
+        else:
+            version = p.get_http_version()
         absolute = None if self._url[:1] == b"/" else absolute_form(self._url)
         if absolute is not None:
             # RFC 9112 §3.2.2: the authority of an absolute-form target replaces Host
@@ -472,12 +491,11 @@ class DownstreamProtocol(asyncio.Protocol):
                 rid = v
             elif n == 6 and k.lower() == b"expect":
                 expect = v
-        version = p.get_http_version()
         if hosts > 1 or (hosts == 0 and version == "1.1"):
             # RFC 9112 §3.2: exactly one Host in HTTP/1.1 requests, else 400
             raise _Refused(400, "bad_host", "HTTP/1.1 requests need exactly one Host header")
         head = RequestHead(
-            p.get_method().decode("ascii"),
+            method.decode("ascii"),
             self._url,
             version,
             self._headers,

@@ -86,6 +86,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self.flow = WriteFlow()
         self.closed = False
+        self.reading_paused = False  # pause_reading() (by the body channel) not yet resumed
         self.requests = 0
         # lazy idle timer: release() only moves the deadline; the handle re-checks when it fires
         self.idle_handle: asyncio.TimerHandle | None = None
@@ -304,10 +305,12 @@ class UpstreamConnection(asyncio.Protocol):
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self.closed:
+            self.reading_paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
         if self.transport is not None and not self.closed:
+            self.reading_paused = False
             self.transport.resume_reading()
 
     def close(self) -> None:
@@ -548,7 +551,8 @@ class UpstreamPool:
         if len(dq) >= self.max_idle_per_target:
             conn.close()
             return
-        conn.resume_reading()  # a pause left over from the body channel must not stick
+        if conn.reading_paused:
+            conn.resume_reading()  # a pause left over from the body channel must not stick
         conn.arm_idle(self.idle_timeout)
         dq.append(conn)
 
