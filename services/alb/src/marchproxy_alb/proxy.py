@@ -364,7 +364,11 @@ class DataPlane:
         pool.begin(target)
         ex.conn = conn
         down.on_lost = ex.client_lost
-        conn.begin("GET")  # (no body channel unless the response needs one)
+        deadline = t0 + b.timeout
+        if b.header_timeout < b.timeout:
+            deadline = min(deadline, t0 + b.header_timeout)
+        # (no head future, and no body channel unless the response needs one)
+        conn.begin_fast(deadline)
         fwd = down.forward_info
         fwd.request_id = ex.rid
         conn.write(
@@ -374,10 +378,6 @@ class DataPlane:
                 host_override=None if b.preserve_host and host is not None else target.authority,
             )
         )
-        deadline = t0 + b.timeout
-        if b.header_timeout < b.timeout:
-            deadline = min(deadline, t0 + b.header_timeout)
-        conn.expect_head_by(deadline)
         req.exchange = ex
         conn.on_event = ex.on_upstream_event
         conn.on_whole = ex.on_whole_response
@@ -1179,8 +1179,8 @@ class Exchange:
             return
         gone = ClientGone("client left before the response was complete")
         hf = conn.head_future
-        if hf is not None and not hf.done():
-            hf.set_exception(gone)
+        if conn.armed and (hf is None or not hf.done()):
+            conn.head_waiter().set_exception(gone)
             if conn.on_event is not None:
                 conn.on_event()  # a fast-path exchange: the task takes it over and ends it
         elif conn.body is not None:

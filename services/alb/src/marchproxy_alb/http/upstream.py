@@ -98,6 +98,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_deadline = 0.0
         # per exchange
         self._method = "GET"
+        #: between begin*() and the pool's release(): an exchange expects a response
+        self.armed = False
+        #: settled with the response head (or an error) for an exchange that waits for it;
+        #: the fast path (begin_fast) has none until something has to wait (head_waiter)
         self.head_future: asyncio.Future[ResponseHead] | None = None
         self.body: BodyChannel | None = None
         self._headers: list[tuple[bytes, bytes]] = []
@@ -140,7 +144,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._head_handle.cancel()
             self._head_handle = None
         hf = self.head_future
-        if hf is not None and not hf.done():
+        if self.armed and (hf is None or not hf.done()):
+            hf = self.head_waiter()
             hf.set_exception(
                 UpstreamError(
                     "upstream closed before a response",
@@ -180,7 +185,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.tunnel_sink is not None:
             self.tunnel_sink(data)
             return
-        if self.head_future is None or self.response_complete:
+        if not self.armed or self.response_complete:
             # bytes nobody asked for: the connection cannot be trusted any more
             self.close()
             return
@@ -196,7 +201,8 @@ class UpstreamConnection(asyncio.Protocol):
                 if checker.one_message(data) and checker.keep_alive == found[0].keep_alive:
                     head, body_start = found
                     on_whole = self.on_whole
-                    if on_whole is not None and not self.head_future.done():
+                    hf = self.head_future
+                    if on_whole is not None and (hf is None or not hf.done()):
                         self.keep_alive = head.keep_alive
                         self.response_complete = True  # (so the exchange can pool us)
                         if on_whole(head, data[body_start:]):
@@ -207,7 +213,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._between = False
         try:
             self._parser.feed_data(data)
-            if self.response_bytes > MAX_RESPONSE_HEADER_BYTES and not self.head_future.done():
+            hf = self.head_future
+            if self.response_bytes > MAX_RESPONSE_HEADER_BYTES and (hf is None or not hf.done()):
                 # everything so far is (interim or final) head: httptools would keep buffering
                 self._fail("upstream response head too large")
         except httptools.HttpParserUpgrade as exc:
@@ -227,8 +234,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _scanned(self, data: bytes, head: ResponseHead, body_start: int) -> None:
         """A whole response, read without the parser (which stays between messages)."""
         self.keep_alive = head.keep_alive
-        hf = self.head_future
-        assert hf is not None
+        hf = self.head_waiter()
         if not hf.done():
             if self.body is None:
                 self.body = BodyChannel(self.pause_reading, self.resume_reading)
@@ -252,15 +258,37 @@ class UpstreamConnection(asyncio.Protocol):
         when a response head arrives the usual way (``on_whole`` needs none)."""
         self.idle_deadline = 0.0
         self.head_deadline = 0.0
-        loop = self.loop
         self._method = method
-        self.head_future = loop.create_future()
+        self.armed = True
+        self.head_future = self.loop.create_future()
         self.body = None if pause is None or resume is None else BodyChannel(pause, resume)
         self.response_complete = False
         self.response_bytes = 0
         self.keep_alive = False
         self.upgrade_rest = None
         self.requests += 1
+
+    def begin_fast(self, head_by: float) -> None:
+        """``begin("GET")`` and ``expect_head_by(head_by)`` for the fast path, without the head
+        future: a whole response goes to ``on_whole``; the future is made only when something
+        has to wait for the head (``head_waiter``)."""
+        self.idle_deadline = 0.0
+        self._method = "GET"
+        self.armed = True
+        self.body = None
+        self.response_complete = False
+        self.response_bytes = 0
+        self.keep_alive = False
+        self.upgrade_rest = None
+        self.requests += 1
+        self.expect_head_by(head_by)
+
+    def head_waiter(self) -> asyncio.Future[ResponseHead]:
+        """The head future of the current exchange, made now if it has none yet."""
+        hf = self.head_future
+        if hf is None:
+            hf = self.head_future = self.loop.create_future()
+        return hf
 
     def expect_head_by(self, when: float) -> None:
         """Fail the head future with TimeoutError unless the head arrives by ``when``."""
@@ -275,12 +303,14 @@ class UpstreamConnection(asyncio.Protocol):
     def _head_check(self) -> None:
         self._head_handle = None
         hf = self.head_future
-        if self.closed or hf is None or hf.done() or self.head_deadline == 0.0:
+        if self.closed or not self.armed or self.head_deadline == 0.0:
+            return
+        if hf is not None and hf.done():
             return
         if self.loop.time() < self.head_deadline:
             self.expect_head_by(self.head_deadline)
         else:
-            hf.set_exception(TimeoutError("no response head in time"))
+            self.head_waiter().set_exception(TimeoutError("no response head in time"))
             if self.on_event is not None:
                 self.on_event()
 
@@ -343,8 +373,8 @@ class UpstreamConnection(asyncio.Protocol):
     def _fail(self, message: str) -> None:
         err = UpstreamError(message, before_response=False)
         hf = self.head_future
-        if hf is not None and not hf.done():
-            hf.set_exception(err)
+        if self.armed and (hf is None or not hf.done()):
+            self.head_waiter().set_exception(err)
         elif self.body is not None and not self.response_complete:
             self.body.fail(err)
         self.keep_alive = False
@@ -394,7 +424,8 @@ class UpstreamConnection(asyncio.Protocol):
         )
         self.keep_alive = head.keep_alive
         hf = self.head_future
-        if hf is not None and not hf.done():
+        if self.armed and (hf is None or not hf.done()):
+            hf = self.head_waiter()
             if self.body is None:
                 self.body = BodyChannel(self.pause_reading, self.resume_reading)
             hf.set_result(head)
@@ -531,6 +562,7 @@ class UpstreamPool:
     def release(self, conn: UpstreamConnection, *, abort: bool = False) -> None:
         """Return a connection after an exchange: pooled when reusable, else closed."""
         reusable = conn.reusable and not abort
+        conn.armed = False
         conn.head_future = None
         conn.body = None
         conn.on_lost = None
