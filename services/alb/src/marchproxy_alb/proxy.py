@@ -36,6 +36,7 @@ from .http.framing import (
     ambiguous_separators,
     build_request_head,
     build_response_head,
+    build_scanned_response_head,
     decoded_separators,
     encode_chunk,
     error_response,
@@ -357,7 +358,9 @@ class DataPlane:
             req.first_target = target  # the task connects to the target picked here
             return False
         t0 = down.now()
-        ex = Exchange(self, req, down, route, _request_id(head), t0, path)
+        rid = head.request_id  # (_request_id(head), inlined for a request without one)
+        rid = b"%s%016x" % (_RID_PREFIX, next(_rid_counter)) if rid is None else _request_id(head)
+        ex = Exchange(self, req, down, route, rid, t0, path)
         ex.pool = pool
         pool.retry_budget.deposit()
         ex.target = target
@@ -371,13 +374,14 @@ class DataPlane:
         conn.begin_fast(deadline)
         fwd = down.forward_info
         fwd.request_id = ex.rid
-        conn.write(
-            build_request_head(
-                head,
-                fwd,
-                host_override=None if b.preserve_host and host is not None else target.authority,
-            )
+        data = build_request_head(
+            head,
+            fwd,
+            host_override=None if b.preserve_host and host is not None else target.authority,
         )
+        transport = conn.transport  # (conn.write, inlined: a pooled connection has one)
+        assert transport is not None
+        transport.write(data)
         req.exchange = ex
         conn.on_event = ex.on_upstream_event
         conn.on_whole = ex.on_whole_response
@@ -960,7 +964,9 @@ class Exchange:
                     self.bytes_out += len(body)
                     if framing != "none":
                         data += body
-                down.write(data)
+                transport = down.transport
+                if transport is not None and not down.closed:  # (down.write, inlined)
+                    transport.write(data)
                 keep = self._relay_done(keep, framing)
         except Exception:
             # a bug, not a network event: count it, log it, and drop both connections (the
@@ -976,19 +982,25 @@ class Exchange:
 
     def _response_head(self, resp: ResponseHead) -> tuple[bytes, str, bool]:
         """The response head for the client, its framing, and whether to keep the client."""
-        head = self.head
+        head = self.req.head
+        assert head is not None
         self.status = resp.status
         if resp.status in (502, 503, 504):
             self.upstream_failed = "5xx"  # gateway errors from the target count as failures
         keep = head.keep_alive and not head.upgrade and self.plane.accepting
-        data, framing = build_response_head(
-            resp,
-            method=head.method,
-            client_version=head.version,
-            keep_alive=keep,
-            request_id=self.rid,
-            extra=self.ratelimit_headers,
-        )
+        if resp.fields is not None:  # (build_response_head would hand it over: a call less)
+            data, framing = build_scanned_response_head(
+                resp, head.method, head.version, keep, self.rid, self.ratelimit_headers
+            )
+        else:
+            data, framing = build_response_head(
+                resp,
+                method=head.method,
+                client_version=head.version,
+                keep_alive=keep,
+                request_id=self.rid,
+                extra=self.ratelimit_headers,
+            )
         if framing == "close" or framing == "tunnel":
             keep = False
         self.started = True

@@ -415,7 +415,7 @@ def build_response_head(
     """The response head for the client and its body framing: "length", "chunked", "close",
     "none" or "tunnel". The caller closes the client connection for "close"."""
     if resp.fields is not None:
-        return _build_scanned_response_head(
+        return build_scanned_response_head(
             resp, method, client_version, keep_alive, request_id, extra
         )
     if resp.status == 101:
@@ -485,7 +485,7 @@ def _status_line(resp: ResponseHead) -> bytes:
     return b"HTTP/1.1 %d %s" % (resp.status, resp.reason or REASONS.get(resp.status, b"Unknown"))
 
 
-def _build_scanned_response_head(
+def build_scanned_response_head(
     resp: ResponseHead,
     method: str,
     client_version: str,

@@ -281,7 +281,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = False
         self.upgrade_rest = None
         self.requests += 1
-        self.expect_head_by(head_by)
+        self.head_deadline = head_by  # (expect_head_by, inlined)
+        h = self._head_handle
+        if h is None or self._head_handle_at > head_by:
+            if h is not None:
+                h.cancel()
+            self._head_handle_at = head_by
+            self._head_handle = self.loop.call_at(head_by, self._head_check)
 
     def head_waiter(self) -> asyncio.Future[ResponseHead]:
         """The head future of the current exchange, made now if it has none yet."""
