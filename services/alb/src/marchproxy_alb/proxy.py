@@ -967,7 +967,10 @@ class Exchange:
                 transport = down.transport
                 if transport is not None and not down.closed:  # (down.write, inlined)
                     transport.write(data)
-                keep = self._relay_done(keep, framing)
+                if framing != "length" and framing != "none":  # (never, from the scan)
+                    keep = self._relay_done(keep, framing)
+                # else _relay_done would return keep: a fast request has no request body
+                # (EMPTY_BODY, complete) and no body pump
         except Exception:
             # a bug, not a network event: count it, log it, and drop both connections (the
             # task's own handler does the same for the slow path)

@@ -591,7 +591,10 @@ class UpstreamPool:
             return
         if conn.reading_paused:
             conn.resume_reading()  # a pause left over from the body channel must not stick
-        conn.arm_idle(self.idle_timeout)
+        # (conn.arm_idle(self.idle_timeout), inlined: this runs for every request)
+        conn.idle_deadline = conn._now() + self.idle_timeout
+        if conn.idle_handle is None:
+            conn.idle_handle = conn.loop.call_at(conn.idle_deadline, conn._idle_check)
         dq.append(conn)
 
     def _closed(self, conn: UpstreamConnection) -> None:
