@@ -163,3 +163,54 @@ def test_a_whole_query_over_max_packet_size_is_refused_after_a_clean_read() -> N
     assert client_side.closed
     assert b"08P01" in client_side.data
     assert not server_side.data
+
+
+def _server_view(server: ServerConnection) -> tuple[Any, ...]:
+    stats = server.pool.stats
+    return (
+        server.state,
+        server.outstanding,
+        list(server.expect),
+        server.last_kind,
+        stats.query_count,
+        stats.bytes_sent,
+        stats.wait_count,
+    )
+
+
+def test_a_lone_query_takes_the_idle_server_as_the_general_path_does() -> None:
+    # one read holding one whole Query (the fast path), against the same query cut in two
+    # reads (the decoder's path): the same server state, stats and bytes either way
+    fast, fast_server, _, fast_side = _linked_pair()
+    general, general_server, _, general_side = _linked_pair()
+    query = enc.query("SELECT abalance FROM pgbench_accounts WHERE aid = 1")
+    fast.data_received(query)
+    general.data_received(query[:3])
+    general.data_received(query[3:])
+    assert fast.server is fast_server and general.server is general_server
+    assert _server_view(fast_server) == _server_view(general_server)
+    assert bytes(fast_side.data) == bytes(general_side.data) == query
+    fast_server.data_received(SELECT_REPLY + enc.ready_for_query(b"I"))
+    assert fast.server is None and fast_server in fast_server.pool.idle
+
+
+def test_queries_we_may_answer_ourselves_leave_the_fast_path() -> None:
+    client, _server, client_side, server_side = _linked_pair()
+    client.statements[b"s1"] = (b"mp_1", b"SELECT 1", b"")
+    client.data_received(enc.query("  deallocate s1"))
+    assert client.server is None and not server_side.data
+    assert bytes(client_side.data) == enc.command_complete("DEALLOCATE") + enc.ready_for_query(b"I")
+
+
+async def test_a_lone_query_waits_when_no_server_is_idle() -> None:
+    client, server, _, server_side = _linked_pair(default_pool_size=1)  # (no server to open)
+    other = PostgresClient(client.hooks)
+    other.connection_made(FakeTransport())  # type: ignore[arg-type]
+    other.data_received(enc.startup_message({"user": "alice", "database": "db"}))
+    other.data_received(enc.query("SELECT 1"))
+    assert other.server is server
+    client.data_received(enc.query("SELECT 2"))
+    assert client.server is None and client.waiting and len(client.pending) == 1
+    server.data_received(enc.command_complete("SELECT 1") + enc.ready_for_query(b"I"))
+    assert client.server is server  # handed over at the other's ReadyForQuery
+    assert bytes(server_side.data) == enc.query("SELECT 1") + enc.query("SELECT 2")

@@ -159,6 +159,8 @@ class ServerConnection(asyncio.Protocol):
             max_message_len=pool.config.max_packet_size,
             skip_bodies=frozenset({B_COPY_DATA} if keep_rows else {B_DATA_ROW, B_COPY_DATA}),
         )
+        #: the longest message length field _relay_whole accepts (the length counts itself)
+        self._max_length = pool.config.max_packet_size + 4
         self._query_done: asyncio.Future[list[list[bytes | None]]] | None = None
         self._query_rows: list[list[bytes | None]] = []
         self._query_error: tuple[str, str] | None = None
@@ -433,9 +435,13 @@ class ServerConnection(asyncio.Protocol):
                     self._observe(m.type, m.body, 0, len(m.body))
         else:
             out = self._relay_whole(data)
-        if out:
-            client.write(out)
-        if self.client is client and self.status == _IDLE and not self.in_flight():
+        if out and client.transport is not None:
+            client.transport.write(out)  # (PostgresClient.write, a call less per reply)
+        if (
+            self.client is client
+            and self.status == _IDLE
+            and not (self.outstanding or self.unsynced or self.swallow_z)  # in_flight()
+        ):
             client.on_server_idle(self)
 
     def _relay_whole(self, data: bytes) -> bytes:
@@ -444,7 +450,7 @@ class ServerConnection(asyncio.Protocol):
         at the end goes to the decoder, which buffers it or raises as it would have."""
         n = len(data)
         pos = 0
-        max_length = self._decoder.max_message_len + 4  # the length counts itself
+        max_length = self._max_length
         while n - pos >= 5:
             t, length = _HEADER.unpack_from(data, pos)
             end = pos + 1 + length
@@ -696,6 +702,8 @@ class Pool:
     welcome_cache: dict[tuple[tuple[str, str], ...], bytes] = field(default_factory=dict)
     #: PoolManager.has_replicas' answer for this pool, and the config it holds for
     replicas_known: tuple[DblbConfig, bool] | None = None
+    #: ``config`` and its server_lifetime, read at every release (see release())
+    _lifetime: tuple[DblbConfig | None, float] = (None, 0.0)
 
     @property
     def name(self) -> str:
@@ -853,10 +861,13 @@ class Pool:
             now = server.last_used
         else:
             now = time.monotonic()
+        lifetime = self._lifetime
+        if lifetime[0] is not self.config:  # (a pydantic attribute read costs ~500 instructions)
+            lifetime = self._lifetime = (self.config, self.config.server_lifetime)
         if (
             server.state == "closed"
             or self.manager.closed
-            or now - server.created_at > self.config.server_lifetime
+            or now - server.created_at > lifetime[1]
             or len(server.prepared) > MAX_SERVER_PREPARED
             or server not in self.servers
         ):
@@ -881,7 +892,8 @@ class Pool:
             self.manager.check_paused()
             return
         self.idle.append(server)
-        self.manager.check_paused()
+        if self.manager._pause_waiters:
+            self.manager.check_paused()
 
     def release_after_client(self, server: ServerConnection, *, reset: bool) -> None:
         """The linked client left. Reuse the server only if it is idle outside a transaction."""

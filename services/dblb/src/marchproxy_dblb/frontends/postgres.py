@@ -89,6 +89,8 @@ _MESSAGES = DecoderState.MESSAGES
 _NEVER_PREPARED = b"mp_closed"
 #: the only simple queries we may answer ourselves (_deallocate_locally, _defer_begin)
 _LOCAL_CANDIDATE = re.compile(rb"\s*(DEALLOCATE|BEGIN|START)\b", re.I)
+#: what such a query starts with, when it does not start with white space (a cheaper test)
+_LOCAL_HEADS = frozenset({b"DEA", b"BEG", b"STA"})
 _DEALLOCATE = re.compile(rb"^\s*DEALLOCATE\s+(PREPARE\s+)?(\"?[A-Za-z0-9_$]+\"?)\s*;?\s*$", re.I)
 #: Seconds a client has to finish the TLS handshake after its SSLRequest.
 TLS_HANDSHAKE_TIMEOUT = 10.0
@@ -135,6 +137,8 @@ class PostgresClient(asyncio.Protocol):
     _deferred_begin: bytes | None = None
     #: the transport we were accepted on (the client's address is looked up on it)
     _accepted_on: asyncio.BaseTransport | None = None
+    #: the decoder's max_message_len (a plain attribute: read for every query)
+    _max_message_len = MAX_AUTH_MESSAGE
 
     def __init__(self, hooks: DblbHooks) -> None:
         self.hooks = hooks
@@ -223,6 +227,8 @@ class PostgresClient(asyncio.Protocol):
             return
         try:
             if self.state == "ready":
+                if self._decoder_empty and data[0] == F_QUERY and self._one_query(data):
+                    return
                 if data == _TERMINATE and self._decoder_empty:
                     if self.transport is not None:
                         self.transport.close()
@@ -261,13 +267,64 @@ class PostgresClient(asyncio.Protocol):
             self.hooks.protocol_errors += 1
             self.fail(exc.sqlstate, exc.message)
 
+    def _one_query(self, data: bytes) -> bool:
+        """``data`` (a read that starts with a Query, nothing buffered before it) as exactly
+        one whole Query sent on at once: on the server we hold, or on an idle server of our
+        pool taken between transactions (the common case of simple-protocol clients, such as
+        pgbench -S), with no ``Message`` built. It does what ``_queue``, ``_request_server``,
+        ``Pool.request``, ``on_server`` and ``_forward`` do for such a Query, and returns False
+        (nothing done) for anything they would treat otherwise: a query we may answer
+        ourselves, replicas, a retired or paused pool, no idle server, a client that waits."""
+        n = len(data)
+        if n < 5:
+            return False
+        _, length = _HEADER.unpack_from(data, 0)
+        if length + 1 != n or length - 4 > self._max_message_len:
+            return False
+        server = self.server
+        if server is None:
+            pool = self.pool
+            if (
+                pool is None
+                or self.pending
+                or self.waiting
+                or self._deferred_begin is not None
+                or pool.retired
+                or not pool.idle
+                or (data[5:8].upper() in _LOCAL_HEADS or data[5:6].isspace())
+                or self.manager.has_replicas(pool)
+                or pool.paused
+            ):
+                return False
+            server = pool.idle[-1]
+            if server.state != "idle":
+                return False
+            pool.idle.pop()  # LIFO, as Pool.request
+            server.link(self)
+            self.server = server
+            if self.writing_paused:
+                self._pause_server(server)
+            if server.outstanding == 0:
+                server.query_started = server.linked_at
+        elif server.outstanding == 0:
+            server.query_started = time.monotonic()
+        server.outstanding += 1
+        stats = server.pool.stats
+        stats.query_count += 1
+        if self.pool is not None and self.pool.mode == "transaction":
+            server.expect.append(SYNC_POINT)
+        server.last_kind = Expect.SYNC
+        stats.bytes_sent += n
+        server.write(data)
+        return True
+
     def _whole_query(self, data: bytes) -> list[Message] | None:
         """``data`` as one complete Query while the decoder holds nothing (the common case of
         simple-protocol clients), framed without the decoder's general path; None: not that."""
         if not self._decoder_empty or len(data) < 5 or data[0] != F_QUERY:
             return None
         _, length = _HEADER.unpack_from(data, 0)
-        if length + 1 != len(data) or length - 4 > self.decoder.max_message_len:
+        if length + 1 != len(data) or length - 4 > self._max_message_len:
             return None
         return [Message(F_QUERY, data[5:], length - 4)]
 
@@ -496,7 +553,7 @@ class PostgresClient(asyncio.Protocol):
     def _auth_ok(self, candidate: Pool | None = None) -> None:
         # AuthenticationOk goes out with the ParameterStatus block: one write, one packet
         self._auth_ok_pending = True
-        self.decoder.max_message_len = self.manager.rules.max_packet_size
+        self.decoder.max_message_len = self._max_message_len = self.manager.rules.max_packet_size
         if self.is_admin:
             self.state = "admin"
             self._admin = AdminConsole(self)
