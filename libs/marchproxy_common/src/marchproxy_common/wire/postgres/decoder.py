@@ -281,16 +281,15 @@ def parse_startup_parameters(payload: bytes) -> dict[str, str]:
         return {}
     if body[-1] != 0:
         raise RemoteProtocolError("startup parameter without a value")
-    parts = body[:-1].split(b"\x00")
+    # decoded whole, then split: NUL never occurs inside a UTF-8 sequence (one decode per
+    # login, not one per name and value)
+    parts = _text(body[:-1]).split("\x00")
     if len(parts) % 2:
         raise RemoteProtocolError("startup parameter without a value")
-    params: dict[str, str] = {}
-    for i in range(0, len(parts), 2):
-        key = _text(parts[i])
-        if not key:
-            raise RemoteProtocolError("empty startup parameter name")
-        params[key] = _text(parts[i + 1])
-    return params
+    names = parts[0::2]
+    if "" in names:
+        raise RemoteProtocolError("empty startup parameter name")
+    return dict(zip(names, parts[1::2], strict=True))
 
 
 def _text(raw: bytes) -> str:
