@@ -199,6 +199,16 @@ class SocketTransport(asyncio.Transport):
     #: to be called right after it returns (_lost_pending), not from a loop callback
     _dispatching = False
     _lost_pending = False
+    # state every transport starts with (class defaults: a short connection sets fewer
+    # attributes; each is set on the instance when it changes)
+    _closing = False  # close() or a fatal error: no more reads or writes
+    _closed = False  # the socket is closed
+    _mask = 0  # events registered on the poller: _IN while reading, _OUT while writing
+    _paused = False  # pause_reading() (reading resumes only on resume_reading())
+    _writing_paused = False  # the protocol's pause_writing() was called
+    _eof_written = False
+    _high = HIGH_WATER
+    _low = LOW_WATER
 
     def __init__(
         self,
@@ -217,14 +227,6 @@ class SocketTransport(asyncio.Transport):
         self._protocol = protocol
         self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
         self._buffer = bytearray()  # what the socket did not take yet
-        self._closing = False  # close() or a fatal error: no more reads or writes
-        self._closed = False  # the socket is closed
-        self._mask = 0  # events registered on the poller: _IN while reading, _OUT while writing
-        self._paused = False  # pause_reading() (reading resumes only on resume_reading())
-        self._writing_paused = False  # the protocol's pause_writing() was called
-        self._eof_written = False
-        self._high = HIGH_WATER
-        self._low = LOW_WATER
 
     def start(self) -> None:
         """Give the socket to its protocol and start reading (unless it paused us at once)."""
