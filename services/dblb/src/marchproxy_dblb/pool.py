@@ -993,6 +993,9 @@ class ClientRules:
     max_client_conn: int
     auth_type: str
     max_packet_size: int
+    #: the database aliases, and whether "*" takes any other name (``config.database()``)
+    databases: frozenset[str]
+    any_database: bool
 
     @classmethod
     def of(cls, config: DblbConfig) -> ClientRules:
@@ -1001,6 +1004,8 @@ class ClientRules:
             max_client_conn=config.max_client_conn,
             auth_type=config.auth_type,
             max_packet_size=config.max_packet_size,
+            databases=frozenset(config.databases),
+            any_database="*" in config.databases,
         )
 
 

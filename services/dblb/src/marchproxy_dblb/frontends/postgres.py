@@ -406,7 +406,6 @@ class PostgresClient(asyncio.Protocol):
                 options.append(k)
         if ev.protocol & 0xFFFF or options:
             self.write(enc.negotiate_protocol_version(0, options))
-        cfg = self.manager.config
         if self.hooks.client_total() >= self.manager.share_of(rules.max_client_conn):
             self.fail("53300", "no more connections allowed (max_client_conn)")
             return
@@ -416,16 +415,19 @@ class PostgresClient(asyncio.Protocol):
         self._registered = True
         self.is_admin = self.database in ADMIN_DATABASES
         if not self.is_admin:
-            # only resolved here: the pool is looked up (or created) once we are authenticated
-            if cfg.database(self.database) is None:
+            # only checked here (config.database() is not None, from the rules): the pool is
+            # looked up (or created) once we are authenticated
+            if not rules.any_database and self.database not in rules.databases:
                 self.fail("3D000", f'no such database: "{self.database}"')
                 return
-        elif (cfg.admin_users or cfg.stats_users) and self.user not in (
-            *cfg.admin_users,
-            *cfg.stats_users,
-        ):
-            self.fail("28000", f'user "{self.user}" is not allowed on the admin console')
-            return
+        else:
+            cfg = self.manager.config
+            if (cfg.admin_users or cfg.stats_users) and self.user not in (
+                *cfg.admin_users,
+                *cfg.stats_users,
+            ):
+                self.fail("28000", f'user "{self.user}" is not allowed on the admin console')
+                return
         self.tracked_params = tracked
         self._begin_auth()
 
