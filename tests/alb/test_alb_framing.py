@@ -401,6 +401,39 @@ def test_one_pass_request_head_matches_reference(headers, conn, override, chunke
     )
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    requests=st.lists(
+        st.tuples(
+            st.lists(st.tuples(hdr_names, hdr_values), max_size=4),
+            st.one_of(st.none(), st.just(b"t:1")),
+            st.booleans(),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_request_heads_on_one_connection_match_reference(requests):
+    """One ForwardInfo for a connection's requests (it keeps the last field lines): each head
+    is what a fresh build gives, whatever the requests before it sent."""
+    fwd = ForwardInfo("10.1.2.3", "http", b"rid")
+    for i, (headers, override, chunked, upgrade) in enumerate(requests):
+        hosts = [h for h in headers if h[0] == b"Host"]
+        headers = [h for h in headers if h[0] != b"Host"] + hosts[:1]
+        head = RequestHead("GET", b"/%d" % i, "1.1", list(headers), True, upgrade, chunked, None)
+        fwd.request_id = b"r%d" % i
+        fresh = ForwardInfo("10.1.2.3", "http", fwd.request_id)
+        assert build_request_head(head, fwd, host_override=override) == _ref_build_request_head(
+            head, fresh, host_override=override
+        )
+        # the same fields again: from the kept lines
+        again = RequestHead("GET", b"/again", "1.1", list(headers), True, upgrade, chunked, None)
+        assert build_request_head(again, fwd, host_override=override) == _ref_build_request_head(
+            again, fresh, host_override=override
+        )
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     headers=st.lists(st.tuples(hdr_names, hdr_values), max_size=8),

@@ -109,6 +109,12 @@ class ForwardInfo:
     client_ip: str
     proto: str  # "http" | "https"
     request_id: bytes
+    #: build_request_head's last field lines for this client connection, and the header
+    #: list and host override they were built from
+    last_headers: Headers | None = None
+    last_override: bytes | None = None
+    last_fields: bytes = b""
+    last_upgrade: bytes = b""
 
 
 def connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> set[bytes]:
@@ -316,13 +322,13 @@ def _forwarding_lines(
 
 
 def _copied_request_lines(
-    req: RequestHead, request_line: bytes, host_override: bytes | None, drop: set[bytes]
+    headers: Headers, host_override: bytes | None, drop: set[bytes]
 ) -> list[bytes]:
     """build_request_head's copy of the end-to-end headers, without those named in ``drop``."""
-    lines = [request_line]
+    lines = []
     if host_override is not None:
         lines.append(b"Host: " + host_override)
-    for k, v in req.headers:
+    for k, v in headers:
         lk = k.lower()
         if lk in drop:
             continue
@@ -331,18 +337,14 @@ def _copied_request_lines(
     return lines
 
 
-def build_request_head(
-    req: RequestHead,
-    fwd: ForwardInfo,
-    *,
-    host_override: bytes | None = None,
-) -> bytes:
-    """The request head to send upstream (always HTTP/1.1, keep-alive unless upgrading).
-
-    One pass over the headers (this runs for every request): hop-by-hop headers and those
-    named in Connection are dropped, forwarding headers merged, the rest copied in order."""
-    request_line = req.method.encode() + b" " + req.target + b" HTTP/1.1"
-    lines: list[bytes] = [request_line]
+def _forwarded_fields(
+    headers: Headers, fwd: ForwardInfo, host_override: bytes | None
+) -> tuple[bytes, bytes]:
+    """The field lines sent upstream between the request line and X-Request-ID, each ended
+    by CRLF, and the request's Upgrade value. One pass over the headers: hop-by-hop headers
+    and those named in Connection are dropped, forwarding headers merged, the rest copied in
+    order."""
+    lines: list[bytes] = []
     append = lines.append
     if host_override is not None:
         append(b"Host: " + host_override)
@@ -353,7 +355,7 @@ def build_request_head(
     upgrade = b""
     extra: set[bytes] | None = None
     special = _REQ_SPECIAL
-    for k, v in req.headers:
+    for k, v in headers:
         lk = k.lower()
         if lk not in special:
             append(k + b": " + v)
@@ -372,21 +374,44 @@ def build_request_head(
         elif lk == b"upgrade" and not upgrade:
             upgrade = v
     if extra:  # rare: Connection names end-to-end headers, drop them too (second pass)
-        lines = _copied_request_lines(req, request_line, host_override, extra)
+        lines = _copied_request_lines(headers, host_override, extra)
     prior = len(host) + len(xff or b"") + len(fwd_prior or b"") + len(via_prior or b"")
     if prior <= FORWARD_CACHE_MAX_INPUT:
         lines.append(_forwarding_block(fwd.client_ip, fwd.proto, host, xff, fwd_prior, via_prior))
     else:  # big prior values are not worth a cache slot (and would bloat it)
         lines.extend(_forwarding_lines(fwd.client_ip, fwd.proto, host, xff, fwd_prior, via_prior))
-    lines.append(b"X-Request-ID: " + fwd.request_id)
+    lines.append(b"")  # (the last line's CRLF)
+    return b"\r\n".join(lines), upgrade
+
+
+def build_request_head(
+    req: RequestHead,
+    fwd: ForwardInfo,
+    *,
+    host_override: bytes | None = None,
+) -> bytes:
+    """The request head to send upstream (always HTTP/1.1, keep-alive unless upgrading).
+
+    The field lines depend only on the request's header list, the host override and the
+    connection's ``fwd`` (client address, scheme): when a request carries the same header
+    list as the one before it on the connection (clients tend to send the same fields
+    request after request), ``fwd`` still holds them and they are not built again."""
+    headers = req.headers
+    if headers == fwd.last_headers and host_override == fwd.last_override:
+        fields, upgrade = fwd.last_fields, fwd.last_upgrade
+    else:
+        fields, upgrade = _forwarded_fields(headers, fwd, host_override)
+        fwd.last_headers, fwd.last_override = headers, host_override
+        fwd.last_fields, fwd.last_upgrade = fields, upgrade
+    parts = [req.method.encode(), b" ", req.target, b" HTTP/1.1\r\n", fields]
+    parts += (b"X-Request-ID: ", fwd.request_id)
     if req.upgrade:
-        lines.append(b"Connection: Upgrade")
-        lines.append(b"Upgrade: " + upgrade)
+        parts += (b"\r\nConnection: Upgrade\r\nUpgrade: ", upgrade)
     if req.chunked:
-        lines.append(b"Transfer-Encoding: chunked")
+        parts.append(b"\r\nTransfer-Encoding: chunked")
     # Content-Length is end-to-end and was copied with the other headers
-    lines.append(b"\r\n")
-    return b"\r\n".join(lines)
+    parts.append(b"\r\n\r\n")
+    return b"".join(parts)
 
 
 def _is_token(value: bytes) -> bool:
