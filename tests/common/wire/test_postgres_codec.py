@@ -291,6 +291,32 @@ def test_startup_parameters_round_trip(params: dict[str, str]) -> None:
 
 
 @SETTINGS
+@given(st.dictionaries(names, values, max_size=6))
+def test_feed_startup_gives_what_feed_gives_for_one_whole_startup(params: dict[str, str]) -> None:
+    packet = enc.startup_message({"user": "u", **params})
+    fast, general = FrontendDecoder(), FrontendDecoder()
+    assert fast.feed_startup(packet) == general.feed(packet)[0]
+    assert fast.state is general.state is DecoderState.MESSAGES
+    assert fast.feed(enc.sync()) == general.feed(enc.sync())
+
+
+def test_feed_startup_leaves_anything_else_to_feed() -> None:
+    startup = enc.startup_message({"user": "u"})
+    assert FrontendDecoder().feed_startup(enc.ssl_request()) is None
+    assert FrontendDecoder().feed_startup(startup[:-1]) is None
+    assert FrontendDecoder().feed_startup(startup + enc.sync()) is None
+    assert FrontendDecoder().feed_startup(struct.pack("!ii", 8, 2 << 16)) is None  # protocol 2
+    buffered = FrontendDecoder()
+    assert buffered.feed(startup[:3]) == []
+    assert buffered.feed_startup(startup[3:]) is None
+    after = FrontendDecoder()
+    after.feed(startup)
+    assert after.feed_startup(startup) is None
+    with pytest.raises(RemoteProtocolError):
+        FrontendDecoder().feed_startup(enc.startup_message({"database": "d"}))
+
+
+@SETTINGS
 @given(st.binary(max_size=20).filter(lambda b: b"\x00" not in b), st.binary(max_size=50))
 def test_parse_bind_describe_round_trip(name: bytes, tail: bytes) -> None:
     query = tail.replace(b"\x00", b"")

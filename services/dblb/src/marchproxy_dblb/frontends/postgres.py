@@ -257,6 +257,12 @@ class PostgresClient(asyncio.Protocol):
                 # would only say so; anything sent along with it takes the decoder's path
                 self.write(b"N")  # no TLS here: the client may go on in clear
                 return
+            if self.state == "startup" and self._decoder_empty:
+                # the usual second read: one whole StartupMessage (no event list, no dispatch)
+                startup = self.decoder.feed_startup(data)
+                if startup is not None:
+                    self._startup(startup)
+                    return
             for ev in self.decoder.feed(data):
                 self._on_event(ev)
                 if self.closed:

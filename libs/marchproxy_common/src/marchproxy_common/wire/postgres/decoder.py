@@ -40,6 +40,7 @@ from .messages import (
 _INT32 = struct.Struct("!i")
 _UINT32 = struct.Struct("!I")
 _HEADER = struct.Struct("!BI")  # type byte + length
+_STARTUP_HEAD = struct.Struct("!iI")  # length, then protocol version or request code
 
 #: Every message type a client may send after startup (protocol 3.0).
 FRONTEND_MESSAGE_TYPES = frozenset(
@@ -216,6 +217,22 @@ class FrontendDecoder:
         elif self.state is DecoderState.CLOSED and self._startup_buf:
             raise RemoteProtocolError("data after the end of the connection")
         return events
+
+    def feed_startup(self, data: bytes) -> StartupMessage | None:
+        """``data`` as exactly one whole protocol 3.x StartupMessage while nothing is buffered
+        (a client's usual read after its SSLRequest was answered): the event, with the state
+        moved on as ``feed()`` moves it. None for anything else: nothing was consumed, and
+        ``feed()`` takes the read (and raises if it is invalid)."""
+        if self._state is not DecoderState.STARTUP or self._startup_buf or len(data) < 8:
+            return None
+        length, code = _STARTUP_HEAD.unpack_from(data, 0)
+        if length != len(data) or length > self._max_startup or code >> 16 != 3:
+            return None
+        params = parse_startup_parameters(data[8:])
+        if "user" not in params:
+            raise RemoteProtocolError("no PostgreSQL user name specified in startup packet")
+        self._state = DecoderState.MESSAGES
+        return StartupMessage(code, params)
 
     def feed_messages(self, data: bytes) -> tuple[list[Message], bytes]:
         """Fast path once startup is over: complete messages and their raw bytes."""
