@@ -49,6 +49,38 @@ async def test_every_connection_reaches_the_callback_non_blocking_with_nodelay()
     assert sock.fileno() == -1 and not acceptor.accepting
 
 
+class CountsAccepts(socket.socket):
+    """A listening socket that counts the acceptor's accept calls."""
+
+    calls = 0
+
+    def _accept(self):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        return super()._accept()
+
+
+async def test_a_batch_of_one_accepts_every_connection_without_a_failed_accept() -> None:
+    accepted: list[socket.socket] = []
+    sock = listening(CountsAccepts)
+    acceptor = Acceptor([sock], lambda s, peer: accepted.append(s), name="t", batch=1)
+    acceptor.start()
+    port = sock.getsockname()[1]
+    # several waiting at once: the poll reports the listener again until all are taken
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+    try:
+        await wait_for(lambda: len(accepted) == len(clients))
+        await asyncio.sleep(0.05)
+        assert sock.calls == len(clients)  # (CountsAccepts: the acceptor's C accept calls)
+    finally:
+        acceptor.close()
+        for c in clients:
+            c.close()
+        for s in accepted:
+            s.close()
+    with listening() as other, pytest.raises(ValueError, match="at least 1"):
+        Acceptor([other], lambda s, peer: None, batch=0)
+
+
 class FailsOnce(socket.socket):
     """A listening socket whose first accept fails as when the process is out of descriptors."""
 

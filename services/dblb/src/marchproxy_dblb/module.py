@@ -119,6 +119,9 @@ class DblbHooks(BaseModuleHooks):
             reuse_port=workers > 1,
             poller=self._poller,
             name="postgresql",
+            # one connection per wake-up: Postgres clients connect one at a time (libpq blocks
+            # on each login step), and a batch ends in a raised BlockingIOError (net.accept)
+            accept_batch=1,
         )
         self.manager.start()
         if workers > 1:

@@ -7,11 +7,18 @@ wake-up and hands each connection, non-blocking, to a callback (the NLB's sniffe
 client transport). Out of descriptors or memory it stops accepting for a while, as asyncio
 does, rather than spin on the error.
 
-API: ``Acceptor(sockets, on_accept, *, name="")`` sets the listening sockets non-blocking with
-TCP_NODELAY (accepted sockets inherit it on Linux: one ``setsockopt`` per listener, not per
-connection); ``start()``; ``accepting``; ``close()`` stops accepting and closes the listening
-sockets (whatever was accepted is already the callback's). ``on_accept(sock, peer)`` runs on
-the loop; an exception from it ends that batch and reaches the loop's exception handler.
+API: ``Acceptor(sockets, on_accept, *, name="", batch=ACCEPT_BATCH)`` sets the listening
+sockets non-blocking with TCP_NODELAY (accepted sockets inherit it on Linux: one
+``setsockopt`` per listener, not per connection); ``start()``; ``accepting``; ``close()``
+stops accepting and closes the listening sockets (whatever was accepted is already the
+callback's). ``on_accept(sock, peer)`` runs on the loop; an exception from it ends that batch
+and reaches the loop's exception handler.
+``batch`` is how many connections one wake-up accepts at most. A batch that is not full ends
+with a failed ``accept`` and the ``BlockingIOError`` it raises (~5k instructions); with
+``batch=1`` a wake-up accepts one connection and the (level-triggered) poll reports the
+listener again while more wait: on a busy loop, where that poll happens anyway, the cheaper
+choice for connections that come one at a time (pgbench -C), at a loop iteration per
+connection in a burst.
 """
 
 from __future__ import annotations
@@ -39,11 +46,19 @@ AcceptCallback = Callable[[socket.socket, Any], None]
 
 class Acceptor:
     def __init__(
-        self, sockets: Sequence[socket.socket], on_accept: AcceptCallback, *, name: str = ""
+        self,
+        sockets: Sequence[socket.socket],
+        on_accept: AcceptCallback,
+        *,
+        name: str = "",
+        batch: int = ACCEPT_BATCH,
     ) -> None:
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, not {batch}")
         self.loop = asyncio.get_running_loop()
         self.sockets = list(sockets)
         self.name = name
+        self.batch = batch
         self.accepting = False
         self._on_accept = on_accept
         self._retry: asyncio.TimerHandle | None = None
@@ -78,7 +93,7 @@ class Acceptor:
         on_accept = self._on_accept
         family, type_, proto = kind
         accept = listening._accept  # type: ignore[attr-defined]
-        for _ in range(ACCEPT_BATCH):
+        for _ in range(self.batch):
             try:
                 # socket.accept() without its wrapper: it looks the family and type up as
                 # enums on every call: ~5 % of the DBLB's instructions per pgbench -C connection

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from marchproxy_common.net.accept import Acceptor
+from marchproxy_common.net.accept import ACCEPT_BATCH, Acceptor
 
 __all__ = [
     "ClientListener",
@@ -518,7 +518,8 @@ class SocketTransport(asyncio.Transport):
 class ClientListener:
     """Listening sockets (``net.accept.Acceptor``) whose connections each get a
     ``SocketTransport`` and a protocol from ``factory``; the ``asyncio.Server`` calls a service
-    uses (``sockets``, ``close``, ``is_serving``, ``wait_closed``). ``name`` labels its logs."""
+    uses (``sockets``, ``close``, ``is_serving``, ``wait_closed``). ``name`` labels its logs;
+    ``accept_batch``: connections accepted per wake-up at most (``net.accept.Acceptor``)."""
 
     def __init__(
         self,
@@ -527,11 +528,12 @@ class ClientListener:
         factory: ProtocolFactory,
         *,
         name: str,
+        accept_batch: int = ACCEPT_BATCH,
     ) -> None:
         self._poller = poller
         self.sockets = sockets
         self._factory = factory
-        self._acceptor = Acceptor(sockets, self._accepted, name=name)
+        self._acceptor = Acceptor(sockets, self._accepted, name=name, batch=accept_batch)
         #: accepted sockets not yet closed
         self.connections = 0
 
@@ -604,17 +606,23 @@ async def start_client_server(
     reuse_port: bool,
     poller: SocketPoller | None,
     name: str,
+    accept_batch: int = ACCEPT_BATCH,
 ) -> ClientListener | asyncio.Server:
     """Listen on ``host:port`` for clients of ``factory``'s protocols: a ``ClientListener`` on
-    ``poller``, or ``loop.create_server`` without one (a loop other than the standard selector
-    loop, such as uvloop, where ``new_poller`` gives None)."""
+    ``poller`` (``accept_batch``: see ``net.accept.Acceptor``), or ``loop.create_server``
+    without one (a loop other than the standard selector loop, such as uvloop, where
+    ``new_poller`` gives None)."""
     if poller is None:
         loop = asyncio.get_running_loop()
         return await loop.create_server(
             factory, host, port, backlog=backlog, reuse_port=True if reuse_port else None
         )
     listener = ClientListener(
-        poller, bind_sockets(host, port, backlog=backlog, reuse_port=reuse_port), factory, name=name
+        poller,
+        bind_sockets(host, port, backlog=backlog, reuse_port=reuse_port),
+        factory,
+        name=name,
+        accept_batch=accept_batch,
     )
     listener.start()
     return listener
