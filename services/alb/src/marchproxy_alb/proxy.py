@@ -36,7 +36,6 @@ from .http.framing import (
     ambiguous_separators,
     build_request_head,
     build_response_head,
-    build_scanned_response_head,
     decoded_separators,
     encode_chunk,
     error_response,
@@ -358,9 +357,7 @@ class DataPlane:
             req.first_target = target  # the task connects to the target picked here
             return False
         t0 = down.now()
-        rid = head.request_id  # (_request_id(head), inlined for a request without one)
-        rid = b"%s%016x" % (_RID_PREFIX, next(_rid_counter)) if rid is None else _request_id(head)
-        ex = Exchange(self, req, down, route, rid, t0, path)
+        ex = Exchange(self, req, down, route, _request_id(head), t0, path)
         ex.pool = pool
         pool.retry_budget.deposit()
         ex.target = target
@@ -991,19 +988,14 @@ class Exchange:
         if resp.status in (502, 503, 504):
             self.upstream_failed = "5xx"  # gateway errors from the target count as failures
         keep = head.keep_alive and not head.upgrade and self.plane.accepting
-        if resp.fields is not None:  # (build_response_head would hand it over: a call less)
-            data, framing = build_scanned_response_head(
-                resp, head.method, head.version, keep, self.rid, self.ratelimit_headers
-            )
-        else:
-            data, framing = build_response_head(
-                resp,
-                method=head.method,
-                client_version=head.version,
-                keep_alive=keep,
-                request_id=self.rid,
-                extra=self.ratelimit_headers,
-            )
+        data, framing = build_response_head(
+            resp,
+            method=head.method,
+            client_version=head.version,
+            keep_alive=keep,
+            request_id=self.rid,
+            extra=self.ratelimit_headers,
+        )
         if framing == "close" or framing == "tunnel":
             keep = False
         self.started = True

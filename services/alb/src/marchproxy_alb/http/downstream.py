@@ -569,11 +569,7 @@ class DownstreamProtocol(asyncio.Protocol):
         elif self._pending:
             self._dispatch()
         elif not self._in_message:
-            # (_arm_timer(keepalive_timeout), inlined: this runs for every fast request)
-            now = self.now()
-            self._deadline = now + self.plane.limits.keepalive_timeout
-            if self._timer is None or self._timer_at > self._deadline:
-                self._schedule(self.loop, now)
+            self._arm_timer(self.plane.limits.keepalive_timeout)
 
     def hand_over(self, req: PendingRequest) -> None:
         """The fast path cannot finish ``req`` without waiting: the task takes it over."""

@@ -232,9 +232,9 @@ def scan_simple_response(
         return None
     fields = block if cut is None else _cut_fields(block, low, cut)
     reason = data[13:line_end]
-    if not reason:  # rare: the status line we send names a reason (_status_line)
-        fields = b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b"Unknown")) + fields[line_end:]
     head = ResponseHead(status, reason, "1.1", [], keep_alive, False, length, fields)
+    if not reason:  # rare: the status line we send names a reason
+        head.fields = _status_line(head) + fields[line_end:]
     return head, end + 4
 
 
@@ -440,7 +440,7 @@ def build_response_head(
     """The response head for the client and its body framing: "length", "chunked", "close",
     "none" or "tunnel". The caller closes the client connection for "close"."""
     if resp.fields is not None:
-        return build_scanned_response_head(
+        return _build_scanned_response_head(
             resp, method, client_version, keep_alive, request_id, extra
         )
     if resp.status == 101:
@@ -510,7 +510,7 @@ def _status_line(resp: ResponseHead) -> bytes:
     return b"HTTP/1.1 %d %s" % (resp.status, resp.reason or REASONS.get(resp.status, b"Unknown"))
 
 
-def build_scanned_response_head(
+def _build_scanned_response_head(
     resp: ResponseHead,
     method: str,
     client_version: str,

@@ -281,13 +281,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = False
         self.upgrade_rest = None
         self.requests += 1
-        self.head_deadline = head_by  # (expect_head_by, inlined)
-        h = self._head_handle
-        if h is None or self._head_handle_at > head_by:
-            if h is not None:
-                h.cancel()
-            self._head_handle_at = head_by
-            self._head_handle = self.loop.call_at(head_by, self._head_check)
+        self.expect_head_by(head_by)
 
     def head_waiter(self) -> asyncio.Future[ResponseHead]:
         """The head future of the current exchange, made now if it has none yet."""
@@ -591,10 +585,7 @@ class UpstreamPool:
             return
         if conn.reading_paused:
             conn.resume_reading()  # a pause left over from the body channel must not stick
-        # (conn.arm_idle(self.idle_timeout), inlined: this runs for every request)
-        conn.idle_deadline = conn._now() + self.idle_timeout
-        if conn.idle_handle is None:
-            conn.idle_handle = conn.loop.call_at(conn.idle_deadline, conn._idle_check)
+        conn.arm_idle(self.idle_timeout)
         dq.append(conn)
 
     def _closed(self, conn: UpstreamConnection) -> None:
