@@ -892,8 +892,7 @@ class Pool:
             self.manager.check_paused()
             return
         self.idle.append(server)
-        if self.manager._pause_waiters:
-            self.manager.check_paused()
+        self.manager.check_paused()
 
     def release_after_client(self, server: ServerConnection, *, reset: bool) -> None:
         """The linked client left. Reuse the server only if it is idle outside a transaction."""

@@ -228,11 +228,7 @@ class FrontendDecoder:
         length, code = _STARTUP_HEAD.unpack_from(data, 0)
         if length != len(data) or length > self._max_startup or code >> 16 != 3:
             return None
-        params = parse_startup_parameters(data[8:])
-        if "user" not in params:
-            raise RemoteProtocolError("no PostgreSQL user name specified in startup packet")
-        self._state = DecoderState.MESSAGES
-        return StartupMessage(code, params)
+        return self._startup_message(code, data[8:])
 
     def feed_messages(self, data: bytes) -> tuple[list[Message], bytes]:
         """Fast path once startup is over: complete messages and their raw bytes."""
@@ -278,7 +274,12 @@ class FrontendDecoder:
             raise RemoteProtocolError(
                 f"unsupported frontend protocol {major}.{code & 0xFFFF}", sqlstate="0A000"
             )
-        params = parse_startup_parameters(packet[4:])
+        return self._startup_message(code, packet[4:])
+
+    def _startup_message(self, code: int, payload: bytes) -> StartupMessage:
+        """A protocol 3.x StartupMessage's parameters (``payload``): the event, and the state
+        moves on to typed messages."""
+        params = parse_startup_parameters(payload)
         if "user" not in params:
             raise RemoteProtocolError("no PostgreSQL user name specified in startup packet")
         self._state = DecoderState.MESSAGES
