@@ -9,7 +9,7 @@ PROTO_SRC := proto/marchproxy/v1/types.proto proto/marchproxy/v1/module.proto pr
 PROTO_OUT := libs/marchproxy_common/src
 PYTEST_ARGS ?=
 
-.PHONY: help bootstrap install install-pip proto proto-check fmt lint typecheck test test-unit services-up \
+.PHONY: help bootstrap install bench-venv install-pip proto proto-check fmt lint typecheck test test-unit services-up \
 	test-integration run clean $(addprefix run-,$(SERVICES))
 
 help: ## list targets
@@ -20,6 +20,14 @@ bootstrap: ## fetch uv from PyPI into .tools/bin when it is missing (needs only 
 
 install: bootstrap ## create .venv with every workspace member (editable) and the dev tools
 	$(UV) sync --all-packages --frozen --python python3
+
+# The images run python:3.11-slim, a profile-guided and link-time optimised CPython build.
+# Benchmarks should run our services on such a build too: on a Debian host that is
+# /usr/bin/python3.11 (Debian builds it the same way); pyenv builds are unoptimised by default.
+BENCH_PYTHON ?= /usr/bin/python3.11
+
+bench-venv: bootstrap ## .venv-bench: the workspace on $(BENCH_PYTHON), for benchmarks/ (see benchmarks/README.md)
+	UV_PROJECT_ENVIRONMENT=.venv-bench $(UV) sync --all-packages --frozen --python $(BENCH_PYTHON)
 
 install-pip: ## fallback without uv: pip install every member editable into the current env
 	python3 -m pip install -e libs/marchproxy_common $(addprefix -e services/,$(SERVICES))

@@ -262,6 +262,7 @@ def main() -> None:
                 f"   (goal vs nginx: >= 0.5x req/s, <= 2x p99)"
             )
         print(f"load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        print(f"ALB interpreter: {sys.executable} (Python {sys.version.split()[0]})")
     finally:
         stop(procs)
         shutil.rmtree(d, ignore_errors=True)

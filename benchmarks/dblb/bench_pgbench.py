@@ -242,7 +242,8 @@ def main() -> None:
             loop = os.environ.get("MARCHPROXY_LOOP", "asyncio")
             print(
                 f"pgbench -S -c {args.clients} -j 2 -T {args.duration}, transaction mode, "
-                f"pool size {args.pool_size}; DBLB event loop: {loop}\n"
+                f"pool size {args.pool_size}; DBLB event loop: {loop}; interpreter: "
+                f"{sys.executable} (Python {sys.version.split()[0]})\n"
                 f"{args.rounds} round(s), medians; us/xact: pooler CPU (user + system) per "
                 "transaction, sys%: its system share"
             )
