@@ -8,6 +8,7 @@ SERVICES := nlb alb dblb ailb rtmp api
 PROTO_SRC := proto/marchproxy/v1/types.proto proto/marchproxy/v1/module.proto proto/marchproxy/v1/nlb.proto
 PROTO_OUT := libs/marchproxy_common/src
 PYTEST_ARGS ?=
+BENCH_DIRS := $(patsubst %/,%,$(sort $(dir $(wildcard benchmarks/*/*.py))))
 
 .PHONY: help bootstrap install bench-venv install-pip proto proto-check fmt lint typecheck test test-unit services-up \
 	test-integration run clean $(addprefix run-,$(SERVICES))
@@ -45,10 +46,17 @@ fmt: install ## format
 	$(PY) ruff format libs services tests benchmarks scripts
 	$(PY) ruff check --fix libs services tests benchmarks scripts
 
-lint: install ## ruff lint + format check, mypy (strict on the common library, typed services)
+# benchmarks/<dir> are folders of scripts that import each other as top-level modules
+# (`from run import ...`), and one folder may reuse a module name of another: one mypy run
+# per folder, with the folder on MYPYPATH so those imports resolve (tests.conftest resolves
+# from the repository root, mypy's working directory).
+lint: install ## ruff lint + format check, mypy (strict on the common library, typed services, benchmarks)
 	$(PY) ruff check libs services tests benchmarks scripts
 	$(PY) ruff format --check libs services tests benchmarks scripts
 	$(PY) mypy libs/marchproxy_common/src/marchproxy_common $(foreach s,$(SERVICES),services/$(s)/src/marchproxy_$(s))
+	@rc=0; for d in $(BENCH_DIRS); do \
+		echo "mypy $$d"; MYPYPATH=$$d $(PY) mypy $$d || rc=1; \
+	done; exit $$rc
 
 typecheck: lint
 

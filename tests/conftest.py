@@ -247,10 +247,10 @@ class ProxiedEchoBackend:
                 buf += chunk
             assert header.source is not None
             src = header.source
-            self.seen.append((str(src[0]), int(src[1])))  # type: ignore[index]
+            self.seen.append((str(src[0]), int(src[1])))
             rest = buf[used:]
             self.first.append(rest)
-            writer.write(f"{self.name}|{src[0]}:{src[1]}|".encode())  # type: ignore[index]
+            writer.write(f"{self.name}|{src[0]}:{src[1]}|".encode())
             if rest:
                 writer.write(rest)
             while chunk := await reader.read(1 << 18):

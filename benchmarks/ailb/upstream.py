@@ -31,7 +31,7 @@ BODY = json.dumps(
 ).encode()
 
 
-def _chunk(delta: dict, finish: str | None = None) -> bytes:
+def _chunk(delta: dict[str, str], finish: str | None = None) -> bytes:
     obj = {
         "id": "chatcmpl-bench",
         "object": "chat.completion.chunk",

@@ -66,8 +66,8 @@ def main() -> None:
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     procs = [start([nginx, "-c", str(conf), "-p", str(d)])]
     cfg = d / "alb.yaml"
-    route = {"name": "bench", "match_rules": {}}
-    route["backend_config"] = {"target": f"http://127.0.0.1:{backend}"}  # type: ignore[assignment]
+    route: dict[str, object] = {"name": "bench", "match_rules": {}}
+    route["backend_config"] = {"target": f"http://127.0.0.1:{backend}"}
     cfg.write_text(yaml.safe_dump({"version": 1, "routes": [route]}))
     out = d / "callgrind.out"
     argv = [sys.executable, "-m", "marchproxy_alb", "--config", str(cfg)]

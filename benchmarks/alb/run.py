@@ -100,7 +100,9 @@ backend be
 """
 
 
-def start(argv: list[str], env: dict[str, str] | None = None, log: Path | None = None):
+def start(
+    argv: list[str], env: dict[str, str] | None = None, log: Path | None = None
+) -> subprocess.Popen[bytes]:
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
     return subprocess.Popen(
         argv,

@@ -242,11 +242,11 @@ async def run(writes: int, routes: int, use_redis: bool, in_process: bool) -> No
         await stop_clients(clients, readers)
         await runner.cleanup()
         if use_redis:
-            r = Redis.from_url(settings.redis_url)
-            keys = [k async for k in r.scan_iter(f"{prefix}:*")]
+            redis_client = Redis.from_url(settings.redis_url)
+            keys = [k async for k in redis_client.scan_iter(f"{prefix}:*")]
             if keys:
-                await r.delete(*keys)
-            await r.aclose()
+                await redis_client.delete(*keys)
+            await redis_client.aclose()
         with psycopg.connect(f"{PG}/test", autocommit=True) as c:
             c.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
 

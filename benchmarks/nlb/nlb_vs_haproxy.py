@@ -43,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -326,7 +326,7 @@ def main() -> None:
                 per_conn = idle_rss_per_conn(port, pid, idle)
                 results[engine]["rss_bytes_per_idle_conn"] = [per_conn]
                 print(f"rss per idle conn ({idle}) {engine:8} {per_conn:10.0f} B", flush=True)
-            tests = {
+            tests: dict[str, Callable[[str], float]] = {
                 "bulk_gbps": lambda e: iperf3(engines[e][1], args.seconds, False),
                 "bulk_reverse_gbps": lambda e: iperf3(engines[e][1], args.seconds, True),
                 "keepalive_rps": lambda e: wrk(engines[e][0], args.seconds, 50, False)[0],

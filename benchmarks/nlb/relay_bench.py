@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
-from tests.conftest import free_port  # below the ephemeral range: no port races
+from tests.conftest import free_port as free_port  # re-exported; below the ephemeral range
 
 HERE = Path(__file__).resolve().parent
 

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,17 +71,34 @@ def make_source() -> Path:
 
 class Procs:
     def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.procs: list[subprocess.Popen[bytes] | subprocess.Popen[str]] = []
 
-    def start(self, argv: list[str], **kw: object) -> subprocess.Popen[bytes]:
-        kw.setdefault("stdin", subprocess.DEVNULL)
-        kw.setdefault("stdout", subprocess.DEVNULL)
-        kw.setdefault("stderr", subprocess.DEVNULL)
-        p = subprocess.Popen(argv, **kw)  # type: ignore[call-overload]
+    def start(
+        self,
+        argv: list[str],
+        *,
+        stdout: int = subprocess.DEVNULL,
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.DEVNULL, env=env
+        )
         self.procs.append(p)
         return p
 
-    def stop(self, p: subprocess.Popen[bytes]) -> None:
+    def start_text(self, argv: list[str]) -> subprocess.Popen[str]:
+        """Like ``start``, with stdout a text pipe (``p.stdout`` yields ``str`` lines)."""
+        p = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        self.procs.append(p)
+        return p
+
+    def stop(self, p: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
             try:
@@ -183,15 +200,15 @@ def publish(
 
 def loadgen(
     procs: Procs, url: str, players: int, window: float, server_pid: int, progress: Progress
-) -> dict:
+) -> dict[str, Any]:
     argv = [sys.executable, str(HERE / "loadgen.py"), "--url", url, "--players", str(players),
             "--window", str(window), "--warmup", "3", "--uvloop"]  # fmt: skip
-    p = procs.start(argv, stdout=subprocess.PIPE, text=True)
+    p = procs.start_text(argv)
     assert p.stdout is not None
     cpu0 = cpu1 = 0.0
     t0 = t1 = 0.0
     f0 = f1 = 0
-    result: dict = {}
+    result: dict[str, Any] = {}
     for line in p.stdout:
         line = line.strip()
         if line == "window-start":
@@ -217,7 +234,7 @@ def loadgen(
 
 def run_bench(args: argparse.Namespace) -> int:
     levels = [int(x) for x in args.levels.split(",")]
-    results: dict[str, list[dict]] = {}
+    results: dict[str, list[dict[str, Any]]] = {}
     procs = Procs()
     try:
         servers: list[tuple[str, Any]] = [
@@ -260,7 +277,7 @@ def run_bench(args: argparse.Namespace) -> int:
     print("largest N with >=95% of players at >=95% of the published frame rate:", best)
     if "nginx-rtmp" in results and "marchproxy" in results:
 
-        def at(name: str, n: int) -> dict | None:
+        def at(name: str, n: int) -> dict[str, Any] | None:
             return next((r for r in results[name] if r["players"] == n), None)
 
         for n in levels:
@@ -297,7 +314,7 @@ def join_index(source: list[str], first: list[str]) -> int | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def check_server(name: str, server: Any, args: argparse.Namespace) -> dict:
+def check_server(name: str, server: Any, args: argparse.Namespace) -> dict[str, Any]:
     """One finite stream on ``server``: 3 load generator players and one ffmpeg recorder wait
     for it, one of each joins in the middle (``--late-at`` s after the publish starts, mid-GOP).
 
@@ -315,12 +332,12 @@ def check_server(name: str, server: Any, args: argparse.Namespace) -> dict:
             rec_argv = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-rw_timeout",
                         "30000000", "-i", url, "-c", "copy", "-f", "flv", "-y"]  # fmt: skip
             outs = {"ffmpeg": Path(d) / "early.flv", "ffmpeg-late": Path(d) / "late.flv"}
-            lg = procs.start([*lg_argv, "--players", "3"], stdout=subprocess.PIPE, text=True)
+            lg = procs.start_text([*lg_argv, "--players", "3"])
             rec = procs.start([*rec_argv, str(outs["ffmpeg"])])
             time.sleep(2.0)  # the early players wait for the publisher
             pub = publish(procs, url, loop=False, seconds=args.check_seconds)
             time.sleep(args.late_at)
-            lg_late = procs.start([*lg_argv, "--players", "1"], stdout=subprocess.PIPE, text=True)
+            lg_late = procs.start_text([*lg_argv, "--players", "1"])
             rec_late = procs.start([*rec_argv, str(outs["ffmpeg-late"])])
             pub.wait(args.check_seconds + 30)
             for label, p in (("loadgen", lg), ("loadgen-late", lg_late)):
@@ -332,8 +349,8 @@ def check_server(name: str, server: Any, args: argparse.Namespace) -> dict:
                         "first_key": res["first_video_key"][i],
                         "first": {"video": res["video_md5"][i], "audio": res["audio_md5"][i]},
                     }  # fmt: skip
-            for p in (rec, rec_late):
-                p.wait(30)
+            for recorder in (rec, rec_late):
+                recorder.wait(30)
             for label, out in outs.items():
                 got = packet_md5s(out)
                 players[label] = {

@@ -23,7 +23,7 @@ import resource
 import statistics
 import sys
 import time
-from typing import cast
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from marchproxy_common.wire.rtmp.amf0 import decode as amf_decode
@@ -57,7 +57,7 @@ class CountingPlayer(asyncio.Protocol):
         self._writer = ChunkWriter()
         self._chunk_size = 128
         # csid -> [length, type_id, received, ext, parts or None, first 2 bytes, media parts]
-        self._cs: dict[int, list] = {}
+        self._cs: dict[int, list[Any]] = {}
         self._recv = 0
         self._acked = 0
         self._window = 0
@@ -139,6 +139,8 @@ class CountingPlayer(asyncio.Protocol):
             st = [0, 0, 0, False, None, 0, None]
             self._cs[csid] = st
         ext = buf[p] == 255 and buf[p + 1] == 255 and buf[p + 2] == 255 if fmt <= 2 else st[3]
+        length: int
+        type_id: int
         length, type_id = st[0], st[1]
         if fmt <= 1:
             length = (buf[p + 3] << 16) | (buf[p + 4] << 8) | buf[p + 5]
@@ -241,7 +243,7 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-async def main(args: argparse.Namespace) -> dict:
+async def main(args: argparse.Namespace) -> dict[str, Any]:
     u = urlsplit(args.url)
     segs = [s for s in u.path.split("/") if s]
     app, stream = segs[0], "/".join(segs[1:])
