@@ -2,46 +2,44 @@
 
 Errors use seed 002's JSON shape ``{"error", "message", "details"}``; nothing here ever returns
 a stack trace.
+
+Served by aiohttp's low-level server (``aiohttp.web_server.Server``) with a fixed path table:
+four GET paths need no router, and importing ``aiohttp.web`` (application, URL dispatcher,
+file responses with their MIME table, runner, websockets) costs every service ~1.1 MiB of idle
+RSS that nothing else in a data plane uses (measured in the AILB, benchmarks/ailb/README.md).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import structlog
-from aiohttp import web
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import Response, StreamResponse, json_response
+from aiohttp.web_server import Server
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 StatusFn = Callable[[], Mapping[str, Any]]
 ReadyFn = Callable[[], tuple[bool, str]]
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[[BaseRequest], Awaitable[StreamResponse]]
+
+#: how long stop() lets a request in progress finish (idle keep-alive connections close at once)
+SHUTDOWN_TIMEOUT_S = 60.0
 
 _log = structlog.get_logger("marchproxy.admin")
 
 
-def error_response(status: int, error: str, message: str, **details: Any) -> web.Response:
+def error_response(status: int, error: str, message: str, **details: Any) -> Response:
     body = {"error": error, "message": message, "details": details}
-    return web.json_response(body, status=status)
-
-
-@web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
-    except Exception:
-        _log.exception("admin_handler_failed", path=request.path)
-        return error_response(500, "internal_error", "internal error")
+    return json_response(body, status=status)
 
 
 class AdminServer:
-    """A small aiohttp server; extra routes can be added before :meth:`start`."""
+    """A small aiohttp server answering GET (and HEAD) on its four paths."""
 
     def __init__(
         self,
@@ -53,50 +51,72 @@ class AdminServer:
         self._registries = list(registries)
         self._status = status
         self._ready = ready
-        self.app = web.Application(middlewares=[_errors], client_max_size=64 * 1024)
-        self.app.router.add_get("/healthz", self._healthz)
-        self.app.router.add_get("/readyz", self._readyz)
-        self.app.router.add_get("/metrics", self._metrics)
-        self.app.router.add_get("/status", self._status_handler)
-        self._runner: web.AppRunner | None = None
+        self._routes: dict[str, Handler] = {
+            "/healthz": self._healthz,
+            "/readyz": self._readyz,
+            "/metrics": self._metrics,
+            "/status": self._status_handler,
+        }
+        self._server: Server | None = None
+        self._listener: asyncio.AbstractServer | None = None
         self.port = 0
 
     def add_registry(self, registry: CollectorRegistry) -> None:
         self._registries.append(registry)
 
-    async def _healthz(self, request: web.Request) -> web.Response:
-        return web.Response(text="OK")
+    async def _handle(self, request: BaseRequest) -> StreamResponse:
+        handler = self._routes.get(request.path)
+        if handler is None:
+            return error_response(404, "not_found", "Not Found")
+        if request.method not in ("GET", "HEAD"):  # HEAD: aiohttp sends the headers only
+            resp = error_response(405, "method_not_allowed", "Method Not Allowed")
+            resp.headers["Allow"] = "GET,HEAD"
+            return resp
+        try:
+            return await handler(request)
+        except Exception:
+            _log.exception("admin_handler_failed", path=request.path)
+            return error_response(500, "internal_error", "internal error")
 
-    async def _readyz(self, request: web.Request) -> web.Response:
+    async def _healthz(self, request: BaseRequest) -> Response:
+        return Response(text="OK")
+
+    async def _readyz(self, request: BaseRequest) -> Response:
         ok, reason = self._ready()
         if ok:
-            return web.Response(text="OK")
+            return Response(text="OK")
         return error_response(503, "not_ready", reason)
 
-    async def _metrics(self, request: web.Request) -> web.Response:
+    async def _metrics(self, request: BaseRequest) -> Response:
         body = b"".join(generate_latest(r) for r in self._registries)
-        resp = web.Response(body=body)
+        resp = Response(body=body)
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp
 
-    async def _status_handler(self, request: web.Request) -> web.Response:
-        return web.json_response(
+    async def _status_handler(self, request: BaseRequest) -> Response:
+        return json_response(
             _finite(self._status()),
             dumps=lambda o: json.dumps(o, default=str, allow_nan=False),
         )
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True, reuse_port=reuse_port)
-        await site.start()
-        self.port = int(self._runner.addresses[0][1])
+        self._server = Server(self._handle, access_log=None)
+        self._listener = await asyncio.get_running_loop().create_server(
+            self._server, host, port, reuse_address=True, reuse_port=reuse_port
+        )
+        self.port = int(self._listener.sockets[0].getsockname()[1])
         return self.port
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        """Stop listening, close idle connections, let requests in progress finish."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._server is not None:
+            await asyncio.sleep(0)  # requests accepted just before close() start being handled
+            self._server.pre_shutdown()
+            await self._server.shutdown(SHUTDOWN_TIMEOUT_S)
+            self._server = None
 
 
 def _finite(value: Any) -> Any:

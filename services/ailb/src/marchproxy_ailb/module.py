@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import structlog
-from aiohttp import web
+from aiohttp.web_server import Server  # not aiohttp.web: see gateway.py
 from pydantic import ValidationError
 
 from marchproxy.v1 import types_pb2
@@ -94,14 +94,14 @@ class AilbHooks(BaseModuleHooks):
             max_upstream_body=settings.ailb_max_upstream_body_bytes,
         )
         self.config_version: int | None = None
-        self._server: web.Server | None = None
+        self._server: Server | None = None
         self._listener: asyncio.AbstractServer | None = None
         self.address: BoundAddress | None = None
 
     async def start_data_plane(self) -> BoundAddress:
         loop = asyncio.get_running_loop()
         await self.usage.start()  # totals from the usage log before the first request
-        self._server = web.Server(
+        self._server = Server(
             self.gateway.handle,
             handler_cancellation=True,
             keepalive_timeout=CLIENT_KEEPALIVE_S,
