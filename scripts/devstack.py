@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = ROOT / ".run"
 START_TIMEOUT = 60.0
 APPLY_TIMEOUT = 60.0
+PORT_WAIT_TIMEOUT = 70.0  # a TIME_WAIT lasts 60 s on Linux
 
 FIXED_PORTS = {
     "api": 8000,
@@ -67,8 +68,46 @@ def free_port() -> int:
 
 
 def port_in_use(port: int) -> bool:
+    """Whether a server would fail to bind 127.0.0.1:``port``: something listens there, or a
+    socket without SO_REUSEADDR holds it (the fixed gRPC ports 50051.. lie in Linux's ephemeral
+    range, so a client connection, or its TIME_WAIT for 60 s after heavy connection churn,
+    can hold one)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as our servers bind
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def wait_ports_free(ports: dict[str, int]) -> None:
+    """Fail at once when a server already listens on one of ``ports``; wait for ports that
+    only a client socket holds (it ends, or its TIME_WAIT does within a minute)."""
+    deadline = time.monotonic() + PORT_WAIT_TIMEOUT
+    announced = False
+    while True:
+        served = [f"{k}={v}" for k, v in ports.items() if listening(v)]
+        if served:
+            raise SystemExit(f"devstack: ports already in use: {', '.join(served)}")
+        held = [f"{k}={v}" for k, v in ports.items() if port_in_use(v)]
+        if not held:
+            return
+        if time.monotonic() > deadline:
+            raise SystemExit(f"devstack: ports still held by other sockets: {', '.join(held)}")
+        if not announced:
+            print(
+                f"devstack: waiting for {', '.join(held)}: held by client sockets "
+                f"(ss -tanp sport = :PORT shows them), at most {PORT_WAIT_TIMEOUT:.0f} s",
+                flush=True,
+            )
+            announced = True
+        await asyncio.sleep(1.0)
 
 
 # -- demo backends (in this process) --------------------------------------------------------------
@@ -394,9 +433,7 @@ async def main(check: bool, port_base: int | None = None) -> int:
         ports = {k: free_port() for k in FIXED_PORTS}
     else:
         ports = dict(FIXED_PORTS)
-    busy = [f"{k}={v}" for k, v in ports.items() if port_in_use(v)]
-    if busy:
-        raise SystemExit(f"devstack: ports already in use: {', '.join(busy)}")
+    await wait_ports_free(ports)
     password = os.environ.get("MARCHPROXY_ADMIN_PASSWORD") or "marchproxy-admin"
     stack = Stack(ports, password, os.environ.get("CLUSTER_API_KEY", "marchproxy-dev-cluster-key"))
     RUN_DIR.mkdir(exist_ok=True)
