@@ -79,4 +79,4 @@ $(addprefix run-,$(SERVICES)): run-%: install ## run one service in the foregrou
 	$(PY) marchproxy-$*
 
 clean:
-	rm -rf .venv .tools .pytest_cache .mypy_cache .ruff_cache .hypothesis .run
+	rm -rf .venv .venv-bench .tools .pytest_cache .mypy_cache .ruff_cache .hypothesis .run
