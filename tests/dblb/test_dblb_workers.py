@@ -96,8 +96,34 @@ async def test_config_updates_reach_every_worker() -> None:
                 await c.close()
         bad = {"modules": [{"name": "dblb", "config": {"pool_mode": "bogus"}}]}
         assert await h.apply_config(bad)
-        procs = list(h._supervisor.procs)
+        procs = list(h.supervisor.procs)
     assert all(p.returncode is not None for p in procs)  # workers stop with the module
+
+
+async def test_a_worker_that_dies_is_started_again_with_the_config() -> None:
+    """SIGKILL one worker: the main process starts it again; the new one runs the config the
+    module runs (the "app" alias exists only there) and takes its share of the connections."""
+    async with running_dblb(_cfg(), workers=WORKERS) as h:
+        assert h.supervisor is not None
+        old = h.supervisor.procs[0]
+        old.kill()
+        async with asyncio.timeout(30):
+            while h.supervisor.restarts < 1:
+                await asyncio.sleep(0.05)
+        assert await old.wait() == -9
+        assert h.supervisor.procs[0].pid != old.pid and h.supervisor.running() == WORKERS
+        conns = await _connect_many(h.port, 16, unique("mp_dblb_wrestart"))
+        try:
+            assert {worker_of(c.info.backend_pid) for c in conns} == set(range(WORKERS))
+            for c in conns:
+                cur = await c.execute("select current_database()")
+                assert await cur.fetchone() == ("test",)
+        finally:
+            for c in conns:
+                await c.close()
+        text = generate_latest(h.metrics_registry).decode()
+        assert "marchproxy_dblb_worker_restarts_total 1.0" in text
+        assert f"marchproxy_dblb_workers {WORKERS}.0" in text
 
 
 async def _wait_sleeping(app: str, sleeper: asyncio.Future[Any] | None = None) -> bool:

@@ -114,6 +114,18 @@ class DblbCollector(Collector):
         yield CounterMetricFamily(
             "marchproxy_dblb_auth_failures", "Failed client authentications", value=h.auth_failures
         )
+        supervisor = h.supervisor
+        if supervisor is not None:
+            yield GaugeMetricFamily(
+                "marchproxy_dblb_workers",
+                "Data-plane processes running (the main process included)",
+                value=supervisor.running(),
+            )
+            yield CounterMetricFamily(
+                "marchproxy_dblb_worker_restarts",
+                "Worker processes started again after they died",
+                value=supervisor.restarts,
+            )
         yield CounterMetricFamily(
             "marchproxy_dblb_cancels_forwarded",
             "Cancel requests forwarded",

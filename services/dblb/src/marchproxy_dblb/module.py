@@ -11,7 +11,7 @@ import shutil
 import ssl
 import tempfile
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -34,6 +34,9 @@ from .frontends.admin import PAUSE_TIMEOUT
 from .frontends.postgres import PostgresClient
 from .metrics import DblbCollector
 from .pool import PoolManager, send_cancel
+
+if TYPE_CHECKING:
+    from .workers import WorkerSupervisor
 
 _log = structlog.get_logger("marchproxy.dblb")
 #: Distinct prepared-statement texts remembered for pool-wide names before starting over.
@@ -74,7 +77,8 @@ class DblbHooks(BaseModuleHooks):
         self.peer_dir = peer_dir
         self._own_peer_dir = False
         self._peer_server: asyncio.AbstractServer | None = None
-        self._supervisor: Any = None
+        #: the other workers' processes (main process, ``workers`` > 1)
+        self.supervisor: WorkerSupervisor | None = None
         self._supervisor_seq = 0
         self.metrics_registry = CollectorRegistry(auto_describe=False)
         self.metrics_registry.register(DblbCollector(self))
@@ -155,13 +159,13 @@ class DblbHooks(BaseModuleHooks):
             except BaseException:
                 await self.close()  # our listener, cancel socket and directory
                 raise
-            self._supervisor = supervisor
+            self.supervisor = supervisor
 
     async def apply_config(self, snapshot: Mapping[str, Any]) -> list[str]:
         errors = self.apply_snapshot(snapshot)
-        if not errors and self._supervisor is not None:
+        if not errors and self.supervisor is not None:
             # the workers validate the same snapshot; wait until they all run it
-            errors = await self._supervisor.wait_applied(self._supervisor_seq)
+            errors = await self.supervisor.wait_applied(self._supervisor_seq)
         return errors
 
     def apply_snapshot(self, snapshot: Mapping[str, Any]) -> list[str]:
@@ -178,8 +182,8 @@ class DblbHooks(BaseModuleHooks):
         if self._mysql is not None:
             self._mysql.apply(config)
         self._last_snapshot = snapshot
-        if self._supervisor is not None:
-            self._supervisor_seq = self._supervisor.broadcast(snapshot)
+        if self.supervisor is not None:
+            self._supervisor_seq = self.supervisor.broadcast(snapshot)
         return []
 
     def load(self) -> LoadReport:
@@ -245,8 +249,8 @@ class DblbHooks(BaseModuleHooks):
 
     async def close(self) -> None:
         await self.stop_accepting()
-        if self._supervisor is not None:
-            await self._supervisor.stop()
+        if self.supervisor is not None:
+            await self.supervisor.stop()
         for client in list(self.manager.clients.values()):
             if client.transport is not None:
                 client.transport.close()
@@ -373,8 +377,8 @@ class DblbHooks(BaseModuleHooks):
             }
             for m in self.mysql_pool_rows()
         ]
-        if self._supervisor is not None:
-            rows += self._supervisor.worker_reports()
+        if self.supervisor is not None:
+            rows += self.supervisor.worker_reports()
         merged: dict[tuple[str, ...], dict[str, Any]] = {}
         for row in rows:
             key = tuple(str(v) for v in row["labels"])
@@ -447,8 +451,8 @@ class DblbHooks(BaseModuleHooks):
                 return ["the main DBLB process did not answer"]
             return [str(e) for e in answer.get("errors") or []]
         errors = self._reload()
-        if not errors and self._supervisor is not None:
-            errors = await self._supervisor.wait_applied(self._supervisor_seq)
+        if not errors and self.supervisor is not None:
+            errors = await self.supervisor.wait_applied(self._supervisor_seq)
         return errors
 
     def _reload(self) -> list[str]:

@@ -7,7 +7,11 @@ plane on the same port. The kernel spreads new connections over the listeners.
 - **Limits are shared by splitting them**: each worker gets its part of every pool size,
   ``min_pool_size`` and ``max_client_conn`` (:meth:`PoolManager.share_of`).
 - **Config**: the main process sends each snapshot it applies to every worker (JSON lines on
-  the worker's stdin); a worker exits when its stdin closes (the main process stopped).
+  the worker's stdin); a worker applies the first one before it listens, and exits when its
+  stdin closes (the main process stopped).
+- **Restarts**: a worker that dies is started again, after a delay that doubles while it keeps
+  dying soon after its start (``dblb_worker_exited`` / ``dblb_worker_restarted`` in the log,
+  ``marchproxy_dblb_worker_restarts_total`` on ``/metrics``).
 - **Stats**: workers report their pools every second (JSON lines on stdout); ``/metrics`` of
   the main process sums them with its own.
 - **Cancel requests**: the fake backend pid carries the worker index in its low bits; a
@@ -48,6 +52,10 @@ MAX_WORKERS = 1 << WORKER_BITS
 WORKER_START_TIMEOUT = 30.0
 #: Seconds a worker has to exit after its stdin closed, before it is killed.
 WORKER_STOP_TIMEOUT = 10.0
+#: Seconds before a worker that died is started again; doubled (up to RESTART_MAX_DELAY) while
+#: it keeps dying within RESTART_MAX_DELAY of its start.
+RESTART_DELAY = 0.5
+RESTART_MAX_DELAY = 30.0
 #: Seconds between pool reports from a worker.
 REPORT_INTERVAL = 1.0
 #: Largest line on a worker pipe (a config snapshot or a pool report).
@@ -141,56 +149,122 @@ async def forward_cancel(path: str, pid: int, key: int) -> None:
 
 
 class WorkerSupervisor:
-    """The main process's side: start the workers, feed them config, collect their reports."""
+    """The main process's side: start the workers, feed them config, collect their reports,
+    and start a worker again when it dies (as nginx's master process does): its share of the
+    pool limits and its core would otherwise stay lost until the module restarts."""
 
     def __init__(self, hooks: DblbHooks, host: str, port: int, count: int, peer_dir: str) -> None:
         self.hooks = hooks
         self.host, self.port, self.count, self.peer_dir = host, port, count, peer_dir
+        #: worker ``index`` runs as ``procs[index - 1]``
         self.procs: list[asyncio.subprocess.Process] = []
         #: worker index -> its latest pool report
         self.reports: dict[int, list[dict[str, Any]]] = {}
-        self._readers: list[asyncio.Task[None]] = []
+        #: workers started again after they died
+        self.restarts = 0
+        self._watchers: list[asyncio.Task[None]] = []
         self._seq = 0
+        #: the latest snapshot as sent; a (re)started worker gets it before it listens
+        self._config_line = b'{"snapshot": null, "seq": 0}\n'
         #: worker index -> the last snapshot sequence number it applied (and its errors)
         self.applied: dict[int, tuple[int, list[str]]] = {}
         self._changed = asyncio.Event()
 
     async def start(self, snapshot: Mapping[str, Any] | None) -> None:
-        for index in range(1, self.count):
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "marchproxy_dblb.workers",
-                str(index),
-                str(self.count),
-                self.host,
-                str(self.port),
-                self.peer_dir,
-                self.hooks.settings.proxy_protocol,
-                self.hooks.settings.proxy_trusted_sources,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                limit=MAX_PIPE_LINE,
-            )
-            self.procs.append(proc)
+        if snapshot is not None:
+            self._set_config(snapshot)
         try:
+            for index in range(1, self.count):
+                self.procs.append(await self._spawn(index))
             async with asyncio.timeout(WORKER_START_TIMEOUT):
-                for proc in self.procs:
-                    assert proc.stdout is not None
-                    line = b"-"
-                    while line and not line.startswith(b'{"ready"'):
-                        line = await proc.stdout.readline()
-                    if not line:
-                        raise RuntimeError(f"DBLB worker exited at start ({proc.returncode})")
+                for index, proc in enumerate(self.procs, start=1):
+                    await self._until_ready(index, proc)
         except BaseException:
             await self.stop()
             raise
-        for index, proc in enumerate(self.procs, start=1):
-            self._readers.append(spawn(self._read(index, proc), name=f"dblb worker {index}"))
-        if snapshot is not None:
-            await self.wait_applied(self.broadcast(snapshot))
+        for index in range(1, self.count):
+            self._watchers.append(spawn(self._watch(index), name=f"dblb worker {index}"))
+
+    async def _spawn(self, index: int) -> asyncio.subprocess.Process:
+        """Start worker ``index`` and hand it the current config (it applies that first)."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "marchproxy_dblb.workers",
+            str(index),
+            str(self.count),
+            self.host,
+            str(self.port),
+            self.peer_dir,
+            self.hooks.settings.proxy_protocol,
+            self.hooks.settings.proxy_trusted_sources,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=MAX_PIPE_LINE,
+        )
+        assert proc.stdin is not None
+        proc.stdin.write(self._config_line)
+        return proc
+
+    async def _until_ready(self, index: int, proc: asyncio.subprocess.Process) -> None:
+        """Until worker ``index`` listens, with the config it was given applied."""
+        assert proc.stdout is not None
+        while line := await proc.stdout.readline():
+            if line.startswith(b'{"ready"'):
+                msg = json.loads(line)
+                self.applied[index] = (int(msg["applied"]), list(msg.get("errors") or []))
+                self._changed.set()
+                return
+        raise RuntimeError(f"DBLB worker exited at start ({await proc.wait()})")
+
+    async def _watch(self, index: int) -> None:
+        """Read worker ``index``'s reports; when it dies, start it again after a delay that
+        doubles while it keeps dying within RESTART_MAX_DELAY of its start."""
+        loop = asyncio.get_running_loop()
+        delay = RESTART_DELAY
+        while True:
+            proc = self.procs[index - 1]
+            started = loop.time()
+            await self._read(index, proc)
+            self.reports.pop(index, None)
+            try:  # its exit code (negative: the signal that ended it), once reaped
+                async with asyncio.timeout(WORKER_STOP_TIMEOUT):
+                    returncode = await proc.wait()
+            except TimeoutError:  # it closed its stdout but lives on: no use to us
+                returncode = await _kill(proc)
+            self._changed.set()  # wait_applied stops waiting for it
+            if loop.time() - started > RESTART_MAX_DELAY:
+                delay = RESTART_DELAY
+            _log.warning(
+                "dblb_worker_exited", worker=index, returncode=returncode, restart_in=delay
+            )
+            while True:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RESTART_MAX_DELAY)
+                try:
+                    new = await self._spawn(index)
+                except OSError as exc:
+                    _log.error("dblb_worker_start_failed", worker=index, error=str(exc))
+                    continue
+                # in place at once: a snapshot sent while it starts reaches it too
+                self.procs[index - 1] = new
+                self.applied.pop(index, None)
+                try:
+                    async with asyncio.timeout(WORKER_START_TIMEOUT):
+                        await self._until_ready(index, new)
+                except (RuntimeError, TimeoutError, ValueError, KeyError) as exc:
+                    _log.error("dblb_worker_start_failed", worker=index, error=str(exc))
+                    await _kill(new)
+                    continue
+                except BaseException:  # cancelled: the supervisor stops
+                    await _kill(new)
+                    raise
+                break
+            self.restarts += 1
+            _log.info("dblb_worker_restarted", worker=index, pid=new.pid)
 
     async def _read(self, index: int, proc: asyncio.subprocess.Process) -> None:
+        """Worker ``index``'s pool reports and config acknowledgements, until its stdout ends."""
         assert proc.stdout is not None
         while True:
             try:
@@ -198,8 +272,6 @@ class WorkerSupervisor:
             except ValueError:  # a line over MAX_PIPE_LINE: skip it
                 continue
             if not line:
-                _log.warning("dblb_worker_exited", worker=index, returncode=proc.returncode)
-                self.reports.pop(index, None)
                 return
             with contextlib.suppress(ValueError):
                 msg = json.loads(line)
@@ -209,10 +281,15 @@ class WorkerSupervisor:
                     self.applied[index] = (msg["applied"], list(msg.get("errors") or []))
                     self._changed.set()
 
-    def broadcast(self, snapshot: Mapping[str, Any]) -> int:
-        """Send ``snapshot`` to every worker; returns its sequence number."""
+    def _set_config(self, snapshot: Mapping[str, Any]) -> bytes:
         self._seq += 1
         line = json.dumps({"snapshot": snapshot, "seq": self._seq}, default=str).encode() + b"\n"
+        self._config_line = line
+        return line
+
+    def broadcast(self, snapshot: Mapping[str, Any]) -> int:
+        """Send ``snapshot`` to every worker; returns its sequence number."""
+        line = self._set_config(snapshot)
         for proc in self.procs:
             if proc.stdin is not None and proc.returncode is None:
                 with contextlib.suppress(ConnectionError):
@@ -220,7 +297,8 @@ class WorkerSupervisor:
         return self._seq
 
     async def wait_applied(self, seq: int) -> list[str]:
-        """Until every running worker applied snapshot ``seq``; their errors (or a timeout)."""
+        """Until every running worker applied snapshot ``seq``; their errors (or a timeout).
+        A worker being started again gets the latest snapshot before it listens."""
         try:
             async with asyncio.timeout(APPLY_TIMEOUT):
                 while True:
@@ -234,10 +312,17 @@ class WorkerSupervisor:
             return [f"workers did not apply the config within {APPLY_TIMEOUT:g}s"]
         return [f"worker {i}: {e}" for i in sorted(self.applied) for e in self.applied[i][1]]
 
+    def running(self) -> int:
+        """Workers alive now, the main process included."""
+        return 1 + sum(p.returncode is None for p in self.procs)
+
     def worker_reports(self) -> list[dict[str, Any]]:
         return [row for rows in self.reports.values() for row in rows]
 
     async def stop(self) -> None:
+        for task in self._watchers:  # (no restarts from here on)
+            task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
         for proc in self.procs:
             if proc.stdin is not None:
                 with contextlib.suppress(ConnectionError):
@@ -247,10 +332,13 @@ class WorkerSupervisor:
                 async with asyncio.timeout(WORKER_STOP_TIMEOUT):
                     await proc.wait()
             except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        for task in self._readers:
-            task.cancel()
+                await _kill(proc)
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> int:
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    return await proc.wait()
 
 
 async def _worker_main(argv: list[str]) -> int:
@@ -276,8 +364,24 @@ async def _worker_main(argv: list[str]) -> int:
     control = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     out, _ = await loop.connect_write_pipe(asyncio.BaseProtocol, control)
+
+    def apply(line: bytes) -> dict[str, Any]:
+        msg = json.loads(line)
+        errors: list[str] = []
+        if isinstance(msg, dict) and isinstance(msg.get("snapshot"), dict):
+            errors = hooks.apply_snapshot(msg["snapshot"])
+            if errors:
+                _log.warning("worker_config_rejected", worker=index, errors=errors)
+        return {"applied": msg.get("seq", 0) if isinstance(msg, dict) else 0, "errors": errors}
+
+    # the first line is the config the main process runs: apply it before listening, so that
+    # no client lands on a worker without it (a restarted worker joins a port in use)
+    line = await reader.readline()
+    if not line:
+        return 0  # the main process stopped before we started
+    first = apply(line)
     await hooks.start_data_plane()
-    out.write(json.dumps({"ready": int(index)}).encode() + b"\n")
+    out.write(json.dumps({"ready": int(index), **first}).encode() + b"\n")
 
     async def report() -> None:
         while True:
@@ -287,16 +391,11 @@ async def _worker_main(argv: list[str]) -> int:
     reporter = spawn(report(), name=f"dblb worker {index} report")
     try:
         while line := await reader.readline():
-            msg = json.loads(line)
-            if isinstance(msg, dict) and isinstance(msg.get("snapshot"), dict):
-                errors = hooks.apply_snapshot(msg["snapshot"])
-                if errors:
-                    _log.warning("worker_config_rejected", worker=index, errors=errors)
-                ack = {"applied": msg.get("seq", 0), "errors": errors}
-                out.write(json.dumps(ack).encode() + b"\n")
+            out.write(json.dumps(apply(line)).encode() + b"\n")
     finally:
         reporter.cancel()
         await hooks.close()
+    _log.info("dblb_worker_stopped", worker=index, reason="its stdin closed")
     return 0
 
 
