@@ -25,7 +25,8 @@ from marchproxy_common.tasks import cancel_and_wait, spawn
 from .balancer import BackendPool
 from .config import Limits
 from .health import run_health_checks
-from .http.downstream import ClientGone, DownstreamProtocol, PendingRequest
+from .http.downstream import DownstreamProtocol, PendingRequest
+from .http.errors import ClientGone
 from .http.framing import (
     CONTINUE_100,
     IDEMPOTENT_METHODS,
@@ -284,7 +285,7 @@ class DataPlane:
         self._health_tasks = live
 
     async def close(self) -> None:
-        await cancel_and_wait(*(task for *_, task in self._health_tasks.values()))
+        await cancel_and_wait(*[task for *_, task in self._health_tasks.values()])
         if self.cluster_limiter is not None:
             await self.cluster_limiter.close()
             self.cluster_limiter = None
@@ -730,7 +731,7 @@ class Exchange:
                     conn, reused = await plane.upstreams.acquire(
                         target, min(b.connect_timeout, left), b.tls_server_name
                     )
-            except (OSError, TimeoutError) as exc:
+            except (OSError, TimeoutError) as connect_error:  # (not ``exc``: one type a name)
                 pool.end(target)
                 self._target_failed("connect")
                 tried.append(target)
@@ -739,7 +740,7 @@ class Exchange:
                     self.retries += 1
                     plane.metrics.retries.labels(route.name).inc()
                     continue
-                if isinstance(exc, TimeoutError):
+                if isinstance(connect_error, TimeoutError):
                     plane.refused("upstream_connect_timeout")
                     raise _Reply(504, "upstream_timeout", "upstream connect timed out") from None
                 plane.refused("upstream_unreachable")

@@ -480,9 +480,7 @@ def compile_route(raw: Mapping[str, Any], defaults: Mapping[str, Any] | None = N
             max_body_size=int(max_body),
             raw=raw,
         )
-    except RouteConfigError as exc:
-        raise RouteConfigError(f"route {name}: {exc}") from None
-    except (re.error, TypeError, ValueError, KeyError) as exc:
+    except (RouteConfigError, re.error, TypeError, ValueError, KeyError) as exc:
         raise RouteConfigError(f"route {name}: {exc}") from None
 
 

@@ -31,6 +31,7 @@ import structlog
 from marchproxy_common.net.proxied import client_address
 from marchproxy_common.tasks import spawn
 
+from .errors import ClientGone
 from .flow import BodyChannel, WriteFlow, loop_clock
 from .framing import (
     ForwardInfo,
@@ -63,10 +64,6 @@ def _noop() -> None:
 #: never fed, never paused, so one instance serves them all
 EMPTY_BODY = BodyChannel(_noop, _noop)
 EMPTY_BODY.feed_eof()
-
-
-class ClientGone(ConnectionError):
-    """The client connection closed or broke while we were using it."""
 
 
 class _Refused(Exception):

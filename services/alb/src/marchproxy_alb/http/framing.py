@@ -231,7 +231,9 @@ def scan_simple_response(
     if length is None or len(data) - end - 4 != length:
         return None
     fields = block if cut is None else _cut_fields(block, low, cut)
-    reason = data[13:line_end]
+    # (guarded: "HTTP/1.1 200\r\n" puts line_end before 13, and compiled by mypyc a bytes
+    # slice that ends before it starts raises SystemError instead of giving b"")
+    reason = data[13:line_end] if line_end > 13 else b""
     head = ResponseHead(status, reason, "1.1", [], keep_alive, False, length, fields)
     if not reason:  # rare: the status line we send names a reason
         head.fields = _status_line(head) + fields[line_end:]
