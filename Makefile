@@ -10,7 +10,7 @@ PROTO_OUT := libs/marchproxy_common/src
 PYTEST_ARGS ?=
 BENCH_DIRS := $(patsubst %/,%,$(sort $(dir $(wildcard benchmarks/*/*.py))))
 
-.PHONY: help bootstrap install bench-venv install-pip proto proto-check fmt lint typecheck test test-unit services-up \
+.PHONY: help bootstrap install bench-venv native install-pip proto proto-check fmt lint typecheck test test-unit services-up \
 	test-integration run clean $(addprefix run-,$(SERVICES))
 
 help: ## list targets
@@ -63,8 +63,24 @@ typecheck: lint
 services-up: ## start local Postgres/Redis/MariaDB if they are installed but down
 	@bash scripts/ensure-services.sh
 
-test: install services-up ## run the whole test suite (real Postgres/Redis/MariaDB on 127.0.0.1)
+test: install services-up native ## run the whole test suite (real Postgres/Redis/MariaDB on 127.0.0.1)
 	$(PY) pytest -n 2 $(PYTEST_ARGS)
+	@echo "=== tests/alb again, on the compiled build the image ships (make native)"
+	PYTHONPATH=$(NATIVE_ALB) ALB_EXPECT_BUILD=compiled $(PY) pytest -n 2 tests/alb $(PYTEST_ARGS)
+
+# The ALB's per-request modules compiled with mypyc (services/alb/build_native.py) in a copy of its
+# and the shared library's sources: PYTHONPATH=.native/alb runs them; git holds only sources.
+NATIVE_ALB := .native/alb
+NATIVE_SOURCES := $(shell find services/alb/src libs/marchproxy_common/src -name '*.py')
+
+native: $(NATIVE_ALB)/.built ## compile the ALB's per-request modules with mypyc into .native/alb
+
+$(NATIVE_ALB)/.built: $(NATIVE_SOURCES) services/alb/build_native.py uv.lock | install
+	rm -rf $(NATIVE_ALB) && mkdir -p $(NATIVE_ALB)
+	cp -r services/alb/src/. libs/marchproxy_common/src/. $(NATIVE_ALB)/
+	find $(NATIVE_ALB) -name __pycache__ -prune -exec rm -rf {} +
+	$(PY) python services/alb/build_native.py $(NATIVE_ALB)
+	touch $@
 
 test-unit: install
 	$(PY) pytest -m "not integration and not e2e" $(PYTEST_ARGS)
@@ -79,4 +95,4 @@ $(addprefix run-,$(SERVICES)): run-%: install ## run one service in the foregrou
 	$(PY) marchproxy-$*
 
 clean:
-	rm -rf .venv .venv-bench .tools .pytest_cache .mypy_cache .ruff_cache .hypothesis .run
+	rm -rf .venv .venv-bench .native .tools .pytest_cache .mypy_cache .ruff_cache .hypothesis .run

@@ -150,6 +150,11 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop"])
     ap.add_argument(
+        "--src",
+        default="",
+        help="PYTHONPATH for the ALB: .native/alb for the compiled build (make native)",
+    )
+    ap.add_argument(
         "--proxies",
         default="nginx,haproxy,alb",
         help="comma-separated subset of nginx,haproxy,alb (e.g. alb alone while profiling)",
@@ -209,6 +214,7 @@ def main() -> None:
                     "ALB_ACCESS_LOG": "false",
                     "LOG_LEVEL": "WARNING",
                     "MARCHPROXY_LOOP": args.loop,
+                    "PYTHONPATH": args.src,
                 },
                 d / "alb.log",
             )

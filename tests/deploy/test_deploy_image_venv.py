@@ -22,6 +22,7 @@ pytestmark = pytest.mark.integration
 
 SERVICES = sorted(p.parent.name for p in (ROOT / "services").glob("*/pyproject.toml"))
 SYNC_TIMEOUT = 180.0
+NATIVE_TIMEOUT = 300.0
 # never part of an image (.dockerignore)
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", ".venv", "*.egg-info", ".pytest_cache")
 
@@ -88,6 +89,8 @@ def test_image_build_stage_yields_a_complete_service_venv(service: str, tmp_path
     assert (venv / "bin" / f"marchproxy-{service}").exists()
     # non-editable: the code lives in the venv, not in the build context
     shutil.rmtree(src)
+    if service == "alb":
+        _native_stage(venv)
     check = subprocess.run(
         [
             str(venv / "bin" / "python"),
@@ -103,3 +106,57 @@ def test_image_build_stage_yields_a_complete_service_venv(service: str, tmp_path
         check=False,
     )
     assert check.returncode == 0 and check.stdout.strip() == "ok", check.stderr[-4000:]
+    if service == "alb":  # the image runs the compiled per-request modules
+        kind = subprocess.run(
+            [str(venv / "bin" / "python"), "-c", BUILD_KIND],
+            cwd=tmp_path,
+            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert kind.stdout.strip() == "compiled", kind.stdout + kind.stderr[-4000:]
+
+
+BUILD_KIND = "from marchproxy_alb.module import build_kind; print(build_kind())"
+
+
+def _locked_version(name: str) -> str:
+    lock = (ROOT / "uv.lock").read_text(encoding="utf-8")
+    m = re.search(rf'^name = "{re.escape(name)}"\nversion = "([^"]+)"', lock, re.M)
+    assert m, name
+    return m.group(1)
+
+
+def _native_stage(venv: Path) -> None:
+    """The ALB Dockerfile's native stage, run here: its tools are the locked versions (the
+    development venv's mypy and setuptools) and its command compiles in the venv."""
+    text = (ROOT / "services" / "alb" / "Dockerfile").read_text(encoding="utf-8")
+    native = text.split(" AS native\n")[1].split("\nFROM ")[0]
+    pins = dict(re.findall(r"\b(mypy|setuptools)==([\d.]+)", native))
+    assert pins == {n: _locked_version(n) for n in ("mypy", "setuptools")}, pins
+    (cmd,) = re.findall(r"^RUN /opt/native-tools/bin/python (.*?)(?<!\\)$", native, re.M | re.S)
+    argv = shlex.split(cmd.replace("\\\n", " "))
+    assert argv == [
+        "/tmp/build_native.py",
+        "/opt/venv/lib/python3.11/site-packages",
+        "--python-executable",
+        "/opt/venv/bin/python",
+    ], argv
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    script = ROOT / "services" / "alb" / "build_native.py"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(site),
+            "--python-executable",
+            str(venv / "bin" / "python"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=NATIVE_TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

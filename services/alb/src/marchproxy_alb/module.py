@@ -34,6 +34,15 @@ from .tls import SniSelector, SniTable, TlsConfigError
 
 log = structlog.get_logger("marchproxy.alb.module")
 
+
+def build_kind() -> str:
+    """``compiled`` when the per-request modules run as mypyc extension modules
+    (services/alb/build_native.py, as the image builds them), else ``interpreted``."""
+    from . import proxy
+
+    return "interpreted" if (proxy.__file__ or "").endswith(".py") else "compiled"
+
+
 #: per-request garbage is mostly acyclic and freed by refcounting; collect young objects
 #: less often than the default 700 allocations
 GC_GEN0_THRESHOLD = 20_000
@@ -125,7 +134,7 @@ class AlbHooks(BaseModuleHooks):
             self._servers.append(tls_server)
             h, p = tls_server.sockets[0].getsockname()[:2]
             self.tls_address = BoundAddress(h, p)
-        log.info("alb_listening", data=f"{host}:{port}", tls=self.tls_address)
+        log.info("alb_listening", data=f"{host}:{port}", tls=self.tls_address, build=build_kind())
         # (the runtime freezes the start-up heap once started, see freeze_startup_heap)
         if self.tune_gc:  # process-wide, so only when we own the process (__main__)
             gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
@@ -269,6 +278,7 @@ class AlbHooks(BaseModuleHooks):
     def status(self) -> dict[str, Any]:
         p = self.plane
         return {
+            "build": build_kind(),
             "routes": [r.name for r in p.table.routes],
             "backends": {name: pool.snapshot() for name, pool in p.pools.items()},
             "upstream_connections": p.upstreams.open_connections,
