@@ -20,7 +20,7 @@ import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import structlog
 
@@ -101,10 +101,12 @@ class QueryFailed(Exception):
 class Expect:
     """Items in the per-link queue of responses we must align: Parse and Sync boundaries."""
 
-    REAL = 0  # a client's Parse: forward its ParseComplete
-    INJECTED = 1  # our re-Parse: swallow its ParseComplete
-    FAKE = 2  # a client's Parse we did not send: synthesize ParseComplete in its place
-    SYNC = 3  # Sync/Query/FunctionCall: ends with ReadyForQuery
+    REAL: ClassVar[int] = 0  # a client's Parse: forward its ParseComplete
+    INJECTED: ClassVar[int] = 1  # our re-Parse: swallow its ParseComplete
+    FAKE: ClassVar[int] = (
+        2  # a client's Parse we did not send: synthesize ParseComplete in its place
+    )
+    SYNC: ClassVar[int] = 3  # Sync/Query/FunctionCall: ends with ReadyForQuery
 
 
 #: the item a Sync/Query/FunctionCall puts in ``ServerConnection.expect`` (one shared tuple)
@@ -654,334 +656,6 @@ async def send_cancel(host: str, port: int, pid: int, key: int) -> None:
         _log.info("cancel_forward_failed", error=str(exc))
 
 
-@dataclass(slots=True)
-class _Waiter:
-    client: PostgresClient
-    since: float
-    timer: asyncio.TimerHandle | None = None
-
-
-@dataclass(eq=False)
-class Pool:
-    manager: PoolManager
-    database: str  # client-facing alias
-    user: str  # client user
-    dbname: str
-    host: str
-    port: int
-    server_user: str
-    server_password: str | None
-    mode: PoolMode
-    size: int
-    min_size: int
-    config: DblbConfig
-    startup_params: dict[str, str] = field(default_factory=dict)
-    idle: collections.deque[ServerConnection] = field(default_factory=collections.deque)
-    servers: set[ServerConnection] = field(default_factory=set)
-    waiters: collections.deque[_Waiter] = field(default_factory=collections.deque)
-    connecting: int = 0
-    stats: PoolStats = field(default_factory=PoolStats)
-    server_params: dict[str, str] | None = None
-    last_login_error: tuple[str, str] | None = None
-    clients: int = 0
-    #: passthrough auth: keyed digest of a password the server accepted -> when
-    verified_passwords: dict[bytes, float] = field(default_factory=dict)
-    _digest_key: bytes = field(default_factory=lambda: secrets.token_bytes(16))
-    #: ``server_password`` was learnt from a client (passthrough, auth_query), not configured
-    password_learnt: bool = False
-    #: auth_query with a SCRAM verifier: (ClientKey, ServerKey) recovered from a client's proof
-    scram_keys: tuple[bytes, bytes] | None = None
-    #: server statement names some server of this pool parsed successfully
-    known_statements: set[bytes] = field(default_factory=set)
-    #: replaced by a config change: serves the clients it has until they leave or move on,
-    #: and closes servers nobody waits for
-    retired: bool = False
-    role: str = "primary"
-    #: since when the janitor has seen this pool empty (no clients, waiters or busy servers)
-    empty_since: float | None = None
-    welcome_cache: dict[tuple[tuple[str, str], ...], bytes] = field(default_factory=dict)
-    #: PoolManager.has_replicas' answer for this pool, and the config it holds for
-    replicas_known: tuple[DblbConfig, bool] | None = None
-    #: ``config`` and its server_lifetime, read at every release (see release())
-    _lifetime: tuple[DblbConfig | None, float] = (None, 0.0)
-
-    @property
-    def name(self) -> str:
-        return f"{self.database}/{self.user}"
-
-    @property
-    def paused(self) -> bool:
-        """PAUSE (everything) or PAUSE <this database> is in force."""
-        m = self.manager
-        return m.paused or (bool(m.paused_databases) and self.database in m.paused_databases)
-
-    def counts(self) -> dict[str, int]:
-        active = sum(1 for s in self.servers if s.state == "active")
-        return {
-            "cl_active": self.clients - len(self.waiters),
-            "cl_waiting": len(self.waiters),
-            "sv_active": active,
-            "sv_idle": len(self.idle),
-            "sv_used": sum(1 for s in self.servers if s.state == "reset"),
-            "sv_login": self.connecting,
-        }
-
-    # ---- acquire / release ------------------------------------------------------------------
-
-    def request(self, client: PostgresClient) -> None:
-        """Give ``client`` a server now or queue it; it gets ``on_server`` or an error."""
-        if not self.paused:
-            while self.idle:
-                # LIFO like PgBouncer (server_round_robin = 0): the most recently used server
-                # is warm, and idle ones age out through server_idle_timeout
-                server = self.idle.pop()
-                if server.state == "idle":
-                    self._link(server, client)
-                    return
-        waiter = _Waiter(client, time.monotonic())
-        loop = asyncio.get_running_loop()
-        waiter.timer = loop.call_later(self.config.query_wait_timeout, self._wait_timeout, waiter)
-        self.waiters.append(waiter)
-        self.stats.wait_count += 1
-        self._grow()
-
-    def cancel_wait(self, client: PostgresClient) -> None:
-        for w in list(self.waiters):
-            if w.client is client:
-                self.waiters.remove(w)
-                if w.timer is not None:
-                    w.timer.cancel()
-
-    def _wait_timeout(self, waiter: _Waiter) -> None:
-        if waiter in self.waiters:
-            self.waiters.remove(waiter)
-            self.stats.wait_timeouts += 1
-            waiter.client.fail(
-                "08P01",
-                f"query_wait_timeout: no server connection for pool {self.name} "
-                f"within {self.config.query_wait_timeout:g}s",
-            )
-
-    def _grow(self) -> None:
-        if self.paused or self.manager.closed:
-            return
-        missing = min(len(self.waiters), self.size - len(self.servers) - self.connecting)
-        want_min = self.min_size - len(self.servers) - self.connecting
-        for _ in range(max(missing, want_min, 0)):
-            self.connecting += 1
-            spawn(self._open_server(), name=f"dblb connect {self.name}")
-
-    async def _open_server(self) -> None:
-        server = ServerConnection(self)
-        try:
-            await server.login(self.config.server_connect_timeout)
-        except (OSError, TimeoutError, ConnectionError, RemoteProtocolError) as exc:
-            self.connecting -= 1
-            server.close()
-            if self.last_login_error is None or not isinstance(exc, ConnectionError):
-                self.last_login_error = ("08006", f"server connection failed: {exc}")
-            self.stats.server_login_errors += 1
-            if not self.servers and self.connecting == 0:
-                code, msg = self.last_login_error
-                for w in list(self.waiters):
-                    self.waiters.remove(w)
-                    if w.timer is not None:
-                        w.timer.cancel()
-                    w.client.fail(code, msg)
-            return
-        self.connecting -= 1
-        if self.manager.closed or server.state != "idle":
-            server.close()
-            return
-        self.last_login_error = None
-        self.servers.add(server)
-        if self.server_params is None:
-            self.server_params = dict(server.params)
-        self.release(server)
-
-    async def check_password(self, password: str) -> bool:
-        """Passthrough auth: the password is good if the server accepts it. A yes is
-        remembered (as a keyed digest) for ``auth_cache_ttl`` seconds."""
-        digest = hmac.new(self._digest_key, password.encode("utf-8"), hashlib.sha256).digest()
-        verified_at = self.verified_passwords.get(digest)
-        if verified_at is not None:
-            if time.monotonic() - verified_at < self.config.auth_cache_ttl:
-                return True
-            del self.verified_passwords[digest]
-        server = ServerConnection(self, password)
-        try:
-            await server.login(self.config.server_connect_timeout)
-        except (OSError, TimeoutError, ConnectionError, RemoteProtocolError):
-            server.close()
-            return False
-        if len(self.verified_passwords) >= MAX_VERIFIED_PASSWORDS:
-            self.verified_passwords.clear()
-        self.verified_passwords[digest] = time.monotonic()
-        if self.server_password is None or self.password_learnt:
-            self.server_password = password
-            self.password_learnt = True
-        if self.manager.closed or len(self.servers) + self.connecting >= self.size:
-            server.close()
-        else:
-            self.servers.add(server)
-            if self.server_params is None:
-                self.server_params = dict(server.params)
-            self.release(server)
-        return True
-
-    def server_auth_failed(self) -> None:
-        """The server refused our login: a password it accepted before is no longer good."""
-        self.verified_passwords.clear()
-        if self.password_learnt:
-            self.server_password = None
-            self.password_learnt = False
-        self.scram_keys = None
-        self.manager.forget_secret(self.database, self.user)
-
-    def learn_credentials(
-        self, password: str | None, scram_keys: tuple[bytes, bytes] | None
-    ) -> None:
-        """auth_query: what the client's authentication gave us to log in as that user."""
-        if self.server_password is not None and not self.password_learnt:
-            return  # a configured password wins
-        if password is not None:
-            self.server_password = password
-            self.password_learnt = True
-        if scram_keys is not None:
-            self.scram_keys = scram_keys
-
-    def _link(self, server: ServerConnection, client: PostgresClient) -> None:
-        server.link(client)
-        client.on_server(server)
-
-    def release(self, server: ServerConnection) -> None:
-        """The server is idle and clean: give it to the next waiter or park it."""
-        if server.client is not None:
-            server.unlink()  # stamps last_used
-            now = server.last_used
-        else:
-            now = time.monotonic()
-        lifetime = self._lifetime
-        if lifetime[0] is not self.config:  # (a pydantic attribute read costs ~500 instructions)
-            lifetime = self._lifetime = (self.config, self.config.server_lifetime)
-        if (
-            server.state == "closed"
-            or self.manager.closed
-            or now - server.created_at > lifetime[1]
-            or len(server.prepared) > MAX_SERVER_PREPARED
-            or server not in self.servers
-        ):
-            server.close()
-            return
-        server.state = "idle"
-        if self.waiters and not self.paused:
-            while self.waiters:
-                w = self.waiters.popleft()
-                if w.timer is not None:
-                    w.timer.cancel()
-                if w.client.closed:
-                    continue
-                wait = now - w.since
-                self.stats.wait_time += wait
-                self._link(server, w.client)
-                return
-        if self.retired and self.clients <= 0:
-            # a retired pool parks servers only for clients it still serves
-            self.servers.discard(server)
-            server.close()
-            self.manager.check_paused()
-            return
-        self.idle.append(server)
-        self.manager.check_paused()
-
-    def release_after_client(self, server: ServerConnection, *, reset: bool) -> None:
-        """The linked client left. Reuse the server only if it is idle outside a transaction."""
-        server.unlink()
-        if server.status != _IDLE or server.in_flight():
-            server.cancel_in_flight()
-            server.close()
-            return
-        if reset and self.config.server_reset_query:
-            server.start_reset(self.config.server_reset_query)
-        else:
-            self.release(server)
-
-    def on_server_closed(self, server: ServerConnection, was: str) -> None:
-        member = server in self.servers
-        self.servers.discard(server)
-        try:
-            self.idle.remove(server)
-        except ValueError:
-            pass
-        client = server.client
-        if client is not None and was == "active":
-            server.client = None
-            client.server_lost(server)
-        if member and self.waiters:
-            # a server that never logged in is _open_server's to report: growing here
-            # again would retry a failing login in a tight loop
-            self._grow()
-        self.manager.check_paused()
-
-    def retire(self) -> list[PostgresClient]:
-        """A config change replaced this pool: close its idle servers, hand back its waiters.
-
-        Linked clients keep their servers; servers released by them go to the clients still
-        waiting here (none, once they have moved on) or are closed.
-        """
-        self.retired = True
-        self.min_size = 0
-        self.close_idle()
-        moved = []
-        while self.waiters:
-            w = self.waiters.popleft()
-            if w.timer is not None:
-                w.timer.cancel()
-            if not w.client.closed:
-                moved.append(w.client)
-        return moved
-
-    def close_idle(self) -> None:
-        for server in list(self.idle):
-            self.servers.discard(server)
-            server.close()
-        self.idle.clear()
-
-    @property
-    def drained(self) -> bool:
-        return not (self.clients > 0 or self.servers or self.waiters or self.connecting)
-
-    @property
-    def unused(self) -> bool:
-        """No clients, nobody waiting, no server busy or logging in: safe to evict."""
-        return not (
-            self.clients > 0
-            or self.waiters
-            or self.connecting
-            or any(s.state != "idle" for s in self.servers)
-        )
-
-    def maintain(self, now: float) -> None:
-        keep = self.min_size
-        for server in list(self.idle):
-            expired = now - server.created_at > self.config.server_lifetime
-            too_idle = now - server.last_used > self.config.server_idle_timeout
-            if expired or (too_idle and len(self.servers) > keep):
-                self.idle.remove(server)
-                self.servers.discard(server)
-                server.close()
-        if not self.paused:
-            self._grow()
-
-    def close_all(self) -> None:
-        for w in list(self.waiters):
-            if w.timer is not None:
-                w.timer.cancel()
-        self.waiters.clear()
-        for server in list(self.servers):
-            server.close()
-
-
 @dataclass(frozen=True, slots=True)
 class ClientRules:
     """What every client login reads from the config, as plain attributes: a pydantic model
@@ -1379,6 +1053,338 @@ class PoolManager:
             self._janitor.cancel()
         for pool in self.every_pool():
             pool.close_all()
+
+
+class _Waiter:
+    # (not a dataclass: compiled by mypyc, a dataclass builds its annotations when the module
+    # loads, and PostgresClient's module is still loading then: it imports this one)
+    __slots__ = ("client", "since", "timer")
+
+    def __init__(self, client: PostgresClient, since: float) -> None:
+        self.client = client
+        self.since = since
+        self.timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(eq=False)
+class Pool:
+    manager: PoolManager
+    database: str  # client-facing alias
+    user: str  # client user
+    dbname: str
+    host: str
+    port: int
+    server_user: str
+    server_password: str | None
+    mode: PoolMode
+    size: int
+    min_size: int
+    config: DblbConfig
+    startup_params: dict[str, str] = field(default_factory=dict)
+    idle: collections.deque[ServerConnection] = field(default_factory=collections.deque)
+    servers: set[ServerConnection] = field(default_factory=set)
+    waiters: collections.deque[_Waiter] = field(default_factory=collections.deque)
+    connecting: int = 0
+    stats: PoolStats = field(default_factory=PoolStats)
+    server_params: dict[str, str] | None = None
+    last_login_error: tuple[str, str] | None = None
+    clients: int = 0
+    #: passthrough auth: keyed digest of a password the server accepted -> when
+    verified_passwords: dict[bytes, float] = field(default_factory=dict)
+    _digest_key: bytes = field(default_factory=lambda: secrets.token_bytes(16))
+    #: ``server_password`` was learnt from a client (passthrough, auth_query), not configured
+    password_learnt: bool = False
+    #: auth_query with a SCRAM verifier: (ClientKey, ServerKey) recovered from a client's proof
+    scram_keys: tuple[bytes, bytes] | None = None
+    #: server statement names some server of this pool parsed successfully
+    known_statements: set[bytes] = field(default_factory=set)
+    #: replaced by a config change: serves the clients it has until they leave or move on,
+    #: and closes servers nobody waits for
+    retired: bool = False
+    role: str = "primary"
+    #: since when the janitor has seen this pool empty (no clients, waiters or busy servers)
+    empty_since: float | None = None
+    welcome_cache: dict[tuple[tuple[str, str], ...], bytes] = field(default_factory=dict)
+    #: PoolManager.has_replicas' answer for this pool, and the config it holds for
+    replicas_known: tuple[DblbConfig, bool] | None = None
+    #: ``config`` and its server_lifetime, read at every release (see release())
+    _lifetime: tuple[DblbConfig | None, float] = (None, 0.0)
+
+    @property
+    def name(self) -> str:
+        return f"{self.database}/{self.user}"
+
+    @property
+    def paused(self) -> bool:
+        """PAUSE (everything) or PAUSE <this database> is in force."""
+        m = self.manager
+        return m.paused or (bool(m.paused_databases) and self.database in m.paused_databases)
+
+    def counts(self) -> dict[str, int]:
+        active = sum(1 for s in self.servers if s.state == "active")
+        return {
+            "cl_active": self.clients - len(self.waiters),
+            "cl_waiting": len(self.waiters),
+            "sv_active": active,
+            "sv_idle": len(self.idle),
+            "sv_used": sum(1 for s in self.servers if s.state == "reset"),
+            "sv_login": self.connecting,
+        }
+
+    # ---- acquire / release ------------------------------------------------------------------
+
+    def request(self, client: PostgresClient) -> None:
+        """Give ``client`` a server now or queue it; it gets ``on_server`` or an error."""
+        if not self.paused:
+            while self.idle:
+                # LIFO like PgBouncer (server_round_robin = 0): the most recently used server
+                # is warm, and idle ones age out through server_idle_timeout
+                server = self.idle.pop()
+                if server.state == "idle":
+                    self._link(server, client)
+                    return
+        waiter = _Waiter(client, time.monotonic())
+        loop = asyncio.get_running_loop()
+        waiter.timer = loop.call_later(self.config.query_wait_timeout, self._wait_timeout, waiter)
+        self.waiters.append(waiter)
+        self.stats.wait_count += 1
+        self._grow()
+
+    def cancel_wait(self, client: PostgresClient) -> None:
+        for w in list(self.waiters):
+            if w.client is client:
+                self.waiters.remove(w)
+                if w.timer is not None:
+                    w.timer.cancel()
+
+    def _wait_timeout(self, waiter: _Waiter) -> None:
+        if waiter in self.waiters:
+            self.waiters.remove(waiter)
+            self.stats.wait_timeouts += 1
+            waiter.client.fail(
+                "08P01",
+                f"query_wait_timeout: no server connection for pool {self.name} "
+                f"within {self.config.query_wait_timeout:g}s",
+            )
+
+    def _grow(self) -> None:
+        if self.paused or self.manager.closed:
+            return
+        missing = min(len(self.waiters), self.size - len(self.servers) - self.connecting)
+        want_min = self.min_size - len(self.servers) - self.connecting
+        for _ in range(max(missing, want_min, 0)):
+            self.connecting += 1
+            spawn(self._open_server(), name=f"dblb connect {self.name}")
+
+    async def _open_server(self) -> None:
+        server = ServerConnection(self)
+        try:
+            await server.login(self.config.server_connect_timeout)
+        except (OSError, TimeoutError, ConnectionError, RemoteProtocolError) as exc:
+            self.connecting -= 1
+            server.close()
+            if self.last_login_error is None or not isinstance(exc, ConnectionError):
+                self.last_login_error = ("08006", f"server connection failed: {exc}")
+            self.stats.server_login_errors += 1
+            if not self.servers and self.connecting == 0:
+                code, msg = self.last_login_error
+                for w in list(self.waiters):
+                    self.waiters.remove(w)
+                    if w.timer is not None:
+                        w.timer.cancel()
+                    w.client.fail(code, msg)
+            return
+        self.connecting -= 1
+        if self.manager.closed or server.state != "idle":
+            server.close()
+            return
+        self.last_login_error = None
+        self.servers.add(server)
+        if self.server_params is None:
+            self.server_params = dict(server.params)
+        self.release(server)
+
+    async def check_password(self, password: str) -> bool:
+        """Passthrough auth: the password is good if the server accepts it. A yes is
+        remembered (as a keyed digest) for ``auth_cache_ttl`` seconds."""
+        digest = hmac.new(self._digest_key, password.encode("utf-8"), hashlib.sha256).digest()
+        verified_at = self.verified_passwords.get(digest)
+        if verified_at is not None:
+            if time.monotonic() - verified_at < self.config.auth_cache_ttl:
+                return True
+            del self.verified_passwords[digest]
+        server = ServerConnection(self, password)
+        try:
+            await server.login(self.config.server_connect_timeout)
+        except (OSError, TimeoutError, ConnectionError, RemoteProtocolError):
+            server.close()
+            return False
+        if len(self.verified_passwords) >= MAX_VERIFIED_PASSWORDS:
+            self.verified_passwords.clear()
+        self.verified_passwords[digest] = time.monotonic()
+        if self.server_password is None or self.password_learnt:
+            self.server_password = password
+            self.password_learnt = True
+        if self.manager.closed or len(self.servers) + self.connecting >= self.size:
+            server.close()
+        else:
+            self.servers.add(server)
+            if self.server_params is None:
+                self.server_params = dict(server.params)
+            self.release(server)
+        return True
+
+    def server_auth_failed(self) -> None:
+        """The server refused our login: a password it accepted before is no longer good."""
+        self.verified_passwords.clear()
+        if self.password_learnt:
+            self.server_password = None
+            self.password_learnt = False
+        self.scram_keys = None
+        self.manager.forget_secret(self.database, self.user)
+
+    def learn_credentials(
+        self, password: str | None, scram_keys: tuple[bytes, bytes] | None
+    ) -> None:
+        """auth_query: what the client's authentication gave us to log in as that user."""
+        if self.server_password is not None and not self.password_learnt:
+            return  # a configured password wins
+        if password is not None:
+            self.server_password = password
+            self.password_learnt = True
+        if scram_keys is not None:
+            self.scram_keys = scram_keys
+
+    def _link(self, server: ServerConnection, client: PostgresClient) -> None:
+        server.link(client)
+        client.on_server(server)
+
+    def release(self, server: ServerConnection) -> None:
+        """The server is idle and clean: give it to the next waiter or park it."""
+        if server.client is not None:
+            server.unlink()  # stamps last_used
+            now = server.last_used
+        else:
+            now = time.monotonic()
+        lifetime = self._lifetime
+        if lifetime[0] is not self.config:  # (a pydantic attribute read costs ~500 instructions)
+            lifetime = self._lifetime = (self.config, self.config.server_lifetime)
+        if (
+            server.state == "closed"
+            or self.manager.closed
+            or now - server.created_at > lifetime[1]
+            or len(server.prepared) > MAX_SERVER_PREPARED
+            or server not in self.servers
+        ):
+            server.close()
+            return
+        server.state = "idle"
+        if self.waiters and not self.paused:
+            while self.waiters:
+                w = self.waiters.popleft()
+                if w.timer is not None:
+                    w.timer.cancel()
+                if w.client.closed:
+                    continue
+                wait = now - w.since
+                self.stats.wait_time += wait
+                self._link(server, w.client)
+                return
+        if self.retired and self.clients <= 0:
+            # a retired pool parks servers only for clients it still serves
+            self.servers.discard(server)
+            server.close()
+            self.manager.check_paused()
+            return
+        self.idle.append(server)
+        self.manager.check_paused()
+
+    def release_after_client(self, server: ServerConnection, *, reset: bool) -> None:
+        """The linked client left. Reuse the server only if it is idle outside a transaction."""
+        server.unlink()
+        if server.status != _IDLE or server.in_flight():
+            server.cancel_in_flight()
+            server.close()
+            return
+        if reset and self.config.server_reset_query:
+            server.start_reset(self.config.server_reset_query)
+        else:
+            self.release(server)
+
+    def on_server_closed(self, server: ServerConnection, was: str) -> None:
+        member = server in self.servers
+        self.servers.discard(server)
+        try:
+            self.idle.remove(server)
+        except ValueError:
+            pass
+        client = server.client
+        if client is not None and was == "active":
+            server.client = None
+            client.server_lost(server)
+        if member and self.waiters:
+            # a server that never logged in is _open_server's to report: growing here
+            # again would retry a failing login in a tight loop
+            self._grow()
+        self.manager.check_paused()
+
+    def retire(self) -> list[PostgresClient]:
+        """A config change replaced this pool: close its idle servers, hand back its waiters.
+
+        Linked clients keep their servers; servers released by them go to the clients still
+        waiting here (none, once they have moved on) or are closed.
+        """
+        self.retired = True
+        self.min_size = 0
+        self.close_idle()
+        moved = []
+        while self.waiters:
+            w = self.waiters.popleft()
+            if w.timer is not None:
+                w.timer.cancel()
+            if not w.client.closed:
+                moved.append(w.client)
+        return moved
+
+    def close_idle(self) -> None:
+        for server in list(self.idle):
+            self.servers.discard(server)
+            server.close()
+        self.idle.clear()
+
+    @property
+    def drained(self) -> bool:
+        return not (self.clients > 0 or self.servers or self.waiters or self.connecting)
+
+    @property
+    def unused(self) -> bool:
+        """No clients, nobody waiting, no server busy or logging in: safe to evict."""
+        return not (
+            self.clients > 0
+            or self.waiters
+            or self.connecting
+            or any(s.state != "idle" for s in self.servers)
+        )
+
+    def maintain(self, now: float) -> None:
+        keep = self.min_size
+        for server in list(self.idle):
+            expired = now - server.created_at > self.config.server_lifetime
+            too_idle = now - server.last_used > self.config.server_idle_timeout
+            if expired or (too_idle and len(self.servers) > keep):
+                self.idle.remove(server)
+                self.servers.discard(server)
+                server.close()
+        if not self.paused:
+            self._grow()
+
+    def close_all(self) -> None:
+        for w in list(self.waiters):
+            if w.timer is not None:
+                w.timer.cancel()
+        self.waiters.clear()
+        for server in list(self.servers):
+            server.close()
 
 
 def server_tls_context(config: DblbConfig) -> ssl.SSLContext | None:

@@ -137,8 +137,6 @@ class PostgresClient(asyncio.Protocol):
     _deferred_begin: bytes | None = None
     #: the transport we were accepted on (the client's address is looked up on it)
     _accepted_on: asyncio.BaseTransport | None = None
-    #: the decoder's max_message_len (a plain attribute: read for every query)
-    _max_message_len = MAX_AUTH_MESSAGE
 
     def __init__(self, hooks: DblbHooks) -> None:
         self.hooks = hooks
@@ -146,6 +144,8 @@ class PostgresClient(asyncio.Protocol):
         self.id = next(_client_ids)
         # strict: clear-text bytes sent along with an SSLRequest/GSSENCRequest are refused
         self.decoder = FrontendDecoder(max_message_len=MAX_AUTH_MESSAGE, strict_negotiation=True)
+        #: the decoder's max_message_len (a plain attribute: read for every query)
+        self._max_message_len = MAX_AUTH_MESSAGE
         self.params: dict[str, str] = {}
         self.tracked_params: dict[str, str] = {}
         self.pending: list[Message] = []
@@ -428,9 +428,10 @@ class PostgresClient(asyncio.Protocol):
                 return
         else:
             cfg = self.manager.config
-            if (cfg.admin_users or cfg.stats_users) and self.user not in (
-                *cfg.admin_users,
-                *cfg.stats_users,
+            if (
+                (cfg.admin_users or cfg.stats_users)
+                and self.user not in cfg.admin_users
+                and self.user not in cfg.stats_users
             ):
                 self.fail("28000", f'user "{self.user}" is not allowed on the admin console')
                 return
