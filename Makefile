@@ -65,21 +65,25 @@ services-up: ## start local Postgres/Redis/MariaDB if they are installed but dow
 
 test: install services-up native ## run the whole test suite (real Postgres/Redis/MariaDB on 127.0.0.1)
 	$(PY) pytest -n 2 $(PYTEST_ARGS)
-	@echo "=== tests/alb again, on the compiled build the image ships (make native)"
-	PYTHONPATH=$(NATIVE_ALB) ALB_EXPECT_BUILD=compiled $(PY) pytest -n 2 tests/alb $(PYTEST_ARGS)
+	@echo "=== tests/alb and tests/dblb again, on the compiled builds the images ship (make native)"
+	PYTHONPATH=.native/alb MARCHPROXY_EXPECT_BUILD=compiled $(PY) pytest -n 2 tests/alb $(PYTEST_ARGS)
+	PYTHONPATH=.native/dblb MARCHPROXY_EXPECT_BUILD=compiled $(PY) pytest -n 2 tests/dblb $(PYTEST_ARGS)
 
-# The ALB's per-request modules compiled with mypyc (services/alb/build_native.py) in a copy of its
-# and the shared library's sources: PYTHONPATH=.native/alb runs them; git holds only sources.
-NATIVE_ALB := .native/alb
-NATIVE_SOURCES := $(shell find services/alb/src libs/marchproxy_common/src -name '*.py')
+# The ALB's and DBLB's per-request modules compiled with mypyc
+# (libs/marchproxy_common/build_native.py) in copies of their and the shared library's
+# sources: PYTHONPATH=.native/alb runs them; git holds only the sources.
+NATIVE_SERVICES := alb dblb
+COMMON_SOURCES := $(shell find libs/marchproxy_common/src -name '*.py')
 
-native: $(NATIVE_ALB)/.built ## compile the ALB's per-request modules with mypyc into .native/alb
+native: $(foreach s,$(NATIVE_SERVICES),.native/$(s)/.built) ## compile the ALB's and DBLB's per-request modules with mypyc into .native/
 
-$(NATIVE_ALB)/.built: $(NATIVE_SOURCES) services/alb/build_native.py uv.lock | install
-	rm -rf $(NATIVE_ALB) && mkdir -p $(NATIVE_ALB)
-	cp -r services/alb/src/. libs/marchproxy_common/src/. $(NATIVE_ALB)/
-	find $(NATIVE_ALB) -name __pycache__ -prune -exec rm -rf {} +
-	$(PY) python services/alb/build_native.py $(NATIVE_ALB)
+.native/alb/.built: $(shell find services/alb/src -name '*.py')
+.native/dblb/.built: $(shell find services/dblb/src -name '*.py')
+.native/%/.built: $(COMMON_SOURCES) libs/marchproxy_common/build_native.py uv.lock | install
+	rm -rf .native/$* && mkdir -p .native/$*
+	cp -r services/$*/src/. libs/marchproxy_common/src/. .native/$*/
+	find .native/$* -name __pycache__ -prune -exec rm -rf {} +
+	$(PY) python libs/marchproxy_common/build_native.py $* .native/$*
 	touch $@
 
 test-unit: install

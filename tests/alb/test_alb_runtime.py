@@ -63,7 +63,7 @@ async def test_alb_through_module_runtime(backends, tmp_path: Path) -> None:
         assert status["config"]["applied_version"] == 7
         assert status["routes"] == ["r1"]
         # `make test` runs tests/alb a second time on the compiled build (make native)
-        assert status["build"] == os.environ.get("ALB_EXPECT_BUILD", "interpreted")
+        assert status["build"] == os.environ.get("MARCHPROXY_EXPECT_BUILD", "interpreted")
         assert status["load"]["requests_total"] == 3
         assert hooks.plane.limits.max_headers == 50
         async with grpc.aio.insecure_channel(f"127.0.0.1:{rt.grpc_address.port}") as ch:

@@ -159,6 +159,8 @@ async def test_module_runtime_serves_dblb() -> None:
             status = (await http.get(f"{url}/status")).json()
         assert "marchproxy_dblb_queries_total" in metrics
         assert status["pools"][0]["database"] == "test"
+        # `make test` runs tests/dblb a second time on the compiled build (make native)
+        assert status["build"] == os.environ.get("MARCHPROXY_EXPECT_BUILD", "interpreted")
 
 
 async def test_passthrough_auth_checks_the_password_with_the_server() -> None:

@@ -89,37 +89,35 @@ def test_image_build_stage_yields_a_complete_service_venv(service: str, tmp_path
     assert (venv / "bin" / f"marchproxy-{service}").exists()
     # non-editable: the code lives in the venv, not in the build context
     shutil.rmtree(src)
-    if service == "alb":
-        _native_stage(venv)
-    check = subprocess.run(
-        [
-            str(venv / "bin" / "python"),
-            "-c",
-            IMPORT_EVERYTHING,
-            f"marchproxy_{service}",
-        ],
-        cwd=tmp_path,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    if service in NATIVE:
+        _native_stage(service, venv)
+    check = _image_python(venv, tmp_path, "-c", IMPORT_EVERYTHING, f"marchproxy_{service}")
+    assert check.returncode == 0 and check.stdout.strip() == "ok", check.stderr[-4000:]
+    if service in NATIVE:  # the image runs the compiled per-request modules
+        kind = _image_python(venv, tmp_path, "-c", BUILD_KIND, NATIVE[service])
+        assert kind.stdout.strip() == "compiled", kind.stdout + kind.stderr[-4000:]
+
+
+def _image_python(venv: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The venv's interpreter as in the image: no build context, no development venv."""
+    return subprocess.run(
+        [str(venv / "bin" / "python"), *args],
+        cwd=cwd,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(cwd)},
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
-    assert check.returncode == 0 and check.stdout.strip() == "ok", check.stderr[-4000:]
-    if service == "alb":  # the image runs the compiled per-request modules
-        kind = subprocess.run(
-            [str(venv / "bin" / "python"), "-c", BUILD_KIND],
-            cwd=tmp_path,
-            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert kind.stdout.strip() == "compiled", kind.stdout + kind.stderr[-4000:]
 
 
-BUILD_KIND = "from marchproxy_alb.module import build_kind; print(build_kind())"
+#: services whose image compiles modules (build_native.py), and one module it compiles
+NATIVE = {"alb": "marchproxy_alb.proxy", "dblb": "marchproxy_dblb.pool"}
+BUILD_KIND = (
+    "import importlib, sys\n"
+    "from marchproxy_common.native import build_kind\n"
+    "print(build_kind(importlib.import_module(sys.argv[1])))\n"
+)
 
 
 def _locked_version(name: str) -> str:
@@ -129,31 +127,28 @@ def _locked_version(name: str) -> str:
     return m.group(1)
 
 
-def _native_stage(venv: Path) -> None:
-    """The ALB Dockerfile's native stage, run here: its tools are the locked versions (the
+def _native_stage(service: str, venv: Path) -> None:
+    """The Dockerfile's native stage, run here: its tools are the locked versions (the
     development venv's mypy and setuptools) and its command compiles in the venv."""
-    text = (ROOT / "services" / "alb" / "Dockerfile").read_text(encoding="utf-8")
+    text = (ROOT / "services" / service / "Dockerfile").read_text(encoding="utf-8")
     native = text.split(" AS native\n")[1].split("\nFROM ")[0]
     pins = dict(re.findall(r"\b(mypy|setuptools)==([\d.]+)", native))
     assert pins == {n: _locked_version(n) for n in ("mypy", "setuptools")}, pins
     (cmd,) = re.findall(r"^RUN /opt/native-tools/bin/python (.*?)(?<!\\)$", native, re.M | re.S)
     argv = shlex.split(cmd.replace("\\\n", " "))
+    assert "COPY libs/marchproxy_common/build_native.py /tmp/build_native.py" in native
     assert argv == [
         "/tmp/build_native.py",
+        service,
         "/opt/venv/lib/python3.11/site-packages",
         "--python-executable",
         "/opt/venv/bin/python",
     ], argv
     site = next((venv / "lib").glob("python3*/site-packages"))
-    script = ROOT / "services" / "alb" / "build_native.py"
+    script = ROOT / "libs" / "marchproxy_common" / "build_native.py"
+    python = str(venv / "bin" / "python")
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            str(site),
-            "--python-executable",
-            str(venv / "bin" / "python"),
-        ],
+        [sys.executable, str(script), service, str(site), "--python-executable", python],
         capture_output=True,
         text=True,
         timeout=NATIVE_TIMEOUT,

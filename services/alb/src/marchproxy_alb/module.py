@@ -13,6 +13,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from marchproxy.v1 import types_pb2
+from marchproxy_common import native
 from marchproxy_common.module.hooks import BaseModuleHooks, BoundAddress, LoadReport
 from marchproxy_common.net.listener import stop_serving
 from marchproxy_common.net.proxied import wrap_proxy_protocol
@@ -36,11 +37,11 @@ log = structlog.get_logger("marchproxy.alb.module")
 
 
 def build_kind() -> str:
-    """``compiled`` when the per-request modules run as mypyc extension modules
-    (services/alb/build_native.py, as the image builds them), else ``interpreted``."""
+    """``compiled`` when the per-request modules run as mypyc extension modules (as the image
+    builds them), else ``interpreted``."""
     from . import proxy
 
-    return "interpreted" if (proxy.__file__ or "").endswith(".py") else "compiled"
+    return native.build_kind(proxy)
 
 
 #: per-request garbage is mostly acyclic and freed by refcounting; collect young objects

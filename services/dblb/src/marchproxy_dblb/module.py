@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from marchproxy.v1 import types_pb2
 from marchproxy_common.module.hooks import BaseModuleHooks, BoundAddress, LoadReport
+from marchproxy_common.native import build_kind
 from marchproxy_common.net.listener import stop_serving
 from marchproxy_common.net.proxied import client_address, wrap_proxy_protocol
 from marchproxy_common.net.sockets import (
@@ -29,6 +30,7 @@ from marchproxy_common.net.sockets import (
 from marchproxy_common.tasks import spawn
 from marchproxy_common.wire.postgres.auth import ScramVerifier
 
+from . import pool as pool_module
 from .config import DEFAULT_MODULE_ID, DblbConfig, DblbSettings, module_config_from_snapshot
 from .frontends.admin import PAUSE_TIMEOUT
 from .frontends.postgres import PostgresClient
@@ -138,7 +140,7 @@ class DblbHooks(BaseModuleHooks):
                 self.settings.data_host, self.settings.mysql_port
             )
         host, port = self._server.sockets[0].getsockname()[:2]
-        _log.info("dblb_listening", host=host, port=port)
+        _log.info("dblb_listening", host=host, port=port, build=build_kind(pool_module))
         return BoundAddress(host, port)
 
     async def _start_workers(self) -> None:
@@ -216,6 +218,7 @@ class DblbHooks(BaseModuleHooks):
 
     def status(self) -> dict[str, Any]:
         return {
+            "build": build_kind(pool_module),  # compiled by mypyc in the image
             "pools": [
                 {
                     "database": p.database,
