@@ -11,8 +11,8 @@ readable source. ``--python-executable`` names the interpreter whose installed p
 type-check the imports (default: this one).
 
 Why: the CPU these services spend per request or transaction is mostly interpreter time.
-Compiled, the same typed code runs about half the instructions per ALB request and takes the
-DBLB's ``pgbench -S`` from 0.76x to 0.87x PgBouncer's TPS (their benchmark READMEs). The sources
+Compiled, the same typed code runs about half the instructions per ALB request and 12-16% less
+CPU per DBLB transaction (benchmarks/alb/README.md, services/dblb/README.md). The sources
 are unchanged Python that mypy checks strictly; mypyc turns their annotations into C types and
 checks them at run time, which is why the services' tests also run against this build
 (``make test``).
