@@ -103,9 +103,7 @@ class Expect:
 
     REAL: ClassVar[int] = 0  # a client's Parse: forward its ParseComplete
     INJECTED: ClassVar[int] = 1  # our re-Parse: swallow its ParseComplete
-    FAKE: ClassVar[int] = (
-        2  # a client's Parse we did not send: synthesize ParseComplete in its place
-    )
+    FAKE: ClassVar[int] = 2  # a client's Parse we did not send: synthesize ParseComplete
     SYNC: ClassVar[int] = 3  # Sync/Query/FunctionCall: ends with ReadyForQuery
 
 
