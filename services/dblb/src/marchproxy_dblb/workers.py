@@ -211,9 +211,7 @@ class WorkerSupervisor:
         assert proc.stdout is not None
         while line := await proc.stdout.readline():
             if line.startswith(b'{"ready"'):
-                msg = json.loads(line)
-                self.applied[index] = (int(msg["applied"]), list(msg.get("errors") or []))
-                self._changed.set()
+                self._note_applied(index, json.loads(line))  # (the ready line says it too)
                 return
         raise RuntimeError(f"DBLB worker exited at start ({await proc.wait()})")
 
@@ -278,8 +276,12 @@ class WorkerSupervisor:
                 if isinstance(msg, dict) and isinstance(msg.get("pools"), list):
                     self.reports[index] = msg["pools"]
                 elif isinstance(msg, dict) and isinstance(msg.get("applied"), int):
-                    self.applied[index] = (msg["applied"], list(msg.get("errors") or []))
-                    self._changed.set()
+                    self._note_applied(index, msg)
+
+    def _note_applied(self, index: int, msg: dict[str, Any]) -> None:
+        """Worker ``index`` says which snapshot it applied, and its errors."""
+        self.applied[index] = (int(msg["applied"]), list(msg.get("errors") or []))
+        self._changed.set()
 
     def _set_config(self, snapshot: Mapping[str, Any]) -> bytes:
         self._seq += 1
