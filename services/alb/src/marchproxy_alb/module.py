@@ -24,6 +24,7 @@ from marchproxy_common.net.sockets import (
     start_client_server,
 )
 
+from . import proxy
 from .config import AlbSettings, Limits
 from .http.downstream import DownstreamProtocol
 from .http.tlsaccept import TlsAcceptor
@@ -39,8 +40,6 @@ log = structlog.get_logger("marchproxy.alb.module")
 def build_kind() -> str:
     """``compiled`` when the per-request modules run as mypyc extension modules (as the image
     builds them), else ``interpreted``."""
-    from . import proxy
-
     return native.build_kind(proxy)
 
 
