@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from marchproxy_ailb.errors import UpstreamError
-from marchproxy_ailb.upstream_http import UpstreamPool, _Conn
+from marchproxy_ailb.providers.base import relay
+from marchproxy_ailb.providers.openai import OpenAIStreamDecoder
+from marchproxy_ailb.upstream_http import UpstreamPool, UpstreamResponse, _Conn
 
 
 class FakeTransport(asyncio.Transport):
@@ -105,5 +108,56 @@ def test_garbage_only_fails_the_request(data: bytes) -> None:
             assert transport.closed
         conn.connection_lost(None)
         assert conn.closed
+
+    asyncio.run(run())
+
+
+def test_chunks_that_arrive_together_are_read_together() -> None:
+    """A stream's HTTP chunks that came in one network read (several SSE events at once) are
+    handed on as one piece, so the gateway relays them to its client in one write; a chunk
+    that arrives later is a piece of its own, handed on as soon as it is there."""
+    events = [b'data: {"n": %d}\n\n' % i for i in range(4)]
+
+    async def run() -> None:
+        conn = _Conn(UpstreamPool("http://127.0.0.1:1/v1"))
+        conn.connection_made(FakeTransport())
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        conn.data_received(head + b"Transfer-Encoding: chunked\r\n\r\n")
+        await conn.head
+        conn.data_received(b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events[:3]))
+        assert await conn.next_chunk() == b"".join(events[:3])
+        assert conn.buffered == 0
+        later = asyncio.ensure_future(conn.next_chunk())
+        await asyncio.sleep(0)
+        assert not later.done()
+        conn.data_received(b"%x\r\n%s\r\n" % (len(events[3]), events[3]))
+        assert await asyncio.wait_for(later, 5) == events[3]
+        conn.data_received(b"0\r\n\r\n")
+        assert await conn.next_chunk() is None
+
+    asyncio.run(run())
+
+
+def test_events_before_an_error_in_the_same_read_still_reach_the_client() -> None:
+    """Two content events and an error event in one read: the relay yields the two first
+    (the client gets them), then raises the error (sent in-band after them)."""
+    good = [
+        b'data: {"choices": [{"index": 0, "delta": {"content": "%d"}}]}\n\n' % i for i in (1, 2)
+    ]
+    bad = b'data: {"error": {"message": "overloaded"}}\n\n'
+
+    async def run() -> None:
+        conn = _Conn(UpstreamPool("http://127.0.0.1:1/v1"))
+        conn.connection_made(FakeTransport())
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        conn.data_received(head + b"Transfer-Encoding: chunked\r\n\r\n")
+        await conn.head
+        conn.data_received(b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in [*good, bad]))
+        chunks = relay(UpstreamResponse(conn), OpenAIStreamDecoder(), 5.0)
+        batch = await anext(chunks)
+        assert [c["choices"][0]["delta"]["content"] for c in batch] == ["1", "2"]
+        with pytest.raises(UpstreamError, match="upstream stream error"):
+            await anext(chunks)
+        assert conn.closed  # not back to the pool: the stream did not end well
 
     asyncio.run(run())

@@ -165,9 +165,15 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
 
     async def next_chunk(self) -> bytes | None:
+        """All body bytes received so far (every HTTP chunk of a chunked body that came in
+        since the last call, joined), waiting until there is some; None at the end."""
         while True:
             if self.chunks:
-                data = self.chunks.popleft()
+                if len(self.chunks) == 1:
+                    data = self.chunks.popleft()
+                else:
+                    data = b"".join(self.chunks)
+                    self.chunks.clear()
                 self.buffered -= len(data)
                 if self.paused and self.buffered <= READ_HIGH_WATER // 2 and self.transport:
                     self.paused = False

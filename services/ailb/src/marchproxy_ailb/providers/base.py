@@ -342,7 +342,8 @@ def parse_event(data: bytes) -> dict[str, Any]:
 
 async def relay(resp: UpstreamResponse, decoder: StreamDecoder, stall_s: float) -> ChunkStream:
     """Batches of chunks, one batch per network read, as they arrive (several SSE events that
-    arrive together go to the client in one write). Closing the generator early closes the
+    arrive together go to the client in one write). An error event ends the stream after the
+    events that came before it in the same read. Closing the generator early closes the
     upstream connection, which cancels the upstream request."""
     lines = LineBuffer()
     resp.watch_stalls(stall_s)
@@ -356,12 +357,19 @@ async def relay(resp: UpstreamResponse, decoder: StreamDecoder, stall_s: float) 
             except FramingError as exc:
                 raise UpstreamError(502, str(exc), retryable=False) from exc
             batch: list[dict[str, Any]] = []
+            failed: UpstreamError | None = None
             for line in complete:
-                batch.extend(decoder.feed_line(line))
+                try:
+                    batch.extend(decoder.feed_line(line))
+                except UpstreamError as exc:
+                    failed = exc  # after the events that came before it in the same read
+                    break
                 if decoder.done:
                     break
             if batch:
                 yield batch
+            if failed is not None:
+                raise failed
         if not decoder.done:
             rest = lines.flush()
             batch = decoder.feed_line(rest) if rest else []
