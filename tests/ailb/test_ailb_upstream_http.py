@@ -112,6 +112,20 @@ def test_garbage_only_fails_the_request(data: bytes) -> None:
     asyncio.run(run())
 
 
+async def _chunked_stream() -> _Conn:
+    """An upstream connection that has read the head of a chunked event stream."""
+    conn = _Conn(UpstreamPool("http://127.0.0.1:1/v1"))
+    conn.connection_made(FakeTransport())
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+    conn.data_received(head + b"Transfer-Encoding: chunked\r\n\r\n")
+    await conn.head
+    return conn
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
 def test_chunks_that_arrive_together_are_read_together() -> None:
     """A stream's HTTP chunks that came in one network read (several SSE events at once) are
     handed on as one piece, so the gateway relays them to its client in one write; a chunk
@@ -119,18 +133,14 @@ def test_chunks_that_arrive_together_are_read_together() -> None:
     events = [b'data: {"n": %d}\n\n' % i for i in range(4)]
 
     async def run() -> None:
-        conn = _Conn(UpstreamPool("http://127.0.0.1:1/v1"))
-        conn.connection_made(FakeTransport())
-        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-        conn.data_received(head + b"Transfer-Encoding: chunked\r\n\r\n")
-        await conn.head
-        conn.data_received(b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events[:3]))
+        conn = await _chunked_stream()
+        conn.data_received(b"".join(map(_chunk, events[:3])))
         assert await conn.next_chunk() == b"".join(events[:3])
         assert conn.buffered == 0
         later = asyncio.ensure_future(conn.next_chunk())
         await asyncio.sleep(0)
         assert not later.done()
-        conn.data_received(b"%x\r\n%s\r\n" % (len(events[3]), events[3]))
+        conn.data_received(_chunk(events[3]))
         assert await asyncio.wait_for(later, 5) == events[3]
         conn.data_received(b"0\r\n\r\n")
         assert await conn.next_chunk() is None
@@ -147,12 +157,8 @@ def test_events_before_an_error_in_the_same_read_still_reach_the_client() -> Non
     bad = b'data: {"error": {"message": "overloaded"}}\n\n'
 
     async def run() -> None:
-        conn = _Conn(UpstreamPool("http://127.0.0.1:1/v1"))
-        conn.connection_made(FakeTransport())
-        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-        conn.data_received(head + b"Transfer-Encoding: chunked\r\n\r\n")
-        await conn.head
-        conn.data_received(b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in [*good, bad]))
+        conn = await _chunked_stream()
+        conn.data_received(b"".join(map(_chunk, [*good, bad])))
         chunks = relay(UpstreamResponse(conn), OpenAIStreamDecoder(), 5.0)
         batch = await anext(chunks)
         assert [c["choices"][0]["delta"]["content"] for c in batch] == ["1", "2"]
