@@ -726,6 +726,8 @@ class Gateway:
                 self.routed.router.finished_other(st)
             else:
                 self.routed.router.failed(st)  # counts towards the deployment's cooldown
+        # the body ends only now, after the settle: a client that has read the whole stream
+        # (clients read to the end, past [DONE]) then sees its usage, spend and tokens counted
         with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
             await resp.write_eof()
         return resp
