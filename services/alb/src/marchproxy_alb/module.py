@@ -13,8 +13,8 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from marchproxy.v1 import types_pb2
-from marchproxy_common import native
 from marchproxy_common.module.hooks import BaseModuleHooks, BoundAddress, LoadReport
+from marchproxy_common.native import build_kind
 from marchproxy_common.net.listener import stop_serving
 from marchproxy_common.net.proxied import wrap_proxy_protocol
 from marchproxy_common.net.sockets import (
@@ -35,12 +35,6 @@ from .routing import compile_table
 from .tls import SniSelector, SniTable, TlsConfigError
 
 log = structlog.get_logger("marchproxy.alb.module")
-
-
-def build_kind() -> str:
-    """``compiled`` when the per-request modules run as mypyc extension modules (as the image
-    builds them), else ``interpreted``."""
-    return native.build_kind(proxy)
 
 
 #: per-request garbage is mostly acyclic and freed by refcounting; collect young objects
@@ -134,7 +128,9 @@ class AlbHooks(BaseModuleHooks):
             self._servers.append(tls_server)
             h, p = tls_server.sockets[0].getsockname()[:2]
             self.tls_address = BoundAddress(h, p)
-        log.info("alb_listening", data=f"{host}:{port}", tls=self.tls_address, build=build_kind())
+        log.info(
+            "alb_listening", data=f"{host}:{port}", tls=self.tls_address, build=build_kind(proxy)
+        )
         # (the runtime freezes the start-up heap once started, see freeze_startup_heap)
         if self.tune_gc:  # process-wide, so only when we own the process (__main__)
             gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
@@ -278,7 +274,7 @@ class AlbHooks(BaseModuleHooks):
     def status(self) -> dict[str, Any]:
         p = self.plane
         return {
-            "build": build_kind(),
+            "build": build_kind(proxy),  # compiled by mypyc in the image
             "routes": [r.name for r in p.table.routes],
             "backends": {name: pool.snapshot() for name, pool in p.pools.items()},
             "upstream_connections": p.upstreams.open_connections,
