@@ -65,9 +65,10 @@ services-up: ## start local Postgres/Redis/MariaDB if they are installed but dow
 
 test: install services-up native ## run the whole test suite (real Postgres/Redis/MariaDB on 127.0.0.1)
 	$(PY) pytest -n 2 $(PYTEST_ARGS)
-	@echo "=== tests/alb and tests/dblb again, on the compiled builds the images ship (make native)"
-	PYTHONPATH=.native/alb MARCHPROXY_EXPECT_BUILD=compiled $(PY) pytest -n 2 tests/alb $(PYTEST_ARGS)
-	PYTHONPATH=.native/dblb MARCHPROXY_EXPECT_BUILD=compiled $(PY) pytest -n 2 tests/dblb $(PYTEST_ARGS)
+	@set -e; for s in $(NATIVE_SERVICES); do \
+		echo "=== tests/$$s again, on the compiled build its image ships (make native)"; \
+		PYTHONPATH=.native/$$s MARCHPROXY_EXPECT_BUILD=compiled $(PY) pytest -n 2 tests/$$s $(PYTEST_ARGS); \
+	done
 
 # The ALB's and DBLB's per-request modules compiled with mypyc
 # (libs/marchproxy_common/build_native.py) in copies of their and the shared library's
