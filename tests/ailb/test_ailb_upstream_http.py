@@ -167,3 +167,24 @@ def test_events_before_an_error_in_the_same_read_still_reach_the_client() -> Non
         assert conn.closed  # not back to the pool: the stream did not end well
 
     asyncio.run(run())
+
+
+def test_a_stream_that_arrived_whole_leaves_no_stall_timer_behind() -> None:
+    """A fast upstream's whole answer can be in before the relay starts watching for stalls:
+    nothing can stall then, and no timer may be armed. (One was, for the deployment's whole
+    timeout: at thousands of streams a second they held tens of MiB until they expired.)"""
+    events = [b'data: {"choices": []}\n\n', b"data: [DONE]\n\n"]
+
+    async def run() -> None:
+        conn = await _chunked_stream()
+        conn.data_received(b"".join(map(_chunk, events)) + b"0\r\n\r\n")
+        assert conn.complete
+        resp = UpstreamResponse(conn)
+        batches = [b async for b in relay(resp, OpenAIStreamDecoder(), 60.0)]
+        assert batches == [[{"choices": []}]]
+        assert conn._stall_handle is None
+        loop = asyncio.get_running_loop()
+        live = [h for h in loop._scheduled if not h.cancelled()]  # type: ignore[attr-defined]
+        assert live == []
+
+    asyncio.run(run())

@@ -125,6 +125,10 @@ class _Conn(asyncio.Protocol):
         self._stall_s = stall_s
         self.last_data = self._loop.time()
         self._unwatch()
+        if self.complete or self.closed:
+            # the whole answer is in already (a fast upstream): nothing can stall, and a timer
+            # armed now would live for stall_s after the stream is over
+            return
         self._stall_handle = self._loop.call_later(stall_s, self._check_stall)
 
     def _unwatch(self) -> None:
