@@ -227,6 +227,35 @@ async def test_errors_have_openai_shape(gateway: str) -> None:
         assert "x-marchproxy-overhead-ms" in r.headers
 
 
+async def test_a_body_over_the_limit_is_refused_413_before_it_is_read(
+    ailb: AilbFactory,
+    fake_openai: FakeOpenAI,
+    fake_anthropic: FakeAnthropic,
+    fake_ollama: FakeOllama,
+) -> None:
+    """AILB_MAX_BODY_BYTES: the HTTP server refuses a larger Content-Length in OpenAI's error
+    shape (the client still reads the answer while it sends), counts it, and never calls the
+    upstream; a body just under the limit goes through."""
+    config = three_provider_config(fake_openai, fake_anthropic, fake_ollama)
+    hooks = await ailb.start(config, ailb_max_body_bytes=20_000)
+    url = base_url(hooks)
+    calls = len(fake_openai.requests)
+    async with openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0) as client:
+        with pytest.raises(openai.APIStatusError) as exc:
+            await client.chat.completions.create(
+                model="gpt-fake", messages=[{"role": "user", "content": "x" * 50_000}]
+            )
+        assert exc.value.status_code == 413
+        assert exc.value.code == "request_too_large"
+        ok = await client.chat.completions.create(
+            model="gpt-fake", messages=[{"role": "user", "content": "x" * 10_000}]
+        )
+        assert ok.choices[0].message.content
+    assert len(fake_openai.requests) == calls + 1
+    assert hooks.metrics.requests.labels("", "", "413")._value.get() == 1
+    assert hooks.gateway.errors_total == 1
+
+
 async def test_upstream_4xx_is_relayed(gateway: str, fake_openai: FakeOpenAI) -> None:
     fake_openai.fail(400)
     async with openai.AsyncOpenAI(base_url=gateway, api_key="x", max_retries=0) as client:

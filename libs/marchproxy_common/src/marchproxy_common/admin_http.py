@@ -3,10 +3,9 @@
 Errors use seed 002's JSON shape ``{"error", "message", "details"}``; nothing here ever returns
 a stack trace.
 
-Served by aiohttp's low-level server (``aiohttp.web_server.Server``) with a fixed path table:
-four GET paths need no router, and importing ``aiohttp.web`` (application, URL dispatcher,
-file responses with their MIME table, runner, websockets) costs every service ~1.1 MiB of idle
-RSS that nothing else in a data plane uses (measured in the AILB, benchmarks/ailb/README.md).
+Served by the shared small HTTP/1.1 server (``marchproxy_common.http1``) with a fixed path
+table: four GET paths need no router, and a service whose data plane does not use aiohttp
+does not import it at all (~6.8 MiB of idle RSS in the AILB, benchmarks/ailb/README.md).
 """
 
 from __future__ import annotations
@@ -18,14 +17,16 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import structlog
-from aiohttp.web_request import BaseRequest
-from aiohttp.web_response import Response, StreamResponse, json_response
-from aiohttp.web_server import Server
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from marchproxy_common.http1 import Answer, HttpServer, Limits, Request, Response
 
 StatusFn = Callable[[], Mapping[str, Any]]
 ReadyFn = Callable[[], tuple[bool, str]]
-Handler = Callable[[BaseRequest], Awaitable[StreamResponse]]
+Handler = Callable[[Request], Awaitable[Response]]
+JSON_CT = "application/json; charset=utf-8"
+#: the admin paths take no request body
+ADMIN_LIMITS = Limits(max_body=64 * 1024, max_pipelined=4)
 
 #: how long stop() lets a request in progress finish (idle keep-alive connections close at once)
 SHUTDOWN_TIMEOUT_S = 60.0
@@ -33,13 +34,23 @@ SHUTDOWN_TIMEOUT_S = 60.0
 _log = structlog.get_logger("marchproxy.admin")
 
 
+def json_response(
+    obj: Any, *, status: int = 200, dumps: Callable[[Any], str] = json.dumps
+) -> Response:
+    return Response(dumps(obj).encode(), status=status, content_type=JSON_CT)
+
+
 def error_response(status: int, error: str, message: str, **details: Any) -> Response:
     body = {"error": error, "message": message, "details": details}
     return json_response(body, status=status)
 
 
+def _refused(status: int, code: str, message: str) -> Response:
+    return error_response(status, code, message)
+
+
 class AdminServer:
-    """A small aiohttp server answering GET (and HEAD) on its four paths."""
+    """A small HTTP server answering GET (and HEAD) on its four paths."""
 
     def __init__(
         self,
@@ -57,18 +68,18 @@ class AdminServer:
             "/metrics": self._metrics,
             "/status": self._status_handler,
         }
-        self._server: Server | None = None
+        self._server: HttpServer | None = None
         self._listener: asyncio.AbstractServer | None = None
         self.port = 0
 
     def add_registry(self, registry: CollectorRegistry) -> None:
         self._registries.append(registry)
 
-    async def _handle(self, request: BaseRequest) -> StreamResponse:
+    async def _handle(self, request: Request) -> Answer:
         handler = self._routes.get(request.path)
         if handler is None:
             return error_response(404, "not_found", "Not Found")
-        if request.method not in ("GET", "HEAD"):  # HEAD: aiohttp sends the headers only
+        if request.method not in ("GET", "HEAD"):  # HEAD: the server sends the headers only
             resp = error_response(405, "method_not_allowed", "Method Not Allowed")
             resp.headers["Allow"] = "GET,HEAD"
             return resp
@@ -78,29 +89,27 @@ class AdminServer:
             _log.exception("admin_handler_failed", path=request.path)
             return error_response(500, "internal_error", "internal error")
 
-    async def _healthz(self, request: BaseRequest) -> Response:
-        return Response(text="OK")
+    async def _healthz(self, request: Request) -> Response:
+        return Response(b"OK")
 
-    async def _readyz(self, request: BaseRequest) -> Response:
+    async def _readyz(self, request: Request) -> Response:
         ok, reason = self._ready()
         if ok:
-            return Response(text="OK")
+            return Response(b"OK")
         return error_response(503, "not_ready", reason)
 
-    async def _metrics(self, request: BaseRequest) -> Response:
+    async def _metrics(self, request: Request) -> Response:
         body = b"".join(generate_latest(r) for r in self._registries)
-        resp = Response(body=body)
-        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
-        return resp
+        return Response(body, content_type=CONTENT_TYPE_LATEST)
 
-    async def _status_handler(self, request: BaseRequest) -> Response:
+    async def _status_handler(self, request: Request) -> Response:
         return json_response(
             _finite(self._status()),
             dumps=lambda o: json.dumps(o, default=str, allow_nan=False),
         )
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
-        self._server = Server(self._handle, access_log=None)
+        self._server = HttpServer(self._handle, limits=ADMIN_LIMITS, error=_refused)
         self._listener = await asyncio.get_running_loop().create_server(
             self._server, host, port, reuse_address=True, reuse_port=reuse_port
         )
@@ -114,7 +123,6 @@ class AdminServer:
             self._listener = None
         if self._server is not None:
             await asyncio.sleep(0)  # requests accepted just before close() start being handled
-            self._server.pre_shutdown()
             await self._server.shutdown(SHUTDOWN_TIMEOUT_S)
             self._server = None
 

@@ -1,7 +1,8 @@
 """The AILB request path: auth -> limits -> cache -> routing plan -> provider -> usage.
 
 I/O glue only; the rules live in routing.py, keys.py, limits.py, usage.py and the providers.
-Served by aiohttp's low-level server (no router, no middlewares) to keep the added time small.
+Served by the shared small HTTP/1.1 server (``marchproxy_common.http1``: no router, no
+middlewares, and no aiohttp in the process), which hands over each request with its body read.
 """
 
 from __future__ import annotations
@@ -15,14 +16,9 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import aiohttp
 import structlog
 
-# aiohttp's low-level server classes, imported from their modules: ``aiohttp.web`` would also
-# load the application/router stack and the file-response MIME table (~1.1 MiB idle RSS)
-from aiohttp.web_request import BaseRequest
-from aiohttp.web_response import Response, StreamResponse
-
+from marchproxy_common.http1 import Answer, Request, Response
 from marchproxy_common.tasks import spawn
 
 from .budget import BudgetLedger, Hold
@@ -158,7 +154,7 @@ class Gateway:
 
     # -- HTTP entry ----------------------------------------------------------------------------
 
-    async def handle(self, request: BaseRequest) -> StreamResponse:
+    async def handle(self, request: Request) -> Answer:
         t0 = time.perf_counter()
         self.requests_total += 1
         self.active += 1
@@ -176,14 +172,14 @@ class Gateway:
             if path in ("/v1/key/info", "/key/info"):
                 return await self._key_info(request, ctx)
             if path == "/health":
-                return Response(text="OK")
+                return Response(b"OK")
             raise GatewayError(
                 404, f"Unknown request URL: {request.method} {path}.", code="unknown_url"
             )
         except GatewayError as err:
             self.errors_total += 1
             self.metrics.requests.labels(ctx.group, ctx.provider, str(err.status)).inc()
-            resp = Response(status=err.status, body=err.body(), content_type=JSON_CT)
+            resp = Response(err.body(), status=err.status, content_type=JSON_CT)
             resp.headers.update(err.headers)
             resp.headers.update(ctx.extra_headers)
             resp.headers[OVERHEAD_HEADER] = self._overhead(ctx)
@@ -199,14 +195,20 @@ class Gateway:
             )
             self.errors_total += 1
             self.metrics.requests.labels(ctx.group, ctx.provider, "500").inc()
-            resp = Response(status=500, body=internal.body(), content_type=JSON_CT)
+            resp = Response(internal.body(), status=500, content_type=JSON_CT)
             resp.headers[OVERHEAD_HEADER] = self._overhead(ctx)
             return resp
         finally:
             self.active -= 1
             self.metrics.in_flight.dec()
 
-    async def _key_info(self, request: BaseRequest, ctx: _Ctx) -> Response:
+    def refused(self, status: int) -> None:
+        """Count a request the HTTP server refused itself (malformed, too large, too slow)."""
+        self.requests_total += 1
+        self.errors_total += 1
+        self.metrics.requests.labels("", "", str(status)).inc()
+
+    async def _key_info(self, request: Request, ctx: _Ctx) -> Response:
         """The presenting key's own limits, budget and persisted usage totals."""
         key = self.routed.keys.authenticate(
             request.headers.get("Authorization"), request.headers.get("x-api-key")
@@ -252,7 +254,7 @@ class Gateway:
             _log.warning("ailb_backend_error", what=what, error=str(exc))
             return default
 
-    def _models(self, request: BaseRequest, path: str, ctx: _Ctx) -> Response:
+    def _models(self, request: Request, path: str, ctx: _Ctx) -> Response:
         routed = self.routed
         key = routed.keys.authenticate(
             request.headers.get("Authorization"), request.headers.get("x-api-key")
@@ -275,23 +277,14 @@ class Gateway:
         return self._bytes(_dumps(obj), ctx, headers)
 
     def _bytes(self, body: bytes, ctx: _Ctx, headers: dict[str, str]) -> Response:
-        resp = Response(body=body, content_type=JSON_CT)
-        resp.headers.update(headers)
+        resp = Response(body, content_type=JSON_CT, headers=headers)
         resp.headers[OVERHEAD_HEADER] = self._overhead(ctx)
         return resp
 
-    async def _read_json(self, request: BaseRequest) -> dict[str, Any]:
-        if request.content_length is not None and request.content_length > self.max_body:
-            raise GatewayError(413, "Request body too large", code="request_too_large")
-        chunks: list[bytes] = []
-        size = 0
-        async for data in request.content.iter_any():
-            size += len(data)
-            if size > self.max_body:
-                raise GatewayError(413, "Request body too large", code="request_too_large")
-            chunks.append(data)
+    def _read_json(self, request: Request) -> dict[str, Any]:
+        # the server has read the body whole, refusing one over max_body with 413 first
         try:
-            body = json.loads(b"".join(chunks))
+            body = json.loads(request.body)
         except ValueError:
             raise GatewayError(
                 400, "We could not parse the JSON body of your request.", code="invalid_json"
@@ -302,12 +295,12 @@ class Gateway:
 
     # -- the request path ----------------------------------------------------------------------
 
-    async def _serve(self, request: BaseRequest, kind: str, ctx: _Ctx) -> StreamResponse:
+    async def _serve(self, request: Request, kind: str, ctx: _Ctx) -> Answer:
         routed = self.routed
         key = routed.keys.authenticate(
             request.headers.get("Authorization"), request.headers.get("x-api-key")
         )
-        body = await self._read_json(request)
+        body = self._read_json(request)
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise GatewayError(
@@ -652,34 +645,33 @@ class Gateway:
 
     async def _stream(
         self,
-        request: BaseRequest,
+        request: Request,
         kind: str,
         body: dict[str, Any],
         key: KeyInfo,
         plan: list[DeploymentState],
         estimated: int,
         ctx: _Ctx,
-    ) -> StreamResponse:
+    ) -> Answer:
         (first, chunks), st, to_first_chunk, hold = await self._attempts(
             kind, body, key, plan, estimated, ctx, True
         )
         want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         provider = st.deployment.provider
-        resp = StreamResponse(
+        resp = request.stream(
+            content_type="text/event-stream",
             headers={
-                "Content-Type": "text/event-stream",
                 "Cache-Control": "no-cache",
                 **ctx.extra_headers,
                 DEPLOYMENT_HEADER: st.key,
                 OVERHEAD_HEADER: self._overhead(ctx),
-            }
+            },
         )
         tally = _StreamTally(want_usage)
         status = "499"  # until the stream ends well or the upstream fails: the client left
         t_first: float | None = None
         renewed = time.perf_counter()
         try:
-            await resp.prepare(request)
             batch: list[dict[str, Any]] | None = first
             while batch is not None:
                 out = tally.frame(batch)
@@ -702,9 +694,9 @@ class Gateway:
             self.metrics.upstream_errors.labels(provider, st.key, "stream").inc()
             answer = upstream_to_gateway(err)
             status = str(answer.status)  # the upstream failed (502; 504 for a stall)
-            with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
+            with contextlib.suppress(ConnectionError):
                 await resp.write(b"data: " + answer.body() + b"\n\n")
-        except (ConnectionError, aiohttp.ClientConnectionResetError):
+        except ConnectionError:
             pass  # the client went away; closing the upstream below cancels it
         finally:
             await chunks.aclose()
@@ -728,8 +720,8 @@ class Gateway:
                 self.routed.router.failed(st)  # counts towards the deployment's cooldown
         # the body ends only now, after the settle: a client that has read the whole stream
         # (clients read to the end, past [DONE]) then sees its usage, spend and tokens counted
-        with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
-            await resp.write_eof()
+        with contextlib.suppress(ConnectionError):
+            await resp.finish()
         return resp
 
 

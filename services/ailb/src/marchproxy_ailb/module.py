@@ -8,16 +8,17 @@ from collections.abc import Mapping
 from typing import Any
 
 import structlog
-from aiohttp.web_server import Server  # not aiohttp.web: see gateway.py
 from pydantic import ValidationError
 
 from marchproxy.v1 import types_pb2
+from marchproxy_common.http1 import HttpServer, Limits, Response
 from marchproxy_common.module.hooks import BaseModuleHooks, BoundAddress, LoadReport
 from marchproxy_common.net.listener import stop_serving
 from marchproxy_common.net.proxied import wrap_proxy_protocol
 
 from .config import AilbSettings
-from .gateway import Gateway
+from .errors import GatewayError
+from .gateway import JSON_CT, Gateway
 from .schema import AilbConfig
 from .usage import Metrics, UsageStore
 
@@ -94,21 +95,26 @@ class AilbHooks(BaseModuleHooks):
             max_upstream_body=settings.ailb_max_upstream_body_bytes,
         )
         self.config_version: int | None = None
-        self._server: Server | None = None
+        self._server: HttpServer | None = None
         self._listener: asyncio.AbstractServer | None = None
         self.address: BoundAddress | None = None
 
     async def start_data_plane(self) -> BoundAddress:
         loop = asyncio.get_running_loop()
         await self.usage.start()  # totals from the usage log before the first request
-        self._server = Server(
+        # no access log: usage records and metrics say more, at no per-request log cost; a
+        # client that goes away cancels its request (and with it the upstream request)
+        self._server = HttpServer(
             self.gateway.handle,
-            handler_cancellation=True,
-            keepalive_timeout=CLIENT_KEEPALIVE_S,
-            access_log=None,  # usage records and metrics say more, at no per-request log cost
+            limits=Limits(
+                max_body=self.settings.ailb_max_body_bytes,
+                keepalive_timeout=CLIENT_KEEPALIVE_S,
+            ),
+            error=openai_error,
+            on_refused=self.gateway.refused,
         )
         self._listener = await loop.create_server(
-            # PROXY v1/v2 from the NLB is stripped before aiohttp sees the bytes
+            # PROXY v1/v2 from the NLB is stripped before the HTTP server sees the bytes
             wrap_proxy_protocol(
                 self._server,
                 mode=self.settings.proxy_protocol,
@@ -238,6 +244,14 @@ class AilbHooks(BaseModuleHooks):
         if self._own_redis and self.redis is not None:
             await self.redis.aclose()
             self.redis = None
+
+
+def openai_error(status: int, code: str, message: str) -> Response:
+    """A request refused by the HTTP server itself (malformed, too large, too slow), in
+    OpenAI's error shape like every other answer."""
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    err = GatewayError(status, message, type=kind, code=code)
+    return Response(err.body(), status=status, content_type=JSON_CT)
 
 
 def with_nodelay(sock: Any) -> None:
