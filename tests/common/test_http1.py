@@ -388,6 +388,18 @@ async def test_handler_errors_answer_500_and_keep_the_connection() -> None:
         writer.close()
 
 
+async def test_a_handler_that_returns_nothing_gets_500_not_a_hung_connection() -> None:
+    async def forgetful(req: Request) -> Answer:
+        return None  # type: ignore[return-value]
+
+    async with serve(forgetful) as (_, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(GET + GET)
+        assert (await read_answer(reader))[0] == 500
+        assert (await read_answer(reader))[0] == 500
+        writer.close()
+
+
 async def test_response_header_values_cannot_split_the_answer() -> None:
     async def splitting(req: Request) -> Answer:
         return Response(b"", headers={"X-Evil": "a\r\nSet-Cookie: x=1"})

@@ -453,7 +453,7 @@ class HttpConnection(asyncio.Protocol):
             raise _Refused(431, "headers_too_large", "Too many request header fields")
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
-        old = headers.get(key)
+        old = dict.get(headers, key)
         dict.__setitem__(headers, key, text if old is None else f"{old}, {text}")
 
     def on_headers_complete(self) -> None:
@@ -505,6 +505,13 @@ class HttpConnection(asyncio.Protocol):
     # -- serving ------------------------------------------------------------------------------
 
     async def _serve(self, req: Request) -> None:
+        try:
+            await self._serve_in_order(req)
+        except Exception:  # a bug here must not leave the connection open with no timer
+            _log.exception("http_connection_failed", path=req.path)
+            self._abort()
+
+    async def _serve_in_order(self, req: Request) -> None:
         while True:
             await self._answer(req)
             if self.closed:
@@ -543,21 +550,23 @@ class HttpConnection(asyncio.Protocol):
                 self._abort()
                 return
             answer = self.server.error(500, "internal_error", "internal error")
-        if isinstance(answer, Response):
-            if req._writer is not None:
-                _log.error("http_handler_failed", path=req.path, error="streamed, then answered")
-                self._abort()
-                return
-            try:
-                await self._respond(req, answer)
-            except (ValueError, UnicodeEncodeError):  # a header field we cannot send as is
-                _log.exception("http_answer_invalid", method=req.method, path=req.path)
-                await self._respond(req, self.server.error(500, "internal_error", "internal error"))
-        elif not answer.finished:
-            try:
-                await answer.finish()
-            except ConnectionError:
-                return
+        if isinstance(answer, StreamWriter):
+            if not answer.finished:
+                with contextlib.suppress(ConnectionError):
+                    await answer.finish()
+            return
+        if not isinstance(answer, Response):
+            _log.error("http_handler_failed", path=req.path, error=f"returned {answer!r}")
+            answer = self.server.error(500, "internal_error", "internal error")
+        if req._writer is not None:
+            _log.error("http_handler_failed", path=req.path, error="streamed, then answered")
+            self._abort()
+            return
+        try:
+            await self._respond(req, answer)
+        except (ValueError, UnicodeEncodeError):  # a header field we cannot send as is
+            _log.exception("http_answer_invalid", method=req.method, path=req.path)
+            await self._respond(req, self.server.error(500, "internal_error", "internal error"))
 
     async def _respond(self, req: Request, resp: Response) -> None:
         # the last answer this connection gives says so (answers to pipelined requests that
