@@ -199,6 +199,37 @@ async def test_nothing_reachable_is_fail_static() -> None:
         await client.stop()
 
 
+async def test_an_api_answering_garbage_is_unreachable_not_a_crash() -> None:
+    """A 200 whose body is not JSON (a proxy's error page, say) is a source failure: the
+    client stays fail-static and keeps polling instead of losing its watcher."""
+    polls = 0
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal polls
+        polls += 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n<html>oh!")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    client = StateClient("alb", Recorder(), api_url=url, cluster_api_key=KEY, poll_timeout=0.2)
+    await client.start()
+    try:
+        assert client.fail_static is True and client.applied_version == 0
+        assert "not JSON" in (client.last_error or "")
+        for _ in range(100):  # the watcher retries, with back-off from 0.2 s
+            if polls >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert polls >= 2
+    finally:
+        await client.stop()
+        server.close()
+        await server.wait_closed()
+
+
 # ---------------------------------------------------------------- long poll against the real API
 @pytest.fixture(scope="module")
 def pg_url() -> Iterator[str]:

@@ -23,12 +23,12 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-import aiohttp
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from marchproxy_common.configfile import ConfigFileError, load_config_file
+from marchproxy_common.http1_client import call
 from marchproxy_common.tasks import cancel_and_wait, spawn
 
 Apply = Callable[[Mapping[str, Any]], Awaitable[list[str]]]
@@ -98,7 +98,7 @@ class StateClient:
         self._ack_dirty = asyncio.Event()
         self._stopping = False
         self._redis: Redis | None = None
-        self._http: aiohttp.ClientSession | None = None
+        self._api = False  # the API is a source (api_url set and started)
         self._watcher: asyncio.Task[None] | None = None
         self._acker: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
@@ -123,7 +123,7 @@ class StateClient:
             await self._offer(snapshot, "file")
             return
         if self.api_url:
-            self._http = aiohttp.ClientSession()
+            self._api = True
             self._acker = spawn(self._ack_loop(), name=f"state-ack {self.component}")
         if self.redis_url:
             self._redis = Redis.from_url(
@@ -134,7 +134,7 @@ class StateClient:
         await self._initial_fetch()
         if self._redis is not None:
             self._watcher = spawn(self._watch_redis(), name=f"state-redis {self.component}")
-        elif self._http is not None:
+        elif self._api:
             self._watcher = spawn(self._watch_api(), name=f"state-api {self.component}")
 
     async def stop(self) -> None:
@@ -144,9 +144,7 @@ class StateClient:
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
+        self._api = False
 
     def hint(self, version: int) -> None:
         """Another signal (e.g. a heartbeat response) saw ``version``: re-fetch soon if newer.
@@ -235,13 +233,13 @@ class StateClient:
                 return
             except (RedisError, OSError, StateSourceError) as exc:
                 self._unreachable(f"redis: {exc}")
-        if self._http is not None:
+        if self._api:
             try:
                 await self._poll_api(0.0)
                 return
-            except (aiohttp.ClientError, OSError, TimeoutError, StateSourceError) as exc:
+            except (OSError, TimeoutError, StateSourceError) as exc:
                 self._unreachable(f"api: {exc}")
-        if self._redis is None and self._http is None:
+        if self._redis is None and not self._api:
             self._unreachable("no desired-state source configured")
 
     async def _fetch_redis(self) -> None:
@@ -264,20 +262,26 @@ class StateClient:
 
     async def _poll_api(self, wait: float) -> bool:
         """One long poll; True when a new snapshot arrived (applied or rejected)."""
-        assert self._http is not None
+        assert self._api
         url = f"{self.api_url}/api/v1/state/{self.component}"
         # after a rejection, wait for something newer than the rejected version (no busy loop)
         after = max(self.applied_version, self.rejected_version)
         params = {"after": str(after), "timeout": str(wait)}
         headers = {CLUSTER_KEY_HEADER: self.cluster_api_key}
-        timeout = aiohttp.ClientTimeout(total=wait + HTTP_SLACK, connect=REDIS_CONNECT_TIMEOUT)
-        async with self._http.get(url, params=params, headers=headers, timeout=timeout) as resp:
-            if resp.status == 304:
-                self._reached("api")
-                return False
-            if resp.status != 200:
-                raise StateSourceError(f"API answered {resp.status}")
-            snapshot = await resp.json(content_type=None)
+        resp = await call(
+            "GET",
+            url,
+            params=params,
+            headers=headers,
+            total_s=wait + HTTP_SLACK,
+            connect_s=REDIS_CONNECT_TIMEOUT,
+        )
+        if resp.status == 304:
+            self._reached("api")
+            return False
+        if resp.status != 200:
+            raise StateSourceError(f"API answered {resp.status}")
+        snapshot = resp.json()
         self._reached("api")
         if not isinstance(snapshot, dict):
             raise StateSourceError("API snapshot is not an object")
@@ -290,7 +294,7 @@ class StateClient:
             try:
                 await self._poll_api(self.poll_timeout)
                 delay = BACKOFF_MIN
-            except (aiohttp.ClientError, OSError, TimeoutError, StateSourceError) as exc:
+            except (OSError, TimeoutError, StateSourceError) as exc:
                 self._unreachable(f"api: {exc}")
                 await self._sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
@@ -302,12 +306,12 @@ class StateClient:
                 await self._subscribe_loop()
             except (RedisError, OSError) as exc:
                 self._unreachable(f"redis: {exc}")
-                if self._http is not None:
+                if self._api:
                     try:
                         await self._poll_api(min(self.poll_timeout, FALLBACK_POLL_SECONDS))
                         delay = BACKOFF_MIN
                         continue
-                    except (aiohttp.ClientError, OSError, TimeoutError, StateSourceError) as err:
+                    except (OSError, TimeoutError, StateSourceError) as err:
                         self._unreachable(f"redis: {exc}; api: {err}")
                 await self._sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
@@ -361,7 +365,7 @@ class StateClient:
                 self._ack_dirty.set()
 
     async def _send_ack(self) -> bool:
-        if self._http is None:
+        if not self._api:
             return True
         body = {
             "instance_id": self.instance_id,
@@ -371,15 +375,16 @@ class StateClient:
         }
         url = f"{self.api_url}/api/v1/state/{self.component}/ack"
         try:
-            async with self._http.post(
+            resp = await call(
+                "POST",
                 url,
-                json=body,
+                json_body=body,
                 headers={CLUSTER_KEY_HEADER: self.cluster_api_key},
-                timeout=aiohttp.ClientTimeout(total=ACK_TIMEOUT),
-            ) as resp:
-                return resp.status < 500
-        except (aiohttp.ClientError, OSError, TimeoutError):
+                total_s=ACK_TIMEOUT,
+            )
+        except (OSError, TimeoutError):
             return False
+        return resp.status < 500
 
 
 def _version_of(snapshot: Mapping[str, Any]) -> int:
