@@ -58,6 +58,16 @@ def test_production_without_key_stops_with_one_line() -> None:
     assert "CLUSTER_API_KEY" in lines[0]
 
 
+def test_api_url_must_be_an_http_url() -> None:
+    """A typo in API_URL stops start-up naming it, instead of a state client that never
+    reaches the API."""
+    assert CommonSettings(api_url="https://api.example:8443/x").api_url.startswith("https://")
+    assert CommonSettings(api_url="").api_url == ""
+    for bad in ("api:8000", "ftp://api", "http://"):
+        with pytest.raises(ValueError, match="API_URL"):
+            CommonSettings(api_url=bad)
+
+
 def test_proxy_trusted_sources(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every module reads PROXY_TRUSTED_SOURCES the same way: loopback by default, "*" all,
     "" nobody, and a bad entry is named."""

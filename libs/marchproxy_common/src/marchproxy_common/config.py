@@ -13,6 +13,7 @@ import socket
 import sys
 import uuid
 from typing import Literal, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -44,6 +45,13 @@ class CommonSettings(BaseSettings):
     grpc_tls_cert: str = ""
     grpc_tls_key: str = ""
     grpc_tls_ca: str = ""
+
+    @field_validator("api_url")
+    @classmethod
+    def _check_api_url(cls, v: str) -> str:
+        if v and (urlsplit(v).scheme not in ("http", "https") or not urlsplit(v).hostname):
+            raise ValueError(f"API_URL must be an http:// or https:// URL, not {v!r}")
+        return v
 
     @property
     def production(self) -> bool:

@@ -658,20 +658,22 @@ class Gateway:
         )
         want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         provider = st.deployment.provider
-        resp = request.stream(
-            content_type="text/event-stream",
-            headers={
-                "Cache-Control": "no-cache",
-                **ctx.extra_headers,
-                DEPLOYMENT_HEADER: st.key,
-                OVERHEAD_HEADER: self._overhead(ctx),
-            },
-        )
         tally = _StreamTally(want_usage)
         status = "499"  # until the stream ends well or the upstream fails: the client left
         t_first: float | None = None
         renewed = time.perf_counter()
         try:
+            # inside the try: whatever happens from here on, the upstream is closed and the
+            # usage settled below
+            resp = request.stream(
+                content_type="text/event-stream",
+                headers={
+                    "Cache-Control": "no-cache",
+                    **ctx.extra_headers,
+                    DEPLOYMENT_HEADER: st.key,
+                    OVERHEAD_HEADER: self._overhead(ctx),
+                },
+            )
             batch: list[dict[str, Any]] | None = first
             while batch is not None:
                 out = tally.frame(batch)

@@ -107,7 +107,7 @@ class AilbHooks(BaseModuleHooks):
         self._server = HttpServer(
             self.gateway.handle,
             limits=Limits(
-                max_body=self.settings.ailb_max_body_bytes,
+                max_body=self.gateway.max_body,
                 keepalive_timeout=CLIENT_KEEPALIVE_S,
             ),
             error=openai_error,
