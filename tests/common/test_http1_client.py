@@ -80,6 +80,22 @@ async def test_get_with_params_and_headers_against_our_server() -> None:
     assert seen[1].headers["content-type"] == "application/json"
 
 
+async def test_form_body_is_url_encoded_and_redirects_are_not_followed() -> None:
+    got: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got.append(await reader.readexactly(len(b"a=1&b=x+y%26z")))
+        writer.write(
+            b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:1/\r\nContent-Length: 0\r\n\r\n"
+        )
+        await writer.drain()
+
+    async with raw_server(handler) as url:
+        answer = await call("POST", url + "/hook", form={"a": "1", "b": "x y&z"}, total_s=5)
+    assert answer.status == 302
+    assert got == [b"a=1&b=x+y%26z"]
+
+
 @pytest.mark.parametrize(
     "raw",
     [

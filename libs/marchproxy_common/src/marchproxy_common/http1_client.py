@@ -1,5 +1,5 @@
 """One HTTP/1.1 request and its whole answer, for control-plane calls (the desired-state
-client's long poll and acknowledgements to the API).
+client's long poll and acknowledgements to the API, the RTMP module's ``on_publish`` hook).
 
 Not for a data path: each call opens its own connection (``Connection: close``) with asyncio
 streams; a long poll every half minute and an acknowledgement now and then need no pool.
@@ -59,12 +59,14 @@ async def call(
     params: Mapping[str, str] | None = None,
     headers: Mapping[str, str] | None = None,
     json_body: Any = None,
+    form: Mapping[str, str] | None = None,
     total_s: float,
     connect_s: float | None = None,
     max_body: int = DEFAULT_MAX_BODY,
 ) -> HttpAnswer:
     """``method url`` (http or https): the whole exchange within ``total_s`` seconds, the
-    connection within ``connect_s``."""
+    connection within ``connect_s``. The body is ``json_body`` as JSON or ``form`` URL-encoded
+    (``application/x-www-form-urlencoded``). Redirects are not followed."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"not an http(s) URL: {url!r}")
@@ -77,10 +79,14 @@ async def call(
     host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
     if parts.port:
         host += f":{parts.port}"
-    body = b"" if json_body is None else json.dumps(json_body).encode()
     fields = {"Host": host, "Connection": "close", "Accept": "application/json"}
+    body = b""
     if json_body is not None:
+        body = json.dumps(json_body).encode()
         fields["Content-Type"] = "application/json"
+    elif form is not None:
+        body = urlencode(form).encode()
+        fields["Content-Type"] = "application/x-www-form-urlencoded"
     if body or method in ("POST", "PUT", "PATCH"):
         fields["Content-Length"] = str(len(body))
     fields.update(headers or {})

@@ -8,10 +8,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import structlog
-from aiohttp import web
 
+from marchproxy_common.http1 import HttpServer, Request, Response
+from marchproxy_common.http1_client import call
 from marchproxy_common.module.hooks import BoundAddress
 from marchproxy_common.net.listener import stop_serving
 from marchproxy_common.net.proxied import wrap_proxy_protocol
@@ -66,7 +66,8 @@ class RtmpServer:
         self.idle.set()
         self.hls: dict[tuple[str, str], HlsMuxer] = {}
         self._hls_evictions: dict[tuple[str, str], asyncio.TimerHandle] = {}
-        self._hls_runner: web.AppRunner | None = None
+        self._hls_server: HttpServer | None = None
+        self._hls_listener: asyncio.AbstractServer | None = None
         self.hls_port = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -91,23 +92,28 @@ class RtmpServer:
         return BoundAddress(h, p)
 
     async def start_hls(self, host: str, port: int) -> int:
-        app = web.Application()
-        app.router.add_get("/hls/{app}/{file}", self._hls_file)
-        self._hls_runner = web.AppRunner(app, access_log=None)
-        await self._hls_runner.setup()
-        site = web.TCPSite(self._hls_runner, host, port)
-        await site.start()
-        self.hls_port = int(self._hls_runner.addresses[0][1])
+        self._hls_server = HttpServer(self._hls_file)
+        self._hls_listener = await asyncio.get_running_loop().create_server(
+            self._hls_server, host, port, reuse_address=True
+        )
+        self.hls_port = int(self._hls_listener.sockets[0].getsockname()[1])
         return self.hls_port
 
-    async def _hls_file(self, request: web.Request) -> web.Response:
-        app, file = request.match_info["app"], request.match_info["file"]
+    async def _hls_file(self, request: Request) -> Response:
+        """``GET /hls/<app>/<name>.m3u8`` (the playlist) and ``/hls/<app>/<name>-<seq>.ts``."""
+        not_found = Response(b"Not Found", status=404)
+        parts = request.path.split("/")
+        if len(parts) != 4 or parts[1] != "hls" or not parts[2] or not parts[3]:
+            return not_found
+        if request.method not in ("GET", "HEAD"):
+            return Response(b"Method Not Allowed", status=405, headers={"Allow": "GET, HEAD"})
+        app, file = parts[2], parts[3]
         if file.endswith(".m3u8"):
             muxer = self.hls.get((app, file[: -len(".m3u8")]))
             if muxer is None:
-                raise web.HTTPNotFound()
-            return web.Response(
-                text=muxer.playlist(),
+                return not_found
+            return Response(
+                muxer.playlist().encode(),
                 content_type="application/vnd.apple.mpegurl",
                 headers={"Cache-Control": "no-cache"},
             )
@@ -116,8 +122,8 @@ class RtmpServer:
         seq = rest.removesuffix(".ts")
         data = muxer.segment(int(seq)) if muxer is not None and seq.isdigit() else None
         if data is None:
-            raise web.HTTPNotFound()
-        return web.Response(body=data, content_type="video/mp2t")
+            return not_found
+        return Response(data, content_type="video/mp2t")
 
     def apply(self, config: RtmpConfig) -> None:
         self.config = config
@@ -160,9 +166,12 @@ class RtmpServer:
         for handle in self._hls_evictions.values():
             handle.cancel()
         self._hls_evictions.clear()
-        if self._hls_runner is not None:
-            await self._hls_runner.cleanup()
-            self._hls_runner = None
+        if self._hls_listener is not None:
+            self._hls_listener.close()
+            self._hls_listener = None
+        if self._hls_server is not None:
+            await self._hls_server.shutdown(1.0)
+            self._hls_server = None
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
@@ -247,14 +256,11 @@ class RtmpServer:
         allowed = False
         reason = "on_publish refused"
         try:
-            timeout = aiohttp.ClientTimeout(total=ON_PUBLISH_TIMEOUT)
-            async with (
-                aiohttp.ClientSession(timeout=timeout) as session,
-                session.post(app.on_publish, data=form, allow_redirects=False) as resp,
-            ):
-                allowed = 200 <= resp.status < 300
-                reason = f"on_publish answered {resp.status}"
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            # nginx-rtmp's contract: a form POST, any 2xx allows, redirects are not followed
+            resp = await call("POST", app.on_publish, form=form, total_s=ON_PUBLISH_TIMEOUT)
+            allowed = 200 <= resp.status < 300
+            reason = f"on_publish answered {resp.status}"
+        except (OSError, TimeoutError, ValueError) as exc:
             reason = f"on_publish failed: {type(exc).__name__}"
             _log.warning("rtmp_on_publish_failed", url=app.on_publish, error=str(exc))
         conn.publish_authorized(stream_id, name, allowed, reason)
