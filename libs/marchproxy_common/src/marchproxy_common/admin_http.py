@@ -45,10 +45,6 @@ def error_response(status: int, error: str, message: str, **details: Any) -> Res
     return json_response(body, status=status)
 
 
-def _refused(status: int, code: str, message: str) -> Response:
-    return error_response(status, code, message)
-
-
 class AdminServer:
     """A small HTTP server answering GET (and HEAD) on its four paths."""
 
@@ -109,7 +105,7 @@ class AdminServer:
         )
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
-        self._server = HttpServer(self._handle, limits=ADMIN_LIMITS, error=_refused)
+        self._server = HttpServer(self._handle, limits=ADMIN_LIMITS, error=error_response)
         self._listener = await asyncio.get_running_loop().create_server(
             self._server, host, port, reuse_address=True, reuse_port=reuse_port
         )

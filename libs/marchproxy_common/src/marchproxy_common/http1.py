@@ -153,15 +153,6 @@ class Request:
         self.keep_alive = keep_alive
         self.body = b""
 
-    @property
-    def content_length(self) -> int | None:
-        value = self.headers.get("content-length")
-        return int(value) if value is not None else None
-
-    @property
-    def remote(self) -> str:
-        return self._conn.peer
-
     def stream(
         self,
         status: int = 200,
@@ -259,6 +250,10 @@ class HttpServer:
     def __call__(self) -> HttpConnection:
         return HttpConnection(self)
 
+    def internal_error(self) -> Response:
+        """The answer when a handler fails: the caller's error shape, never a stack trace."""
+        return self.error(500, "internal_error", "internal error")
+
     async def shutdown(self, grace_s: float) -> None:
         """Close idle connections now; connections handling a request close after answering
         it. Whatever is still open after ``grace_s`` seconds is aborted."""
@@ -312,7 +307,6 @@ class HttpConnection(asyncio.Protocol):
         "closed",
         "closing",
         "loop",
-        "peer",
         "server",
         "transport",
     )
@@ -322,7 +316,6 @@ class HttpConnection(asyncio.Protocol):
         self._limits = server.limits
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.peer = ""
         self.closed = False
         #: no more requests are read: the connection closes once the current answer is out
         self.closing = False
@@ -349,8 +342,6 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername")
-        self.peer = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         self.server.connections.add(self)
         if self.server.closing:
             self.closing = True
@@ -509,7 +500,7 @@ class HttpConnection(asyncio.Protocol):
             await self._serve_in_order(req)
         except Exception:  # a bug here must not leave the connection open with no timer
             _log.exception("http_connection_failed", path=req.path)
-            self._abort()
+            self.abort()
 
     async def _serve_in_order(self, req: Request) -> None:
         while True:
@@ -547,9 +538,9 @@ class HttpConnection(asyncio.Protocol):
         except Exception:
             _log.exception("http_handler_failed", method=req.method, path=req.path)
             if req._writer is not None:  # the head is out: nothing to say but goodbye
-                self._abort()
+                self.abort()
                 return
-            answer = self.server.error(500, "internal_error", "internal error")
+            answer = self.server.internal_error()
         if isinstance(answer, StreamWriter):
             if not answer.finished:
                 with contextlib.suppress(ConnectionError):
@@ -557,16 +548,16 @@ class HttpConnection(asyncio.Protocol):
             return
         if not isinstance(answer, Response):
             _log.error("http_handler_failed", path=req.path, error=f"returned {answer!r}")
-            answer = self.server.error(500, "internal_error", "internal error")
+            answer = self.server.internal_error()
         if req._writer is not None:
             _log.error("http_handler_failed", path=req.path, error="streamed, then answered")
-            self._abort()
+            self.abort()
             return
         try:
             await self._respond(req, answer)
         except (ValueError, UnicodeEncodeError):  # a header field we cannot send as is
             _log.exception("http_answer_invalid", method=req.method, path=req.path)
-            await self._respond(req, self.server.error(500, "internal_error", "internal error"))
+            await self._respond(req, self.server.internal_error())
 
     async def _respond(self, req: Request, resp: Response) -> None:
         # the last answer this connection gives says so (answers to pipelined requests that
@@ -694,13 +685,10 @@ class HttpConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.close()
 
-    def _abort(self) -> None:
+    def abort(self) -> None:
         self.closing = True
         if self.transport is not None and not self.closed:
             self.transport.abort()
-
-    def abort(self) -> None:
-        self._abort()
 
 
 # -- answer heads ------------------------------------------------------------------------------
