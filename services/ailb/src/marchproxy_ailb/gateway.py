@@ -70,6 +70,11 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
+def error_answer(err: GatewayError) -> Response:
+    """An error in OpenAI's shape, with its status and headers."""
+    return Response(err.body(), status=err.status, content_type=JSON_CT, headers=err.headers)
+
+
 @dataclass(slots=True)
 class Routed:
     """Everything one config version needs; swapped whole by :meth:`Gateway.apply`."""
@@ -89,7 +94,6 @@ class Gateway:
         prefix: str,
         usage: UsageStore,
         metrics: Metrics,
-        max_body: int,
         max_upstream_body: int = DEFAULT_MAX_UPSTREAM_BODY,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -99,7 +103,6 @@ class Gateway:
         self.metrics = metrics
         self.limiter = Limiter(redis, prefix)
         self.ledger = BudgetLedger(redis, prefix, usage)
-        self.max_body = max_body
         self.max_upstream_body = max_upstream_body
         self.clock = clock
         self._pools: dict[str, UpstreamPool] = {}
@@ -179,8 +182,7 @@ class Gateway:
         except GatewayError as err:
             self.errors_total += 1
             self.metrics.requests.labels(ctx.group, ctx.provider, str(err.status)).inc()
-            resp = Response(err.body(), status=err.status, content_type=JSON_CT)
-            resp.headers.update(err.headers)
+            resp = error_answer(err)
             resp.headers.update(ctx.extra_headers)
             resp.headers[OVERHEAD_HEADER] = self._overhead(ctx)
             return resp
@@ -195,7 +197,7 @@ class Gateway:
             )
             self.errors_total += 1
             self.metrics.requests.labels(ctx.group, ctx.provider, "500").inc()
-            resp = Response(internal.body(), status=500, content_type=JSON_CT)
+            resp = error_answer(internal)
             resp.headers[OVERHEAD_HEADER] = self._overhead(ctx)
             return resp
         finally:
@@ -282,7 +284,7 @@ class Gateway:
         return resp
 
     def _read_json(self, request: Request) -> dict[str, Any]:
-        # the server has read the body whole, refusing one over max_body with 413 first
+        # the server has read the body whole, refusing one over AILB_MAX_BODY_BYTES with 413
         try:
             body = json.loads(request.body)
         except ValueError:

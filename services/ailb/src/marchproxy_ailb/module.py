@@ -18,7 +18,7 @@ from marchproxy_common.net.proxied import wrap_proxy_protocol
 
 from .config import AilbSettings
 from .errors import GatewayError
-from .gateway import JSON_CT, Gateway
+from .gateway import Gateway, error_answer
 from .schema import AilbConfig
 from .usage import Metrics, UsageStore
 
@@ -91,7 +91,6 @@ class AilbHooks(BaseModuleHooks):
             prefix=settings.ailb_redis_prefix,
             usage=self.usage,
             metrics=self.metrics,
-            max_body=settings.ailb_max_body_bytes,
             max_upstream_body=settings.ailb_max_upstream_body_bytes,
         )
         self.config_version: int | None = None
@@ -107,7 +106,7 @@ class AilbHooks(BaseModuleHooks):
         self._server = HttpServer(
             self.gateway.handle,
             limits=Limits(
-                max_body=self.gateway.max_body,
+                max_body=self.settings.ailb_max_body_bytes,
                 keepalive_timeout=CLIENT_KEEPALIVE_S,
             ),
             error=openai_error,
@@ -250,8 +249,7 @@ def openai_error(status: int, code: str, message: str) -> Response:
     """A request refused by the HTTP server itself (malformed, too large, too slow), in
     OpenAI's error shape like every other answer."""
     kind = "server_error" if status >= 500 else "invalid_request_error"
-    err = GatewayError(status, message, type=kind, code=code)
-    return Response(err.body(), status=status, content_type=JSON_CT)
+    return error_answer(GatewayError(status, message, type=kind, code=code))
 
 
 def with_nodelay(sock: Any) -> None:
